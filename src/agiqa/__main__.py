@@ -1,0 +1,3 @@
+from agiqa.cli import main
+
+main()

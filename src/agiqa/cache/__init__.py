@@ -1,0 +1,22 @@
+"""The semantic-vector cache: shards, manifest, fingerprint, reader and verification."""
+
+from agiqa.cache.fingerprint import CACHE_FORMAT_VERSION, fingerprint_of, semantic_spec
+from agiqa.cache.shards import FORMATS, ShardData, read_shard, write_shard
+from agiqa.cache.store import MANIFEST, SemanticCache, open_cache, plan_shards
+from agiqa.cache.verify import VerifyReport, verify_cache
+
+__all__ = [
+    "CACHE_FORMAT_VERSION",
+    "FORMATS",
+    "MANIFEST",
+    "SemanticCache",
+    "ShardData",
+    "VerifyReport",
+    "fingerprint_of",
+    "open_cache",
+    "plan_shards",
+    "read_shard",
+    "semantic_spec",
+    "verify_cache",
+    "write_shard",
+]

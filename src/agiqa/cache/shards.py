@@ -1,0 +1,133 @@
+"""Shard files: one Zarr group or HDF5 file per shard, written whole and renamed into place.
+
+A shard holds ``keys`` (str), ``sha256`` (str, of the file bytes), ``vectors`` float16
+[n, P, D], ``zero_shot`` float32 [n, P] and the failures of that shard as (key, reason) pairs.
+Arrays are written in one contiguous slice each and read whole: one call per array, never one
+per sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from agiqa.errors import CacheError
+from agiqa.fileio import atomic_path
+
+__all__ = ["FORMATS", "ShardData", "read_shard", "read_shard_keys", "shard_suffix", "write_shard"]
+
+FORMATS = ("zarr", "hdf5")
+_SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}
+
+
+def shard_suffix(fmt: str) -> str:
+    return _SUFFIX[fmt]
+
+
+@dataclass
+class ShardData:
+    keys: list[str]
+    sha256: list[str]
+    vectors: np.ndarray  # float16 [n, P, D]
+    zero_shot: np.ndarray  # float32 [n, P]
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.keys)
+        if len(self.sha256) != n or self.vectors.shape[0] != n or self.zero_shot.shape[0] != n:
+            raise ValueError("keys, sha256, vectors and zero_shot must have one row per image")
+
+
+def _write_zarr(path: Path, data: ShardData) -> None:
+    import zarr
+
+    g = zarr.open_group(str(path), mode="w")
+    n, p, d = data.vectors.shape
+    rows = max(n, 1)
+    for name, arr, chunks in (
+        ("keys", np.array(data.keys, dtype=str), (rows,)),
+        ("sha256", np.array(data.sha256, dtype=str), (rows,)),
+        ("vectors", data.vectors.astype(np.float16), (rows, p, d)),
+        ("zero_shot", data.zero_shot.astype(np.float32), (rows, p)),
+    ):
+        dtype = str if arr.dtype.kind == "U" else arr.dtype
+        a = g.create_array(name, shape=arr.shape, dtype=dtype, chunks=chunks)
+        if n:
+            a[:] = arr
+    g.attrs["failures"] = [list(f) for f in data.failures]
+
+
+def _write_hdf5(path: Path, data: ShardData) -> None:
+    import h5py
+
+    str_dt = h5py.string_dtype("utf-8")
+    with h5py.File(path, "w") as f:
+        f.create_dataset("keys", data=np.array(data.keys, dtype=object), dtype=str_dt)
+        f.create_dataset("sha256", data=np.array(data.sha256, dtype=object), dtype=str_dt)
+        f.create_dataset("vectors", data=data.vectors.astype(np.float16))
+        f.create_dataset("zero_shot", data=data.zero_shot.astype(np.float32))
+        f.attrs["failures"] = json.dumps([list(x) for x in data.failures])
+
+
+def write_shard(path: str | os.PathLike, data: ShardData, fmt: str) -> None:
+    """Write a shard to a temporary name and rename it into place (atomic)."""
+    with atomic_path(path, is_dir=(fmt == "zarr")) as tmp:
+        (_write_zarr if fmt == "zarr" else _write_hdf5)(tmp, data)
+
+
+def _fmt_of(path: Path) -> str:
+    return "zarr" if path.suffix == ".zarr" else "hdf5"
+
+
+def read_shard_keys(path: str | os.PathLike) -> tuple[list[str], list[tuple[str, str]]]:
+    """The keys and failures of a shard, without reading its vectors."""
+    path = Path(path)
+    try:
+        if _fmt_of(path) == "zarr":
+            import zarr
+
+            g = zarr.open_group(str(path), mode="r")
+            return [str(k) for k in g["keys"][:]], [tuple(f) for f in g.attrs.get("failures", [])]
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            keys = [k.decode() if isinstance(k, bytes) else str(k) for k in f["keys"][:]]
+            return keys, [tuple(x) for x in json.loads(f.attrs.get("failures", "[]"))]
+    except Exception as e:  # noqa: BLE001 - any reader failure means a damaged shard
+        raise CacheError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
+
+
+def read_shard(path: str | os.PathLike) -> ShardData:
+    """Read a whole shard: every array in one call."""
+    path = Path(path)
+    try:
+        if _fmt_of(path) == "zarr":
+            import zarr
+
+            g = zarr.open_group(str(path), mode="r")
+            return ShardData(
+                keys=[str(k) for k in g["keys"][:]],
+                sha256=[str(k) for k in g["sha256"][:]],
+                vectors=np.asarray(g["vectors"][:]),
+                zero_shot=np.asarray(g["zero_shot"][:]),
+                failures=[tuple(f) for f in g.attrs.get("failures", [])],
+            )
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            dec = (lambda a: [k.decode() if isinstance(k, bytes) else str(k) for k in a])
+            return ShardData(
+                keys=dec(f["keys"][:]),
+                sha256=dec(f["sha256"][:]),
+                vectors=f["vectors"][:],
+                zero_shot=f["zero_shot"][:],
+                failures=[tuple(x) for x in json.loads(f.attrs.get("failures", "[]"))],
+            )
+    except CacheError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise CacheError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None

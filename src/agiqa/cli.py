@@ -1,0 +1,224 @@
+"""The ``agiqa`` command line: thin commands over library functions.
+
+Library code raises :class:`agiqa.errors.AgiqaError`; only this module turns errors into
+``Error: …`` lines and exit codes (0 all fine, 1 error, 2 finished with some images failed).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from agiqa import __version__
+from agiqa.errors import AgiqaError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AgiqaError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def dataset_options(fn):
+    """--dataset/--root/--labels/--target/--image-column/--score-column."""
+    opts = [
+        click.option("--dataset", "dataset", default=None,
+                     help="Data set preset: agiqa-3k, aigciqa-20k, aigciqa2023, koniq-10k, spaq, csv."),
+        click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Folder the label file's image paths are relative to."),
+        click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Label file (default: the preset's file inside --root)."),
+        click.option("--target", default=None,
+                     help="Score to learn, e.g. mos_quality (default) or mos_align for AGIQA-3K."),
+        click.option("--image-column", default=None, help="Image path column (csv preset)."),
+        click.option("--score-column", default=None, help="Score column (csv preset)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _load_dataset(dataset, root, labels, target, image_column, score_column, require_scores=True):
+    from agiqa.data.datasets import load_dataset
+
+    if root is None:
+        raise click.BadParameter("--root is required with --dataset", param_hint="--root")
+    return load_dataset(dataset, root, labels, target, image_column, score_column,
+                        require_scores=require_scores)
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="agiqa")
+def cli():
+    """agiqa: judge the quality of AI-generated images the MA-AGIQA way.
+
+    \b
+    Stage one  agiqa extract-semantics --model llava-1.5-7b --images DIR --out CACHE
+    Stage two  agiqa fit --dataset agiqa-3k --root DIR --cache CACHE --out RUN
+    Evaluate   agiqa evaluate --model RUN --dataset agiqa-3k --root DIR --cache CACHE
+    Score      agiqa score-folder DIR --model RUN
+    Try it     agiqa demo
+    """
+
+
+# -- stage one ---------------------------------------------------------------------------------
+@cli.command("extract-semantics", context_settings=CONTEXT)
+@click.option("--model", "model", default="llava-1.5-7b", show_default=True,
+              help="MLLM: a preset name, Hugging Face hub id or local folder.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A folder of images (recursive).")
+@dataset_options
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The cache folder (created, or resumed / appended to).")
+@click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None,
+              help="Shard format of a new cache  [default: zarr]")
+@click.option("--prompts", default="paper", show_default=True,
+              help="Prompt preset, or a .json (preset schema) / .txt (one per line) file.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Images per shard (the unit of resume and of worker assignment).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+              default="auto", show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own code.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Number of independent workers filling this cache (default: torchrun's).")
+@click.option("--worker", type=click.IntRange(min=0), default=None,
+              help="This worker's index, 0 to WORKERS-1 (default: torchrun's RANK).")
+@click.option("--loader-workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Background processes decoding and preprocessing images.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_handle_errors
+def extract_semantics_cmd(model, revision, images, dataset, root, labels, target, image_column,
+                          score_column, out, fmt, prompts, batch_size, shard_size, device, dtype,
+                          trust_remote_code, workers, worker, loader_workers, quiet, as_json):
+    """Stage one: run the MLLM once per image and prompt; cache the semantic vectors.
+
+    \b
+    Examples:
+      agiqa extract-semantics --model llava-1.5-7b --images ./generated --out cache/
+      agiqa extract-semantics --model Qwen/Qwen2.5-VL-7B-Instruct \\
+          --dataset agiqa-3k --root AGIQA-3K/ --out cache-3k/ --format hdf5
+      torchrun --nproc-per-node 8 -m agiqa extract-semantics --images DIR --out cache/
+    """
+    from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
+
+    if (images is None) == (dataset is None):
+        raise click.UsageError("give either --images DIR or --dataset NAME --root DIR")
+    if images is not None:
+        source = ImageSource.from_folder(images)
+    else:
+        ds = _load_dataset(dataset, root, labels, target, image_column, score_column,
+                           require_scores=False)
+        source = ImageSource.from_dataset(ds)
+    cfg = ExtractConfig(out=out, model=model, revision=revision, format=fmt, prompts=prompts,
+                        batch_size=batch_size, shard_size=shard_size, device=device, dtype=dtype,
+                        trust_remote_code=trust_remote_code, workers=workers, worker=worker,
+                        loader_workers=loader_workers, progress=not quiet)
+    report = extract_semantics(cfg, source)
+    if as_json:
+        _echo_json(report.to_dict())
+    else:
+        _print_extract_summary(report)
+    sys.exit(report.exit_code)
+
+
+def _print_extract_summary(report) -> None:
+    r = report
+    click.echo(
+        f"{r.requested} images: {r.computed} computed, {r.reused} already cached, "
+        f"{len(r.failures)} failed  ({r.images_per_second:.1f} images/s, worker {r.worker} of "
+        f"{r.workers}) -> {r.cache}"
+    )
+    for key, reason in sorted(r.failures.items()):
+        click.echo(f"failed: {key}: {reason}", err=True)
+    if r.skipped_files:
+        shown = ", ".join(r.skipped_files[:5]) + (" ..." if len(r.skipped_files) > 5 else "")
+        click.echo(f"skipped {len(r.skipped_files)} file(s) that are not images: {shown}", err=True)
+
+
+# -- cache -------------------------------------------------------------------------------------
+@cli.group(context_settings=CONTEXT)
+def cache():
+    """Inspect and verify semantic caches.
+
+    \b
+    Examples:
+      agiqa cache info cache/
+      agiqa cache verify cache/ --images ./generated
+    """
+
+
+@cache.command("info", context_settings=CONTEXT)
+@click.argument("path", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_handle_errors
+def cache_info(path, as_json):
+    """Show what a cache holds: model, prompts, width, images, failures, size."""
+    from agiqa.cache import open_cache
+
+    info = open_cache(path).info()
+    if as_json:
+        _echo_json(info)
+        return
+    for k in ("path", "format", "model", "revision", "dtype", "dim", "root", "shards", "images",
+              "failed", "bytes", "fingerprint", "created", "updated"):
+        click.echo(f"{k:12s} {info[k]}")
+    for prompt in info["prompts"]:
+        click.echo(f"{'prompt':12s} {prompt['name']}: {prompt['text']}")
+
+
+@cache.command("verify", context_settings=CONTEXT)
+@click.argument("path", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Image root (default: the one recorded at extraction).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_handle_errors
+def cache_verify(path, images, as_json):
+    """Check every cached image against its file: missing, changed (sha256) or failed.
+
+    Exits 0 when all match, 2 when some file is missing, changed or failed.
+    """
+    from agiqa.cache import open_cache, verify_cache
+
+    report = verify_cache(open_cache(path), images)
+    if as_json:
+        _echo_json(report.to_dict())
+    else:
+        for key in report.missing:
+            click.echo(f"missing: {key}")
+        for key in report.changed:
+            click.echo(f"changed: {key}")
+        for key, reason in sorted(report.failed.items()):
+            click.echo(f"failed: {key}: {reason}")
+        click.echo(
+            f"{report.checked} cached images checked under {report.root}: "
+            f"{len(report.missing)} missing, {len(report.changed)} changed, "
+            f"{len(report.failed)} failed at extraction"
+        )
+    sys.exit(0 if report.ok else 2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="agiqa")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Data set adapters: read the official label files of AGI and photo quality data sets.
+
+Each adapter is a preset (``pipeline/presets/datasets/<name>.json``) naming the label file,
+the image column and the score columns; ``csv`` takes any CSV. Image keys are paths relative
+to the image root, with ``/`` separators; a key that escapes the root is refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from agiqa.data.images import resolve_key
+from agiqa.errors import DatasetError
+from agiqa.pipeline.presets import DatasetPreset, load_dataset_preset
+
+__all__ = ["Dataset", "Sample", "load_dataset", "read_label_table"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    mos: float | None
+
+
+@dataclass
+class Dataset:
+    """A labelled image set: samples in label-file order, the image root and where they came from."""
+
+    name: str
+    root: Path
+    samples: list[Sample]
+    labels_path: Path | None
+    target_column: str | None
+    preset: DatasetPreset | None = None
+
+    @property
+    def keys(self) -> list[str]:
+        return [s.key for s in self.samples]
+
+    def path(self, key: str) -> Path:
+        return resolve_key(self.root, key, source=str(self.labels_path or self.root))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def read_label_table(path: str | os.PathLike) -> tuple[list[str], list[dict[str, str]]]:
+    """Read a CSV label file (LF or CRLF, optional BOM, quoted fields) into header and rows."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: label file not found")
+    if path.suffix.lower() in (".xlsx", ".xls"):
+        raise DatasetError(f"{path}: Excel label files are not read; save it as CSV first")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DatasetError(f"{path}: not a readable CSV file ({e})") from None
+    if not header:
+        raise DatasetError(f"{path}: empty label file (no header row)")
+    return header, rows
+
+
+def _pick(header: list[str], wanted: str | None, candidates: list[str], what: str,
+          path: Path) -> str | None:
+    if wanted:
+        if wanted not in header:
+            raise DatasetError(f"{path}: no {what} column {wanted!r} (columns: {', '.join(header)})")
+        return wanted
+    for c in candidates:
+        if c in header:
+            return c
+    return None
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike,
+    labels: str | os.PathLike | None = None,
+    target: str | None = None,
+    image_column: str | None = None,
+    score_column: str | None = None,
+    require_scores: bool = True,
+) -> Dataset:
+    """Load a data set preset's label file.
+
+    Args:
+        name: a preset name (``agiqa-3k``, ``aigciqa-20k``, ``aigciqa2023``, ``koniq-10k``,
+            ``spaq``, ``csv``).
+        root: the folder the image paths are relative to.
+        labels: the label file; defaults to the preset's file name inside ``root``.
+        target: a preset target name (e.g. ``mos_align``) or a column name.
+        image_column: overrides the preset's image column.
+        score_column: overrides the score column (``csv``); same as ``target``.
+        require_scores: refuse rows whose score is missing or not a number.
+    """
+    preset = load_dataset_preset(name)
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: image root not found")
+    labels_path = Path(labels) if labels else root / preset.labels
+    header, rows = read_label_table(labels_path)
+
+    image_col = _pick(header, image_column, preset.image_columns, "image", labels_path)
+    if image_col is None:
+        raise DatasetError(
+            f"{labels_path}: no image column (looked for {', '.join(preset.image_columns)}; "
+            f"columns: {', '.join(header)}); name it with --image-column"
+        )
+    wanted = score_column or target
+    if wanted in preset.targets:
+        wanted = preset.targets[wanted]
+    default_candidates = (
+        [preset.targets[preset.default_target]] if preset.default_target else preset.score_columns
+    )
+    score_col = _pick(header, wanted, default_candidates, "score", labels_path)
+    if score_col is None and require_scores:
+        raise DatasetError(
+            f"{labels_path}: no score column (looked for {', '.join(default_candidates)}; "
+            f"columns: {', '.join(header)}); name it with --score-column or --target"
+        )
+
+    samples: list[Sample] = []
+    seen: set[str] = set()
+    for line, row in enumerate(rows, start=2):
+        key = row.get(image_col, "").replace("\\", "/")
+        if not key:
+            raise DatasetError(f"{labels_path}, line {line}: empty image path")
+        resolve_key(root, key, source=f"{labels_path}, line {line}")
+        if key in seen:
+            raise DatasetError(f"{labels_path}, line {line}: image {key!r} is listed twice")
+        seen.add(key)
+        mos = None
+        if score_col is not None:
+            raw = row.get(score_col, "")
+            try:
+                mos = float(raw)
+            except ValueError:
+                mos = None
+            if mos is None or not math.isfinite(mos):
+                if require_scores:
+                    raise DatasetError(
+                        f"{labels_path}, line {line}: score {raw!r} in column {score_col!r} "
+                        "is not a number"
+                    )
+                mos = None
+        samples.append(Sample(key, mos))
+    if not samples:
+        raise DatasetError(f"{labels_path}: the label file has no rows")
+    return Dataset(name, root, samples, labels_path, score_col, preset)

@@ -1,0 +1,152 @@
+"""Tiny LLaVA and Qwen2-VL models built from config, for tests and the offline demo.
+
+They are real transformers models with a byte-level BPE tokenizer trained on the spot with the
+``tokenizers`` library, saved with ``save_pretrained`` and loaded back through the same
+``AutoProcessor`` / ``AutoModelForImageTextToText`` path as hub models. Their weights are random:
+they exercise the pipeline, they do not judge quality.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["FAMILIES", "build_tiny_mllm"]
+
+FAMILIES = ("llava", "qwen2-vl")
+
+_CORPUS = [
+    "Evaluate the input image to determine if its quality is compromised due to a lack of "
+    "meaningful semantic content.",
+    "Evaluate if the image quality is compromised due to violations of coherence.",
+    "The quality of the image is excellent. The quality of the image is good.",
+    "The quality of the image is fair. The quality of the image is poor or bad.",
+    "USER: ASSISTANT: system user assistant. Rate the quality of this picture, please.",
+    "How sharp, clear, natural and pleasing is this photo? Describe its content.",
+]
+
+_LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: "
+    "{% endif %}{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}"
+    "{% elif item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] != 'user' %}</s>{% endif %} {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+_QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}"
+    "{% elif item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _tokenizer(specials: list[str], **named):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS * 10, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **named)
+    fast.padding_side = "left"
+    return fast
+
+
+def _build_llava(out: Path, hidden: int, layers: int, image_size: int):
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    tok = _tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], bos_token="<s>",
+                     eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                     extra_special_tokens={"image_token": "<image>"})
+    patch = 8
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=patch,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=_LLAVA_TEMPLATE,
+    )
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=image_size, patch_size=patch,
+                              projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return LlavaForConditionalGeneration(config), processor
+
+
+def _build_qwen2_vl(out: Path, hidden: int, layers: int, image_size: int):
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessor, Qwen2VLProcessor)
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = _tokenizer(specials, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                     extra_special_tokens={"image_token": "<|image_pad|>",
+                                           "video_token": "<|video_pad|>"})
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=28 * 28 * 4, max_pixels=image_size * image_size, patch_size=14,
+        merge_size=2, temporal_patch_size=2,
+    )
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok,
+                                 video_processor=Qwen2VLVideoProcessor(),
+                                 chat_template=_QWEN_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    head_dim = hidden // 4
+    section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, bos_token_id=ids["<|endoftext|>"],
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                         rope_scaling={"type": "mrope", "mrope_section": section}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           in_channels=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    return Qwen2VLForConditionalGeneration(config), processor
+
+
+def build_tiny_mllm(family: str, out: str | os.PathLike, hidden: int = 64, layers: int = 2,
+                    image_size: int | None = None, seed: int = 0) -> Path:
+    """Build a tiny random-weight MLLM of ``family`` and save model and processor to ``out``.
+
+    Args:
+        family: ``llava`` or ``qwen2-vl``.
+        out: the folder to write; load it with ``agiqa extract-semantics --model OUT``.
+        hidden: the language model's width (the semantic vector size D).
+        layers: the language model's depth.
+        image_size: the vision input size (LLaVA) or the largest image area's side (Qwen2-VL).
+        seed: the seed of the random weights.
+    """
+    builders = {"llava": (_build_llava, 32), "qwen2-vl": (_build_qwen2_vl, 56)}
+    if family not in builders:
+        raise ValueError(f"unknown family {family!r} (choose from {', '.join(FAMILIES)})")
+    build, default_size = builders[family]
+    out = Path(out)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model, processor = build(out, hidden, layers, image_size or default_size)
+    model.eval().save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -1,0 +1,1 @@
+"""Run directories, presets (data sets, prompts, MLLMs) and end-to-end orchestration."""

@@ -1,0 +1,1 @@
+"""The pipeline's stages: semantics (stage one), fit (stage two), score (inference)."""

@@ -1,0 +1,292 @@
+"""Stage one: run the MLLM once per (image, prompt) and write the vectors to cache shards.
+
+The run is cut into shards planned from the sorted image keys alone, so any number of
+uncoordinated workers (``torchrun`` ranks, SLURM array tasks, ``--workers W --worker R``) fill
+one cache: worker r of W takes the shards whose index is r modulo W. A shard is written whole
+and renamed into place, so a killed run leaves only whole shards and a rerun does the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+from tqdm.auto import tqdm
+
+from agiqa.cache import SemanticCache, ShardData, plan_shards
+from agiqa.cache.shards import read_shard_keys
+from agiqa.data.datasets import Dataset
+from agiqa.data.images import list_images, load_image, resolve_key
+from agiqa.errors import BadImageError, ConfigError
+from agiqa.models.mllm import BatchPreparer, SemanticEncoder
+from agiqa.pipeline.presets import DEFAULT_MLLM, DEFAULT_PROMPTS, load_prompts
+
+__all__ = ["ExtractConfig", "ExtractReport", "ImageSource", "extract_semantics", "worker_slot"]
+
+
+@dataclass
+class ExtractConfig:
+    """Options of ``agiqa extract-semantics``."""
+
+    out: Path
+    model: str = DEFAULT_MLLM
+    revision: str | None = None
+    format: str | None = None
+    prompts: str = DEFAULT_PROMPTS
+    batch_size: int = 8
+    shard_size: int = 1024
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    workers: int | None = None
+    worker: int | None = None
+    loader_workers: int = 2
+    attn_implementation: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.loader_workers < 0:
+            raise ConfigError(f"loader workers must be 0 or more, got {self.loader_workers}")
+
+
+@dataclass
+class ImageSource:
+    """The images of a run: keys relative to ``root``, plus files that are not images."""
+
+    root: Path
+    keys: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_folder(cls, root: str | os.PathLike, recursive: bool = True) -> ImageSource:
+        keys, others = list_images(root, recursive)
+        return cls(Path(root), keys, others)
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> ImageSource:
+        return cls(ds.root, sorted(ds.keys))
+
+
+@dataclass
+class ExtractReport:
+    cache: str
+    requested: int
+    computed: int = 0
+    reused: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
+    skipped_files: list[str] = field(default_factory=list)
+    shards_written: int = 0
+    seconds: float = 0.0
+    worker: int = 0
+    workers: int = 1
+    forward_passes: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.failures else 0
+
+    def to_dict(self) -> dict:
+        return {
+            "cache": self.cache, "requested": self.requested, "computed": self.computed,
+            "reused": self.reused, "failed": len(self.failures), "failures": self.failures,
+            "skipped_files": self.skipped_files, "shards_written": self.shards_written,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 3),
+            "forward_passes": self.forward_passes, "worker": self.worker, "workers": self.workers,
+        }
+
+
+def worker_slot(workers: int | None = None, worker: int | None = None) -> tuple[int, int]:
+    """(rank, world size) from the options, else from a ``torchrun`` environment, else (0, 1)."""
+    if workers is None and worker is None:
+        workers = int(os.environ.get("WORLD_SIZE", "1"))
+        worker = int(os.environ.get("RANK", "0"))
+    workers = 1 if workers is None else workers
+    worker = 0 if worker is None else worker
+    if workers < 1 or not 0 <= worker < workers:
+        raise ConfigError(f"worker index {worker} is out of range (0 to {workers - 1})")
+    return worker, workers
+
+
+class _Images(TorchDataset):
+    """Decodes one image per item; a broken file becomes a recorded failure, not an exception."""
+
+    def __init__(self, root: Path, keys: list[str]):
+        self.root, self.keys = root, keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int):
+        key = self.keys[i]
+        try:
+            img, sha = load_image(resolve_key(self.root, key, "image list"), key)
+            return key, img, sha, None
+        except BadImageError as e:
+            return key, None, None, e.reason
+
+
+class _Collate:
+    """Runs the processor in the loader workers; isolates images the processor refuses."""
+
+    def __init__(self, prepare: BatchPreparer, n_prompts: int):
+        self.prepare, self.n_prompts = prepare, n_prompts
+
+    def _inputs(self, images):
+        return [self.prepare(images, p) for p in range(self.n_prompts)]
+
+    def __call__(self, items):
+        failures = {k: reason for k, _, _, reason in items if reason is not None}
+        good = [(k, img, sha) for k, img, sha, reason in items if reason is None]
+        try:
+            inputs = self._inputs([img for _, img, _ in good]) if good else []
+        except Exception:  # noqa: BLE001 - find the images the processor refuses, keep the rest
+            kept = []
+            for k, img, sha in good:
+                try:
+                    self._inputs([img])
+                    kept.append((k, img, sha))
+                except Exception as e:  # noqa: BLE001
+                    failures[k] = f"the MLLM's processor refused it ({type(e).__name__}: {e})"
+            good = kept
+            inputs = self._inputs([img for _, img, _ in good]) if good else []
+        return [k for k, _, _ in good], [s for _, _, s in good], failures, inputs
+
+
+def _pending_shards(cache: SemanticCache, source: ImageSource, shard_size: int, rank: int,
+                    world: int) -> tuple[list[tuple[str, list[str]]], int]:
+    """This worker's shards still to compute, each with the keys no other shard holds."""
+    plan = plan_shards(source.keys, shard_size)
+    planned = {name for name, _ in plan}
+    existing = {p.name.split(".")[0] for p in cache.shard_paths()}
+    # Keys cached by earlier runs (other plans) are reused; this plan's shards never overlap.
+    cached_elsewhere = set()
+    for p in cache.shard_paths():
+        if p.name.split(".")[0] not in planned:
+            keys, _ = read_shard_keys(p)
+            cached_elsewhere.update(keys)
+    pending, reused = [], 0
+    for i, (name, keys) in enumerate(plan):
+        todo = [k for k in keys if k not in cached_elsewhere]
+        reused += len(keys) - len(todo)
+        if name in existing:
+            reused += len(todo)
+            continue
+        if i % world == rank and todo:
+            pending.append((name, todo))
+    return pending, reused
+
+
+def extract_semantics(
+    cfg: ExtractConfig, source: ImageSource, encoder: SemanticEncoder | None = None
+) -> ExtractReport:
+    """Fill the cache ``cfg.out`` with the semantic vectors of ``source``'s images."""
+    start = time.perf_counter()
+    rank, world = worker_slot(cfg.workers, cfg.worker)
+    if encoder is None:
+        encoder = SemanticEncoder(
+            cfg.model, load_prompts(cfg.prompts), revision=cfg.revision, device=cfg.device,
+            dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
+        )
+    cache = SemanticCache.create(cfg.out, encoder.spec, encoder.prompts.names, encoder.dim,
+                                 cfg.format, root=source.root)
+    report = ExtractReport(str(cfg.out), len(source.keys), skipped_files=list(source.skipped),
+                           worker=rank, workers=world)
+    pending, report.reused = _pending_shards(cache, source, cfg.shard_size, rank, world)
+    if pending:
+        encoder.load()
+        _run_shards(cfg, cache, encoder, source.root, pending, report)
+    cache.refresh()
+    known = cache.failures
+    report.failures.update({k: known[k] for k in source.keys if k in known})
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _run_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncoder, root: Path,
+                pending: list[tuple[str, list[str]]], report: ExtractReport) -> None:
+    keys = [k for _, shard_keys in pending for k in shard_keys]
+    batches, offset = [], 0
+    for _, shard_keys in pending:
+        for i in range(0, len(shard_keys), cfg.batch_size):
+            batches.append(list(range(offset + i, offset + min(i + cfg.batch_size, len(shard_keys)))))
+        offset += len(shard_keys)
+    n_prompts = len(encoder.prompts.texts)
+    loader = DataLoader(
+        _Images(root, keys), batch_sampler=batches, collate_fn=_Collate(encoder.prepare, n_prompts),
+        num_workers=cfg.loader_workers, pin_memory=encoder.device.type == "cuda",
+        prefetch_factor=4 if cfg.loader_workers else None,
+    )
+    bar = tqdm(total=len(keys), unit="img", desc="extract-semantics", disable=not cfg.progress,
+               dynamic_ncols=True)
+    shard_iter = iter(pending)
+    name, shard_keys = next(shard_iter)
+    acc = _ShardAccumulator()
+    for batch_keys, shas, failures, inputs in loader:
+        acc.failures.update(failures)
+        if batch_keys:
+            vecs, zs = [], []
+            for p in range(n_prompts):
+                v, z = encoder.encode(inputs[p], p)
+                vecs.append(v)
+                zs.append(z)
+                report.forward_passes += len(batch_keys)
+            acc.add(batch_keys, shas, torch.stack(vecs, 1), torch.stack(zs, 1))
+        bar.update(len(batch_keys) + len(failures))
+        if acc.count == len(shard_keys):
+            cache.write_shard(name, acc.finish(shard_keys, n_prompts, encoder.dim))
+            report.shards_written += 1
+            report.computed += len(shard_keys)
+            acc = _ShardAccumulator()
+            name, shard_keys = next(shard_iter, (None, []))
+    bar.close()
+
+
+class _ShardAccumulator:
+    def __init__(self):
+        self.keys: list[str] = []
+        self.shas: list[str] = []
+        self.vectors: list[torch.Tensor] = []
+        self.zero_shot: list[torch.Tensor] = []
+        self.failures: dict[str, str] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self.keys) + len(self.failures)
+
+    def add(self, keys, shas, vectors, zero_shot) -> None:
+        finite = torch.isfinite(vectors).flatten(1).all(1) & torch.isfinite(zero_shot).all(1)
+        finite &= vectors.abs().flatten(1).amax(1) <= float(np.finfo(np.float16).max)
+        for i, k in enumerate(keys):
+            if not finite[i]:
+                self.failures[k] = "the MLLM produced a non-finite or float16-overflowing vector"
+                continue
+            self.keys.append(k)
+            self.shas.append(shas[i])
+            self.vectors.append(vectors[i])
+            self.zero_shot.append(zero_shot[i])
+
+    def finish(self, order: list[str], n_prompts: int, dim: int) -> ShardData:
+        if self.keys:
+            vectors = torch.stack(self.vectors).to(torch.float16).numpy()
+            zero_shot = torch.stack(self.zero_shot).to(torch.float32).numpy()
+        else:
+            vectors = np.zeros((0, n_prompts, dim), np.float16)
+            zero_shot = np.zeros((0, n_prompts), np.float32)
+        position = {k: i for i, k in enumerate(order)}
+        failures = sorted(self.failures.items(), key=lambda kv: position[kv[0]])
+        return ShardData(self.keys, self.shas, vectors, zero_shot, failures)

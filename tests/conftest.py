@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny MLLMs saved to folders, real photos in many formats, broken files."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from agiqa.models.tiny_mllm import build_tiny_mllm
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """User state (the default score cache) lives under AGIQA_HOME: point it at tmp_path."""
+    monkeypatch.setenv("AGIQA_HOME", str(tmp_path / "agiqa-home"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory) -> Path:
+    return build_tiny_mllm("llava", tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> Path:
+    return build_tiny_mllm("qwen2-vl", tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="session", params=["llava", "qwen2-vl"])
+def tiny_mllm(request, tiny_llava, tiny_qwen) -> Path:
+    return tiny_llava if request.param == "llava" else tiny_qwen
+
+
+def real_photos() -> dict[str, np.ndarray]:
+    """Real photographs shipped with scikit-image (no download)."""
+    import skimage.data as d
+
+    return {"astronaut": d.astronaut(), "chelsea": d.chelsea(), "coffee": d.coffee(),
+            "rocket": d.rocket(), "camera": d.camera()}
+
+
+def _jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def write_photo_folder(root: Path, with_broken: bool = True) -> dict[str, str]:
+    """Write real photos in many formats and modes (and broken files). Returns key → kind."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "nested" / "deeper").mkdir(parents=True, exist_ok=True)
+    p = real_photos()
+    astro = Image.fromarray(p["astronaut"]).resize((96, 96))
+    cat = Image.fromarray(p["chelsea"]).resize((120, 80))
+    coffee = Image.fromarray(p["coffee"]).resize((90, 60))
+    rocket = Image.fromarray(p["rocket"]).resize((64, 96))
+    camera = Image.fromarray(p["camera"]).resize((80, 80))
+    kinds = {}
+
+    def save(key, img, fmt=None, **kw):
+        img.save(root / key, fmt, **kw)
+        kinds[key] = "ok"
+
+    save("astronaut.jpg", astro, quality=90)
+    save("chelsea.png", cat)
+    save("coffee.webp", coffee)
+    save("rocket.bmp", rocket)
+    save("nested/camera_gray.png", camera)
+    save("nested/astronaut.tiff", astro)
+    save("nested/chelsea_palette.gif", cat.convert("P", palette=Image.ADAPTIVE))
+    rgba = coffee.convert("RGBA")
+    rgba.putalpha(128)
+    save("nested/coffee_rgba.png", rgba)
+    save("nested/deeper/rocket_cmyk.jpg", rocket.convert("CMYK"), quality=90)
+    sixteen = (np.asarray(camera, dtype=np.uint16) * 257).astype(np.uint16)
+    save("nested/deeper/camera_16bit.png", Image.fromarray(sixteen))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    (root / "nested/deeper/chelsea_exif.jpg").write_bytes(_jpeg_bytes(cat, exif=exif.tobytes()))
+    kinds["nested/deeper/chelsea_exif.jpg"] = "ok"
+    if with_broken:
+        (root / "zero_bytes.png").write_bytes(b"")
+        full = _jpeg_bytes(astro)
+        (root / "truncated.jpg").write_bytes(full[: len(full) // 2])
+        (root / "text_as.jpg").write_text("this is not an image\n")
+        (root / "notes.txt").write_text("a file that is not an image at all\n")
+        kinds.update({"zero_bytes.png": "broken", "truncated.jpg": "broken",
+                      "text_as.jpg": "broken", "notes.txt": "skipped"})
+    return kinds
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("photos")
+    return root, write_photo_folder(root)

@@ -1,0 +1,145 @@
+"""``agiqa extract-semantics`` and ``agiqa cache`` as a user runs them."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+from click.testing import CliRunner
+
+from agiqa.cache import open_cache
+from agiqa.cli import cli
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_help_lists_every_command_and_version():
+    result = run("--help")
+    assert result.exit_code == 0
+    for cmd in ("extract-semantics", "cache"):
+        assert cmd in result.output
+    assert run("--version").output.strip() == "agiqa, version 0.1.0"
+
+
+def test_extract_exits_2_and_names_every_broken_file(tiny_llava, photo_folder, tmp_path):
+    root, kinds = photo_folder
+    result = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out",
+                 tmp_path / "c", "--quiet", "--loader-workers", "0")
+    assert result.exit_code == 2, result.output
+    assert "failed: zero_bytes.png: empty file (0 bytes)" in result.stderr
+    assert "failed: text_as.jpg: not an image (unrecognised file format)" in result.stderr
+    assert "failed: truncated.jpg: cannot decode: truncated" in result.stderr
+    assert "skipped 1 file(s) that are not images: notes.txt" in result.stderr
+    good = sorted(k for k, v in kinds.items() if v == "ok")
+    assert open_cache(tmp_path / "c").keys == good
+    assert f"{len(good) + 3} images: {len(good) + 3} computed, 0 already cached, 3 failed" in result.output
+
+    again = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out",
+                tmp_path / "c", "--quiet", "--json")
+    report = json.loads(again.output)
+    assert again.exit_code == 2 and report["computed"] == 0 and report["failed"] == 3
+
+
+def test_another_model_into_the_same_cache_is_refused(tiny_llava, tiny_qwen, photo_folder,
+                                                      tmp_path):
+    root, _ = photo_folder
+    run("extract-semantics", "--model", tiny_llava, "--images", root, "--out", tmp_path / "c", "-q")
+    result = run("extract-semantics", "--model", tiny_qwen, "--images", root, "--out",
+                 tmp_path / "c", "-q")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: cache ")
+    assert "fingerprint" in result.output and "model:" in result.output
+
+
+def test_clean_folder_exits_0_and_cache_info(tiny_llava, tmp_path):
+    from tests.conftest import write_photo_folder
+
+    write_photo_folder(tmp_path / "imgs", with_broken=False)
+    result = run("extract-semantics", "--model", tiny_llava, "--images", tmp_path / "imgs",
+                 "--out", tmp_path / "c", "--format", "hdf5", "-q")
+    assert result.exit_code == 0, result.output
+    info = json.loads(run("cache", "info", tmp_path / "c", "--json").output)
+    assert info["format"] == "hdf5" and info["images"] == 11 and info["dim"] == 64
+    assert [p["name"] for p in info["prompts"]] == ["semantic_content", "coherence"]
+    text = run("cache", "info", tmp_path / "c").output
+    assert "prompt       coherence: Evaluate if the image quality" in text
+
+
+def test_cache_verify_names_changed_and_missing_files(tiny_llava, tmp_path):
+    from tests.conftest import write_photo_folder
+
+    root = tmp_path / "imgs"
+    write_photo_folder(root, with_broken=False)
+    run("extract-semantics", "--model", tiny_llava, "--images", root, "--out", tmp_path / "c", "-q")
+    ok = run("cache", "verify", tmp_path / "c")
+    assert ok.exit_code == 0 and "0 missing, 0 changed" in ok.output
+    with open(root / "chelsea.png", "ab") as f:
+        f.write(b"\0")
+    (root / "rocket.bmp").unlink()
+    bad = run("cache", "verify", tmp_path / "c")
+    assert bad.exit_code == 2
+    assert "changed: chelsea.png" in bad.output and "missing: rocket.bmp" in bad.output
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    assert "missing: rocket.bmp" in run("cache", "verify", tmp_path / "c", "--images", moved).output
+
+
+def test_usage_errors(tmp_path):
+    r = run("extract-semantics", "--out", tmp_path / "c")
+    assert r.exit_code == 2 and "give either --images DIR or --dataset NAME --root DIR" in r.output
+    r = run("extract-semantics", "--images", tmp_path / "nope", "--out", tmp_path / "c")
+    assert r.exit_code == 1 and "image folder not found" in r.output
+    r = run("cache", "info", tmp_path)
+    assert r.exit_code == 1 and r.output.strip() == f"Error: {tmp_path}: not a semantic cache (no manifest.json)"
+    r = run("extract-semantics", "--model", tmp_path / "no-model", "--images", tmp_path,
+            "--out", tmp_path / "c")
+    assert r.exit_code == 1 and "cannot load MLLM" in r.output
+
+
+def test_dataset_preset_source(tiny_llava, tmp_path):
+    from tests.conftest import write_photo_folder
+
+    root = tmp_path / "imgs"
+    write_photo_folder(root, with_broken=False)
+    (root / "labels.csv").write_text("image,mos\r\nchelsea.png,3.5\r\nrocket.bmp,1.0\r\n")
+    r = run("extract-semantics", "--model", tiny_llava, "--dataset", "csv", "--root", root,
+            "--labels", root / "labels.csv", "--out", tmp_path / "c", "-q")
+    assert r.exit_code == 0, r.output
+    assert open_cache(tmp_path / "c").keys == ["chelsea.png", "rocket.bmp"]
+
+
+def test_sigkill_midway_then_resume_equals_uninterrupted(tiny_llava, tmp_path):
+    from tests.conftest import write_photo_folder
+
+    root = tmp_path / "imgs"
+    for i in range(4):
+        write_photo_folder(root / f"set{i}", with_broken=False)
+    args = ["--model", str(tiny_llava), "--images", str(root), "--shard-size", "2",
+            "--batch-size", "1", "--loader-workers", "0", "-q"]
+    cmd = [sys.executable, "-m", "agiqa", "extract-semantics", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "killed")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if len(list((tmp_path / "killed").glob("shard-*.zarr"))) >= 3:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = len(list((tmp_path / "killed").glob("shard-*.zarr")))
+    assert partial < 22, "the run finished before it could be killed"
+    subprocess.run([*cmd, "--out", str(tmp_path / "killed")], env=env, check=True,
+                   capture_output=True)
+    subprocess.run([*cmd, "--out", str(tmp_path / "clean")], env=env, check=True,
+                   capture_output=True)
+    a, b = open_cache(tmp_path / "killed"), open_cache(tmp_path / "clean")
+    assert len(a.keys) == 44 and a.keys == b.keys
+    assert not list((tmp_path / "killed").glob(".*tmp"))
+    np.testing.assert_array_equal(a.read(a.keys)["vectors"], b.read(b.keys)["vectors"])

@@ -1,0 +1,137 @@
+"""Stage one against a direct transformers computation of SPEC §2."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from agiqa.cache import open_cache
+from agiqa.data.images import load_image
+from agiqa.pipeline.presets import load_prompts
+from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
+
+PROMPTS = load_prompts("paper")
+
+
+def _direct(model_dir, image, prompt):
+    """SPEC §2 straight from transformers: one image, no padding, no answer prefix."""
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    messages = [{"role": "user", "content": [{"type": "text", "text": prompt}, {"type": "image"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    with torch.no_grad():
+        enc = processor(text=[text], images=[image], return_tensors="pt")
+        hidden = model(**enc, output_hidden_states=True).hidden_states[-1][0]
+        vector = hidden.mean(0)
+        sep = "" if text[-1].isspace() else " "
+        enc2 = processor(text=[text + sep + PROMPTS.answer_prefix], images=[image],
+                         return_tensors="pt")
+        logits = model(**enc2).logits[0, -1]
+    tok = processor.tokenizer
+    base = tok(text + sep + PROMPTS.answer_prefix, add_special_tokens=False)["input_ids"]
+    ids = [tok(text + sep + PROMPTS.answer_prefix + w, add_special_tokens=False)["input_ids"][len(base)]
+           for w in PROMPTS.rating_words]
+    probs = torch.softmax(logits[ids], -1)
+    return vector.numpy(), float(probs @ torch.tensor(PROMPTS.rating_weights))
+
+
+def _extract(model_dir, root, out, **kw):
+    kw.setdefault("loader_workers", 0)
+    cfg = ExtractConfig(out=out, model=str(model_dir), progress=False, **kw)
+    return extract_semantics(cfg, ImageSource.from_folder(root))
+
+
+def test_vectors_equal_direct_transformers(tiny_mllm, photo_folder, tmp_path):
+    root, kinds = photo_folder
+    report = _extract(tiny_mllm, root, tmp_path / "c", batch_size=4)
+    assert set(report.failures) == {k for k, v in kinds.items() if v == "broken"}
+    cache = open_cache(tmp_path / "c")
+    good = sorted(k for k, v in kinds.items() if v == "ok")
+    assert cache.keys == good
+    got = cache.read(good)
+    assert got["vectors"].dtype == np.float16 and got["vectors"].shape[1] == 2
+    for key in ["astronaut.jpg", "nested/coffee_rgba.png", "nested/deeper/chelsea_exif.jpg"]:
+        img, _ = load_image(root / key)
+        for p, prompt in enumerate(PROMPTS.texts):
+            vec, zs = _direct(tiny_mllm, img, prompt)
+            row = good.index(key)
+            np.testing.assert_allclose(got["vectors"][row, p].astype(np.float32), vec,
+                                       rtol=2e-3, atol=2e-3)
+            assert abs(got["zero_shot"][row, p] - zs) < 1e-4
+            assert 1.0 <= zs <= 5.0
+
+
+def test_batch_size_invariance_with_left_padding(tiny_qwen, photo_folder, tmp_path):
+    # Qwen2-VL gives each image size its own token count, so batches are really padded.
+    root, _ = photo_folder
+    _extract(tiny_qwen, root, tmp_path / "b1", batch_size=1)
+    _extract(tiny_qwen, root, tmp_path / "b5", batch_size=5)
+    a, b = open_cache(tmp_path / "b1"), open_cache(tmp_path / "b5")
+    va, vb = a.read(a.keys), b.read(b.keys)
+    np.testing.assert_allclose(va["vectors"].astype(np.float32), vb["vectors"].astype(np.float32),
+                               atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(va["zero_shot"], vb["zero_shot"], atol=1e-4)
+
+
+def test_zarr_and_hdf5_hold_the_same_vectors(tiny_llava, photo_folder, tmp_path):
+    root, _ = photo_folder
+    _extract(tiny_llava, root, tmp_path / "z", format="zarr", shard_size=4)
+    _extract(tiny_llava, root, tmp_path / "h", format="hdf5", shard_size=4)
+    z, h = open_cache(tmp_path / "z"), open_cache(tmp_path / "h")
+    assert z.format == "zarr" and h.format == "hdf5"
+    assert z.keys == h.keys and z.fingerprint == h.fingerprint
+    assert z.failures == h.failures
+    np.testing.assert_array_equal(z.read(z.keys)["vectors"], h.read(h.keys)["vectors"])
+
+
+def test_resume_recomputes_only_missing_shards(tiny_llava, photo_folder, tmp_path):
+    root, _ = photo_folder
+    full = _extract(tiny_llava, root, tmp_path / "full", shard_size=3)
+    _extract(tiny_llava, root, tmp_path / "part", shard_size=3)
+    cache = open_cache(tmp_path / "part")
+    shards = cache.shard_paths()
+    import shutil
+
+    for p in shards[::2]:  # as if the run had been killed before these were renamed in
+        shutil.rmtree(p)
+    again = _extract(tiny_llava, root, tmp_path / "part", shard_size=3)
+    assert again.shards_written == len(shards[::2])
+    assert 0 < again.computed < full.computed
+    a, b = open_cache(tmp_path / "full"), open_cache(tmp_path / "part")
+    assert a.keys == b.keys and a.failures == b.failures
+    np.testing.assert_array_equal(a.read(a.keys)["vectors"], b.read(b.keys)["vectors"])
+    assert sorted(p.name for p in a.shard_paths()) == sorted(p.name for p in b.shard_paths())
+
+
+def test_two_workers_fill_the_cache_of_one(tiny_llava, photo_folder, tmp_path):
+    root, _ = photo_folder
+    _extract(tiny_llava, root, tmp_path / "one", shard_size=2)
+    r0 = _extract(tiny_llava, root, tmp_path / "two", shard_size=2, workers=2, worker=0)
+    r1 = _extract(tiny_llava, root, tmp_path / "two", shard_size=2, workers=2, worker=1)
+    assert r0.shards_written > 0 and r1.shards_written > 0
+    a, b = open_cache(tmp_path / "one"), open_cache(tmp_path / "two")
+    assert a.keys == b.keys and a.failures == b.failures
+    np.testing.assert_array_equal(a.read(a.keys)["vectors"], b.read(b.keys)["vectors"])
+
+
+def test_one_forward_pass_per_image_and_prompt(tiny_llava, photo_folder, tmp_path):
+    root, kinds = photo_folder
+    report = _extract(tiny_llava, root, tmp_path / "c", batch_size=3)
+    n_good = sum(v == "ok" for v in kinds.values())
+    assert report.forward_passes == 2 * n_good
+
+
+def test_background_decoding_gives_the_same_vectors(tiny_llava, photo_folder, tmp_path):
+    root, _ = photo_folder
+    _extract(tiny_llava, root, tmp_path / "w0", loader_workers=0)
+    _extract(tiny_llava, root, tmp_path / "w2", loader_workers=2)
+    a, b = open_cache(tmp_path / "w0"), open_cache(tmp_path / "w2")
+    np.testing.assert_array_equal(a.read(a.keys)["vectors"], b.read(b.keys)["vectors"])
+
+
+@pytest.mark.parametrize("kw", [{"batch_size": 0}, {"loader_workers": -1}])
+def test_bad_options(kw, tmp_path):
+    from agiqa.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        ExtractConfig(out=tmp_path, **kw)
