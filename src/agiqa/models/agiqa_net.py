@@ -1,0 +1,168 @@
+"""MA-AGIQA: the MANIQA backbone plus the MoE fusion of MLLM semantic vectors.
+
+Large Multi-modality Model Assisted AI-Generated Image Quality Assessment
+(Wang et al., ACM MM 2024), https://github.com/wangpuyi/MA-AGIQA.
+
+A model directory is ``model.safetensors`` + ``config.json`` (architecture arguments, the
+semantic fingerprint of the cache it was trained on, score normalisation, agiqa version).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from agiqa.errors import CheckpointError, ConfigError, ModelLoadError
+from agiqa.fileio import atomic_path, read_json, write_json
+from agiqa.models.maniqa import ManiqaBackbone
+from agiqa.models.moe import MoEHead
+
+__all__ = ["BACKBONES", "AgiqaNet", "ModelConfig", "create_model", "load_model", "save_model"]
+
+# Backbone presets: the timm model, its overrides, and the MANIQA widths that follow from it.
+BACKBONES: dict[str, dict[str, Any]] = {
+    "vit_base_patch8_224": {
+        "timm_name": "vit_base_patch8_224", "vit_args": {},
+        "feature_blocks": [6, 7, 8, 9], "maniqa_dim": 768, "swin_heads": 4, "dim_mlp": 768,
+    },
+    "tiny": {
+        "timm_name": "vit_base_patch8_224",
+        "vit_args": {"embed_dim": 32, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0},
+        "feature_blocks": [0, 1, 2, 3], "maniqa_dim": 32, "swin_heads": 4, "dim_mlp": 32,
+    },
+}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture arguments; ``ModelConfig(**d)`` refuses unknown keys."""
+
+    backbone: str = "vit_base_patch8_224"
+    num_prompts: int = 2
+    semantic_dim: int = 4096
+    timm_name: str = "vit_base_patch8_224"
+    vit_args: dict[str, Any] = field(default_factory=dict)
+    feature_blocks: list[int] = field(default_factory=lambda: [6, 7, 8, 9])
+    maniqa_dim: int = 768
+    swin_heads: int = 4
+    window_size: int = 4
+    dim_mlp: int = 768
+    grid: int = 28
+    drop: float = 0.1
+
+    @classmethod
+    def for_backbone(cls, backbone: str, num_prompts: int, semantic_dim: int) -> ModelConfig:
+        if backbone not in BACKBONES:
+            raise ConfigError(f"unknown backbone {backbone!r} (choose from {', '.join(BACKBONES)})")
+        return cls(backbone=backbone, num_prompts=num_prompts, semantic_dim=semantic_dim,
+                   **BACKBONES[backbone])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _create_vit(cfg: ModelConfig, pretrained: bool, weights_file: str | None) -> nn.Module:
+    import timm
+
+    kwargs: dict[str, Any] = dict(cfg.vit_args)
+    if weights_file:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file)}
+        pretrained = True
+    try:
+        vit = timm.create_model(cfg.timm_name, pretrained=pretrained, num_classes=0, **kwargs)
+    except Exception as e:  # noqa: BLE001 - a download or file failure of timm
+        raise ModelLoadError(
+            f"cannot load ImageNet weights for {cfg.timm_name} ({type(e).__name__}: {e}); "
+            "pass --backbone-weights FILE, or --no-pretrained to start from random weights"
+        ) from None
+    if vit.patch_embed.grid_size != (cfg.grid, cfg.grid):
+        raise ConfigError(f"{cfg.timm_name} gives a {vit.patch_embed.grid_size} token grid, "
+                          f"MA-AGIQA needs {cfg.grid}×{cfg.grid}")
+    depth = len(vit.blocks)
+    if max(cfg.feature_blocks) >= depth or min(cfg.feature_blocks) < 0:
+        raise ConfigError(f"feature block {max(cfg.feature_blocks)} is out of range "
+                          f"(0 to {depth - 1})")
+    # Blocks after the last used one, the final norm and the head are never needed.
+    vit.prune_intermediate_layers(cfg.feature_blocks, prune_norm=True, prune_head=True)
+    return vit
+
+
+class AgiqaNet(nn.Module):
+    """``model(pixels, semantics, return_gates=False)``: pixels float [B, 3, 224, 224]
+    (normalised), semantics [B, P, D] → scores [B] (and gates [B, P+1], image expert last)."""
+
+    def __init__(self, cfg: ModelConfig, pretrained: bool = False,
+                 backbone_weights: str | None = None):
+        super().__init__()
+        self.config = cfg
+        vit = _create_vit(cfg, pretrained, backbone_weights)
+        self.backbone = ManiqaBackbone(vit, cfg.feature_blocks, cfg.maniqa_dim, cfg.grid,
+                                       cfg.swin_heads, cfg.window_size, cfg.dim_mlp, cfg.drop)
+        self.head = MoEHead(cfg.num_prompts, cfg.semantic_dim, cfg.grid * cfg.grid, cfg.drop)
+        self.agiqa_config: dict[str, Any] = {}
+
+    def forward(self, pixels: torch.Tensor, semantics: torch.Tensor, return_gates: bool = False):
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must have shape [B, 3, H, W], got {list(pixels.shape)}")
+        if semantics.shape[0] != pixels.shape[0]:
+            raise ValueError(f"pixels hold {pixels.shape[0]} images, semantics "
+                             f"{semantics.shape[0]}")
+        key = self.backbone(pixels)
+        scores, gates = self.head(key, semantics)
+        return (scores, gates) if return_gates else scores
+
+
+def create_model(backbone: str = "vit_base_patch8_224", num_prompts: int = 2,
+                 semantic_dim: int = 4096, pretrained: bool = False,
+                 backbone_weights: str | None = None) -> AgiqaNet:
+    """A new MA-AGIQA network; the ViT starts from ImageNet weights when ``pretrained``."""
+    cfg = ModelConfig.for_backbone(backbone, num_prompts, semantic_dim)
+    return AgiqaNet(cfg, pretrained=pretrained, backbone_weights=backbone_weights)
+
+
+def save_model(model: AgiqaNet, out: str | os.PathLike, extra: dict[str, Any]) -> None:
+    """Write ``model.safetensors`` and ``config.json`` (atomically) into ``out``."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    from agiqa import __version__
+
+    config = {"architecture": "ma-agiqa", "model": model.config.to_dict(),
+              "agiqa_version": __version__, **extra}
+    write_json(out / "config.json", config)
+    model.agiqa_config = config
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> AgiqaNet:
+    """Load a run directory or an imported official checkpoint; returns the module in eval mode."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file, weights = path / "config.json", path / "model.safetensors"
+    if not cfg_file.is_file() or not weights.is_file():
+        raise CheckpointError(f"{path}: not a model directory (needs config.json and "
+                              "model.safetensors)")
+    config = read_json(cfg_file)
+    if config.get("architecture") != "ma-agiqa":
+        raise CheckpointError(f"{cfg_file}: not an MA-AGIQA model")
+    try:
+        model_cfg = ModelConfig(**config["model"])
+    except TypeError as e:
+        raise CheckpointError(f"{cfg_file}: bad model arguments ({e})") from None
+    model = AgiqaNet(model_cfg)
+    try:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights}: weights do not fit the config ({e})") from None
+    model.agiqa_config = config
+    return model.to(device).eval()

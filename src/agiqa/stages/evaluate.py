@@ -1,0 +1,69 @@
+"""``agiqa evaluate``: a trained model on a data set's images and cached vectors.
+
+In-dataset (``--split test``: the test keys of the run's own ``split.csv``) or cross-dataset
+(``--split all``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from agiqa.cache import open_cache
+from agiqa.data.datasets import Dataset
+from agiqa.data.splits import read_split_csv
+from agiqa.errors import CacheMismatchError, ConfigError, DatasetError, MissingVectorsError
+from agiqa.metrics import evaluate
+from agiqa.models.agiqa_net import load_model
+from agiqa.models.mllm import resolve_device
+from agiqa.stages.fit import decode_pixels, predict
+
+__all__ = ["check_fingerprint", "evaluate_model"]
+
+
+def check_fingerprint(model_config: dict, cache) -> None:
+    """Refuse a cache whose vectors come from another MLLM setup than the model was trained on."""
+    expected = model_config.get("fingerprint")
+    if expected and expected != cache.fingerprint:
+        trained = (model_config.get("semantics") or {}).get("model", "?")
+        raise CacheMismatchError(str(cache.path), expected, cache.fingerprint,
+                                 f"the model was trained on vectors of {trained}, the cache "
+                                 f"holds vectors of {cache.spec['model']}")
+
+
+def evaluate_model(model_dir: str | os.PathLike, ds: Dataset, cache_dir: str | os.PathLike,
+                   split: str = "test", device: str = "auto", batch_size: int = 32,
+                   workers: int = 2, progress: bool = True) -> dict:
+    model = load_model(model_dir)
+    cache = open_cache(cache_dir)
+    check_fingerprint(model.agiqa_config, cache)
+    if split == "all":
+        keys = ds.keys
+    elif split in ("test", "val", "train"):
+        split_file = Path(model_dir) / "split.csv"
+        if not split_file.is_file():
+            raise ConfigError(f"{model_dir} has no split.csv; use --split all")
+        keys = read_split_csv(split_file).subset(split)
+        known = set(ds.keys)
+        unknown = [k for k in keys if k not in known]
+        if unknown:
+            raise DatasetError(f"{len(unknown)} {split} image(s) of {split_file} are not in "
+                               f"{ds.labels_path}: {', '.join(unknown[:3])}")
+    else:
+        raise ConfigError(f"unknown --split {split!r} (test, val, train or all)")
+    if len(keys) < 3:
+        raise DatasetError(f"the {split} split has {len(keys)} image(s); metrics need 3")
+    missing = [k for k in keys if k not in cache]
+    if missing:
+        raise MissingVectorsError(missing, where=f"cache {cache.path}")
+    dev = resolve_device(device)
+    model.to(dev)
+    vectors = torch.from_numpy(cache.read(keys)["vectors"])
+    pixels = decode_pixels(ds, keys, workers, progress)
+    scores = predict(model, pixels, vectors, dev, batch_size, dev.type == "cuda")
+    mos = {s.key: s.mos for s in ds.samples}
+    metrics = evaluate(scores.numpy(), [mos[k] for k in keys])
+    return {"model": str(model_dir), "dataset": ds.name, "split": split, "images": len(keys),
+            **metrics}

@@ -1,0 +1,351 @@
+"""Stage two: train the MANIQA backbone and the MoE head from cached semantic vectors.
+
+Never loads the MLLM. Images are decoded and resized to uint8 224×224 once; every epoch after
+that reads memory. The paper's protocol is the default (SPEC §4): Adam 1e-5 / 1e-5, batch 8,
+30 epochs, MSE, cosine annealing stepped every iteration with T_max 50, rotation and vertical
+flip augmentation, best epoch by validation SRCC + PLCC, one pass over the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+from tqdm.auto import tqdm
+
+from agiqa.cache import SemanticCache, open_cache
+from agiqa.data.datasets import Dataset, load_dataset
+from agiqa.data.images import load_image
+from agiqa.data.pixels import normalize, resize_pixels
+from agiqa.data.splits import Split, make_split
+from agiqa.errors import ConfigError, DatasetError, TrainingError
+from agiqa.fileio import write_json
+from agiqa.metrics import evaluate
+from agiqa.models.agiqa_net import AgiqaNet, create_model, save_model
+from agiqa.models.mllm import resolve_device
+
+__all__ = ["FitConfig", "FitResult", "decode_pixels", "fit_from_cache", "predict"]
+
+
+@dataclass
+class FitConfig:
+    """Options of ``agiqa fit``; the defaults are the paper's protocol."""
+
+    dataset: str
+    root: Path
+    cache: Path
+    out: Path
+    labels: Path | None = None
+    target: str | None = None
+    image_column: str | None = None
+    score_column: str | None = None
+    backbone: str = "vit_base_patch8_224"
+    pretrained: bool = True
+    backbone_weights: str | None = None
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 1e-5
+    weight_decay: float = 1e-5
+    t_max: int = 50
+    split: str = "paper"
+    seed: int = 20
+    device: str = "auto"
+    amp: bool | None = None
+    augment: bool = True
+    loader_workers: int = 2
+    eval_batch_size: int = 32
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.root, self.cache, self.out = Path(self.root), Path(self.cache), Path(self.out)
+        for name in ("epochs", "batch_size", "eval_batch_size", "t_max"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, "
+                                  f"got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+
+
+@dataclass
+class FitResult:
+    out: Path
+    metrics: dict[str, float]
+    best_epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Decode(TorchDataset):
+    def __init__(self, ds: Dataset, keys: list[str]):
+        self.ds, self.keys = ds, keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img, _ = load_image(self.ds.path(self.keys[i]), self.keys[i])
+        return resize_pixels(img)
+
+
+def decode_pixels(ds: Dataset, keys: list[str], workers: int = 2, progress: bool = True
+                  ) -> torch.Tensor:
+    """Decode and resize every image once: uint8 [n, 3, 224, 224]."""
+    out = torch.empty((len(keys), 3, 224, 224), dtype=torch.uint8)
+    loader = DataLoader(_Decode(ds, keys), batch_size=32, num_workers=workers)
+    i = 0
+    for batch in tqdm(loader, desc="decode", unit="batch", disable=not progress):
+        out[i : i + len(batch)] = batch
+        i += len(batch)
+    return out
+
+
+def _augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per image: p=0.7 rotate by 90/180/270°, then p=0.7 flip the H axis (vertical flip)."""
+    out = []
+    for img in pixels:
+        if torch.rand((), generator=gen) < 0.7:
+            k = int(torch.randint(1, 4, (), generator=gen))
+            img = torch.rot90(img, k, dims=(1, 2))
+        if torch.rand((), generator=gen) < 0.7:
+            img = torch.flip(img, dims=(1,))
+        out.append(img)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def predict(model: AgiqaNet, pixels: torch.Tensor, vectors: torch.Tensor, device: torch.device,
+            batch_size: int = 32, amp: bool = False, with_gates: bool = False):
+    """Scores (and gates) of uint8 pixels [n, 3, 224, 224] with vectors [n, P, D]."""
+    model.eval()
+    scores, gates = [], []
+    for i in range(0, len(pixels), batch_size):
+        x = normalize(pixels[i : i + batch_size]).to(device)
+        s = vectors[i : i + batch_size].to(device, torch.float32)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            y, g = model(x, s, return_gates=True)
+        scores.append(y.float().cpu())
+        gates.append(g.float().cpu())
+    scores = torch.cat(scores) if scores else torch.empty(0)
+    gates = torch.cat(gates) if gates else torch.empty(0)
+    return (scores, gates) if with_gates else scores
+
+
+def _check_vectors(cache: SemanticCache, split: Split) -> None:
+    from agiqa.errors import MissingVectorsError
+
+    missing = [k for k in split.subset("all") if k not in cache]
+    if missing:
+        raise MissingVectorsError(missing, where=f"cache {cache.path}; run extract-semantics first")
+
+
+def _loader_inputs(ds: Dataset, cfg: FitConfig):
+    cache = open_cache(cfg.cache)
+    split = make_split(ds, cfg.split, cfg.seed)
+    for name in ("train", "val", "test"):
+        if not split.subset(name):
+            raise DatasetError(f"the {name} split is empty ({split.method}, {len(ds)} images)")
+    _check_vectors(cache, split)
+    return cache, split
+
+
+def fit_from_cache(cfg: FitConfig) -> FitResult:
+    """Train on ``cfg.dataset`` with vectors from ``cfg.cache``; write the run directory."""
+    ds = load_dataset(cfg.dataset, cfg.root, cfg.labels, cfg.target, cfg.image_column,
+                      cfg.score_column)
+    cache, split = _loader_inputs(ds, cfg)
+    mos = {s.key: s.mos for s in ds.samples}
+    keys = split.subset("all")
+    vectors = torch.from_numpy(cache.read(keys)["vectors"])
+    pixels = decode_pixels(ds, keys, cfg.loader_workers, cfg.progress)
+    index = {k: i for i, k in enumerate(keys)}
+    part = {name: torch.tensor([index[k] for k in split.subset(name)]) for name in
+            ("train", "val", "test")}
+    targets = torch.tensor([mos[k] for k in keys], dtype=torch.float32)
+
+    device = resolve_device(cfg.device)
+    amp = (device.type == "cuda") if cfg.amp is None else cfg.amp
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = create_model(cfg.backbone, len(cache.prompts), cache.dim, cfg.pretrained,
+                         cfg.backbone_weights).to(device)
+    optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=cfg.t_max, eta_min=0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    state = _Trainer(cfg, model, optim, sched, gen, device, amp)
+    if cfg.resume:
+        state.restore()
+    elif (cfg.out / "checkpoint.pt").exists() or (cfg.out / "model.safetensors").exists():
+        raise ConfigError(f"{cfg.out} already holds a run; pass --resume or choose another --out")
+    split.write_csv(cfg.out / "split.csv")
+    state.train(pixels, vectors, targets, part)
+
+    model.load_state_dict(state.best_state)
+    scores, gates = predict(model, pixels, vectors, device, cfg.eval_batch_size, amp, True)
+    test = part["test"]
+    metrics = evaluate(scores[test].numpy(), targets[test].numpy())
+    extra = {
+        "semantics": cache.spec, "fingerprint": cache.fingerprint,
+        "prompt_names": cache.prompt_names, "score_norm": None,
+        "training": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "dataset": {"name": ds.name, "target": ds.target_column, "split": split.method},
+    }
+    save_model(model, cfg.out, extra)
+    _write_outputs(cfg.out, keys, split, targets, scores, gates, cache.prompt_names, metrics,
+                   state)
+    (cfg.out / "checkpoint.pt").unlink(missing_ok=True)
+    return FitResult(cfg.out, metrics, state.best_epoch, state.history)
+
+
+class _Trainer:
+    """The epoch loop, its resumable state and the best-epoch selection."""
+
+    def __init__(self, cfg, model, optim, sched, gen, device, amp):
+        self.cfg, self.model, self.optim, self.sched = cfg, model, optim, sched
+        self.gen, self.device, self.amp = gen, device, amp
+        self.epoch, self.best_epoch, self.best_value = 0, -1, -math.inf
+        self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        self.history: list[dict[str, Any]] = []
+
+    def restore(self) -> None:
+        path = self.cfg.out / "checkpoint.pt"
+        if not path.exists():
+            raise ConfigError(f"--resume: {path} not found (nothing to resume)")
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(ck["model"])
+        self.optim.load_state_dict(ck["optim"])
+        self.sched.load_state_dict(ck["sched"])
+        self.gen.set_state(ck["gen"])
+        self.best_state = ck["best_state"]
+        self.epoch, self.best_epoch = ck["epoch"], ck["best_epoch"]
+        self.best_value = ck["best_value"]
+        self.history = json.loads(ck["history"])
+
+    def _checkpoint(self) -> None:
+        from agiqa.fileio import atomic_path
+
+        ck = {"model": self.model.state_dict(), "optim": self.optim.state_dict(),
+              "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
+              "best_state": self.best_state, "epoch": self.epoch, "best_epoch": self.best_epoch,
+              "best_value": self.best_value, "history": json.dumps(self.history)}
+        with atomic_path(self.cfg.out / "checkpoint.pt") as tmp:
+            torch.save(ck, tmp)
+
+    def train(self, pixels, vectors, targets, part) -> None:
+        cfg = self.cfg
+        train_idx = part["train"]
+        while self.epoch < cfg.epochs:
+            t0 = time.perf_counter()
+            loss = self._train_epoch(pixels, vectors, targets, train_idx)
+            val = part["val"]
+            pred = predict(self.model, pixels[val], vectors[val], self.device,
+                           cfg.eval_batch_size, self.amp)
+            m = evaluate(pred.numpy(), targets[val].numpy()) if len(val) >= 3 else \
+                {"srcc": float("nan"), "plcc": float("nan")}
+            value = m["srcc"] + m["plcc"]
+            if self.best_epoch < 0 or (math.isfinite(value) and value > self.best_value):
+                self.best_value, self.best_epoch = value, self.epoch
+                self.best_state = {k: v.detach().cpu().clone()
+                                   for k, v in self.model.state_dict().items()}
+            row = {"epoch": self.epoch, "loss": loss, "val_srcc": m["srcc"],
+                   "val_plcc": m["plcc"], "lr": self.optim.param_groups[0]["lr"],
+                   "seconds": round(time.perf_counter() - t0, 3),
+                   "images_per_second": round(len(train_idx) / (time.perf_counter() - t0), 2)}
+            self.history.append(row)
+            with open(cfg.out / "train_log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            if cfg.progress:
+                tqdm.write(f"epoch {self.epoch}: loss {loss:.4f}  val SRCC {m['srcc']:.4f}  "
+                           f"PLCC {m['plcc']:.4f}")
+            self.epoch += 1
+            self._checkpoint()
+
+    def _train_epoch(self, pixels, vectors, targets, train_idx) -> float:
+        cfg, model = self.cfg, self.model
+        model.train()
+        order = train_idx[torch.randperm(len(train_idx), generator=self.gen)]
+        total, n = 0.0, 0
+        steps = range(0, len(order), cfg.batch_size)
+        bar = tqdm(steps, desc=f"epoch {self.epoch}", unit="step", leave=False,
+                   disable=not cfg.progress)
+        for step, i in enumerate(bar):
+            idx = order[i : i + cfg.batch_size]
+            x = pixels[idx]
+            if cfg.augment:
+                x = _augment(x, self.gen)
+            x = normalize(x).to(self.device, non_blocking=True)
+            s = vectors[idx].to(self.device, torch.float32)
+            y = targets[idx].to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                pred = model(x, s)
+            loss = torch.nn.functional.mse_loss(pred.float(), y)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"the loss became {loss.item()} at epoch {self.epoch}, "
+                                    f"step {step}; lower --lr or check the scores")
+            self.optim.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optim.step()
+            self.sched.step()
+            total += loss.item() * len(idx)
+            n += len(idx)
+        return total / max(n, 1)
+
+
+def _write_outputs(out: Path, keys, split: Split, targets, scores, gates, prompt_names,
+                   metrics, state: _Trainer) -> None:
+    import csv
+
+    from agiqa.fileio import atomic_path
+    from agiqa.pipeline.plots import plot_history, plot_scatter
+
+    subset = {k: name for name in ("train", "val", "test") for k in split.subset(name)}
+    with atomic_path(out / "predictions.csv") as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["key", "subset", "mos", "score",
+                        *[f"gate_{n}" for n in prompt_names], "gate_image"])
+            for i, k in enumerate(keys):
+                w.writerow([k, subset[k], f"{targets[i]:.6g}", f"{scores[i]:.6g}",
+                            *[f"{g:.6g}" for g in gates[i].tolist()]])
+    write_json(out / "metrics.json", {"test": metrics, "best_epoch": state.best_epoch,
+                                      "best_val_srcc_plcc": state.best_value,
+                                      "history": state.history})
+    test = [i for i, k in enumerate(keys) if subset[k] == "test"]
+    plot_scatter(scores[test].numpy(), targets[test].numpy(), out / "scatter_test.png",
+                 title=f"test SRCC {metrics['srcc']:.4f}  PLCC {metrics['plcc']:.4f}")
+    plot_history(state.history, out / "training_curves.png")
+
+
+def fit_repeats(cfg: FitConfig, repeats: int = 1) -> dict[str, Any]:
+    """Run ``repeats`` fits on seeds ``seed..seed+repeats-1``; median and std of test metrics.
+
+    One repeat writes the run directory ``cfg.out``; several write ``cfg.out/seed-S`` each and a
+    ``summary.json`` beside them.
+    """
+    from dataclasses import replace
+
+    if repeats == 1:
+        result = fit_from_cache(cfg)
+        return {"out": str(cfg.out), "rows": {"test": result.metrics},
+                "best_epoch": result.best_epoch}
+    rows: dict[str, dict[str, float]] = {}
+    for i in range(repeats):
+        seed = cfg.seed + i
+        result = fit_from_cache(replace(cfg, seed=seed, out=cfg.out / f"seed-{seed}"))
+        rows[f"seed {seed}"] = result.metrics
+    names = list(next(iter(rows.values())))
+    table = np.array([[r[k] for k in names] for r in rows.values()])
+    rows["median"] = dict(zip(names, np.median(table, 0).tolist()))
+    rows["std"] = dict(zip(names, table.std(0, ddof=1).tolist()))
+    summary = {"out": str(cfg.out), "rows": rows, "repeats": repeats}
+    write_json(cfg.out / "summary.json", summary)
+    return summary
