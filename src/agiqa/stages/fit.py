@@ -225,6 +225,7 @@ class _Trainer:
         self.optim.load_state_dict(ck["optim"])
         self.sched.load_state_dict(ck["sched"])
         self.gen.set_state(ck["gen"])
+        torch.set_rng_state(ck["torch_rng"])
         self.best_state = ck["best_state"]
         self.epoch, self.best_epoch = ck["epoch"], ck["best_epoch"]
         self.best_value = ck["best_value"]
@@ -235,6 +236,7 @@ class _Trainer:
 
         ck = {"model": self.model.state_dict(), "optim": self.optim.state_dict(),
               "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
+              "torch_rng": torch.get_rng_state(),
               "best_state": self.best_state, "epoch": self.epoch, "best_epoch": self.best_epoch,
               "best_value": self.best_value, "history": json.dumps(self.history)}
         with atomic_path(self.cfg.out / "checkpoint.pt") as tmp:

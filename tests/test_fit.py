@@ -1,0 +1,123 @@
+"""``agiqa fit`` / ``agiqa evaluate`` end to end on blur-graded real photos, on a CPU."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image, ImageFilter
+
+from agiqa.cli import cli
+from tests.conftest import real_photos
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory, tiny_llava):
+    """Real photos blurred in 6 grades; MOS falls with blur. Extracted once."""
+    root = tmp_path_factory.mktemp("graded")
+    rows = ["image,mos"]
+    for name, arr in real_photos().items():
+        img = Image.fromarray(arr).convert("RGB").resize((160, 120))
+        for b in range(6):
+            img.filter(ImageFilter.GaussianBlur(1.5 * b)).save(root / f"{name}_{b}.jpg", quality=92)
+            rows.append(f"{name}_{b}.jpg,{5 - 0.8 * b:.2f}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    cache = root.parent / f"{root.name}-cache"
+    r = run("extract-semantics", "--model", tiny_llava, "--dataset", "csv", "--root", root,
+            "--out", cache, "-q", "--loader-workers", "0")
+    assert r.exit_code == 0, r.output
+    return root, cache
+
+
+FIT = ["--dataset", "csv", "--backbone", "tiny", "--no-pretrained", "--batch-size", "6",
+       "--split", "random:0.6,0.2,0.2", "--loader-workers", "0", "-q"]
+
+
+def test_fit_writes_the_run_directory_and_learns(graded, tmp_path):
+    root, cache = graded
+    r = run("fit", *FIT, "--root", root, "--cache", cache, "--out", tmp_path / "run",
+            "--epochs", "8", "--lr", "3e-4", "--json")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "run"
+    for name in ("model.safetensors", "config.json", "metrics.json", "predictions.csv",
+                 "split.csv", "train_log.jsonl", "scatter_test.png", "training_curves.png"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoint.pt").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["backbone"] == "tiny" and config["model"]["semantic_dim"] == 64
+    assert len(config["fingerprint"]) == 64
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert len(history) == 8 and history[-1]["loss"] < history[0]["loss"] / 2
+    pred = np.genfromtxt(out / "predictions.csv", delimiter=",", names=True, dtype=None,
+                         encoding="utf-8")
+    assert set(pred["subset"]) == {"train", "val", "test"}
+    assert list(pred.dtype.names[-3:]) == ["gate_semantic_content", "gate_coherence", "gate_image"]
+
+    ev = run("evaluate", "--model", out, "--dataset", "csv", "--root", root, "--cache", cache,
+             "--json", "-q")
+    result = json.loads(ev.output)
+    assert ev.exit_code == 0 and result["split"] == "test" and result["images"] == 6
+    assert abs(result["srcc"] - json.loads((out / "metrics.json").read_text())["test"]["srcc"]) < 1e-6
+
+
+def test_resume_continues_an_interrupted_run(graded, tmp_path, monkeypatch):
+    root, cache = graded
+    args = [*FIT, "--root", root, "--cache", cache, "--lr", "3e-4", "--epochs", "3", "--json"]
+    full = json.loads(run("fit", *args, "--out", tmp_path / "full").output)
+    from agiqa.stages import fit as fit_module
+
+    original = fit_module._Trainer._train_epoch
+
+    def interrupted(self, *a):
+        if self.epoch == 2:
+            raise KeyboardInterrupt  # as if the job were stopped during epoch 2
+        return original(self, *a)
+
+    monkeypatch.setattr(fit_module._Trainer, "_train_epoch", interrupted)
+    stopped = run("fit", *args, "--out", tmp_path / "part")
+    assert stopped.exit_code == 1 and "Aborted" in stopped.output
+    assert (tmp_path / "part" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "part" / "model.safetensors").exists()
+    monkeypatch.setattr(fit_module._Trainer, "_train_epoch", original)
+    again = run("fit", *args, "--out", tmp_path / "part")
+    assert again.exit_code == 1 and "already holds a run; pass --resume" in again.output
+    resumed = json.loads(run("fit", *args, "--out", tmp_path / "part", "--resume").output)
+    assert resumed["best_epoch"] == full["best_epoch"]
+    for k in ("srcc", "plcc", "rmse"):
+        assert resumed["rows"]["test"][k] == pytest.approx(full["rows"]["test"][k], abs=1e-5)
+    log = (tmp_path / "part" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in log] == [0, 1, 2]
+
+
+def test_nan_loss_names_epoch_and_step(graded, tmp_path):
+    root, cache = graded
+    r = run("fit", *FIT, "--root", root, "--cache", cache, "--out", tmp_path / "r",
+            "--epochs", "2", "--lr", "1e30")
+    assert r.exit_code == 1
+    assert "Error: the loss became nan at epoch 0, step" in r.output or "inf at epoch" in r.output
+
+
+def test_missing_vectors_are_counted_and_named(graded, tmp_path):
+    root, cache = graded
+    labels = tmp_path / "more.csv"
+    labels.write_text((root / "labels.csv").read_text() + "new_a.jpg,1\nnew_b.jpg,2\n")
+    r = run("fit", *FIT, "--root", root, "--labels", labels, "--cache", cache,
+            "--out", tmp_path / "r", "--epochs", "1")
+    assert r.exit_code == 1
+    assert "Error: 2 image(s) have no semantic vectors in cache" in r.output
+    assert "new_a.jpg, new_b.jpg" in r.output
+
+
+def test_evaluate_refuses_a_cache_of_another_fingerprint(graded, tiny_qwen, tmp_path):
+    root, cache = graded
+    run("fit", *FIT, "--root", root, "--cache", cache, "--out", tmp_path / "run", "--epochs", "1")
+    other = tmp_path / "qwen-cache"
+    run("extract-semantics", "--model", tiny_qwen, "--dataset", "csv", "--root", root,
+        "--out", other, "-q")
+    r = run("evaluate", "--model", tmp_path / "run", "--dataset", "csv", "--root", root,
+            "--cache", other)
+    assert r.exit_code == 1 and "fingerprint" in r.output
