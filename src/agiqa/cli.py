@@ -355,6 +355,81 @@ def import_official_cmd(ckpt, out, cache_dir, vit_heads):
     click.echo(f"imported {ckpt} ({n / 1e6:.1f} M parameters in use) -> {out}")
 
 
+# -- inference ---------------------------------------------------------------------------------
+@cli.command("score-folder", context_settings=CONTEXT)
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--model", "model_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="A run directory or an imported official checkpoint.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Semantic cache to use and fill (default: one per MLLM "
+              "fingerprint under $AGIQA_HOME, ~/.cache/agiqa).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the scores to a .csv or .json file.")
+@click.option("--recursive/--no-recursive", default=True, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--loader-workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print rows and summary as JSON.")
+@_handle_errors
+def score_folder_cmd(folder, model_dir, cache_dir, out, recursive, device, batch_size,
+                     loader_workers, quiet, as_json):
+    """Score every image of a folder with a trained model.
+
+    Stage one runs only for images the cache lacks, with the MLLM of the model's fingerprint.
+    Broken files are named with their reason; the exit status is then 2.
+
+    \b
+    Examples:
+      agiqa score-folder ./generated --model runs/3k --out scores.csv
+      agiqa score-folder ./generated --model runs/3k --cache cache/ --json
+    """
+    from agiqa.stages.score import Scorer
+
+    scorer = Scorer.from_pretrained(model_dir, cache_dir=cache_dir, device=device,
+                                    batch_size=batch_size, loader_workers=loader_workers,
+                                    progress=not quiet)
+    report = scorer.score_folder(folder, recursive)
+    if out is not None:
+        _write_scores(report, out)
+    summary = report.summary()
+    if as_json:
+        _echo_json({"rows": report.rows, "failures": report.failures, "summary": summary})
+    else:
+        if out is None:
+            for r in report.rows:
+                click.echo(f"{r['score']:9.4f}  {r['path']}")
+        mean = "-" if summary["mean"] is None else f"{summary['mean']:.4f}"
+        lo = "-" if summary["min"] is None else f"{summary['min']:.4f}"
+        hi = "-" if summary["max"] is None else f"{summary['max']:.4f}"
+        click.echo(f"count {summary['count']}  mean {mean}  min {lo}  max {hi}  "
+                   f"failed {summary['failed']}" + (f"  -> {out}" if out else ""))
+    for path, reason in sorted(report.failures.items()):
+        click.echo(f"failed: {path}: {reason}", err=True)
+    if report.skipped_files:
+        click.echo(f"skipped {len(report.skipped_files)} file(s) that are not images: "
+                   + ", ".join(report.skipped_files[:5]), err=True)
+    sys.exit(report.exit_code)
+
+
+def _write_scores(report, out: Path) -> None:
+    import csv
+
+    from agiqa.fileio import atomic_path, write_json
+
+    if out.suffix == ".json":
+        write_json(out, {"rows": report.rows, "failures": report.failures,
+                         "summary": report.summary()})
+        return
+    columns = list(report.rows[0]) if report.rows else ["path", "score"]
+    with atomic_path(out) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=columns)
+            w.writeheader()
+            w.writerows(report.rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv, prog_name="agiqa")
 
