@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 
 from agiqa.cache.fingerprint import CACHE_FORMAT_VERSION, fingerprint_of
-from agiqa.cache.shards import FORMATS, ShardData, read_shard, read_shard_keys, shard_suffix, write_shard
+from agiqa.cache.shards import (
+    FORMATS,
+    ShardData,
+    read_shard,
+    read_shard_keys,
+    shard_suffix,
+    write_shard,
+)
 from agiqa.errors import CacheError, CacheMismatchError, ConfigError, MissingVectorsError
 from agiqa.fileio import read_json, remove_stale_temporaries, write_json
 

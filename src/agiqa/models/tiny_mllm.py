@@ -64,8 +64,14 @@ def _tokenizer(specials: list[str], **named):
 
 
 def _build_llava(out: Path, hidden: int, layers: int, image_size: int):
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tok = _tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], bos_token="<s>",
                      eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
@@ -93,8 +99,12 @@ def _build_llava(out: Path, hidden: int, layers: int, image_size: int):
 
 
 def _build_qwen2_vl(out: Path, hidden: int, layers: int, image_size: int):
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                              Qwen2VLImageProcessor, Qwen2VLProcessor)
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+    )
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
