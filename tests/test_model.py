@@ -8,7 +8,6 @@ from agiqa.models.agiqa_net import BACKBONES, create_model, load_model
 from agiqa.models.official import import_official
 from tests.official_reference import OfficialMAAGIQA
 
-REFERENCE_TSV = "../shared/reference/official_ma_agiqa_state_dict.tsv"
 
 
 class NotTensors:
@@ -38,9 +37,7 @@ def test_vit_runs_only_the_blocks_it_needs():
 def test_reference_module_has_the_official_keys():
     from pathlib import Path
 
-    tsv = Path(__file__).parents[1] / REFERENCE_TSV
-    if not tsv.is_file():
-        tsv = Path(__file__).parents[2] / "shared/reference/official_ma_agiqa_state_dict.tsv"
+    tsv = Path(__file__).parent / "data" / "official_ma_agiqa_state_dict.tsv"
     rows = [line.split("\t") for line in tsv.read_text().splitlines()[1:]]
     official = {k: s for k, s, _ in rows}
     ours = {k: "x".join(map(str, v.shape)) for k, v in OfficialMAAGIQA().state_dict().items()}
