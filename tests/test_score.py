@@ -45,6 +45,15 @@ def test_score_folder_scores_good_images_and_names_broken_ones(model_dir, photo_
     by_path = {row["path"]: row["score"] for row in data["rows"]}
     assert all(abs(by_path[row["path"]] - float(row["score"])) < 1e-4 for row in rows)
 
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    Image.open(root / "chelsea.png").save(changed / "x.png")
+    run("score-folder", changed, "--model", model_dir, "-q")
+    Image.open(root / "rocket.bmp").convert("RGB").save(changed / "x.png")
+    stale = run("score-folder", changed, "--model", model_dir, "-q")
+    assert stale.exit_code == 2 and "failed: x.png: changed since its vectors were cached" \
+        in stale.stderr
+
     scorer = agiqa.Scorer.from_pretrained(model_dir)
     api = scorer.score([root / "chelsea.png", Image.open(root / "chelsea.png")])
     cli_score = next(float(x["score"]) for x in rows if x["path"] == "chelsea.png")

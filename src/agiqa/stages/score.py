@@ -124,7 +124,17 @@ class Scorer:
                 report.failures[str(p)] = known_failures.get(k, "no semantic vector")
         if good:
             data = cache.read([k for _, k in good])
-            pixels = torch.stack([resize_pixels(load_image(p)[0]) for p, _ in good])
+            # The file is read here anyway: its hash tells whether the cached vectors are stale.
+            decoded = [load_image(p) for p, _ in good]
+            fresh = [i for i, (_, sha) in enumerate(decoded) if sha == data["sha256"][i]]
+            for i in sorted(set(range(len(good))) - set(fresh)):
+                report.failures[str(good[i][0])] = (
+                    f"changed since its vectors were cached in {self.cache_dir}; "
+                    "score it with another --cache")
+            good = [good[i] for i in fresh]
+            data = {k: v[fresh] for k, v in data.items() if k != "sha256"}
+            pixels = torch.stack([resize_pixels(decoded[i][0]) for i in fresh]) if fresh else None
+        if good:
             scores, gates = predict(self.model, pixels, torch.from_numpy(data["vectors"]),
                                     self.device, 32, with_gates=True)
             zs = data["zero_shot"].mean(1)
