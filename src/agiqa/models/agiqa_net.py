@@ -33,8 +33,9 @@ BACKBONES: dict[str, dict[str, Any]] = {
     },
     "tiny": {
         "timm_name": "vit_base_patch8_224",
-        "vit_args": {"embed_dim": 32, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0},
+        "vit_args": {"embed_dim": 16, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0},
         "feature_blocks": [0, 1, 2, 3], "maniqa_dim": 32, "swin_heads": 4, "dim_mlp": 32,
+        "score_bias_init": 0.5,
     },
 }
 
@@ -55,6 +56,9 @@ class ModelConfig:
     dim_mlp: int = 768
     grid: int = 28
     drop: float = 0.1
+    # None: PyTorch's default initialisation, as the official code. The tiny preset starts the
+    # patch-score bias positive so its narrow ReLU head is alive (training from scratch only).
+    score_bias_init: float | None = None
 
     @classmethod
     def for_backbone(cls, backbone: str, num_prompts: int, semantic_dim: int) -> ModelConfig:
@@ -103,7 +107,8 @@ class AgiqaNet(nn.Module):
         self.config = cfg
         vit = _create_vit(cfg, pretrained, backbone_weights)
         self.backbone = ManiqaBackbone(vit, cfg.feature_blocks, cfg.maniqa_dim, cfg.grid,
-                                       cfg.swin_heads, cfg.window_size, cfg.dim_mlp, cfg.drop)
+                                       cfg.swin_heads, cfg.window_size, cfg.dim_mlp, cfg.drop,
+                                       cfg.score_bias_init)
         self.head = MoEHead(cfg.num_prompts, cfg.semantic_dim, cfg.grid * cfg.grid, cfg.drop)
         self.agiqa_config: dict[str, Any] = {}
 

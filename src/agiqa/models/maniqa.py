@@ -189,7 +189,8 @@ class ManiqaBackbone(nn.Module):
 
     def __init__(self, vit: nn.Module, feature_blocks=(6, 7, 8, 9), embed_dim: int = 768,
                  grid: int = 28, swin_heads: int = 4, window_size: int = 4,
-                 dim_mlp: int | None = None, drop: float = 0.1):
+                 dim_mlp: int | None = None, drop: float = 0.1,
+                 score_bias_init: float | None = None):
         super().__init__()
         self.vit = vit
         self.feature_blocks = tuple(int(i) for i in feature_blocks)
@@ -210,6 +211,10 @@ class ManiqaBackbone(nn.Module):
                                       nn.Linear(dim2, 1), nn.ReLU())
         self.fc_weight = nn.Sequential(nn.Linear(dim2, dim2), nn.ReLU(), nn.Dropout(drop),
                                        nn.Linear(dim2, 1), nn.Sigmoid())
+        if score_bias_init is not None:
+            # The patch score ends in a ReLU: a narrow head can start with it dead on every
+            # patch (no gradient ever reaches the backbone). A positive bias starts it alive.
+            nn.init.constant_(self.fc_score[3].bias, score_bias_init)
 
     @property
     def num_tokens(self) -> int:

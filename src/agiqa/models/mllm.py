@@ -188,11 +188,16 @@ class SemanticEncoder:
             self.prompts.rating_words, self.prompts.rating_weights,
         )
 
-    def load(self) -> SemanticEncoder:
-        """Load the weights (once)."""
+    def load(self, progress: bool = True) -> SemanticEncoder:
+        """Load the weights (once); ``progress=False`` hides transformers' loading bar."""
         if self.model is not None:
             return self
         from transformers import AutoModelForImageTextToText
+        from transformers.utils import logging as hf_logging
+
+        was_enabled = hf_logging.is_progress_bar_enabled()
+        if not progress:
+            hf_logging.disable_progress_bar()
 
         kw: dict[str, Any] = {"revision": self.revision, "trust_remote_code": self.trust_remote_code,
                               "dtype": _DTYPES[self.dtype]}
@@ -202,6 +207,9 @@ class SemanticEncoder:
             model = AutoModelForImageTextToText.from_pretrained(self.model_id, **kw)
         except (OSError, ValueError, KeyError) as e:
             raise ModelLoadError(f"cannot load MLLM weights {self.model_id!r}: {e}") from None
+        finally:
+            if was_enabled:
+                hf_logging.enable_progress_bar()
         self.model = model.to(self.device).eval()
         self._base = getattr(self.model, "model", None)
         self._head = self.model.get_output_embeddings()

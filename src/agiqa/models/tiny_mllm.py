@@ -157,6 +157,14 @@ def build_tiny_mllm(family: str, out: str | os.PathLike, hidden: int = 64, layer
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model, processor = build(out, hidden, layers, image_size or default_size)
-    model.eval().save_pretrained(out)
-    processor.save_pretrained(out)
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.eval().save_pretrained(out)
+        processor.save_pretrained(out)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
     return out

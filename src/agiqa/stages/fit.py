@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from tqdm.auto import tqdm
 
+from agiqa import distributed as dist
 from agiqa.cache import SemanticCache, open_cache
 from agiqa.data.datasets import Dataset, load_dataset
 from agiqa.data.images import load_image
@@ -33,7 +34,15 @@ from agiqa.metrics import evaluate
 from agiqa.models.agiqa_net import AgiqaNet, create_model, save_model
 from agiqa.models.mllm import resolve_device
 
-__all__ = ["FitConfig", "FitResult", "decode_pixels", "fit_from_cache", "predict"]
+__all__ = ["SCORE_NORMS", "SEMANTIC_NORMS", "FitConfig", "FitResult", "decode_pixels", "fit_from_cache", "predict"]
+
+
+# "none" trains on raw MOS (the paper); "zscore" trains on (mos - mean) / std of the training
+# split and folds the inverse into the output layer, so the saved model still speaks MOS.
+SCORE_NORMS = ("none", "zscore")
+# "zscore" standardises each semantic dimension with the training split's mean and std and folds
+# that into the first layer of each semantic expert, so the saved model takes raw vectors.
+SEMANTIC_NORMS = ("none", "zscore")
 
 
 @dataclass
@@ -61,6 +70,8 @@ class FitConfig:
     device: str = "auto"
     amp: bool | None = None
     augment: bool = True
+    score_norm: str = "none"
+    semantic_norm: str = "none"
     loader_workers: int = 2
     eval_batch_size: int = 32
     resume: bool = False
@@ -74,6 +85,12 @@ class FitConfig:
                                   f"got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.score_norm not in SCORE_NORMS:
+            raise ConfigError(f"--score-norm must be one of {', '.join(SCORE_NORMS)}, "
+                              f"got {self.score_norm!r}")
+        if self.semantic_norm not in SEMANTIC_NORMS:
+            raise ConfigError(f"--semantic-norm must be one of {', '.join(SEMANTIC_NORMS)}, "
+                              f"got {self.semantic_norm!r}")
 
 
 @dataclass
@@ -158,20 +175,34 @@ def _loader_inputs(ds: Dataset, cfg: FitConfig):
 
 
 def fit_from_cache(cfg: FitConfig) -> FitResult:
-    """Train on ``cfg.dataset`` with vectors from ``cfg.cache``; write the run directory."""
+    """Train on ``cfg.dataset`` with vectors from ``cfg.cache``; write the run directory.
+
+    Under ``torchrun`` every process trains a slice of each batch (DistributedDataParallel,
+    NCCL on GPUs, gloo on CPUs); ``--batch-size`` stays the global batch, so the optimisation
+    matches a one-process run. Rank 0 writes the run directory.
+    """
+    device = resolve_device(cfg.device)
+    with dist.process_group(device):
+        return _fit(cfg, device)
+
+
+def _fit(cfg: FitConfig, device: torch.device) -> FitResult:
+    main = dist.is_main()
+    progress = cfg.progress and main
     ds = load_dataset(cfg.dataset, cfg.root, cfg.labels, cfg.target, cfg.image_column,
                       cfg.score_column)
     cache, split = _loader_inputs(ds, cfg)
     mos = {s.key: s.mos for s in ds.samples}
     keys = split.subset("all")
     vectors = torch.from_numpy(cache.read(keys)["vectors"])
-    pixels = decode_pixels(ds, keys, cfg.loader_workers, cfg.progress)
+    pixels = decode_pixels(ds, keys, cfg.loader_workers, progress)
     index = {k: i for i, k in enumerate(keys)}
     part = {name: torch.tensor([index[k] for k in split.subset(name)]) for name in
             ("train", "val", "test")}
     targets = torch.tensor([mos[k] for k in keys], dtype=torch.float32)
+    norm = _score_norm(cfg.score_norm, targets[part["train"]])
+    sem_norm = _semantic_norm(cfg.semantic_norm, vectors[part["train"]])
 
-    device = resolve_device(cfg.device)
     amp = (device.type == "cuda") if cfg.amp is None else cfg.amp
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -180,30 +211,83 @@ def fit_from_cache(cfg: FitConfig) -> FitResult:
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=cfg.t_max, eta_min=0)
     gen = torch.Generator().manual_seed(cfg.seed)
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume and ((cfg.out / "checkpoint.pt").exists()
+                           or (cfg.out / "model.safetensors").exists()):
+        raise ConfigError(f"{cfg.out} already holds a run; pass --resume or choose another --out")
     state = _Trainer(cfg, model, optim, sched, gen, device, amp)
     if cfg.resume:
         state.restore()
-    elif (cfg.out / "checkpoint.pt").exists() or (cfg.out / "model.safetensors").exists():
-        raise ConfigError(f"{cfg.out} already holds a run; pass --resume or choose another --out")
-    split.write_csv(cfg.out / "split.csv")
-    state.train(pixels, vectors, targets, part)
+    dist.barrier()
+    if main:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        split.write_csv(cfg.out / "split.csv")
+    train_targets = targets if norm is None else (targets - norm["mean"]) / norm["std"]
+    train_vectors = vectors if sem_norm is None else \
+        (vectors.float() - sem_norm["mean"]) / sem_norm["std"]
+    state.train(pixels, train_vectors, train_targets, part)
 
     model.load_state_dict(state.best_state)
+    if norm is not None:
+        _fold_score_norm(model, norm)
+    if sem_norm is not None:
+        _fold_semantic_norm(model, sem_norm)
+    if not main:  # rank 0 scores the test split and writes the run directory
+        dist.barrier()
+        return FitResult(cfg.out, {}, state.best_epoch, state.history)
     scores, gates = predict(model, pixels, vectors, device, cfg.eval_batch_size, amp, True)
     test = part["test"]
     metrics = evaluate(scores[test].numpy(), targets[test].numpy())
     extra = {
         "semantics": cache.spec, "fingerprint": cache.fingerprint,
-        "prompt_names": cache.prompt_names, "score_norm": None,
+        "prompt_names": cache.prompt_names, "score_norm": norm,
+        "semantic_norm": None if sem_norm is None else
+        {"kind": cfg.semantic_norm, "folded_into": "head.semantic_experts"},
         "training": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "processes": dist.world_size(),
         "dataset": {"name": ds.name, "target": ds.target_column, "split": split.method},
     }
     save_model(model, cfg.out, extra)
     _write_outputs(cfg.out, keys, split, targets, scores, gates, cache.prompt_names, metrics,
                    state)
     (cfg.out / "checkpoint.pt").unlink(missing_ok=True)
+    dist.barrier()
     return FitResult(cfg.out, metrics, state.best_epoch, state.history)
+
+
+def _score_norm(kind: str, train_targets: torch.Tensor) -> dict[str, Any] | None:
+    if kind == "none":
+        return None
+    std = float(train_targets.std()) if len(train_targets) > 1 else 0.0
+    if not math.isfinite(std) or std == 0.0:
+        raise DatasetError("--score-norm zscore: the training scores have no spread (std 0)")
+    return {"kind": kind, "mean": float(train_targets.mean()), "std": std,
+            "folded_into": "head.output"}
+
+
+@torch.no_grad()
+def _fold_score_norm(model: AgiqaNet, norm: dict[str, Any]) -> None:
+    """Make the output layer predict MOS: y = (w·x + b)·std + mean."""
+    out = model.head.output
+    out.weight.mul_(norm["std"])
+    out.bias.mul_(norm["std"]).add_(norm["mean"])
+
+
+def _semantic_norm(kind: str, train_vectors: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    if kind == "none":
+        return None
+    v = train_vectors.float()
+    return {"mean": v.mean(0), "std": v.std(0).clamp_min(1e-6) if len(v) > 1 else
+            torch.ones_like(v[0])}
+
+
+@torch.no_grad()
+def _fold_semantic_norm(model: AgiqaNet, norm: dict[str, torch.Tensor]) -> None:
+    """Make each semantic expert take raw vectors: W·(s − μ)/σ + b = (W/σ)·s + (b − W·μ/σ)."""
+    for i, expert in enumerate(model.head.semantic_experts):
+        linear = expert[0]
+        mean, std = norm["mean"][i].to(linear.weight), norm["std"][i].to(linear.weight)
+        linear.bias.sub_(linear.weight @ (mean / std))
+        linear.weight.div_(std)
 
 
 class _Trainer:
@@ -212,6 +296,14 @@ class _Trainer:
     def __init__(self, cfg, model, optim, sched, gen, device, amp):
         self.cfg, self.model, self.optim, self.sched = cfg, model, optim, sched
         self.gen, self.device, self.amp = gen, device, amp
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.main = self.rank == 0
+        self.train_model = model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(model, device_ids=ids)
         self.epoch, self.best_epoch, self.best_value = 0, -1, -math.inf
         self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         self.history: list[dict[str, Any]] = []
@@ -233,6 +325,9 @@ class _Trainer:
 
     def _checkpoint(self) -> None:
         from agiqa.fileio import atomic_path
+
+        if not self.main:
+            return
 
         ck = {"model": self.model.state_dict(), "optim": self.optim.state_dict(),
               "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
@@ -263,42 +358,50 @@ class _Trainer:
                    "seconds": round(time.perf_counter() - t0, 3),
                    "images_per_second": round(len(train_idx) / (time.perf_counter() - t0), 2)}
             self.history.append(row)
-            with open(cfg.out / "train_log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-            if cfg.progress:
+            if self.main:
+                with open(cfg.out / "train_log.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+            if cfg.progress and self.main:
                 tqdm.write(f"epoch {self.epoch}: loss {loss:.4f}  val SRCC {m['srcc']:.4f}  "
                            f"PLCC {m['plcc']:.4f}")
             self.epoch += 1
             self._checkpoint()
 
     def _train_epoch(self, pixels, vectors, targets, train_idx) -> float:
-        cfg, model = self.cfg, self.model
+        """One epoch; every rank draws the same order and augmentation, then trains its slice
+        of each global batch, so W processes follow the one-process optimisation."""
+        cfg, model = self.cfg, self.train_model
         model.train()
         order = train_idx[torch.randperm(len(train_idx), generator=self.gen)]
         total, n = 0.0, 0
         steps = range(0, len(order), cfg.batch_size)
         bar = tqdm(steps, desc=f"epoch {self.epoch}", unit="step", leave=False,
-                   disable=not cfg.progress)
+                   disable=not (cfg.progress and self.main))
         for step, i in enumerate(bar):
             idx = order[i : i + cfg.batch_size]
             x = pixels[idx]
             if cfg.augment:
                 x = _augment(x, self.gen)
-            x = normalize(x).to(self.device, non_blocking=True)
-            s = vectors[idx].to(self.device, torch.float32)
-            y = targets[idx].to(self.device)
+            mine = slice(self.rank, None, self.world) if len(idx) >= self.world else slice(None)
+            x = normalize(x[mine]).to(self.device, non_blocking=True)
+            s = vectors[idx[mine]].to(self.device, torch.float32)
+            y = targets[idx[mine]].to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 pred = model(x, s)
-            loss = torch.nn.functional.mse_loss(pred.float(), y)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"the loss became {loss.item()} at epoch {self.epoch}, "
-                                    f"step {step}; lower --lr or check the scores")
+            err = torch.nn.functional.mse_loss(pred.float(), y, reduction="sum")
+            # DDP averages gradients over ranks: scale so the result is the global batch mean.
+            share = self.world / len(idx) if len(idx) >= self.world else 1.0 / len(idx)
+            loss = err * share
             self.optim.zero_grad(set_to_none=True)
             loss.backward()
+            batch_err, batch_n = dist.all_reduce_sum([err.item(), len(y)], self.device)
+            if not math.isfinite(batch_err):
+                raise TrainingError(f"the loss became {batch_err / batch_n} at epoch "
+                                    f"{self.epoch}, step {step}; lower --lr or check the scores")
             self.optim.step()
             self.sched.step()
-            total += loss.item() * len(idx)
-            n += len(idx)
+            total += batch_err
+            n += batch_n
         return total / max(n, 1)
 
 
@@ -335,19 +438,22 @@ def fit_repeats(cfg: FitConfig, repeats: int = 1) -> dict[str, Any]:
     """
     from dataclasses import replace
 
-    if repeats == 1:
-        result = fit_from_cache(cfg)
-        return {"out": str(cfg.out), "rows": {"test": result.metrics},
-                "best_epoch": result.best_epoch}
-    rows: dict[str, dict[str, float]] = {}
-    for i in range(repeats):
-        seed = cfg.seed + i
-        result = fit_from_cache(replace(cfg, seed=seed, out=cfg.out / f"seed-{seed}"))
-        rows[f"seed {seed}"] = result.metrics
+    with dist.process_group(resolve_device(cfg.device)):
+        if repeats == 1:
+            result = fit_from_cache(cfg)
+            return {"out": str(cfg.out), "rows": {"test": result.metrics},
+                    "best_epoch": result.best_epoch}
+        rows: dict[str, dict[str, float]] = {}
+        for i in range(repeats):
+            seed = cfg.seed + i
+            result = fit_from_cache(replace(cfg, seed=seed, out=cfg.out / f"seed-{seed}"))
+            rows[f"seed {seed}"] = result.metrics
+    if not dist.is_main():
+        return {"out": str(cfg.out), "rows": rows, "repeats": repeats}
     names = list(next(iter(rows.values())))
     table = np.array([[r[k] for k in names] for r in rows.values()])
-    rows["median"] = dict(zip(names, np.median(table, 0).tolist()))
-    rows["std"] = dict(zip(names, table.std(0, ddof=1).tolist()))
+    rows["median"] = dict(zip(names, np.median(table, 0).tolist(), strict=True))
+    rows["std"] = dict(zip(names, table.std(0, ddof=1).tolist(), strict=True))
     summary = {"out": str(cfg.out), "rows": rows, "repeats": repeats}
     write_json(cfg.out / "summary.json", summary)
     return summary

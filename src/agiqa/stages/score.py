@@ -160,7 +160,7 @@ class Scorer:
                 out[i] = by_path[str(p)]
         images = [(i, x.convert("RGB")) for i, x in enumerate(items) if isinstance(x, Image.Image)]
         if images:
-            enc = self.encoder.load()
+            enc = self.encoder.load(progress=self.progress)
             imgs = [im for _, im in images]
             vecs, zss = [], []
             for p in range(len(enc.prompts.texts)):

@@ -208,7 +208,7 @@ def extract_semantics(
                            worker=rank, workers=world)
     pending, report.reused = _pending_shards(cache, source, cfg.shard_size, rank, world)
     if pending:
-        encoder.load()
+        encoder.load(progress=cfg.progress)
         _run_shards(cfg, cache, encoder, source.root, pending, report)
     cache.refresh()
     known = cache.failures

@@ -1,0 +1,70 @@
+"""A faithful re-implementation of the official MA-AGIQA stage-one loop, as the baseline.
+
+The official code walks the whole image list once per prompt, in batches of 8; for every batch
+it runs one forward pass for the rating logits (all positions) and a second one with
+``output_hidden_states=True`` for the semantic vector (mean of the last hidden state), decodes
+the images in the main thread, and saves one ``.pt`` file per image and prompt.
+
+    python benchmarks/official_stage_one.py --model MLLM_DIR --images DIR --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from agiqa.pipeline.presets import load_prompts
+
+EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--images", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    processor = AutoProcessor.from_pretrained(args.model)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    prompts = load_prompts("paper")
+    paths = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in EXTS)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    forwards = 0
+    for pi, prompt in enumerate(prompts.texts):
+        messages = [{"role": "user", "content": [{"type": "text", "text": prompt},
+                                                  {"type": "image"}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True,
+                                             tokenize=False) + " " + prompts.answer_prefix
+        for i in range(0, len(paths), args.batch_size):
+            batch = paths[i : i + args.batch_size]
+            images = [Image.open(p).convert("RGB") for p in batch]
+            inputs = processor(images=images, text=[text] * len(images), return_tensors="pt",
+                               padding=True).to(device)
+            with torch.no_grad():
+                logits = model(**inputs).logits  # forward 1: rating logits, every position
+                hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]  # 2
+            forwards += 2 * len(batch)
+            _ = torch.softmax(logits[:, -1].float(), -1)
+            vectors = hidden.float().mean(1).cpu()
+            for p, v in zip(batch, vectors, strict=True):
+                torch.save(v.clone(), out / f"{p.stem}_prompt{pi}.pt")
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"images": len(paths), "forward_passes_per_image": forwards / len(paths),
+                      "seconds": seconds}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Stage one: ``agiqa extract-semantics`` against the official loop, as whole processes.
+
+Same model, same real photographs, both started from the shell. Reports images/s, forward
+passes per image, peak memory and the speed-up; on a GPU also the achieved fraction of the
+bf16 peak.
+
+    python benchmarks/stage_one.py                        # CPU: a forward-dominated small LLaVA
+    python benchmarks/stage_one.py --shape llava-1.5-7b   # GPU: 7B-shaped, random bf16 weights
+    python benchmarks/stage_one.py --shape qwen2.5-vl-7b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run_process, write_result  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+# Widths of the language model / vision tower. "cpu" is small enough for a laptop but large
+# enough that the forward passes, not Python, dominate.
+SHAPES = {
+    "cpu": {"family": "llava", "hidden": 768, "layers": 8, "image_size": 96},
+    "cpu-qwen": {"family": "qwen2-vl", "hidden": 768, "layers": 8, "image_size": 224},
+    "llava-1.5-7b": {"family": "llava", "preset": "llava-1.5-7b"},
+    "qwen2.5-vl-7b": {"family": "qwen2.5-vl", "preset": "qwen2.5-vl-7b"},
+}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+def write_photos(folder: Path, n: int) -> None:
+    from agiqa.pipeline.demo import demo_photos
+
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = list(demo_photos().values())
+    for i in range(n):
+        a = photos[i % len(photos)]
+        h, w = a.shape[:2]
+        scale = 0.5 + 0.5 * ((i * 7) % 10) / 10  # various sizes, as generations are
+        img = Image.fromarray(a).resize((max(64, int(w * scale)), max(64, int(h * scale))))
+        img.save(folder / f"img{i:05d}.jpg", quality=92)
+
+
+def build_model(shape: str, out: Path) -> Path:
+    spec = SHAPES[shape]
+    if "preset" in spec:
+        from random_mllm import build_random_7b
+
+        return build_random_7b(spec["preset"], out)
+    from agiqa.models.tiny_mllm import build_tiny_mllm
+
+    return build_tiny_mllm(spec["family"], out, hidden=spec["hidden"], layers=spec["layers"],
+                           image_size=spec["image_size"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
+    ap.add_argument("--images", type=int, default=96)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--loader-workers", type=int, default=2)
+    ap.add_argument("--workdir", default=None, help="Keep the model and images here.")
+    ap.add_argument("--out", default=None, help="The JSON result (default results/...).")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        model = work / f"mllm-{args.shape}"
+        if not (model / "config.json").is_file():
+            build_model(args.shape, model)
+        images = work / f"photos-{args.images}"
+        if not images.is_dir():
+            write_photos(images, args.images)
+        py = sys.executable
+        official = run_process([py, str(HERE / "official_stage_one.py"), "--model", str(model),
+                                "--images", str(images), "--out", str(work / "official-pt"),
+                                "--batch-size", str(args.batch_size)])
+        off = json.loads(official["stdout"].strip().splitlines()[-1])
+        cache = work / "agiqa-cache"
+        if cache.exists():
+            import shutil
+
+            shutil.rmtree(cache)
+        ours = run_process([py, "-m", "agiqa", "extract-semantics", "--model", str(model),
+                            "--images", str(images), "--out", str(cache), "--batch-size",
+                            str(args.batch_size), "--loader-workers", str(args.loader_workers),
+                            "-q", "--json"])
+        report = json.loads(ours["stdout"])
+        n = args.images
+        result = {
+            "shape": args.shape, "images": n, "batch_size": args.batch_size,
+            "official": {"process_seconds": official["seconds"],
+                         "images_per_second": round(n / official["seconds"], 3),
+                         "forward_passes_per_image": off["forward_passes_per_image"],
+                         "peak_rss_mib": official["peak_rss_mib"]},
+            "agiqa": {"process_seconds": ours["seconds"],
+                      "images_per_second": round(n / ours["seconds"], 3),
+                      "loop_images_per_second": report["images_per_second"],
+                      "forward_passes_per_image": report["forward_passes"] / n,
+                      "loader_workers": args.loader_workers,
+                      "peak_rss_mib": ours["peak_rss_mib"]},
+            "speedup": round(official["seconds"] / ours["seconds"], 3),
+        }
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name(0)
+            peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+            result["gpu"] = name
+            result["bf16_peak_tflops"] = peak
+            from random_mllm import forward_flops
+
+            flops = forward_flops(model, images)
+            if peak:
+                result["agiqa"]["fraction_of_bf16_peak"] = round(
+                    flops * report["forward_passes"] / report["seconds"] / (peak * 1e12), 4)
+    write_result(f"stage_one_{args.shape}", result, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""A new user's first real run: a folder named after the AGIQA-3K label file, the paper split."""
+
+import csv
+import json
+import random
+import shutil
+
+import numpy as np
+from click.testing import CliRunner
+from PIL import Image
+
+from agiqa.cli import cli
+from tests.test_data import SHARED, needs_shared
+
+
+@needs_shared
+def test_extract_and_fit_with_the_paper_split_on_agiqa3k_names(tmp_path, tiny_llava):
+    root = tmp_path / "AGIQA-3K"
+    root.mkdir()
+    shutil.copy(SHARED / "agiqa-3k" / "data.csv", root / "data.csv")
+    with open(root / "data.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    rng = np.random.default_rng(0)
+    for r in rows:  # tiny images whose brightness follows the MOS
+        level = int(40 + 40 * float(r["mos_quality"]))
+        a = np.clip(rng.normal(level, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(a).save(root / r["name"], quality=90)
+    run = CliRunner().invoke
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    r = run(cli, ["extract-semantics", "--model", str(tiny_llava), "--dataset", "agiqa-3k",
+                  "--root", str(root), "--out", str(cache), "--batch-size", "64", "-q",
+                  "--loader-workers", "0"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    r = run(cli, ["fit", "--dataset", "agiqa-3k", "--root", str(root), "--cache", str(cache),
+                  "--out", str(out), "--split", "paper", "--backbone", "tiny", "--no-pretrained",
+                  "--epochs", "1", "--batch-size", "32", "--loader-workers", "0", "-q", "--json"],
+            catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    for name in ("model.safetensors", "config.json", "metrics.json", "predictions.csv",
+                 "split.csv", "train_log.jsonl", "scatter_test.png", "training_curves.png"):
+        assert (out / name).is_file(), name
+    # The official split: random.seed(20); random.shuffle(range(n)); cut at round(0.7 n) and
+    # round(0.8 n).
+    index = list(range(len(rows)))
+    random.seed(20)
+    random.shuffle(index)
+    a, b = int(round(len(rows) * 0.7)), int(round(len(rows) * 0.8))
+    expected = {rows[i]["name"]: "train" for i in index[:a]}
+    expected.update({rows[i]["name"]: "val" for i in index[a:b]})
+    expected.update({rows[i]["name"]: "test" for i in index[b:]})
+    with open(out / "split.csv", newline="", encoding="utf-8") as f:
+        written = {row["key"]: row["subset"] for row in csv.DictReader(f)}
+    assert written == expected
+    assert sum(v == "test" for v in written.values()) == 596
+    config = json.loads((out / "config.json").read_text())
+    assert config["dataset"] == {"name": "agiqa-3k", "target": "mos_quality", "split": "paper"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["history"]) == 1 and np.isfinite(metrics["test"]["srcc"])
