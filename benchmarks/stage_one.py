@@ -6,7 +6,6 @@ bf16 peak.
 
     python benchmarks/stage_one.py                        # CPU: a forward-dominated small LLaVA
     python benchmarks/stage_one.py --shape llava-1.5-7b   # GPU: 7B-shaped, random bf16 weights
-    python benchmarks/stage_one.py --shape qwen2.5-vl-7b
 """
 
 from __future__ import annotations
@@ -30,8 +29,7 @@ HERE = Path(__file__).resolve().parent
 SHAPES = {
     "cpu": {"family": "llava", "hidden": 768, "layers": 8, "image_size": 96},
     "cpu-qwen": {"family": "qwen2-vl", "hidden": 768, "layers": 8, "image_size": 224},
-    "llava-1.5-7b": {"family": "llava", "preset": "llava-1.5-7b"},
-    "qwen2.5-vl-7b": {"family": "qwen2.5-vl", "preset": "qwen2.5-vl-7b"},
+    "llava-1.5-7b": {"family": "llava", "random": "llava-1.5-7b"},
 }
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 
@@ -51,14 +49,38 @@ def write_photos(folder: Path, n: int) -> None:
 
 def build_model(shape: str, out: Path) -> Path:
     spec = SHAPES[shape]
-    if "preset" in spec:
-        from random_mllm import build_random_7b
+    from agiqa.models.tiny_mllm import build_random_mllm, build_tiny_mllm
 
-        return build_random_7b(spec["preset"], out)
-    from agiqa.models.tiny_mllm import build_tiny_mllm
+    if "random" in spec:
+        return build_random_mllm(spec["random"], out)
 
     return build_tiny_mllm(spec["family"], out, hidden=spec["hidden"], layers=spec["layers"],
                            image_size=spec["image_size"])
+
+
+def forward_flops(model_dir: Path, images: Path) -> float:
+    """Approximate FLOPs of one forward pass of one image and prompt: 2 · parameters · tokens
+    for the language model, 2 · parameters · patches for the vision tower."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from agiqa.models.mllm import PromptEncoding
+    from agiqa.pipeline.presets import load_prompts
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(cfg)
+    vision = sum(p.numel() for n, p in model.named_parameters() if "vision" in n)
+    language = sum(p.numel() for p in model.parameters()) - vision
+    processor = AutoProcessor.from_pretrained(model_dir)
+    prompts = load_prompts("paper")
+    enc = PromptEncoding(processor, prompts.texts[0], prompts.answer_prefix, prompts.rating_words)
+    first = next(p for p in sorted(images.iterdir()))
+    inputs = processor(images=[Image.open(first).convert("RGB")], text=[enc.text],
+                       return_tensors="pt")
+    tokens = inputs["input_ids"].shape[1] + len(enc.suffix_ids)
+    vc = cfg.vision_config
+    patches = (vc.image_size // vc.patch_size) ** 2 + 1
+    return 2.0 * language * tokens + 2.0 * vision * patches
 
 
 def main() -> None:
@@ -113,8 +135,6 @@ def main() -> None:
             peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
             result["gpu"] = name
             result["bf16_peak_tflops"] = peak
-            from random_mllm import forward_flops
-
             flops = forward_flops(model, images)
             if peak:
                 result["agiqa"]["fraction_of_bf16_peak"] = round(

@@ -53,6 +53,7 @@ def test_extract_and_fit_with_the_paper_split_on_agiqa3k_names(tmp_path, tiny_ll
     assert written == expected
     assert sum(v == "test" for v in written.values()) == 596
     config = json.loads((out / "config.json").read_text())
-    assert config["dataset"] == {"name": "agiqa-3k", "target": "mos_quality", "split": "paper"}
+    assert config["dataset"] == {"name": "agiqa-3k", "target": "mos_quality",
+                                 "split": "paper(seed=20)"}
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["history"]) == 1 and np.isfinite(metrics["test"]["srcc"])

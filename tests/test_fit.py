@@ -152,3 +152,32 @@ def test_two_process_torchrun_fit_matches_one_process(graded, tmp_path):
     assert h2[-1]["loss"] < h2[0]["loss"]
     for k in ("srcc", "plcc"):
         assert abs(two["rows"]["test"][k] - one["rows"]["test"][k]) < 0.3
+
+
+def test_score_and_semantic_normalisation_fold_into_the_model():
+    """Trained on standardised MOS and vectors, the saved model must take raw vectors and
+    predict MOS: folding the statistics into the layers gives the same numbers."""
+    import torch
+
+    from agiqa.models.agiqa_net import create_model
+    from agiqa.stages.fit import (
+        _fold_score_norm,
+        _fold_semantic_norm,
+        _score_norm,
+        _semantic_norm,
+    )
+
+    torch.manual_seed(0)
+    model = create_model("tiny", 2, 16).eval()
+    pixels = torch.randn(3, 3, 224, 224)
+    vectors = torch.randn(40, 2, 16) * 3 + 5
+    mos = torch.rand(40) * 4 + 1
+    norm, sem = _score_norm("zscore", mos), _semantic_norm("zscore", vectors)
+    s = vectors[:3]
+    with torch.no_grad():
+        expected = model(pixels, (s - sem["mean"]) / sem["std"]) * norm["std"] + norm["mean"]
+        _fold_score_norm(model, norm)
+        _fold_semantic_norm(model, sem)
+        got = model(pixels, s)
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert abs(norm["mean"] - float(mos.mean())) < 1e-6 and norm["std"] > 0

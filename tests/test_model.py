@@ -9,7 +9,6 @@ from agiqa.models.official import import_official
 from tests.official_reference import OfficialMAAGIQA
 
 
-
 class NotTensors:
     """An arbitrary class: loading it would need pickle's code execution."""
 

@@ -55,7 +55,9 @@ def _write_zarr(path: Path, data: ShardData) -> None:
         ("zero_shot", data.zero_shot.astype(np.float32), (rows, p)),
     ):
         dtype = str if arr.dtype.kind == "U" else arr.dtype
-        a = g.create_array(name, shape=arr.shape, dtype=dtype, chunks=chunks)
+        # Hidden-state means are noise to a compressor: store the vectors raw, read at disk speed.
+        kw = {"compressors": None} if name == "vectors" else {}
+        a = g.create_array(name, shape=arr.shape, dtype=dtype, chunks=chunks, **kw)
         if n:
             a[:] = arr
     g.attrs["failures"] = [list(f) for f in data.failures]

@@ -238,11 +238,20 @@ class SemanticCache:
             by_shard.setdefault(self._index[k], []).append(i)
         for shard_path, positions in by_shard.items():
             shard = read_shard(shard_path)
-            row = {k: j for j, k in enumerate(shard.keys)}
-            rows = np.array([row[keys[i]] for i in positions])
-            vectors[positions] = shard.vectors[rows]
-            zero_shot[positions] = shard.zero_shot[rows]
-            for i, r in zip(positions, rows):
+            wanted = [keys[i] for i in positions]
+            if wanted == shard.keys:  # the whole shard in its order: no gather needed
+                rows: Any = slice(None)
+                row_list = range(len(wanted))
+            else:
+                row = {k: j for j, k in enumerate(shard.keys)}
+                row_list = [row[k] for k in wanted]
+                rows = np.array(row_list)
+            first = positions[0]
+            at: Any = slice(first, first + len(positions)) \
+                if positions[-1] - first == len(positions) - 1 else positions
+            vectors[at] = shard.vectors[rows]
+            zero_shot[at] = shard.zero_shot[rows]
+            for i, r in zip(positions, row_list, strict=True):
                 sha[i] = shard.sha256[r]
         return {"vectors": vectors, "zero_shot": zero_shot, "sha256": sha}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["FAMILIES", "build_tiny_mllm"]
+__all__ = ["FAMILIES", "SHAPES", "build_random_mllm", "build_tiny_mllm"]
 
 FAMILIES = ("llava", "qwen2-vl")
 
@@ -63,7 +63,8 @@ def _tokenizer(specials: list[str], **named):
     return fast
 
 
-def _build_llava(out: Path, hidden: int, layers: int, image_size: int):
+def _build_llava(out: Path, hidden: int, layers: int, image_size: int,
+                 shape: dict | None = None):
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -76,7 +77,8 @@ def _build_llava(out: Path, hidden: int, layers: int, image_size: int):
     tok = _tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], bos_token="<s>",
                      eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
                      extra_special_tokens={"image_token": "<image>"})
-    patch = 8
+    shape = shape or {}
+    patch = shape.get("patch", 8)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
@@ -85,11 +87,13 @@ def _build_llava(out: Path, hidden: int, layers: int, image_size: int):
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
         chat_template=_LLAVA_TEMPLATE,
     )
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=2, image_size=image_size, patch_size=patch,
-                              projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+    vision = CLIPVisionConfig(**{"hidden_size": 32, "intermediate_size": 64,
+                                 "num_hidden_layers": 2, "num_attention_heads": 2,
+                                 "projection_dim": 32, **shape.get("vision", {})},
+                              image_size=image_size, patch_size=patch)
+    text_kw = {"vocab_size": len(tok), "intermediate_size": 2 * hidden, "num_attention_heads": 4,
+               "num_key_value_heads": 2, **shape.get("text", {})}
+    text = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, **text_kw,
                        max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text,
@@ -98,7 +102,8 @@ def _build_llava(out: Path, hidden: int, layers: int, image_size: int):
     return LlavaForConditionalGeneration(config), processor
 
 
-def _build_qwen2_vl(out: Path, hidden: int, layers: int, image_size: int):
+def _build_qwen2_vl(out: Path, hidden: int, layers: int, image_size: int,
+                    shape: dict | None = None):
     from transformers import (
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
@@ -135,6 +140,39 @@ def _build_qwen2_vl(out: Path, hidden: int, layers: int, image_size: int):
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
     return Qwen2VLForConditionalGeneration(config), processor
+
+
+# Full-size shapes with random weights, for timing (a forward pass costs the same whatever the
+# weights): LLaVA-1.5-7B = CLIP ViT-L/14 at 336 px + LLaMA-2-7B.
+SHAPES = {
+    "llava-1.5-7b": {"family": "llava", "hidden": 4096, "layers": 32, "image_size": 336,
+                     "patch": 14,
+                     "vision": {"hidden_size": 1024, "intermediate_size": 4096,
+                                "num_hidden_layers": 24, "num_attention_heads": 16,
+                                "projection_dim": 768},
+                     "text": {"vocab_size": 32064, "intermediate_size": 11008,
+                              "num_attention_heads": 32, "num_key_value_heads": 32}},
+}
+
+
+def build_random_mllm(shape: str, out: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+                      seed: int = 0) -> Path:
+    """A full-size model of ``shape`` (see ``SHAPES``) with random weights, saved to ``out``."""
+    spec = SHAPES[shape]
+    build = {"llava": _build_llava}[spec["family"]]
+    out = Path(out)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model, processor = build(out, spec["hidden"], spec["layers"], spec["image_size"],
+                                     spec)
+        finally:
+            torch.set_default_dtype(default)
+    model.eval().save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
 
 
 def build_tiny_mllm(family: str, out: str | os.PathLike, hidden: int = 64, layers: int = 2,
