@@ -413,7 +413,7 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, recursive, device, batch
                                     progress=not quiet)
     report = scorer.score_folder(folder, recursive)
     if out is not None:
-        _write_scores(report, out)
+        report.write(out)
     summary = report.summary()
     if as_json:
         _echo_json({"rows": report.rows, "failures": report.failures, "summary": summary})
@@ -432,23 +432,6 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, recursive, device, batch
         click.echo(f"skipped {len(report.skipped_files)} file(s) that are not images: "
                    + ", ".join(report.skipped_files[:5]), err=True)
     sys.exit(report.exit_code)
-
-
-def _write_scores(report, out: Path) -> None:
-    import csv
-
-    from agiqa.fileio import atomic_path, write_json
-
-    if out.suffix == ".json":
-        write_json(out, {"rows": report.rows, "failures": report.failures,
-                         "summary": report.summary()})
-        return
-    columns = list(report.rows[0]) if report.rows else ["path", "score"]
-    with atomic_path(out) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=columns)
-            w.writeheader()
-            w.writerows(report.rows)
 
 
 @cli.command("demo", context_settings=CONTEXT)

@@ -221,11 +221,7 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = 5e-4
                                     progress=progress)
     scored = scorer.score_folder(out / "unseen")
     scores_csv = out / "scores.csv"
-    with atomic_path(scores_csv) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(scored.rows[0]))
-            w.writeheader()
-            w.writerows(scored.rows)
+    scored.write(scores_csv)
     lap("score")
     log("[6/6] done")
     plots = [run / "scatter_test.png", run / "training_curves.png"]

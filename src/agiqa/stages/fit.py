@@ -34,7 +34,8 @@ from agiqa.metrics import evaluate
 from agiqa.models.agiqa_net import AgiqaNet, create_model, save_model
 from agiqa.models.mllm import resolve_device
 
-__all__ = ["SCORE_NORMS", "SEMANTIC_NORMS", "FitConfig", "FitResult", "decode_pixels", "fit_from_cache", "predict"]
+__all__ = ["SCORE_NORMS", "SEMANTIC_NORMS", "FitConfig", "FitResult", "decode_pixels",
+           "fit_from_cache", "predict"]
 
 
 # "none" trains on raw MOS (the paper); "zscore" trains on (mos - mean) / std of the training

@@ -49,6 +49,24 @@ class ScoreReport:
                 "mean": sum(scores) / len(scores) if scores else None,
                 "min": min(scores) if scores else None, "max": max(scores) if scores else None}
 
+    def write(self, out: str | os.PathLike) -> None:
+        """Write the rows atomically: ``.json`` (rows, failures, summary) or CSV otherwise."""
+        import csv
+
+        from agiqa.fileio import atomic_path, write_json
+
+        out = Path(out)
+        if out.suffix == ".json":
+            write_json(out, {"rows": self.rows, "failures": self.failures,
+                             "summary": self.summary()})
+            return
+        columns = list(self.rows[0]) if self.rows else ["path", "score"]
+        with atomic_path(out) as tmp:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=columns)
+                w.writeheader()
+                w.writerows(self.rows)
+
 
 class Scorer:
     """Scores images with a run directory or an imported official checkpoint.
