@@ -6,6 +6,7 @@ bf16 peak.
 
     python benchmarks/stage_one.py                        # CPU: a forward-dominated small LLaVA
     python benchmarks/stage_one.py --shape llava-1.5-7b   # GPU: 7B-shaped, random bf16 weights
+    python benchmarks/stage_one.py --shape qwen2.5-vl-7b  # GPU: dynamic resolution, 7B-shaped
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ SHAPES = {
     "cpu": {"family": "llava", "hidden": 768, "layers": 8, "image_size": 96},
     "cpu-qwen": {"family": "qwen2-vl", "hidden": 768, "layers": 8, "image_size": 224},
     "llava-1.5-7b": {"family": "llava", "random": "llava-1.5-7b"},
+    "qwen2.5-vl-7b": {"family": "qwen2.5-vl", "random": "qwen2.5-vl-7b"},
 }
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 
@@ -58,9 +60,11 @@ def build_model(shape: str, out: Path) -> Path:
                            image_size=spec["image_size"])
 
 
-def forward_flops(model_dir: Path, images: Path) -> float:
-    """Approximate FLOPs of one forward pass of one image and prompt: 2 · parameters · tokens
-    for the language model, 2 · parameters · patches for the vision tower."""
+def forward_flops(model_dir: Path, images: Path, sample: int = 16) -> float:
+    """Approximate FLOPs of one forward pass of one image and prompt, averaged over the first
+    ``sample`` images: 2 · parameters · tokens for the language model's layers, 2 · parameters
+    · patches for the vision tower (Qwen2-VL's token count follows the image size), and the
+    output head at one position. Attention scores are left out (small at these lengths)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     from agiqa.models.mllm import PromptEncoding
@@ -69,18 +73,27 @@ def forward_flops(model_dir: Path, images: Path) -> float:
     cfg = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(cfg)
-    vision = sum(p.numel() for n, p in model.named_parameters() if "vision" in n)
-    language = sum(p.numel() for p in model.parameters()) - vision
+    vision = sum(p.numel() for n, p in model.named_parameters() if "vision" in n or "visual" in n)
+    # The embedding is a lookup, and the output head runs at the last position only.
+    embed = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight.numel()
+    language = sum(p.numel() for p in model.parameters()) - vision - embed - head
     processor = AutoProcessor.from_pretrained(model_dir)
     prompts = load_prompts("paper")
     enc = PromptEncoding(processor, prompts.texts[0], prompts.answer_prefix, prompts.rating_words)
-    first = next(p for p in sorted(images.iterdir()))
-    inputs = processor(images=[Image.open(first).convert("RGB")], text=[enc.text],
-                       return_tensors="pt")
-    tokens = inputs["input_ids"].shape[1] + len(enc.suffix_ids)
-    vc = cfg.vision_config
-    patches = (vc.image_size // vc.patch_size) ** 2 + 1
-    return 2.0 * language * tokens + 2.0 * vision * patches
+    total = 0.0
+    paths = sorted(images.iterdir())[:sample]
+    for path in paths:
+        inputs = processor(images=[Image.open(path).convert("RGB")], text=[enc.text],
+                           return_tensors="pt")
+        tokens = inputs["input_ids"].shape[1] + len(enc.suffix_ids)
+        if "image_grid_thw" in inputs:
+            patches = int(inputs["image_grid_thw"].prod())
+        else:
+            vc = cfg.vision_config
+            patches = (vc.image_size // vc.patch_size) ** 2 + 1
+        total += 2.0 * language * tokens + 2.0 * vision * patches + 2.0 * head
+    return total / len(paths)
 
 
 def main() -> None:
@@ -126,6 +139,7 @@ def main() -> None:
                       "images_per_second": round(n / ours["seconds"], 3),
                       "loop_images_per_second": report["images_per_second"],
                       "forward_passes_per_image": report["forward_passes"] / n,
+                      "padding_fraction": report["padding_fraction"],
                       "loader_workers": args.loader_workers,
                       "peak_rss_mib": ours["peak_rss_mib"]},
             "speedup": round(official["seconds"] / ours["seconds"], 3),

@@ -28,9 +28,13 @@ def tiny_qwen(tmp_path_factory) -> Path:
     return build_tiny_mllm("qwen2-vl", tmp_path_factory.mktemp("tiny-qwen2-vl"))
 
 
-@pytest.fixture(scope="session", params=["llava", "qwen2-vl"])
-def tiny_mllm(request, tiny_llava, tiny_qwen) -> Path:
-    return tiny_llava if request.param == "llava" else tiny_qwen
+@pytest.fixture(scope="session", params=["llava", "qwen2-vl", "qwen2.5-vl"])
+def tiny_mllm(request, tmp_path_factory) -> Path:
+    if request.param == "llava":
+        return request.getfixturevalue("tiny_llava")
+    if request.param == "qwen2-vl":
+        return request.getfixturevalue("tiny_qwen")
+    return build_tiny_mllm("qwen2.5-vl", tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
 
 
 def real_photos() -> dict[str, np.ndarray]:

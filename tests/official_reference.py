@@ -195,18 +195,20 @@ class OfficialMAAGIQA(nn.Module):
 
     def __init__(self, embed_dim=768, vit_dim=768, vit_heads=12, dim_mlp=768, semantic_dim=4096,
                  num_heads=(4, 4), window_size=4, depths=(2, 2), img_size=224, patch_size=8,
-                 drop=0.1):
+                 drop=0.1, vit_depth=12, vit_mlp_ratio=4.0, feature_blocks=(6, 7, 8, 9)):
         super().__init__()
         self.input_size = img_size // patch_size
+        self.feature_blocks = tuple(feature_blocks)
         n = self.input_size ** 2
         self.vit = timm.create_model("vit_base_patch8_224", pretrained=False, embed_dim=vit_dim,
-                                     num_heads=vit_heads)
+                                     num_heads=vit_heads, depth=vit_depth,
+                                     mlp_ratio=vit_mlp_ratio)
         self.save_output = SaveOutput()
         for layer in self.vit.modules():
             if isinstance(layer, timm.models.vision_transformer.Block):
                 layer.register_forward_hook(self.save_output)
         self.tablock1 = nn.ModuleList([TABlock(n) for _ in range(2)])
-        self.conv1 = nn.Conv2d(vit_dim * 4, embed_dim, 1, 1, 0)
+        self.conv1 = nn.Conv2d(vit_dim * len(self.feature_blocks), embed_dim, 1, 1, 0)
         self.swintransformer1 = SwinTransformer((self.input_size,) * 2, depths, num_heads,
                                                 embed_dim, window_size, dim_mlp)
         self.tablock2 = nn.ModuleList([TABlock(n) for _ in range(2)])
@@ -237,11 +239,8 @@ class OfficialMAAGIQA(nn.Module):
         self.output_fc = nn.Linear(n, 1)
 
     def extract_feature(self, save_output):
-        x6 = save_output.outputs[6][:, 1:]
-        x7 = save_output.outputs[7][:, 1:]
-        x8 = save_output.outputs[8][:, 1:]
-        x9 = save_output.outputs[9][:, 1:]
-        return torch.cat((x6, x7, x8, x9), dim=2)
+        # The official code: x6..x9 = save_output.outputs[6..9][:, 1:], concatenated.
+        return torch.cat([save_output.outputs[i][:, 1:] for i in self.feature_blocks], dim=2)
 
     def forward(self, x, tensor_a, tensor_b):
         self.vit(x)

@@ -181,3 +181,45 @@ def test_score_and_semantic_normalisation_fold_into_the_model():
         got = model(pixels, s)
     assert torch.allclose(got, expected, atol=1e-4)
     assert abs(norm["mean"] - float(mos.mean())) < 1e-6 and norm["std"] > 0
+
+
+def test_backbone_lr_zero_trains_the_head_only(graded, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from agiqa.models.agiqa_net import create_model
+
+    root, cache = graded
+    r = run("fit", *FIT, "--root", root, "--cache", cache, "--out", tmp_path / "run",
+            "--epochs", "2", "--lr", "1e-3", "--backbone-lr", "0", "--json")
+    assert r.exit_code == 0, r.output
+    saved = load_file(str(tmp_path / "run" / "model.safetensors"))
+    torch.manual_seed(20)  # fit seeds the initialisation with --seed (default 20)
+    start = create_model("tiny", 2, 64).state_dict()
+    backbone = [k for k in start if k.startswith("backbone.")]
+    head = [k for k in start if k.startswith("head.")]
+    assert backbone and all(torch.equal(saved[k], start[k]) for k in backbone)
+    assert any(not torch.equal(saved[k], start[k]) for k in head)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["training"]["backbone_lr"] == 0
+
+
+def test_compile_trains_through_torch_compile(graded, tmp_path, monkeypatch):
+    """``--compile`` trains through a dynamo-traced model (eager backend here: the inductor
+    compiler takes minutes on a small CPU; the tracing is what this checks)."""
+    import torch
+
+    calls = []
+    real = torch.compile
+
+    def spy(model, **kw):
+        calls.append(type(model).__name__)
+        return real(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", spy)
+    root, cache = graded
+    r = run("fit", *FIT, "--root", root, "--cache", cache, "--out", tmp_path / "run",
+            "--epochs", "1", "--compile", "--json")
+    assert r.exit_code == 0, r.output
+    assert calls == ["AgiqaNet"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["training"]["compile"]

@@ -1,5 +1,7 @@
 """Stage one against a direct transformers computation of SPEC §2."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -104,14 +106,44 @@ def test_resume_recomputes_only_missing_shards(tiny_llava, photo_folder, tmp_pat
 
 
 def test_two_workers_fill_the_cache_of_one(tiny_llava, photo_folder, tmp_path):
+    """Two worker processes started at the same moment (as array tasks are) fill one cache
+    that equals one worker's."""
+    import os
+    import subprocess
+    import sys
+
     root, _ = photo_folder
     _extract(tiny_llava, root, tmp_path / "one", shard_size=2)
-    r0 = _extract(tiny_llava, root, tmp_path / "two", shard_size=2, workers=2, worker=0)
-    r1 = _extract(tiny_llava, root, tmp_path / "two", shard_size=2, workers=2, worker=1)
-    assert r0.shards_written > 0 and r1.shards_written > 0
+    cmd = [sys.executable, "-m", "agiqa", "extract-semantics", "--model", str(tiny_llava),
+           "--images", str(root), "--out", str(tmp_path / "two"), "--shard-size", "2",
+           "--loader-workers", "0", "--workers", "2", "-q", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([*cmd, "--worker", str(r)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    reports = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 2, err[-2000:]  # 2: the folder's broken files are reported
+        reports.append(json.loads(out))
+    assert all(r["shards_written"] > 0 for r in reports)
     a, b = open_cache(tmp_path / "one"), open_cache(tmp_path / "two")
     assert a.keys == b.keys and a.failures == b.failures
     np.testing.assert_array_equal(a.read(a.keys)["vectors"], b.read(b.keys)["vectors"])
+
+
+def test_workers_creating_one_cache_at_once_agree(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agiqa.cache import SemanticCache
+    from agiqa.cache.fingerprint import semantic_spec
+
+    spec = semantic_spec("m", None, "float32", ["a", "b"], "", ["good"])
+    path = tmp_path / "cache"
+    with ThreadPoolExecutor(8) as pool:
+        caches = list(pool.map(lambda _: SemanticCache.create(path, spec, ["a", "b"], 8),
+                               range(16)))
+    assert len({c.fingerprint for c in caches}) == 1
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json"]
 
 
 def test_one_forward_pass_per_image_and_prompt(tiny_llava, photo_folder, tmp_path):
@@ -135,3 +167,56 @@ def test_bad_options(kw, tmp_path):
 
     with pytest.raises(ConfigError):
         ExtractConfig(out=tmp_path, **kw)
+
+
+def test_batches_of_similar_size_cut_padding(photo_folder, tmp_path, monkeypatch):
+    # A Qwen2-VL that gives larger images more tokens (up to 112×112 px): batches get padded.
+    from agiqa.models.tiny_mllm import build_tiny_mllm
+    from agiqa.stages import semantics
+
+    qwen = build_tiny_mllm("qwen2-vl", tmp_path / "qwen112", image_size=112)
+    root, _ = photo_folder
+    by_size = _extract(qwen, root, tmp_path / "sorted", batch_size=4)
+    monkeypatch.setattr(semantics, "_largest_first", lambda root, keys: keys)
+    plain = _extract(qwen, root, tmp_path / "plain", batch_size=4)
+    single = _extract(qwen, root, tmp_path / "single", batch_size=1)
+    assert single.padding_tokens == 0 and plain.padding_tokens > 0
+    assert by_size.padding_tokens < plain.padding_tokens
+    assert by_size.tokens - by_size.padding_tokens == plain.tokens - plain.padding_tokens
+    a, b = open_cache(tmp_path / "sorted"), open_cache(tmp_path / "single")
+    assert a.keys == b.keys
+    np.testing.assert_allclose(a.read(a.keys)["vectors"].astype(np.float32),
+                               b.read(a.keys)["vectors"].astype(np.float32), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_cache_reads_whole_shards_in_place_and_gathers_subsets(fmt, tmp_path):
+    from agiqa.cache import SemanticCache
+    from agiqa.cache.fingerprint import semantic_spec
+    from agiqa.cache.shards import ShardData, _zarr_single_raw_chunk
+    from agiqa.cache.store import plan_shards
+    from agiqa.errors import CacheError
+
+    rng = np.random.default_rng(0)
+    keys = [f"k{i:03d}.png" for i in range(50)]
+    vectors = rng.standard_normal((50, 2, 24)).astype(np.float16)
+    spec = semantic_spec("m", None, "float32", ["a", "b"], "", ["good"])
+    cache = SemanticCache.create(tmp_path / fmt, spec, ["a", "b"], 24, fmt)
+    for name, chunk in plan_shards(keys, 16):
+        idx = [keys.index(k) for k in chunk]
+        cache.write_shard(name, ShardData(chunk, ["0" * 64] * len(chunk), vectors[idx],
+                                          np.zeros((len(chunk), 2), np.float32)))
+    cache = open_cache(tmp_path / fmt)
+    np.testing.assert_array_equal(cache.read(keys)["vectors"], vectors)
+    subset = keys[::-3]
+    np.testing.assert_array_equal(cache.read(subset)["vectors"],
+                                  vectors[[keys.index(k) for k in subset]])
+    shard = cache.shard_paths()[0]
+    if fmt == "zarr":  # agiqa's zarr vectors are one raw chunk, read with one readinto
+        assert _zarr_single_raw_chunk(shard / "vectors", np.empty((16, 2, 24), np.float16))
+        raw = shard / "vectors" / "c" / "0" / "0" / "0"
+        raw.write_bytes(raw.read_bytes()[:100])
+    else:
+        shard.write_bytes(shard.read_bytes()[:500])
+    with pytest.raises(CacheError, match="unreadable shard"):
+        open_cache(tmp_path / fmt).read(keys)

@@ -232,6 +232,9 @@ def cache_verify(path, images, as_json):
 @click.option("--epochs", type=int, default=30, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--lr", type=float, default=1e-5, show_default=True)
+@click.option("--backbone-lr", type=float, default=None,
+              help="Learning rate of the ViT and MANIQA layers (not in the paper) "
+                   "[default: --lr]; 0 freezes them and trains the MoE head only.")
 @click.option("--weight-decay", type=float, default=1e-5, show_default=True)
 @click.option("--t-max", type=click.IntRange(min=1), default=50, show_default=True,
               help="Cosine annealing half-period in iterations (the official code: 50, "
@@ -253,15 +256,17 @@ def cache_verify(path, images, as_json):
                    "paper). Folded into the model: it still takes raw vectors.")
 @click.option("--amp/--no-amp", default=None,
               help="bf16 mixed precision [default: on for CUDA, off otherwise].")
+@click.option("--compile", "compile_model", is_flag=True,
+              help="Train through torch.compile (first steps compile; faster on GPUs).")
 @click.option("--loader-workers", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @_handle_errors
 def fit_cmd(dataset, root, labels, target, image_column, score_column, cache_dir, out, backbone,
-            pretrained, backbone_weights, epochs, batch_size, lr, weight_decay, t_max, split, seed,
-            repeats, device, no_augment, score_norm, semantic_norm, amp, loader_workers, resume,
-            quiet, as_json):
+            pretrained, backbone_weights, epochs, batch_size, lr, backbone_lr, weight_decay, t_max,
+            split, seed, repeats, device, no_augment, score_norm, semantic_norm, amp,
+            compile_model, loader_workers, resume, quiet, as_json):
     """Stage two: train the MANIQA backbone and MoE head from cached vectors.
 
     The defaults are the paper's protocol: Adam lr 1e-5, weight decay 1e-5, batch 8,
@@ -285,9 +290,10 @@ def fit_cmd(dataset, root, labels, target, image_column, score_column, cache_dir
                     image_column=image_column, score_column=score_column, cache=cache_dir,
                     out=out, backbone=backbone, pretrained=pretrained,
                     backbone_weights=backbone_weights, epochs=epochs, batch_size=batch_size,
-                    lr=lr, weight_decay=weight_decay, t_max=t_max, split=split, seed=seed,
-                    device=device, augment=not no_augment, score_norm=score_norm,
-                    semantic_norm=semantic_norm, amp=amp, loader_workers=loader_workers,
+                    lr=lr, backbone_lr=backbone_lr, weight_decay=weight_decay, t_max=t_max,
+                    split=split, seed=seed, device=device, augment=not no_augment,
+                    score_norm=score_norm, semantic_norm=semantic_norm, amp=amp,
+                    compile=compile_model, loader_workers=loader_workers,
                     resume=resume, progress=not quiet)
     summary = fit_repeats(cfg, repeats)
     from agiqa.distributed import is_main

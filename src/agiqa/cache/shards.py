@@ -18,7 +18,8 @@ import numpy as np
 from agiqa.errors import CacheError
 from agiqa.fileio import atomic_path
 
-__all__ = ["FORMATS", "ShardData", "read_shard", "read_shard_keys", "shard_suffix", "write_shard"]
+__all__ = ["FORMATS", "ShardData", "read_shard", "read_shard_keys", "read_shard_vectors_into",
+           "shard_suffix", "write_shard"]
 
 FORMATS = ("zarr", "hdf5")
 _SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}
@@ -103,32 +104,95 @@ def read_shard_keys(path: str | os.PathLike) -> tuple[list[str], list[tuple[str,
         raise CacheError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
 
 
-def read_shard(path: str | os.PathLike) -> ShardData:
-    """Read a whole shard: every array in one call."""
+def read_shard(path: str | os.PathLike, vectors: bool = True) -> ShardData:
+    """Read a whole shard: every array in one call (``vectors=False``: all but the vectors,
+    which :func:`read_shard_vectors_into` then reads straight into the caller's array)."""
     path = Path(path)
     try:
         if _fmt_of(path) == "zarr":
             import zarr
 
             g = zarr.open_group(str(path), mode="r")
+            zero_shot = np.asarray(g["zero_shot"][:])
             return ShardData(
                 keys=[str(k) for k in g["keys"][:]],
                 sha256=[str(k) for k in g["sha256"][:]],
-                vectors=np.asarray(g["vectors"][:]),
-                zero_shot=np.asarray(g["zero_shot"][:]),
+                vectors=np.asarray(g["vectors"][:]) if vectors else
+                np.empty((len(zero_shot), 0, 0), np.float16),
+                zero_shot=zero_shot,
                 failures=[tuple(f) for f in g.attrs.get("failures", [])],
             )
         import h5py
 
         with h5py.File(path, "r") as f:
             dec = (lambda a: [k.decode() if isinstance(k, bytes) else str(k) for k in a])
+            zero_shot = f["zero_shot"][:]
             return ShardData(
                 keys=dec(f["keys"][:]),
                 sha256=dec(f["sha256"][:]),
-                vectors=f["vectors"][:],
-                zero_shot=f["zero_shot"][:],
+                vectors=f["vectors"][:] if vectors else
+                np.empty((len(zero_shot), 0, 0), np.float16),
+                zero_shot=zero_shot,
                 failures=[tuple(x) for x in json.loads(f.attrs.get("failures", "[]"))],
             )
+    except CacheError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise CacheError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
+
+
+_RAW_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}]
+_DEFAULT_KEYS = {"name": "default", "configuration": {"separator": "/"}}
+
+
+def _zarr_single_raw_chunk(array: Path, out: np.ndarray) -> Path | None:
+    """The file of a Zarr v3 array kept as one uncompressed little-endian chunk of exactly
+    ``out``'s shape and type (how agiqa writes vectors), else None."""
+    import sys
+
+    try:
+        meta = json.loads((array / "zarr.json").read_text(encoding="utf-8"))
+        shape = meta["shape"]
+        ok = (meta.get("zarr_format") == 3 and meta.get("codecs") == _RAW_CODECS
+              and meta["chunk_grid"]["configuration"]["chunk_shape"] == shape
+              and meta.get("chunk_key_encoding") == _DEFAULT_KEYS
+              and not meta.get("storage_transformers") and sys.byteorder == "little"
+              and list(out.shape) == shape and np.dtype(meta["data_type"]) == out.dtype)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    chunk = array.joinpath("c", *["0"] * len(shape))
+    if not ok or not chunk.is_file() or chunk.stat().st_size != out.nbytes:
+        return None
+    return chunk
+
+
+def read_shard_vectors_into(path: str | os.PathLike, out: np.ndarray) -> None:
+    """Read a shard's vectors into ``out`` (C-contiguous float16 [n, P, D]) with no extra copy:
+    one ``readinto`` of the raw chunk for agiqa's Zarr shards, ``read_direct`` for HDF5."""
+    path = Path(path)
+    try:
+        if _fmt_of(path) == "zarr":
+            chunk = _zarr_single_raw_chunk(path / "vectors", out) if out.flags.c_contiguous \
+                else None
+            if chunk is not None:
+                with open(chunk, "rb") as f:
+                    if f.readinto(memoryview(out).cast("B")) != out.nbytes:
+                        raise CacheError(f"{chunk}: truncated vector chunk")
+                return
+            import zarr
+
+            out[...] = zarr.open_group(str(path), mode="r")["vectors"][:]
+            return
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            ds = f["vectors"]
+            if ds.shape != out.shape:
+                raise CacheError(f"{path}: vectors of shape {ds.shape}, expected {out.shape}")
+            if out.flags.c_contiguous and ds.dtype == out.dtype:
+                ds.read_direct(out)
+            else:
+                out[...] = ds[:]
     except CacheError:
         raise
     except Exception as e:  # noqa: BLE001

@@ -20,6 +20,7 @@ from agiqa.cache.shards import (
     ShardData,
     read_shard,
     read_shard_keys,
+    read_shard_vectors_into,
     shard_suffix,
     write_shard,
 )
@@ -29,6 +30,7 @@ from agiqa.fileio import read_json, remove_stale_temporaries, write_json
 __all__ = ["MANIFEST", "SemanticCache", "open_cache", "plan_shards"]
 
 MANIFEST = "manifest.json"
+READ_FIELDS = ("vectors", "zero_shot", "sha256")
 
 
 def plan_shards(keys: list[str], shard_size: int) -> list[tuple[str, list[str]]]:
@@ -67,6 +69,7 @@ class SemanticCache:
         self.path = Path(path)
         self.manifest = manifest
         self._index: dict[str, Path] | None = None
+        self._shard_keys: dict[Path, list[str]] = {}
         self._failures: dict[str, str] | None = None
 
     # -- creation ---------------------------------------------------------------------------
@@ -80,39 +83,45 @@ class SemanticCache:
         fmt: str | None = None,
         root: str | os.PathLike | None = None,
     ) -> SemanticCache:
-        """Open a cache for writing, creating it if needed; refuse one of another fingerprint."""
+        """Open a cache for writing, creating it if needed; refuse one of another fingerprint.
+
+        Safe when several workers start at once: the manifest is created only if absent (a hard
+        link of a finished temporary file), and whoever loses the race opens the winner's.
+        """
         path = Path(path)
         fingerprint = fingerprint_of(spec)
-        if (path / MANIFEST).is_file():
-            cache = open_cache(path)
-            if cache.fingerprint != fingerprint:
-                raise CacheMismatchError(
-                    str(path), fingerprint, cache.fingerprint, _spec_diff(spec, cache.spec)
-                )
-            if fmt and fmt != cache.format:
-                raise ConfigError(f"cache {path} holds {cache.format} shards; --format {fmt} given")
-            remove_stale_temporaries(path)
-            return cache
-        if path.exists() and any(path.iterdir()):
-            raise CacheError(f"{path}: folder exists, is not empty and has no {MANIFEST}")
-        fmt = fmt or "zarr"
-        if fmt not in FORMATS:
-            raise ConfigError(f"unknown cache format {fmt!r} (choose from {', '.join(FORMATS)})")
-        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        manifest = {
-            "format_version": CACHE_FORMAT_VERSION,
-            "format": fmt,
-            "fingerprint": fingerprint,
-            "semantics": spec,
-            "prompt_names": list(prompt_names),
-            "dim": int(dim),
-            "root": str(Path(root).resolve()) if root else None,
-            "created": now,
-            "shards": {},
-        }
-        path.mkdir(parents=True, exist_ok=True)
-        write_json(path / MANIFEST, manifest)
-        return cls(path, manifest)
+        if not (path / MANIFEST).is_file():
+            # Another worker's temporaries, or its manifest landing just now, are no obstacle.
+            own = [p for p in path.iterdir() if not p.name.endswith(".tmp")
+                   and p.name != MANIFEST] if path.is_dir() else []
+            if own:
+                raise CacheError(f"{path}: folder exists, is not empty and has no {MANIFEST}")
+            fmt = fmt or "zarr"
+            if fmt not in FORMATS:
+                raise ConfigError(
+                    f"unknown cache format {fmt!r} (choose from {', '.join(FORMATS)})")
+            now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            manifest = {
+                "format_version": CACHE_FORMAT_VERSION,
+                "format": fmt,
+                "fingerprint": fingerprint,
+                "semantics": spec,
+                "prompt_names": list(prompt_names),
+                "dim": int(dim),
+                "root": str(Path(root).resolve()) if root else None,
+                "created": now,
+                "shards": {},
+            }
+            _create_if_absent(path / MANIFEST, manifest)
+        cache = open_cache(path)
+        if cache.fingerprint != fingerprint:
+            raise CacheMismatchError(
+                str(path), fingerprint, cache.fingerprint, _spec_diff(spec, cache.spec)
+            )
+        if fmt and fmt != cache.format:
+            raise ConfigError(f"cache {path} holds {cache.format} shards; --format {fmt} given")
+        remove_stale_temporaries(path)
+        return cache
 
     # -- metadata ---------------------------------------------------------------------------
     @property
@@ -159,8 +168,10 @@ class SemanticCache:
     def _build_index(self) -> None:
         index: dict[str, Path] = {}
         failures: dict[str, str] = {}
+        self._shard_keys = {}
         for p in self.shard_paths():
             keys, fails = read_shard_keys(p)
+            self._shard_keys[p] = keys
             for k in keys:
                 index.setdefault(k, p)
             for k, reason in fails:
@@ -218,42 +229,61 @@ class SemanticCache:
         write_json(self.path / MANIFEST, self.manifest)
 
     # -- reading ----------------------------------------------------------------------------
-    def read(self, keys: list[str]) -> dict[str, np.ndarray]:
-        """Vectors and zero-shot scores of ``keys``, in that order, reading each shard once.
+    def read(self, keys: list[str], fields: tuple[str, ...] = READ_FIELDS
+             ) -> dict[str, Any]:
+        """Vectors, zero-shot scores and file hashes of ``keys``, in that order, reading each
+        shard once (``fields`` picks which; training needs only ``("vectors",)``).
 
         Returns ``{"vectors": float16 [n, P, D], "zero_shot": float32 [n, P], "sha256": [n]}``.
+        A whole shard wanted in its own order is read straight into the result.
         Raises :class:`MissingVectorsError` naming the keys the cache lacks.
         """
+        unknown = set(fields) - set(READ_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown fields {sorted(unknown)} (choose from {READ_FIELDS})")
         if self._index is None:
             self._build_index()
         missing = [k for k in keys if k not in self._index]
         if missing:
             raise MissingVectorsError(missing, where=f"cache {self.path}")
         p, d = len(self.prompts), self.dim
-        vectors = np.empty((len(keys), p, d), dtype=np.float16)
-        zero_shot = np.empty((len(keys), p), dtype=np.float32)
-        sha = [""] * len(keys)
+        out: dict[str, Any] = {}
+        if "vectors" in fields:
+            out["vectors"] = np.empty((len(keys), p, d), dtype=np.float16)
+        if "zero_shot" in fields:
+            out["zero_shot"] = np.empty((len(keys), p), dtype=np.float32)
+        if "sha256" in fields:
+            out["sha256"] = [""] * len(keys)
         by_shard: dict[Path, list[int]] = {}
         for i, k in enumerate(keys):
             by_shard.setdefault(self._index[k], []).append(i)
         for shard_path, positions in by_shard.items():
-            shard = read_shard(shard_path)
+            meta = read_shard(shard_path, vectors=False) \
+                if {"zero_shot", "sha256"} & set(fields) else None
+            shard_keys = meta.keys if meta else self._shard_keys[shard_path]
             wanted = [keys[i] for i in positions]
-            if wanted == shard.keys:  # the whole shard in its order: no gather needed
-                rows: Any = slice(None)
-                row_list = range(len(wanted))
-            else:
-                row = {k: j for j, k in enumerate(shard.keys)}
-                row_list = [row[k] for k in wanted]
-                rows = np.array(row_list)
             first = positions[0]
             at: Any = slice(first, first + len(positions)) \
                 if positions[-1] - first == len(positions) - 1 else positions
-            vectors[at] = shard.vectors[rows]
-            zero_shot[at] = shard.zero_shot[rows]
-            for i, r in zip(positions, row_list, strict=True):
-                sha[i] = shard.sha256[r]
-        return {"vectors": vectors, "zero_shot": zero_shot, "sha256": sha}
+            if wanted == shard_keys:
+                rows: Any = slice(None)
+                row_list: Any = range(len(wanted))
+            else:
+                row = {k: j for j, k in enumerate(shard_keys)}
+                row_list = [row[k] for k in wanted]
+                rows = np.array(row_list)
+            if "vectors" in fields:
+                if isinstance(rows, slice) and isinstance(at, slice):
+                    # The whole shard in its order, into a contiguous block: read it in place.
+                    read_shard_vectors_into(shard_path, out["vectors"][at])
+                else:
+                    out["vectors"][at] = read_shard(shard_path).vectors[rows]
+            if meta is not None and "zero_shot" in fields:
+                out["zero_shot"][at] = meta.zero_shot[rows]
+            if meta is not None and "sha256" in fields:
+                for i, r in zip(positions, row_list, strict=True):
+                    out["sha256"][i] = meta.sha256[r]
+        return out
 
     def info(self) -> dict[str, Any]:
         """A summary for ``agiqa cache info``."""
@@ -275,6 +305,30 @@ class SemanticCache:
             "created": self.manifest.get("created"),
             "updated": self.manifest.get("updated"),
         }
+
+
+def _create_if_absent(path: Path, obj: dict[str, Any]) -> None:
+    """Write ``obj`` as JSON to ``path`` unless it exists; atomic against concurrent writers."""
+    import json
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails if another worker's manifest is already there
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: check, then rename
+            if not path.exists():
+                os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def open_cache(path: str | os.PathLike) -> SemanticCache:

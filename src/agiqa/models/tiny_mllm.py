@@ -1,4 +1,4 @@
-"""Tiny LLaVA and Qwen2-VL models built from config, for tests and the offline demo.
+"""Tiny LLaVA, Qwen2-VL and Qwen2.5-VL models built from config, for tests and the offline demo.
 
 They are real transformers models with a byte-level BPE tokenizer trained on the spot with the
 ``tokenizers`` library, saved with ``save_pretrained`` and loaded back through the same
@@ -15,7 +15,7 @@ import torch
 
 __all__ = ["FAMILIES", "SHAPES", "build_random_mllm", "build_tiny_mllm"]
 
-FAMILIES = ("llava", "qwen2-vl")
+FAMILIES = ("llava", "qwen2-vl", "qwen2.5-vl")
 
 _CORPUS = [
     "Evaluate the input image to determine if its quality is compromised due to a lack of "
@@ -103,15 +103,16 @@ def _build_llava(out: Path, hidden: int, layers: int, image_size: int,
 
 
 def _build_qwen2_vl(out: Path, hidden: int, layers: int, image_size: int,
-                    shape: dict | None = None):
-    from transformers import (
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-    )
+                    shape: dict | None = None, version: str = "2"):
+    """Qwen2-VL, or Qwen2.5-VL (``version="2.5"``: window attention in the vision tower)."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
+    prefix = {"2": "Qwen2VL", "2.5": "Qwen2_5_VL"}[version]
+    config_cls = getattr(transformers, f"{prefix}Config")
+    model_cls = getattr(transformers, f"{prefix}ForConditionalGeneration")
+    processor_cls = getattr(transformers, f"{prefix}Processor")
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                 "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     tok = _tokenizer(specials, eos_token="<|im_end|>", pad_token="<|endoftext|>",
@@ -121,25 +122,36 @@ def _build_qwen2_vl(out: Path, hidden: int, layers: int, image_size: int,
         min_pixels=28 * 28 * 4, max_pixels=image_size * image_size, patch_size=14,
         merge_size=2, temporal_patch_size=2,
     )
-    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok,
-                                 video_processor=Qwen2VLVideoProcessor(),
-                                 chat_template=_QWEN_TEMPLATE)
+    processor = processor_cls(image_processor=image_processor, tokenizer=tok,
+                              video_processor=Qwen2VLVideoProcessor(),
+                              chat_template=_QWEN_TEMPLATE)
     ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
-    head_dim = hidden // 4
+    shape = shape or {}
+    text_kw = {"vocab_size": len(tok), "intermediate_size": 2 * hidden, "num_attention_heads": 4,
+               "num_key_value_heads": 2, **shape.get("text", {})}
+    head_dim = hidden // text_kw["num_attention_heads"]
     section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, bos_token_id=ids["<|endoftext|>"],
+    vision = {"depth": 2, "embed_dim": 32, "hidden_size": hidden, "num_heads": 2, "mlp_ratio": 2}
+    if version == "2.5":  # hidden_size is the tower's width, out_hidden_size the LM's
+        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                  "out_hidden_size": hidden, "window_size": 56, "fullatt_block_indexes": [1]}
+    vision.update(shape.get("vision", {}))
+    config = config_cls(
+        text_config=dict(hidden_size=hidden, num_hidden_layers=layers, **text_kw,
+                         max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"],
                          eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
                          rope_scaling={"type": "mrope", "mrope_section": section}),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+        vision_config=dict(**vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                            in_channels=3),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
-    return Qwen2VLForConditionalGeneration(config), processor
+    return model_cls(config), processor
+
+
+def _build_qwen2_5_vl(out: Path, hidden: int, layers: int, image_size: int,
+                      shape: dict | None = None):
+    return _build_qwen2_vl(out, hidden, layers, image_size, shape, version="2.5")
 
 
 # Full-size shapes with random weights, for timing (a forward pass costs the same whatever the
@@ -152,6 +164,14 @@ SHAPES = {
                                 "projection_dim": 768},
                      "text": {"vocab_size": 32064, "intermediate_size": 11008,
                               "num_attention_heads": 32, "num_key_value_heads": 32}},
+    # Qwen2.5-VL-7B-Instruct: a 32-block window-attention ViT (1280 wide) + a 28-layer LM
+    # (3584 wide, 4 KV heads). Images get (H/28)·(W/28) tokens, up to 1024 px by default here.
+    "qwen2.5-vl-7b": {"family": "qwen2.5-vl", "hidden": 3584, "layers": 28, "image_size": 1024,
+                      "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
+                                 "num_heads": 16, "window_size": 112,
+                                 "fullatt_block_indexes": [7, 15, 23, 31]},
+                      "text": {"vocab_size": 152064, "intermediate_size": 18944,
+                               "num_attention_heads": 28, "num_key_value_heads": 4}},
 }
 
 
@@ -159,7 +179,8 @@ def build_random_mllm(shape: str, out: str | os.PathLike, dtype: torch.dtype = t
                       seed: int = 0) -> Path:
     """A full-size model of ``shape`` (see ``SHAPES``) with random weights, saved to ``out``."""
     spec = SHAPES[shape]
-    build = {"llava": _build_llava}[spec["family"]]
+    build = {"llava": _build_llava, "qwen2-vl": _build_qwen2_vl,
+             "qwen2.5-vl": _build_qwen2_5_vl}[spec["family"]]
     out = Path(out)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -180,14 +201,15 @@ def build_tiny_mllm(family: str, out: str | os.PathLike, hidden: int = 64, layer
     """Build a tiny random-weight MLLM of ``family`` and save model and processor to ``out``.
 
     Args:
-        family: ``llava`` or ``qwen2-vl``.
+        family: ``llava``, ``qwen2-vl`` or ``qwen2.5-vl``.
         out: the folder to write; load it with ``agiqa extract-semantics --model OUT``.
         hidden: the language model's width (the semantic vector size D).
         layers: the language model's depth.
         image_size: the vision input size (LLaVA) or the largest image area's side (Qwen2-VL).
         seed: the seed of the random weights.
     """
-    builders = {"llava": (_build_llava, 32), "qwen2-vl": (_build_qwen2_vl, 56)}
+    builders = {"llava": (_build_llava, 32), "qwen2-vl": (_build_qwen2_vl, 56),
+                "qwen2.5-vl": (_build_qwen2_5_vl, 56)}
     if family not in builders:
         raise ValueError(f"unknown family {family!r} (choose from {', '.join(FAMILIES)})")
     build, default_size = builders[family]

@@ -60,7 +60,7 @@ def evaluate_model(model_dir: str | os.PathLike, ds: Dataset, cache_dir: str | o
         raise MissingVectorsError(missing, where=f"cache {cache.path}")
     dev = resolve_device(device)
     model.to(dev)
-    vectors = torch.from_numpy(cache.read(keys)["vectors"])
+    vectors = torch.from_numpy(cache.read(keys, ("vectors",))["vectors"])
     pixels = decode_pixels(ds, keys, workers, progress)
     scores = predict(model, pixels, vectors, dev, batch_size, dev.type == "cuda")
     mos = {s.key: s.mos for s in ds.samples}

@@ -64,6 +64,7 @@ class FitConfig:
     epochs: int = 30
     batch_size: int = 8
     lr: float = 1e-5
+    backbone_lr: float | None = None
     weight_decay: float = 1e-5
     t_max: int = 50
     split: str = "paper"
@@ -74,6 +75,7 @@ class FitConfig:
     score_norm: str = "none"
     semantic_norm: str = "none"
     loader_workers: int = 2
+    compile: bool = False
     eval_batch_size: int = 32
     resume: bool = False
     progress: bool = True
@@ -86,6 +88,8 @@ class FitConfig:
                                   f"got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.backbone_lr is not None and self.backbone_lr < 0:
+            raise ConfigError(f"--backbone-lr must be 0 or more, got {self.backbone_lr}")
         if self.score_norm not in SCORE_NORMS:
             raise ConfigError(f"--score-norm must be one of {', '.join(SCORE_NORMS)}, "
                               f"got {self.score_norm!r}")
@@ -195,7 +199,7 @@ def _fit(cfg: FitConfig, device: torch.device) -> FitResult:
     cache, split = _loader_inputs(ds, cfg)
     mos = {s.key: s.mos for s in ds.samples}
     keys = split.subset("all")
-    vectors = torch.from_numpy(cache.read(keys)["vectors"])
+    vectors = torch.from_numpy(cache.read(keys, ("vectors",))["vectors"])
     pixels = decode_pixels(ds, keys, cfg.loader_workers, progress)
     index = {k: i for i, k in enumerate(keys)}
     part = {name: torch.tensor([index[k] for k in split.subset(name)]) for name in
@@ -209,7 +213,7 @@ def _fit(cfg: FitConfig, device: torch.device) -> FitResult:
     random.seed(cfg.seed)
     model = create_model(cfg.backbone, len(cache.prompts), cache.dim, cfg.pretrained,
                          cfg.backbone_weights).to(device)
-    optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optim = torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=cfg.t_max, eta_min=0)
     gen = torch.Generator().manual_seed(cfg.seed)
     if not cfg.resume and ((cfg.out / "checkpoint.pt").exists()
@@ -253,6 +257,18 @@ def _fit(cfg: FitConfig, device: torch.device) -> FitResult:
     (cfg.out / "checkpoint.pt").unlink(missing_ok=True)
     dist.barrier()
     return FitResult(cfg.out, metrics, state.best_epoch, state.history)
+
+
+def _param_groups(model: AgiqaNet, cfg: FitConfig) -> list[dict[str, Any]]:
+    """One group at ``--lr`` (the paper); with ``--backbone-lr`` the ViT and MANIQA layers get
+    their own rate (0 freezes them) and the MoE head keeps ``--lr``."""
+    if cfg.backbone_lr is None:
+        return [{"params": list(model.parameters())}]
+    if cfg.backbone_lr == 0:
+        model.backbone.requires_grad_(False)
+        return [{"params": list(model.head.parameters())}]
+    return [{"params": list(model.head.parameters())},
+            {"params": list(model.backbone.parameters()), "lr": cfg.backbone_lr}]
 
 
 def _score_norm(kind: str, train_targets: torch.Tensor) -> dict[str, Any] | None:
@@ -305,6 +321,8 @@ class _Trainer:
 
             ids = [device.index] if device.type == "cuda" else None
             self.train_model = DistributedDataParallel(model, device_ids=ids)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
         self.epoch, self.best_epoch, self.best_value = 0, -1, -math.inf
         self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         self.history: list[dict[str, Any]] = []
@@ -344,6 +362,9 @@ class _Trainer:
         while self.epoch < cfg.epochs:
             t0 = time.perf_counter()
             loss = self._train_epoch(pixels, vectors, targets, train_idx)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            train_seconds = time.perf_counter() - t0
             val = part["val"]
             pred = predict(self.model, pixels[val], vectors[val], self.device,
                            cfg.eval_batch_size, self.amp)
@@ -357,7 +378,8 @@ class _Trainer:
             row = {"epoch": self.epoch, "loss": loss, "val_srcc": m["srcc"],
                    "val_plcc": m["plcc"], "lr": self.optim.param_groups[0]["lr"],
                    "seconds": round(time.perf_counter() - t0, 3),
-                   "images_per_second": round(len(train_idx) / (time.perf_counter() - t0), 2)}
+                   "train_seconds": round(train_seconds, 3),
+                   "train_images_per_second": round(len(train_idx) / train_seconds, 2)}
             self.history.append(row)
             if self.main:
                 with open(cfg.out / "train_log.jsonl", "a", encoding="utf-8") as f:

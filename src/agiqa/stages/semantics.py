@@ -89,6 +89,8 @@ class ExtractReport:
     worker: int = 0
     workers: int = 1
     forward_passes: int = 0
+    tokens: int = 0
+    padding_tokens: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -105,7 +107,9 @@ class ExtractReport:
             "skipped_files": self.skipped_files, "shards_written": self.shards_written,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 3),
-            "forward_passes": self.forward_passes, "worker": self.worker, "workers": self.workers,
+            "forward_passes": self.forward_passes, "tokens": self.tokens,
+            "padding_fraction": round(self.padding_tokens / self.tokens, 4) if self.tokens else 0.0,
+            "worker": self.worker, "workers": self.workers,
         }
 
 
@@ -217,8 +221,29 @@ def extract_semantics(
     return report
 
 
+def _largest_first(root: Path, keys: list[str]) -> list[str]:
+    """``keys`` by image area, largest first, read from the file headers (no decoding).
+
+    Models of dynamic resolution (Qwen2-VL) give larger images more tokens; batching images of
+    similar size keeps padding low, and the largest batch comes first, so a batch that does not
+    fit in memory fails at once. Unreadable files sort last; the loader reports them.
+    """
+    from PIL import Image
+
+    def area(key: str) -> int:
+        try:
+            with Image.open(resolve_key(root, key, "image list")) as im:
+                return im.size[0] * im.size[1]
+        except Exception:  # noqa: BLE001 - reported by the loader with its reason
+            return 0
+
+    areas = {k: area(k) for k in keys}
+    return sorted(keys, key=lambda k: -areas[k])
+
+
 def _run_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncoder, root: Path,
                 pending: list[tuple[str, list[str]]], report: ExtractReport) -> None:
+    pending = [(name, _largest_first(root, shard_keys)) for name, shard_keys in pending]
     keys = [k for _, shard_keys in pending for k in shard_keys]
     batches, offset = [], 0
     for _, shard_keys in pending:
@@ -241,6 +266,9 @@ def _run_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncod
         if batch_keys:
             vecs, zs = [], []
             for p in range(n_prompts):
+                mask = inputs[p]["attention_mask"]
+                report.tokens += mask.numel()
+                report.padding_tokens += mask.numel() - int(mask.sum())
                 v, z = encoder.encode(inputs[p], p)
                 vecs.append(v)
                 zs.append(z)
