@@ -25,8 +25,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from agiqa.data.pixels import read_pixels  # noqa: E402
 from tests.official_reference import OfficialMAAGIQA  # noqa: E402
+
+from agiqa.data.pixels import read_pixels  # noqa: E402
 
 # The official module for each agiqa backbone preset (same widths, depth and used blocks).
 BACKBONES = {
