@@ -223,3 +223,27 @@ def test_compile_trains_through_torch_compile(graded, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert calls == ["AgiqaNet"]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["training"]["compile"]
+
+
+def test_blur_graded_real_photos_cpu_fit_reaches_srcc_0_6(tiny_llava, tmp_path):
+    """17 real photographs, 2 crops each, blurred in 6 grades (MOS falls with blur): the random
+    tiny models learn the ranking on a CPU. The recipe (not the paper's defaults): the tiny
+    backbone frozen at its seeded initialisation, the MoE head trained at lr 3e-4 on
+    standardised MOS and vectors for 30 epochs."""
+    from agiqa.pipeline.demo import make_graded_set
+
+    labels = make_graded_set(tmp_path / "blur", distortions=("blur",), grades=6, crops=2)
+    root, cache = labels.parent, tmp_path / "cache"
+    r = run("extract-semantics", "--model", tiny_llava, "--dataset", "csv", "--root", root,
+            "--labels", labels, "--out", cache, "-q", "--loader-workers", "0")
+    assert r.exit_code == 0, r.output
+    r = run("fit", "--dataset", "csv", "--root", root, "--labels", labels, "--cache", cache,
+            "--out", tmp_path / "run", "--backbone", "tiny", "--no-pretrained",
+            "--split", "random:0.7,0.1,0.2", "--score-norm", "zscore", "--semantic-norm",
+            "zscore", "--t-max", "100000", "--lr", "3e-4", "--backbone-lr", "0", "--epochs", "30",
+            "--no-augment", "--loader-workers", "0", "-q", "--json")
+    assert r.exit_code == 0, r.output
+    test = json.loads(r.output)["rows"]["test"]
+    print("blur-graded test metrics", test)
+    assert len(labels.read_text().splitlines()) == 1 + 17 * 2 * 6
+    assert test["srcc"] >= 0.6

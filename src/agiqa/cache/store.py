@@ -96,14 +96,14 @@ class SemanticCache:
                    and p.name != MANIFEST] if path.is_dir() else []
             if own:
                 raise CacheError(f"{path}: folder exists, is not empty and has no {MANIFEST}")
-            fmt = fmt or "zarr"
-            if fmt not in FORMATS:
+            new_fmt = fmt or "zarr"
+            if new_fmt not in FORMATS:
                 raise ConfigError(
-                    f"unknown cache format {fmt!r} (choose from {', '.join(FORMATS)})")
+                    f"unknown cache format {new_fmt!r} (choose from {', '.join(FORMATS)})")
             now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             manifest = {
                 "format_version": CACHE_FORMAT_VERSION,
-                "format": fmt,
+                "format": new_fmt,
                 "fingerprint": fingerprint,
                 "semantics": spec,
                 "prompt_names": list(prompt_names),
