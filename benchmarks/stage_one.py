@@ -60,6 +60,17 @@ def build_model(shape: str, out: Path) -> Path:
                            image_size=spec["image_size"])
 
 
+def prepare_inputs(work: Path, shape: str, images: int) -> tuple[Path, Path]:
+    """The model and the photo folder of a run under ``work``, built once and then reused."""
+    model = work / f"mllm-{shape}"
+    if not (model / "config.json").is_file():
+        build_model(shape, model)
+    folder = work / f"photos-{images}"
+    if not folder.is_dir():
+        write_photos(folder, images)
+    return model, folder
+
+
 def forward_flops(model_dir: Path, images: Path, sample: int = 16) -> float:
     """Approximate FLOPs of one forward pass of one image and prompt, averaged over the first
     ``sample`` images: 2 · parameters · tokens for the language model's layers, 2 · parameters
@@ -107,12 +118,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
-        model = work / f"mllm-{args.shape}"
-        if not (model / "config.json").is_file():
-            build_model(args.shape, model)
-        images = work / f"photos-{args.images}"
-        if not images.is_dir():
-            write_photos(images, args.images)
+        model, images = prepare_inputs(work, args.shape, args.images)
         py = sys.executable
         official = run_process([py, str(HERE / "official_stage_one.py"), "--model", str(model),
                                 "--images", str(images), "--out", str(work / "official-pt"),

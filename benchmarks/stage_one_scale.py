@@ -23,10 +23,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_process, write_result  # noqa: E402
-from stage_one import SHAPES, build_model, write_photos  # noqa: E402
+from stage_one import SHAPES, prepare_inputs  # noqa: E402
 
 
-def extract(model: Path, images: Path, cache: Path, workers: int, worker: int, threads: int,
+def extract(model: Path, images: Path, cache: Path, workers: int, worker: int,
             batch_size: int, shard_size: int) -> list[str]:
     return [sys.executable, "-m", "agiqa", "extract-semantics", "--model", str(model),
             "--images", str(images), "--out", str(cache), "--batch-size", str(batch_size),
@@ -48,24 +48,19 @@ def main() -> None:
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
-        model = work / f"mllm-{args.shape}"
-        if not (model / "config.json").is_file():
-            build_model(args.shape, model)
-        images = work / f"photos-{args.images}"
-        if not images.is_dir():
-            write_photos(images, args.images)
+        model, images = prepare_inputs(work, args.shape, args.images)
         one_cache, many_cache = work / "cache-one", work / "cache-many"
         for c in (one_cache, many_cache):
             if c.exists():
                 import shutil
 
                 shutil.rmtree(c)
-        one = run_process(extract(model, images, one_cache, 1, 0, args.threads, args.batch_size,
+        one = run_process(extract(model, images, one_cache, 1, 0, args.batch_size,
                                   args.shard_size), env)
         # W workers started together, as an array job would start them.
         t = time.perf_counter()
         procs = [subprocess.Popen(extract(model, images, many_cache, args.workers, r,
-                                          args.threads, args.batch_size, args.shard_size),
+                                          args.batch_size, args.shard_size),
                                   env={**os.environ, **env}, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
                  for r in range(args.workers)]

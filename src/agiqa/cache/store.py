@@ -277,7 +277,9 @@ class SemanticCache:
                     # The whole shard in its order, into a contiguous block: read it in place.
                     read_shard_vectors_into(shard_path, out["vectors"][at])
                 else:
-                    out["vectors"][at] = read_shard(shard_path).vectors[rows]
+                    whole = np.empty((len(shard_keys), p, d), dtype=np.float16)
+                    read_shard_vectors_into(shard_path, whole)
+                    out["vectors"][at] = whole[rows]
             if meta is not None and "zero_shot" in fields:
                 out["zero_shot"][at] = meta.zero_shot[rows]
             if meta is not None and "sha256" in fields:
