@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from agiqa.pipeline.presets import load_prompts
+from agiqa.presets import load_prompts
 
 EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 

@@ -16,7 +16,6 @@ import argparse
 import csv
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -24,10 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.official_reference import OfficialMAAGIQA  # noqa: E402
-
 from agiqa.data.pixels import read_pixels  # noqa: E402
+from agiqa.testing.official_reference import OfficialMAAGIQA  # noqa: E402
 
 # The official module for each agiqa backbone preset (same widths, depth and used blocks).
 BACKBONES = {

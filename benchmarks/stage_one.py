@@ -51,7 +51,7 @@ def write_photos(folder: Path, n: int) -> None:
 
 def build_model(shape: str, out: Path) -> Path:
     spec = SHAPES[shape]
-    from agiqa.models.tiny_mllm import build_random_mllm, build_tiny_mllm
+    from agiqa.testing.tiny_mllm import build_random_mllm, build_tiny_mllm
 
     if "random" in spec:
         return build_random_mllm(spec["random"], out)
@@ -79,7 +79,7 @@ def forward_flops(model_dir: Path, images: Path, sample: int = 16) -> float:
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     from agiqa.models.mllm import PromptEncoding
-    from agiqa.pipeline.presets import load_prompts
+    from agiqa.presets import load_prompts
 
     cfg = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agiqa.models.tiny_mllm import build_tiny_mllm
+from agiqa.testing.tiny_mllm import build_tiny_mllm
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import torch
 
 from agiqa.models.agiqa_net import BACKBONES, create_model, load_model
 from agiqa.models.official import import_official
-from tests.official_reference import OfficialMAAGIQA
+from agiqa.testing.official_reference import OfficialMAAGIQA
 
 
 class NotTensors:

@@ -67,7 +67,7 @@ def test_model_without_semantics_is_refused(tmp_path):
     import torch
 
     from agiqa.models.official import import_official
-    from tests.official_reference import OfficialMAAGIQA
+    from agiqa.testing.official_reference import OfficialMAAGIQA
 
     torch.save(OfficialMAAGIQA(embed_dim=32, vit_dim=32, vit_heads=1, dim_mlp=32,
                                semantic_dim=16).state_dict(), tmp_path / "o.pt")

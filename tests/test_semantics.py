@@ -9,7 +9,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from agiqa.cache import open_cache
 from agiqa.data.images import load_image
-from agiqa.pipeline.presets import load_prompts
+from agiqa.presets import load_prompts
 from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
 
 PROMPTS = load_prompts("paper")
@@ -171,8 +171,8 @@ def test_bad_options(kw, tmp_path):
 
 def test_batches_of_similar_size_cut_padding(photo_folder, tmp_path, monkeypatch):
     # A Qwen2-VL that gives larger images more tokens (up to 112×112 px): batches get padded.
-    from agiqa.models.tiny_mllm import build_tiny_mllm
     from agiqa.stages import semantics
+    from agiqa.testing.tiny_mllm import build_tiny_mllm
 
     qwen = build_tiny_mllm("qwen2-vl", tmp_path / "qwen112", image_size=112)
     root, _ = photo_folder

@@ -1,6 +1,6 @@
 """Data set adapters: read the official label files of AGI and photo quality data sets.
 
-Each adapter is a preset (``pipeline/presets/datasets/<name>.json``) naming the label file,
+Each adapter is a preset (``presets/datasets/<name>.json``) naming the label file,
 the image column and the score columns; ``csv`` takes any CSV. Image keys are paths relative
 to the image root, with ``/`` separators; a key that escapes the root is refused.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from agiqa.data.images import resolve_key
 from agiqa.errors import DatasetError
-from agiqa.pipeline.presets import DatasetPreset, load_dataset_preset
+from agiqa.presets import DatasetPreset, load_dataset_preset
 
 __all__ = ["Dataset", "Sample", "load_dataset", "read_label_table"]
 

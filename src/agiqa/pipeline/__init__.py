@@ -1,1 +1,1 @@
-"""Run directories, presets (data sets, prompts, MLLMs) and end-to-end orchestration."""
+"""End-to-end orchestration on top of the stages: the demo."""

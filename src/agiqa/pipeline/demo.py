@@ -156,11 +156,11 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = 5e-4
     not the quality judgement of a real MLLM.
     """
     from agiqa.data.datasets import load_dataset
-    from agiqa.models.tiny_mllm import build_tiny_mllm
     from agiqa.stages.evaluate import evaluate_model
     from agiqa.stages.fit import FitConfig, fit_repeats
     from agiqa.stages.score import Scorer
     from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
+    from agiqa.testing.tiny_mllm import build_tiny_mllm
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,8 @@ from agiqa.data.splits import read_split_csv
 from agiqa.errors import CacheMismatchError, ConfigError, DatasetError, MissingVectorsError
 from agiqa.metrics import evaluate
 from agiqa.models.agiqa_net import load_model
-from agiqa.models.mllm import resolve_device
-from agiqa.stages.fit import decode_pixels, predict
+from agiqa.runtime import resolve_device
+from agiqa.stages.predict import decode_pixels, predict
 
 __all__ = ["check_fingerprint", "evaluate_model"]
 

@@ -18,24 +18,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
 from tqdm.auto import tqdm
 
-from agiqa import distributed as dist
+from agiqa import runtime as dist
 from agiqa.cache import SemanticCache, open_cache
 from agiqa.data.datasets import Dataset, load_dataset
-from agiqa.data.images import load_image
-from agiqa.data.pixels import normalize, resize_pixels
+from agiqa.data.pixels import normalize
 from agiqa.data.splits import Split, make_split
 from agiqa.errors import ConfigError, DatasetError, TrainingError
 from agiqa.fileio import write_json
 from agiqa.metrics import evaluate
 from agiqa.models.agiqa_net import AgiqaNet, create_model, save_model
-from agiqa.models.mllm import resolve_device
+from agiqa.runtime import resolve_device
+from agiqa.stages.predict import decode_pixels, predict
 
-__all__ = ["SCORE_NORMS", "SEMANTIC_NORMS", "FitConfig", "FitResult", "decode_pixels",
-           "fit_from_cache", "predict"]
+__all__ = ["SCORE_NORMS", "SEMANTIC_NORMS", "FitConfig", "FitResult", "fit_from_cache"]
 
 
 # "none" trains on raw MOS (the paper); "zscore" trains on (mos - mean) / std of the training
@@ -106,30 +103,6 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-class _Decode(TorchDataset):
-    def __init__(self, ds: Dataset, keys: list[str]):
-        self.ds, self.keys = ds, keys
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        img, _ = load_image(self.ds.path(self.keys[i]), self.keys[i])
-        return resize_pixels(img)
-
-
-def decode_pixels(ds: Dataset, keys: list[str], workers: int = 2, progress: bool = True
-                  ) -> torch.Tensor:
-    """Decode and resize every image once: uint8 [n, 3, 224, 224]."""
-    out = torch.empty((len(keys), 3, 224, 224), dtype=torch.uint8)
-    loader = DataLoader(_Decode(ds, keys), batch_size=32, num_workers=workers)
-    i = 0
-    for batch in tqdm(loader, desc="decode", unit="batch", disable=not progress):
-        out[i : i + len(batch)] = batch
-        i += len(batch)
-    return out
-
-
 def _augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Per image: p=0.7 rotate by 90/180/270°, then p=0.7 flip the H axis (vertical flip)."""
     out = []
@@ -141,24 +114,6 @@ def _augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
             img = torch.flip(img, dims=(1,))
         out.append(img)
     return torch.stack(out)
-
-
-@torch.no_grad()
-def predict(model: AgiqaNet, pixels: torch.Tensor, vectors: torch.Tensor, device: torch.device,
-            batch_size: int = 32, amp: bool = False, with_gates: bool = False):
-    """Scores (and gates) of uint8 pixels [n, 3, 224, 224] with vectors [n, P, D]."""
-    model.eval()
-    scores, gates = [], []
-    for i in range(0, len(pixels), batch_size):
-        x = normalize(pixels[i : i + batch_size]).to(device)
-        s = vectors[i : i + batch_size].to(device, torch.float32)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            y, g = model(x, s, return_gates=True)
-        scores.append(y.float().cpu())
-        gates.append(g.float().cpu())
-    scores = torch.cat(scores) if scores else torch.empty(0)
-    gates = torch.cat(gates) if gates else torch.empty(0)
-    return (scores, gates) if with_gates else scores
 
 
 def _check_vectors(cache: SemanticCache, split: Split) -> None:
@@ -433,7 +388,7 @@ def _write_outputs(out: Path, keys, split: Split, targets, scores, gates, prompt
     import csv
 
     from agiqa.fileio import atomic_path
-    from agiqa.pipeline.plots import plot_history, plot_scatter
+    from agiqa.stages.plots import plot_history, plot_scatter
 
     subset = {k: name for name in ("train", "val", "test") for k in split.subset(name)}
     with atomic_path(out / "predictions.csv") as tmp:

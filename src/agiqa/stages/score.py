@@ -20,10 +20,11 @@ from agiqa.data.images import list_images, load_image
 from agiqa.data.pixels import resize_pixels
 from agiqa.errors import CheckpointError, ConfigError
 from agiqa.models.agiqa_net import load_model
-from agiqa.models.mllm import SemanticEncoder, resolve_device
-from agiqa.pipeline.presets import PromptSet
-from agiqa.stages.fit import predict
-from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
+from agiqa.models.mllm import SemanticEncoder
+from agiqa.presets import PromptSet
+from agiqa.runtime import resolve_device
+from agiqa.stages.predict import predict
+from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics, semantic_spec_of
 
 __all__ = ["ScoreReport", "Scorer", "agiqa_home"]
 
@@ -105,10 +106,10 @@ class Scorer:
                                 answer_prefix=s["answer_prefix"], rating_words=s["rating_words"],
                                 rating_weights=s["rating_weights"])
             enc = SemanticEncoder(s["model"], prompts, device=str(self.device), dtype=s["dtype"])
-            if fingerprint_of(enc.spec) != self.fingerprint:
+            if fingerprint_of(semantic_spec_of(enc)) != self.fingerprint:
                 raise ConfigError(
                     f"the MLLM {s['model']} found now has fingerprint "
-                    f"{fingerprint_of(enc.spec)[:16]}, the model was trained on "
+                    f"{fingerprint_of(semantic_spec_of(enc))[:16]}, the model was trained on "
                     f"{self.fingerprint[:16]} (another revision or dtype?)")
             self._encoder = enc
         return self._encoder

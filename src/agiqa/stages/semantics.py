@@ -19,15 +19,16 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from tqdm.auto import tqdm
 
-from agiqa.cache import SemanticCache, ShardData, plan_shards
+from agiqa.cache import SemanticCache, ShardData, plan_shards, semantic_spec
 from agiqa.cache.shards import read_shard_keys
 from agiqa.data.datasets import Dataset
 from agiqa.data.images import list_images, load_image, resolve_key
 from agiqa.errors import BadImageError, ConfigError
 from agiqa.models.mllm import BatchPreparer, SemanticEncoder
-from agiqa.pipeline.presets import DEFAULT_MLLM, DEFAULT_PROMPTS, load_prompts
+from agiqa.presets import DEFAULT_MLLM, DEFAULT_PROMPTS, load_prompts
 
-__all__ = ["ExtractConfig", "ExtractReport", "ImageSource", "extract_semantics", "worker_slot"]
+__all__ = ["ExtractConfig", "ExtractReport", "ImageSource", "extract_semantics", "semantic_spec_of",
+           "worker_slot"]
 
 
 @dataclass
@@ -194,6 +195,13 @@ def _pending_shards(cache: SemanticCache, source: ImageSource, shard_size: int, 
     return pending, reused
 
 
+def semantic_spec_of(encoder: SemanticEncoder) -> dict:
+    """What the cache fingerprints for vectors of ``encoder``: model, revision, dtype, prompts."""
+    p = encoder.prompts
+    return semantic_spec(encoder.model_id, encoder.resolved_revision, encoder.dtype, p.texts,
+                         p.answer_prefix, p.rating_words, p.rating_weights)
+
+
 def extract_semantics(
     cfg: ExtractConfig, source: ImageSource, encoder: SemanticEncoder | None = None
 ) -> ExtractReport:
@@ -206,7 +214,7 @@ def extract_semantics(
             dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
             attn_implementation=cfg.attn_implementation,
         )
-    cache = SemanticCache.create(cfg.out, encoder.spec, encoder.prompts.names, encoder.dim,
+    cache = SemanticCache.create(cfg.out, semantic_spec_of(encoder), encoder.prompts.names, encoder.dim,
                                  cfg.format, root=source.root)
     report = ExtractReport(str(cfg.out), len(source.keys), skipped_files=list(source.skipped),
                            worker=rank, workers=world)

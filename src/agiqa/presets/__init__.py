@@ -31,7 +31,7 @@ DEFAULT_PROMPTS = "paper"
 
 
 def _preset_dir(kind: str):
-    return resources.files("agiqa.pipeline") / "presets" / kind
+    return resources.files("agiqa.presets") / kind
 
 
 def list_presets(kind: str) -> list[str]:

@@ -16,44 +16,17 @@ prompt text before the image (as MA-AGIQA did), the model's own processor render
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from agiqa.cache.fingerprint import semantic_spec
-from agiqa.errors import ConfigError, ModelLoadError
-from agiqa.pipeline.presets import PromptSet, resolve_model_id
+from agiqa.errors import ModelLoadError
+from agiqa.presets import PromptSet, resolve_model_id
+from agiqa.runtime import DTYPES, resolve_device, resolve_dtype
 
-__all__ = ["BatchPreparer", "PromptEncoding", "SemanticEncoder", "resolve_device", "resolve_dtype"]
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            rank = int(os.environ.get("LOCAL_RANK", "0"))
-            return torch.device(f"cuda:{rank % torch.cuda.device_count()}")
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asked for, but no CUDA device is available")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N)") from None
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """``auto`` is bfloat16 on a GPU and float32 on a CPU."""
-    if dtype == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
-    if dtype not in _DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r} (choose from auto, {', '.join(_DTYPES)})")
-    return dtype
-
+__all__ = ["BatchPreparer", "PromptEncoding", "SemanticEncoder"]
 
 def _resolved_revision(model_id: str, revision: str | None, config: Any) -> str | None:
     commit = getattr(config, "_commit_hash", None)
@@ -181,12 +154,9 @@ class SemanticEncoder:
         self.model = None
 
     @property
-    def spec(self) -> dict[str, Any]:
-        return semantic_spec(
-            self.model_id, _resolved_revision(self.model_id, self.revision, self.config),
-            self.dtype, self.prompts.texts, self.prompts.answer_prefix,
-            self.prompts.rating_words, self.prompts.rating_weights,
-        )
+    def resolved_revision(self) -> str | None:
+        """The hub commit the weights come from (a content label for a local folder)."""
+        return _resolved_revision(self.model_id, self.revision, self.config)
 
     def load(self, progress: bool = True) -> SemanticEncoder:
         """Load the weights (once); ``progress=False`` hides transformers' loading bar."""
@@ -200,7 +170,7 @@ class SemanticEncoder:
             hf_logging.disable_progress_bar()
 
         kw: dict[str, Any] = {"revision": self.revision, "trust_remote_code": self.trust_remote_code,
-                              "dtype": _DTYPES[self.dtype]}
+                              "dtype": DTYPES[self.dtype]}
         if self.attn_implementation:
             kw["attn_implementation"] = self.attn_implementation
         try:
@@ -228,7 +198,7 @@ class SemanticEncoder:
             if torch.is_tensor(v):
                 v = v.to(self.device, non_blocking=True)
                 if v.is_floating_point():
-                    v = v.to(_DTYPES[self.dtype])
+                    v = v.to(DTYPES[self.dtype])
             inputs[k] = v
         if self._base is not None:
             hidden = self._base(**inputs, use_cache=False).last_hidden_state

@@ -1,7 +1,7 @@
-"""Data-parallel helpers for ``torchrun``: rank, world size, process group, collectives.
+"""Where and how things run: device and dtype resolution, and the ``torchrun`` helpers.
 
-Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) everything here is a no-op, so the
-same code runs in one process.
+Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) the data-parallel helpers are
+no-ops, so the same code runs in one process.
 """
 
 from __future__ import annotations
@@ -12,7 +12,36 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_sum", "barrier", "is_main", "process_group", "rank", "world_size"]
+from agiqa.errors import ConfigError
+
+__all__ = ["DTYPES", "all_reduce_sum", "barrier", "is_main", "process_group", "rank",
+           "resolve_device", "resolve_dtype", "world_size"]
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` is this process's GPU (``LOCAL_RANK`` under ``torchrun``) when there is one."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device(f"cuda:{local % torch.cuda.device_count()}")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asked for, but no CUDA device is available")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N)") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device, gpu_default: str = "bfloat16") -> str:
+    """``auto`` is ``gpu_default`` on a GPU and float32 on a CPU."""
+    if dtype == "auto":
+        return gpu_default if device.type == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r} (choose from auto, {', '.join(DTYPES)})")
+    return dtype
 
 
 def world_size() -> int:

@@ -1,0 +1,95 @@
+"""Stage one: ``agiqa extract-semantics``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from agiqa.cli.common import (
+    CONTEXT,
+    cli,
+    dataset_from_options,
+    dataset_options,
+    echo_json,
+    handle_errors,
+)
+
+
+# -- stage one ---------------------------------------------------------------------------------
+@cli.command("extract-semantics", context_settings=CONTEXT)
+@click.option("--model", "model", default="llava-1.5-7b", show_default=True,
+              help="MLLM: a preset name, Hugging Face hub id or local folder.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A folder of images (recursive).")
+@dataset_options
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The cache folder (created, or resumed / appended to).")
+@click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None,
+              help="Shard format of a new cache  [default: zarr]")
+@click.option("--prompts", default="paper", show_default=True,
+              help="Prompt preset, or a .json (preset schema) / .txt (one per line) file.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Images per shard (the unit of resume and of worker assignment).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+              default="auto", show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own code.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Number of independent workers filling this cache (default: torchrun's).")
+@click.option("--worker", type=click.IntRange(min=0), default=None,
+              help="This worker's index, 0 to WORKERS-1 (default: torchrun's RANK).")
+@click.option("--loader-workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Background processes decoding and preprocessing images.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@handle_errors
+def extract_semantics_cmd(model, revision, images, dataset, root, labels, target, image_column,
+                          score_column, out, fmt, prompts, batch_size, shard_size, device, dtype,
+                          trust_remote_code, workers, worker, loader_workers, quiet, as_json):
+    """Stage one: run the MLLM once per image and prompt; cache the semantic vectors.
+
+    \b
+    Examples:
+      agiqa extract-semantics --model llava-1.5-7b --images ./generated --out cache/
+      agiqa extract-semantics --model Qwen/Qwen2.5-VL-7B-Instruct \\
+          --dataset agiqa-3k --root AGIQA-3K/ --out cache-3k/ --format hdf5
+      torchrun --nproc-per-node 8 -m agiqa extract-semantics --images DIR --out cache/
+    """
+    from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
+
+    if (images is None) == (dataset is None):
+        raise click.UsageError("give either --images DIR or --dataset NAME --root DIR")
+    if images is not None:
+        source = ImageSource.from_folder(images)
+    else:
+        ds = dataset_from_options(dataset, root, labels, target, image_column, score_column,
+                           require_scores=False)
+        source = ImageSource.from_dataset(ds)
+    cfg = ExtractConfig(out=out, model=model, revision=revision, format=fmt, prompts=prompts,
+                        batch_size=batch_size, shard_size=shard_size, device=device, dtype=dtype,
+                        trust_remote_code=trust_remote_code, workers=workers, worker=worker,
+                        loader_workers=loader_workers, progress=not quiet)
+    report = extract_semantics(cfg, source)
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        _print_extract_summary(report)
+    sys.exit(report.exit_code)
+
+
+def _print_extract_summary(report) -> None:
+    r = report
+    click.echo(
+        f"{r.requested} images: {r.computed} computed, {r.reused} already cached, "
+        f"{len(r.failures)} failed  ({r.images_per_second:.1f} images/s, worker {r.worker} of "
+        f"{r.workers}) -> {r.cache}"
+    )
+    for key, reason in sorted(r.failures.items()):
+        click.echo(f"failed: {key}: {reason}", err=True)
+    if r.skipped_files:
+        shown = ", ".join(r.skipped_files[:5]) + (" ..." if len(r.skipped_files) > 5 else "")
+        click.echo(f"skipped {len(r.skipped_files)} file(s) that are not images: {shown}", err=True)

@@ -1,0 +1,58 @@
+"""Inputs and predictions shared by fit, evaluate and score: decode once, predict in batches."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+from tqdm.auto import tqdm
+
+from agiqa.data.datasets import Dataset
+from agiqa.data.images import load_image
+from agiqa.data.pixels import normalize, resize_pixels
+from agiqa.models.agiqa_net import AgiqaNet
+
+__all__ = ["decode_pixels", "predict"]
+
+
+class _Decode(TorchDataset):
+    def __init__(self, ds: Dataset, keys: list[str]):
+        self.ds, self.keys = ds, keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img, _ = load_image(self.ds.path(self.keys[i]), self.keys[i])
+        return resize_pixels(img)
+
+
+def decode_pixels(ds: Dataset, keys: list[str], workers: int = 2, progress: bool = True
+                  ) -> torch.Tensor:
+    """Decode and resize every image once: uint8 [n, 3, 224, 224]."""
+    out = torch.empty((len(keys), 3, 224, 224), dtype=torch.uint8)
+    loader = DataLoader(_Decode(ds, keys), batch_size=32, num_workers=workers)
+    i = 0
+    for batch in tqdm(loader, desc="decode", unit="batch", disable=not progress):
+        out[i : i + len(batch)] = batch
+        i += len(batch)
+    return out
+
+
+
+@torch.no_grad()
+def predict(model: AgiqaNet, pixels: torch.Tensor, vectors: torch.Tensor, device: torch.device,
+            batch_size: int = 32, amp: bool = False, with_gates: bool = False):
+    """Scores (and gates) of uint8 pixels [n, 3, 224, 224] with vectors [n, P, D]."""
+    model.eval()
+    scores, gates = [], []
+    for i in range(0, len(pixels), batch_size):
+        x = normalize(pixels[i : i + batch_size]).to(device)
+        s = vectors[i : i + batch_size].to(device, torch.float32)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            y, g = model(x, s, return_gates=True)
+        scores.append(y.float().cpu())
+        gates.append(g.float().cpu())
+    scores = torch.cat(scores) if scores else torch.empty(0)
+    gates = torch.cat(gates) if gates else torch.empty(0)
+    return (scores, gates) if with_gates else scores
