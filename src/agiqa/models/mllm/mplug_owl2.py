@@ -4,6 +4,8 @@ Paper: Ye et al., "mPLUG-Owl2: Revolutionizing Multi-modal Large Language Model 
 Collaboration", CVPR 2024. Code: https://github.com/X-PLUG/mPLUG-Owl/tree/main/mPLUG-Owl2
 (vendored by MA-AGIQA: https://github.com/wangpuyi/MA-AGIQA). Q-Align / OneAlign checkpoints
 (`q-future/one-align`, `q-future/q-align-*`) share the architecture and load the same way.
+The visual side lives in `mplug_owl2_vision.py`, tokenizer and image preprocessing (equal to the
+official slow path, through the `sentencepiece` package) in `mplug_owl2_processing.py`.
 
 Interface used by the MLLM adapter:
 

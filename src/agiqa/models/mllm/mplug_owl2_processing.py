@@ -223,9 +223,10 @@ class MplugOwl2ImageProcessor:
 
     @classmethod
     def from_pretrained(cls, source: str, revision: str | None = None) -> MplugOwl2ImageProcessor:
-        """Read `preprocessor_config.json`."""
-        path = _hub_file(source, "preprocessor_config.json", revision)
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
+        """Read `preprocessor_config.json`; without one (LoRA-merged Q-Align folders lack it),
+        the mPLUG-Owl2 hub settings apply."""
+        path = _hub_file(source, "preprocessor_config.json", revision, required=False)
+        config = json.loads(Path(path).read_text(encoding="utf-8")) if path else {}
         keys = ("image_mean", "image_std", "resample", "rescale_factor")
         args: dict[str, Any] = {k: config[k] for k in keys if config.get(k) is not None}
         for key in ("size", "crop_size"):
