@@ -198,15 +198,21 @@ class SemanticEncoder:
         self._image_token_id = None
 
     def _init_mplug_owl2(self) -> None:
-        from agiqa.models.mllm.mplug_owl2 import load_mplug_owl2
+        from agiqa.models.mllm.mplug_owl2 import (
+            IMAGE_TOKEN_INDEX,
+            MplugOwl2Config,
+            MplugOwl2Processor,
+        )
 
-        # The processor comes with the weights; they are kept for load().
-        model, self.processor = load_mplug_owl2(self.model_id, revision=self.revision,
-                                                dtype=DTYPES[self.dtype], device="cpu")
-        self._pending = model
-        self.config = model.config
-        self.dim = int(model.config.hidden_size)
-        self._image_token_id = getattr(self.processor, "image_token_id", None)
+        try:
+            self.config = MplugOwl2Config.from_pretrained(self.model_id, revision=self.revision)
+            self.processor = MplugOwl2Processor.from_pretrained(
+                self.model_id, revision=self.revision,
+                num_image_tokens=self.config.num_image_tokens)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"cannot load MLLM {self.model_id!r}: {e}") from None
+        self.dim = int(self.config.hidden_size)
+        self._image_token_id = IMAGE_TOKEN_INDEX
 
     @property
     def resolved_revision(self) -> str | None:
@@ -224,8 +230,14 @@ class SemanticEncoder:
         if self.model is not None:
             return self
         if self.family == MPLUG_OWL2:
-            model = self._pending
-            self._pending = None
+            from agiqa.models.mllm.mplug_owl2 import load_mplug_owl2
+
+            try:
+                model, _ = load_mplug_owl2(self.model_id, revision=self.revision,
+                                           dtype=DTYPES[self.dtype])
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                raise ModelLoadError(
+                    f"cannot load MLLM weights {self.model_id!r}: {e}") from None
         else:
             model = self._load_transformers(progress)
         self.model = model.to(self.device).eval()
