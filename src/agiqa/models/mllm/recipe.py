@@ -164,11 +164,11 @@ def render_prompt_first(processor: Any, prompt: str, image_marker: str, model_id
         raise ModelLoadError(f"{model_id}: its chat template cannot render a user turn of text "
                              f"and image ({type(e).__name__}: {e})") from None
     at_prompt, at_image = text.find(prompt), text.find(image_marker)
-    if at_prompt < 0 or at_image < 0:
-        missing = "the prompt" if at_prompt < 0 else f"the image marker {image_marker!r}"
-        raise ModelLoadError(f"{model_id}: its chat template does not render {missing} "
+    if at_prompt < 0:
+        raise ModelLoadError(f"{model_id}: its chat template does not render the prompt "
                              f"verbatim ({text!r}); the prompt cannot be put before the image")
-    if at_prompt < at_image:
+    if at_image < 0 or at_prompt < at_image:
+        # In order, or an image placeholder of another spelling: the token-id check decides.
         return text
     block = text[at_image:at_prompt]
     core = block.rstrip()
