@@ -47,10 +47,10 @@ def official(tmp_path_factory):
     for i, name in enumerate(names):
         Image.fromarray(photos[i % len(photos)]).convert("RGB").resize((64, 48)).save(root / name)
         rows.append(f"{name},{1 + (i % 5)}")
-        # getFeature.py: the batch output in float16, one [1, 4096] row per image and prompt.
+        # getFeature.py saves `output_tensors[j]`: a [1, 4096] float16 view of the batch output.
         pair = (torch.randn(2, 1, DIM, generator=generator) * (1 + i)).half()
-        _save(tensors / official_tensor_name(name, "semantic_content"), pair[0].clone())
-        _save(tensors / official_tensor_name(name, "coherence"), pair[1].clone())
+        _save(tensors / official_tensor_name(name, "semantic_content"), pair[0])
+        _save(tensors / official_tensor_name(name, "coherence"), pair[1])
         good[name] = pair[:, 0].float().numpy()
     broken = {
         "missing.jpg": "missing ",
