@@ -24,11 +24,11 @@ from tqdm.auto import tqdm
 
 from agiqa import runtime as dist
 from agiqa.data.pixels import normalize
-from agiqa.errors import CheckpointError, ConfigError, TrainingError
+from agiqa.errors import CheckpointError, TrainingError
 from agiqa.fileio import atomic_path, remove_stale_temporaries, write_text
 from agiqa.stages.predict import predict
 
-__all__ = ["MIN_EVAL_IMAGES", "ProtocolWarning", "Trainer", "check_resumable", "select_epoch",
+__all__ = ["MIN_EVAL_IMAGES", "ProtocolWarning", "Trainer", "select_epoch",
            "steps_per_epoch", "validation_figures", "validation_images"]
 
 
@@ -257,12 +257,3 @@ class Trainer:
             self.sched.step()
         return batch_err, batch_n
 
-
-def check_resumable(out: Path) -> None:
-    """Raise unless ``out`` holds an interrupted run."""
-    if (out / "checkpoint.pt").is_file():
-        return
-    if (out / "model.safetensors").is_file():
-        raise ConfigError(f"--resume: {out} holds a finished run (model.safetensors), nothing "
-                          "to resume; choose another --out for a new run")
-    raise ConfigError(f"--resume: {out / 'checkpoint.pt'} not found (nothing to resume)")
