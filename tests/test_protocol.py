@@ -204,7 +204,7 @@ def test_a_fit_logs_steps_images_and_the_figures_the_selection_used(small_set, t
 def test_evaluate_runs_float32_by_default_and_bf16_with_amp(small_set, tmp_path, monkeypatch):
     root, cache = small_set
     out = tmp_path / "run"
-    assert run(*fit_args(small_set, out, "--epochs", "1", "--batch-size", "8")).exit_code == 0
+    assert run(*fit_args(small_set, out, "--epochs", "1", "--batch-size", "5")).exit_code == 0
     from agiqa.models import agiqa_net
     from agiqa.stages import evaluate as evaluate_module
 
@@ -355,7 +355,7 @@ def test_killed_checkpoint_write_leaves_nothing_that_breaks_resume(small_set, tm
         return original(self, *a)
 
     monkeypatch.setattr(Trainer, "_train_epoch", stop_in_epoch_1)
-    args = fit_args(small_set, out, "--epochs", "2", "--batch-size", "8")
+    args = fit_args(small_set, out, "--epochs", "2", "--batch-size", "5")
     assert run(*args).exit_code == 1
     monkeypatch.setattr(Trainer, "_train_epoch", original)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
@@ -381,7 +381,7 @@ def test_disk_full_while_training_is_one_error_line(small_set, tmp_path, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device", str(f))
 
     monkeypatch.setattr(torch, "save", full)
-    r = run(*fit_args(small_set, out, "--epochs", "1", "--batch-size", "8"))
+    r = run(*fit_args(small_set, out, "--epochs", "1", "--batch-size", "5"))
     assert r.exit_code == 1
     assert r.output.strip() == (f"Error: {out / 'checkpoint.pt'}: cannot write the run "
                                 "(No space left on device)")
@@ -435,8 +435,17 @@ def test_rank_0_failing_after_training_stops_every_rank(small_set, tmp_path):
            "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "agiqa", *map(str, fit_args(small_set, tmp_path / "run", "--epochs", "1",
-                                             "--batch-size", "8"))]
+                                             "--batch-size", "5"))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0
     assert "injected failure while saving the model" in proc.stderr + proc.stdout
     assert "rank 0 failed after training" in proc.stderr + proc.stdout
+
+
+def test_amp_is_an_opt_in_of_fit_evaluate_and_score_folder():
+    for command in ("fit", "evaluate", "score-folder"):
+        r = run(command, "--help")
+        assert r.exit_code == 0 and "--amp" in r.output, command
+    from agiqa.stages.fit import FitConfig
+
+    assert FitConfig(dataset="csv", root=".", cache=".", out=".").amp is False
