@@ -197,17 +197,7 @@ def _fit(cfg: FitConfig, device: torch.device) -> FitResult:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=cfg.t_max, eta_min=0)
     trainer = Trainer(cfg, model, optim, sched, torch.Generator().manual_seed(cfg.seed), device)
 
-    keys = split.subset("all")
-    vectors = torch.from_numpy(cache.read(keys, ("vectors",))["vectors"])
-    pixels = decode_pixels(ds, keys, cfg.loader_workers, cfg.progress and main)
-    index = {k: i for i, k in enumerate(keys)}
-    part = {name: torch.tensor([index[k] for k in split.subset(name)]) for name in
-            ("train", "val", "test")}
-    with warnings.catch_warnings():  # warned once by _check_split
-        warnings.simplefilter("ignore", ProtocolWarning)
-        part["val_used"] = part["val"][: validation_images(len(part["val"]), cfg.batch_size)]
-    mos = _mos(ds)
-    targets = torch.tensor([mos[k] for k in keys], dtype=torch.float32)
+    keys, vectors, pixels, targets, part = _inputs(cfg, ds, cache, split, main)
     norm = _score_norm(cfg.score_norm, targets[part["train"]])
     sem_norm = _semantic_norm(cfg.semantic_norm, vectors[part["train"]])
 
@@ -240,8 +230,20 @@ def _fit(cfg: FitConfig, device: torch.device) -> FitResult:
     return FitResult(cfg.out, metrics, trainer.best_epoch, trainer.history)
 
 
-def _mos(ds) -> dict[str, float]:
-    return {s.key: s.mos for s in ds.samples}
+def _inputs(cfg: FitConfig, ds, cache: SemanticCache, split: Split, main: bool):
+    """Keys, vectors, decoded pixels and MOS of every image; index tensors of each subset."""
+    keys = split.subset("all")
+    vectors = torch.from_numpy(cache.read(keys, ("vectors",))["vectors"])
+    pixels = decode_pixels(ds, keys, cfg.loader_workers, cfg.progress and main)
+    index = {k: i for i, k in enumerate(keys)}
+    part = {name: torch.tensor([index[k] for k in split.subset(name)]) for name in
+            ("train", "val", "test")}
+    with warnings.catch_warnings():  # warned once by _check_split
+        warnings.simplefilter("ignore", ProtocolWarning)
+        part["val_used"] = part["val"][: validation_images(len(part["val"]), cfg.batch_size)]
+    mos = {s.key: s.mos for s in ds.samples}
+    targets = torch.tensor([mos[k] for k in keys], dtype=torch.float32)
+    return keys, vectors, pixels, targets, part
 
 
 def _join_ranks(ok: bool, device: torch.device) -> None:
