@@ -32,28 +32,34 @@ def test_extract_and_fit_with_the_paper_split_on_agiqa3k_names(tmp_path, tiny_ll
                   "--loader-workers", "0"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     r = run(cli, ["fit", "--dataset", "agiqa-3k", "--root", str(root), "--cache", str(cache),
-                  "--out", str(out), "--split", "paper", "--backbone", "tiny", "--no-pretrained",
+                  "--out", str(out), "--split", "paper", "--backbone", "tiny",
                   "--epochs", "1", "--batch-size", "32", "--loader-workers", "0", "-q", "--json"],
             catch_exceptions=False)
     assert r.exit_code == 0, r.output
     for name in ("model.safetensors", "config.json", "metrics.json", "predictions.csv",
                  "split.csv", "train_log.jsonl", "scatter_test.png", "training_curves.png"):
         assert (out / name).is_file(), name
-    # The official split: random.seed(20); random.shuffle(range(n)); cut at round(0.7 n) and
-    # round(0.8 n).
+    # The official split (dataset_general): random.seed(20); random.shuffle(range(n)); cut at
+    # int(n * 0.7) and int(n * 0.8).
     index = list(range(len(rows)))
     random.seed(20)
     random.shuffle(index)
-    a, b = int(round(len(rows) * 0.7)), int(round(len(rows) * 0.8))
+    a, b = int(len(rows) * 0.7), int(len(rows) * 0.8)
     expected = {rows[i]["name"]: "train" for i in index[:a]}
     expected.update({rows[i]["name"]: "val" for i in index[a:b]})
     expected.update({rows[i]["name"]: "test" for i in index[b:]})
     with open(out / "split.csv", newline="", encoding="utf-8") as f:
         written = {row["key"]: row["subset"] for row in csv.DictReader(f)}
     assert written == expected
-    assert sum(v == "test" for v in written.values()) == 596
+    counts = [sum(v == s for v in written.values()) for s in ("train", "val", "test")]
+    assert counts == [2087, 298, 597]
     config = json.loads((out / "config.json").read_text())
     assert config["dataset"] == {"name": "agiqa-3k", "target": "mos_quality",
                                  "split": "paper(seed=20)"}
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["history"]) == 1 and np.isfinite(metrics["test"]["srcc"])
+    # full batches only (drop_last): 2087 // 32 steps; validation 298 - 298 % 32 images
+    row = metrics["history"][0]
+    assert (row["steps"], row["train_images"], row["val_images"]) == (65, 2080, 288)
+    assert config["training"]["amp"] is False
+    assert config["backbone_weights"]["pretrained"] is False

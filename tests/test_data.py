@@ -12,8 +12,19 @@ from agiqa.data import load_dataset, make_split, normalize, read_pixels
 from agiqa.errors import DatasetError
 from agiqa.metrics import evaluate
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared/data not beside the repo")
+
+def _shared_data() -> Path:
+    """The real label files: ``shared/data`` beside the checkout or a folder above it."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "shared" / "data").is_dir():
+            return parent / "shared" / "data"
+    return here.parents[2] / "shared" / "data"
+
+
+SHARED = _shared_data()
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(),
+                                  reason=f"no shared/data folder above {Path(__file__).parent}")
 
 
 @needs_shared
@@ -46,9 +57,22 @@ def test_paper_split_is_the_official_shuffle():
     random.seed(20)
     random.shuffle(index)
     keys = ds.keys
-    assert split.train == [keys[i] for i in index[:2087]]
-    assert split.val == [keys[i] for i in index[2087:2386]]
-    assert split.test == [keys[i] for i in index[2386:]]
+    a, b = int(len(ds) * 0.7), int(len(ds) * 0.8)  # truncated, as dataset_general
+    assert (a, b) == (2087, 2385)
+    assert split.train == [keys[i] for i in index[:a]]
+    assert split.val == [keys[i] for i in index[a:b]]
+    assert split.test == [keys[i] for i in index[b:]]
+
+
+def test_random_ratios_cut_where_int_truncates():
+    from agiqa.data.splits import paper_split
+
+    for n in (10, 30, 50, 2982, 14000):
+        tr, va, te = paper_split(n, 20, (0.7, 0.1, 0.2))
+        assert (len(tr), len(va), len(te)) == (int(n * 0.7), int(n * 0.8) - int(n * 0.7),
+                                               n - int(n * 0.8))
+    tr, va, te = paper_split(30, 20, (0.6, 0.2, 0.2))
+    assert (len(tr), len(va), len(te)) == (18, 6, 6)
 
 
 @needs_shared

@@ -59,15 +59,16 @@ def test_fit_writes_the_run_directory_and_learns(graded, tmp_path):
 
     ev = run("evaluate", "--model", out, "--dataset", "csv", "--root", root, "--cache", cache,
              "--json", "-q")
-    result = json.loads(ev.output)
+    result = json.loads(ev.stdout)
     assert ev.exit_code == 0 and result["split"] == "test" and result["images"] == 6
-    assert abs(result["srcc"] - json.loads((out / "metrics.json").read_text())["test"]["srcc"]) < 1e-6
+    saved = json.loads((out / "metrics.json").read_text())["test"]
+    assert abs(result["srcc"] - saved["srcc"]) < 1e-6
 
 
 def test_resume_continues_an_interrupted_run(graded, tmp_path, monkeypatch):
     root, cache = graded
     args = [*FIT, "--root", root, "--cache", cache, "--lr", "3e-4", "--epochs", "3", "--json"]
-    full = json.loads(run("fit", *args, "--out", tmp_path / "full").output)
+    full = json.loads(run("fit", *args, "--out", tmp_path / "full").stdout)
     from agiqa.stages import fit as fit_module
 
     original = fit_module._Trainer._train_epoch
@@ -84,8 +85,9 @@ def test_resume_continues_an_interrupted_run(graded, tmp_path, monkeypatch):
     assert not (tmp_path / "part" / "model.safetensors").exists()
     monkeypatch.setattr(fit_module._Trainer, "_train_epoch", original)
     again = run("fit", *args, "--out", tmp_path / "part")
-    assert again.exit_code == 1 and "already holds a run; pass --resume" in again.output
-    resumed = json.loads(run("fit", *args, "--out", tmp_path / "part", "--resume").output)
+    assert again.exit_code == 1
+    assert "holds an interrupted run (checkpoint.pt); pass --resume" in again.output
+    resumed = json.loads(run("fit", *args, "--out", tmp_path / "part", "--resume").stdout)
     assert resumed["best_epoch"] == full["best_epoch"]
     for k in ("srcc", "plcc", "rmse"):
         assert resumed["rows"]["test"][k] == pytest.approx(full["rows"]["test"][k], abs=1e-5)
@@ -124,13 +126,19 @@ def test_evaluate_refuses_a_cache_of_another_fingerprint(graded, tiny_qwen, tmp_
 
 
 def test_two_process_torchrun_fit_matches_one_process(graded, tmp_path):
-    """DDP on CPU (gloo): two processes share each global batch and land where one process does."""
+    """DDP on CPU (gloo): two processes share each global batch and land where one process does.
+
+    Same initialisation, data order and global batches; ``--dropout 0`` removes the only random
+    draws that differ between the runs (each process draws the masks of its own slice). What
+    remains is the order of float32 sums (the gradient all-reduce adds two half-batch sums), a
+    relative difference near 1e-7 per step: over 2 epochs of Adam it stays far below 1e-4.
+    """
     import subprocess
     import sys
 
     root, cache = graded
     args = [*FIT, "--root", root, "--cache", cache, "--epochs", "2", "--lr", "3e-4",
-            "--no-augment", "--json"]
+            "--no-augment", "--dropout", "0", "--json"]
     one = json.loads(run("fit", *args, "--out", tmp_path / "one").stdout)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "agiqa", "fit", *map(str, args), "--out", str(tmp_path / "two")]
@@ -142,16 +150,15 @@ def test_two_process_torchrun_fit_matches_one_process(graded, tmp_path):
     assert config["processes"] == 2
     h1 = json.loads((tmp_path / "one" / "metrics.json").read_text())["history"]
     h2 = json.loads((tmp_path / "two" / "metrics.json").read_text())["history"]
-    assert len(h2) == 2
-    # Same data order, augmentation and global batches; the dropout and drop-path masks
-    # differ between the runs, so the curves agree within that noise, not bit for bit.
     print("one", [h["loss"] for h in h1], one["rows"]["test"])
     print("two", [h["loss"] for h in h2], two["rows"]["test"])
+    assert len(h2) == 2
     for a, b in zip(h1, h2, strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], rel=0.35)
-    assert h2[-1]["loss"] < h2[0]["loss"]
-    for k in ("srcc", "plcc"):
-        assert abs(two["rows"]["test"][k] - one["rows"]["test"][k]) < 0.3
+        assert (b["steps"], b["train_images"]) == (a["steps"], a["train_images"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["val_srcc"] == pytest.approx(a["val_srcc"], abs=1e-4)
+    for k in ("srcc", "plcc", "krcc", "rmse"):
+        assert two["rows"]["test"][k] == pytest.approx(one["rows"]["test"][k], abs=1e-4)
 
 
 def test_score_and_semantic_normalisation_fold_into_the_model():
@@ -243,7 +250,7 @@ def test_blur_graded_real_photos_cpu_fit_reaches_srcc_0_6(tiny_llava, tmp_path):
             "zscore", "--t-max", "100000", "--lr", "3e-4", "--backbone-lr", "0", "--epochs", "30",
             "--no-augment", "--loader-workers", "0", "-q", "--json")
     assert r.exit_code == 0, r.output
-    test = json.loads(r.output)["rows"]["test"]
+    test = json.loads(r.stdout)["rows"]["test"]
     print("blur-graded test metrics", test)
     assert len(labels.read_text().splitlines()) == 1 + 17 * 2 * 6
     assert test["srcc"] >= 0.6

@@ -13,7 +13,17 @@ import numpy as np
 from scipy import stats
 from scipy.optimize import OptimizeWarning, curve_fit
 
-__all__ = ["evaluate", "fit_logistic", "logistic"]
+from agiqa.errors import AgiqaError
+
+__all__ = ["LogisticFitWarning", "MetricsError", "evaluate", "fit_logistic", "logistic"]
+
+
+class MetricsError(AgiqaError):
+    """Predictions and scores that metrics cannot be computed on; the message has the values."""
+
+
+class LogisticFitWarning(UserWarning):
+    """The 4-parameter logistic did not converge; PLCC and RMSE use the starting β."""
 
 
 def logistic(x, b1, b2, b3, b4):
@@ -28,10 +38,15 @@ def fit_logistic(pred, mos) -> tuple[np.ndarray, np.ndarray]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OptimizeWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("always", LogisticFitWarning)
         try:
             popt, _ = curve_fit(logistic, pred, mos, p0=beta0, maxfev=100_000_000)
-        except RuntimeError:  # no convergence: report the unfitted mapping
+        except (RuntimeError, TypeError) as e:  # no convergence, or fewer points than β
             popt = np.array(beta0)
+            warnings.warn(f"the 4-parameter logistic fit did not converge on {pred.size} "
+                          f"predictions ({e}); PLCC and RMSE use the starting β "
+                          f"[{', '.join(f'{b:.4g}' for b in beta0)}]", LogisticFitWarning,
+                          stacklevel=2)
     return logistic(pred, *popt), np.asarray(popt)
 
 
@@ -39,11 +54,17 @@ def evaluate(pred, mos) -> dict[str, float]:
     """SRCC, PLCC (after the logistic fit), KRCC, RMSE (after the fit) and raw PLCC."""
     pred, mos = np.asarray(pred, np.float64).ravel(), np.asarray(mos, np.float64).ravel()
     if pred.shape != mos.shape:
-        raise ValueError(f"{pred.size} predictions for {mos.size} scores")
+        raise MetricsError(f"{pred.size} predictions for {mos.size} scores")
     if pred.size < 3:
-        raise ValueError(f"metrics need at least 3 images, got {pred.size}")
-    if not np.isfinite(pred).all():
-        raise ValueError("predictions contain NaN or infinity")
+        raise MetricsError(f"metrics need at least 3 images, got {pred.size}")
+    bad = np.flatnonzero(~np.isfinite(pred))
+    if bad.size:
+        raise MetricsError(f"{bad.size} prediction(s) are NaN or infinite (first at index "
+                           f"{bad[0]}: {pred[bad[0]]})")
+    bad = np.flatnonzero(~np.isfinite(mos))
+    if bad.size:
+        raise MetricsError(f"{bad.size} score(s) are NaN or infinite (first at index {bad[0]}: "
+                           f"{mos[bad[0]]})")
     fitted, _ = fit_logistic(pred, mos)
     return {
         "srcc": float(stats.spearmanr(pred, mos)[0]),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+import warnings
 from pathlib import Path
 
 import click
@@ -18,6 +21,37 @@ from agiqa.cli.common import (
 
 
 # -- stage two ---------------------------------------------------------------------------------
+def _number(minimum: float, open_min: bool):
+    """A click callback: a finite float ≥ (or >) ``minimum``; NaN and infinity are refused."""
+
+    def check(ctx, param, value):
+        if value is None:
+            return value
+        low_ok = value > minimum if open_min else value >= minimum
+        if not (math.isfinite(value) and low_ok):
+            sign = ">" if open_min else "≥"
+            raise click.BadParameter(f"must be a finite number {sign} {minimum:g}, got {value}")
+        return value
+
+    return check
+
+
+@contextlib.contextmanager
+def _shown_warnings():
+    """Protocol fallbacks and metric warnings as ``Warning: …`` lines on stderr, every time."""
+    from agiqa.metrics import LogisticFitWarning
+    from agiqa.stages.trainer import ProtocolWarning
+
+    def show(message, category, *args, **kwargs):
+        click.echo(f"Warning: {message}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ProtocolWarning)
+        warnings.simplefilter("always", LogisticFitWarning)
+        warnings.showwarning = show
+        yield
+
+
 @cli.command("fit", context_settings=CONTEXT)
 @dataset_options
 @click.option("--cache", "cache_dir", required=True,
@@ -26,25 +60,36 @@ from agiqa.cli.common import (
               help="The run directory to write.")
 @click.option("--backbone", default="vit_base_patch8_224", show_default=True,
               help="vit_base_patch8_224 (the paper's) or tiny (CPU tests and demos).")
-@click.option("--pretrained/--no-pretrained", default=True, show_default=True,
-              help="Start the ViT from ImageNet weights (timm).")
+@click.option("--pretrained/--no-pretrained", default=None,
+              help="Start the ViT from its published ImageNet weights (timm "
+                   "vit_base_patch8_224.augreg_in21k_ft_in1k, the paper's) [default: when the "
+                   "backbone has any; tiny has none].")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), default=None,
-              help="A local file of the ViT's ImageNet weights (offline machines).")
-@click.option("--epochs", type=int, default=30, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--lr", type=float, default=1e-5, show_default=True)
-@click.option("--backbone-lr", type=float, default=None,
+              help="A local file of those weights (offline machines): the hub's "
+                   "model.safetensors or the original AugReg .npz.")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--lr", type=float, default=1e-5, show_default=True, callback=_number(0, True))
+@click.option("--backbone-lr", type=float, default=None, callback=_number(0, False),
               help="Learning rate of the ViT and MANIQA layers (not in the paper) "
                    "[default: --lr]; 0 freezes them and trains the MoE head only.")
-@click.option("--weight-decay", type=float, default=1e-5, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-5, show_default=True,
+              callback=_number(0, False))
 @click.option("--t-max", type=click.IntRange(min=1), default=50, show_default=True,
               help="Cosine annealing half-period in iterations (the official code: 50, "
                    "stepped every iteration).")
 @click.option("--split", default="paper", show_default=True,
               help="paper, files (the data set's split files), random:0.7,0.1,0.2 or a split.csv.")
-@click.option("--seed", type=int, default=20, show_default=True)
+@click.option("--seed", type=int, default=20, show_default=True,
+              help="Seed of the training (initialisation, order, augmentation, dropout).")
+@click.option("--split-seed", type=int, default=None,
+              help="Seed of the split's shuffle [default: --seed; the paper: 20].")
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Train N times on seeds SEED..SEED+N-1; report median and std.")
+              help="Train N times on the same split, training seeds SEED..SEED+N-1 (the "
+                   "official train_test_num); median and std into summary.json.")
+@click.option("--split-seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train on N random splits (split seeds SPLIT_SEED..+N-1, not the paper's); "
+                   "median and std into summary.json.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-augment", is_flag=True, help="Turn off rotation/flip augmentation.")
 @click.option("--score-norm", type=click.Choice(["none", "zscore"]), default="none",
@@ -55,8 +100,11 @@ from agiqa.cli.common import (
               show_default=True,
               help="zscore: standardise each semantic dimension during training (not in the "
                    "paper). Folded into the model: it still takes raw vectors.")
-@click.option("--amp/--no-amp", default=None,
-              help="bf16 mixed precision [default: on for CUDA, off otherwise].")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Dropout of the MANIQA and MoE layers (not in the paper) [default: 0.1, "
+                   "the paper's].")
+@click.option("--amp/--no-amp", default=False, show_default=True,
+              help="bf16 autocast of training and scoring (not the paper's float32).")
 @click.option("--compile", "compile_model", is_flag=True,
               help="Train through torch.compile (first steps compile; faster on GPUs).")
 @click.option("--loader-workers", type=click.IntRange(min=0), default=2, show_default=True)
@@ -66,18 +114,19 @@ from agiqa.cli.common import (
 @handle_errors
 def fit_cmd(dataset, root, labels, target, image_column, score_column, cache_dir, out, backbone,
             pretrained, backbone_weights, epochs, batch_size, lr, backbone_lr, weight_decay, t_max,
-            split, seed, repeats, device, no_augment, score_norm, semantic_norm, amp,
-            compile_model, loader_workers, resume, quiet, as_json):
+            split, seed, split_seed, repeats, split_seeds, device, no_augment, dropout, score_norm,
+            semantic_norm, amp, compile_model, loader_workers, resume, quiet, as_json):
     """Stage two: train the MANIQA backbone and MoE head from cached vectors.
 
-    The defaults are the paper's protocol: Adam lr 1e-5, weight decay 1e-5, batch 8,
-    30 epochs, MSE, cosine annealing, the paper's 70/10/20 split with seed 20.
+    The defaults are the official protocol: the 70/10/20 split of seed 20, Adam lr 1e-5,
+    weight decay 1e-5, batch 8 (last partial batch dropped), 30 epochs, MSE, per-step cosine
+    annealing, float32, the best epoch by raw validation SRCC + PLCC.
 
     \b
     Examples:
       agiqa fit --dataset agiqa-3k --root AGIQA-3K/ --cache cache-3k/ --out runs/3k
       agiqa fit --dataset csv --root imgs/ --labels scores.csv --cache c/ --out runs/x \\
-          --backbone tiny --no-pretrained --epochs 5
+          --backbone tiny --epochs 5
       torchrun --nproc-per-node 4 -m agiqa fit --dataset agiqa-3k --root AGIQA-3K/ \\
           --cache cache-3k/ --out runs/3k-ddp
     """
@@ -92,11 +141,12 @@ def fit_cmd(dataset, root, labels, target, image_column, score_column, cache_dir
                     out=out, backbone=backbone, pretrained=pretrained,
                     backbone_weights=backbone_weights, epochs=epochs, batch_size=batch_size,
                     lr=lr, backbone_lr=backbone_lr, weight_decay=weight_decay, t_max=t_max,
-                    split=split, seed=seed, device=device, augment=not no_augment,
-                    score_norm=score_norm, semantic_norm=semantic_norm, amp=amp,
-                    compile=compile_model, loader_workers=loader_workers,
-                    resume=resume, progress=not quiet)
-    summary = fit_repeats(cfg, repeats)
+                    split=split, seed=seed, split_seed=split_seed, device=device,
+                    augment=not no_augment, dropout=dropout, score_norm=score_norm,
+                    semantic_norm=semantic_norm, amp=amp, compile=compile_model,
+                    loader_workers=loader_workers, resume=resume, progress=not quiet)
+    with _shown_warnings():
+        summary = fit_repeats(cfg, repeats, split_seeds)
     from agiqa.runtime import is_main
 
     if not is_main():  # under torchrun, rank 0 reports
@@ -118,11 +168,13 @@ def fit_cmd(dataset, root, labels, target, image_column, score_column, cache_dir
               help="test: the run's own test split; all: every image (cross-dataset).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--amp", is_flag=True, help="bf16 autocast of the forward (not the paper's "
+              "float32).")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def evaluate_cmd(model_dir, dataset, root, labels, target, image_column, score_column, cache_dir,
-                 split, device, batch_size, quiet, as_json):
+                 split, device, batch_size, amp, quiet, as_json):
     """Evaluate a model: SRCC, PLCC, KRCC, RMSE on a data set (in- or cross-dataset).
 
     \b
@@ -136,8 +188,9 @@ def evaluate_cmd(model_dir, dataset, root, labels, target, image_column, score_c
     if dataset is None:
         raise click.UsageError("--dataset is required")
     ds = dataset_from_options(dataset, root, labels, target, image_column, score_column)
-    result = evaluate_model(model_dir, ds, cache_dir, split, device, batch_size,
-                            progress=not quiet)
+    with _shown_warnings():
+        result = evaluate_model(model_dir, ds, cache_dir, split, device, batch_size,
+                                progress=not quiet, amp=amp)
     if as_json:
         echo_json(result)
     else:

@@ -31,11 +31,13 @@ from agiqa.cli.common import (
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--loader-workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--amp", is_flag=True, help="bf16 autocast of the scoring forward (not the "
+              "paper's float32).")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print rows and summary as JSON.")
 @handle_errors
 def score_folder_cmd(folder, model_dir, cache_dir, out, recursive, device, batch_size,
-                     loader_workers, quiet, as_json):
+                     loader_workers, amp, quiet, as_json):
     """Score every image of a folder with a trained model.
 
     Stage one runs only for images the cache lacks, with the MLLM of the model's fingerprint.
@@ -50,7 +52,7 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, recursive, device, batch
 
     scorer = Scorer.from_pretrained(model_dir, cache_dir=cache_dir, device=device,
                                     batch_size=batch_size, loader_workers=loader_workers,
-                                    progress=not quiet)
+                                    progress=not quiet, amp=amp)
     report = scorer.score_folder(folder, recursive)
     if out is not None:
         report.write(out)

@@ -55,15 +55,18 @@ def read_split_csv(path: str | os.PathLike) -> Split:
 
 
 def paper_split(n: int, seed: int = 20, ratios=(0.7, 0.1, 0.2)) -> tuple[list[int], ...]:
-    """The MA-AGIQA split: ``random.seed(seed)``, ``random.shuffle(list(range(n)))``, 70/10/20 %.
+    """The MA-AGIQA split (``dataset_general`` in the official ``utils/process.py``).
 
-    Boundaries are ``int(round(ratio * n))`` of the cumulative ratios, the idiom of the IQA
-    training scripts MA-AGIQA builds on.
+    ``random.seed(seed)``, ``random.shuffle(list(range(n)))`` over the label-file rows, then
+    ``train = index[:int(n * 0.7)]``, ``val = index[int(n * 0.7):int(n * 0.8)]``,
+    ``test = index[int(n * 0.8):]``: the cut points are truncated, not rounded (AGIQA-3K:
+    2087 / 298 / 597). Other ratios cut at the truncated cumulative ratios the same way.
     """
     index = list(range(n))
     random.Random(seed).shuffle(index)
-    a = int(round(ratios[0] * n))
-    b = int(round((ratios[0] + ratios[1]) * n))
+    # round() only removes float noise of the sum (0.7 + 0.1 = 0.7999999999999999).
+    a = int(n * round(ratios[0], 12))
+    b = int(n * round(ratios[0] + ratios[1], 12))
     return index[:a], index[a:b], index[b:]
 
 

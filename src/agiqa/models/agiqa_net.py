@@ -23,12 +23,19 @@ from agiqa.fileio import atomic_path, read_json, write_json
 from agiqa.models.maniqa import ManiqaBackbone
 from agiqa.models.moe import MoEHead
 
-__all__ = ["BACKBONES", "AgiqaNet", "ModelConfig", "create_model", "load_model", "save_model"]
+__all__ = ["BACKBONES", "PRETRAINED_TAGS", "AgiqaNet", "ModelConfig", "create_model",
+           "load_model", "resolve_pretrained", "save_model"]
 
-# Backbone presets: the timm model, its overrides, and the MANIQA widths that follow from it.
+# The ImageNet weights MA-AGIQA started from: timm 0.5.5's ``vit_base_patch8_224`` loaded the
+# AugReg ImageNet-21k → 1k checkpoint (B_8-i21k-300ep-...-res_224.npz). timm ≥ 1.0 names it
+# ``vit_base_patch8_224.augreg_in21k_ft_in1k``; its untagged name now means ``augreg2``.
+PAPER_VIT = "vit_base_patch8_224.augreg_in21k_ft_in1k"
+
+# Backbone presets: the timm model (with its pretrained tag), its overrides, and the MANIQA
+# widths that follow from it.
 BACKBONES: dict[str, dict[str, Any]] = {
     "vit_base_patch8_224": {
-        "timm_name": "vit_base_patch8_224", "vit_args": {},
+        "timm_name": PAPER_VIT, "vit_args": {},
         "feature_blocks": [6, 7, 8, 9], "maniqa_dim": 768, "swin_heads": 4, "dim_mlp": 768,
     },
     "tiny": {
@@ -39,6 +46,9 @@ BACKBONES: dict[str, dict[str, Any]] = {
     },
 }
 
+# The published weights of each backbone preset (None: there are none; it starts at random).
+PRETRAINED_TAGS: dict[str, str | None] = {"vit_base_patch8_224": PAPER_VIT, "tiny": None}
+
 
 @dataclass
 class ModelConfig:
@@ -47,7 +57,7 @@ class ModelConfig:
     backbone: str = "vit_base_patch8_224"
     num_prompts: int = 2
     semantic_dim: int = 4096
-    timm_name: str = "vit_base_patch8_224"
+    timm_name: str = PAPER_VIT
     vit_args: dict[str, Any] = field(default_factory=dict)
     feature_blocks: list[int] = field(default_factory=lambda: [6, 7, 8, 9])
     maniqa_dim: int = 768
@@ -61,14 +71,44 @@ class ModelConfig:
     score_bias_init: float | None = None
 
     @classmethod
-    def for_backbone(cls, backbone: str, num_prompts: int, semantic_dim: int) -> ModelConfig:
+    def for_backbone(cls, backbone: str, num_prompts: int, semantic_dim: int,
+                     drop: float | None = None) -> ModelConfig:
         if backbone not in BACKBONES:
             raise ConfigError(f"unknown backbone {backbone!r} (choose from {', '.join(BACKBONES)})")
+        extra = {} if drop is None else {"drop": drop}
         return cls(backbone=backbone, num_prompts=num_prompts, semantic_dim=semantic_dim,
-                   **BACKBONES[backbone])
+                   **BACKBONES[backbone], **extra)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def resolve_pretrained(backbone: str, pretrained: bool | None,
+                       weights_file: str | None = None) -> bool:
+    """Whether the ViT starts from published weights; ``None``: yes when the backbone has any.
+
+    Raises:
+        ConfigError: weights asked for a backbone that has none, or ``--no-pretrained`` with
+            ``--backbone-weights``.
+    """
+    if backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone {backbone!r} (choose from {', '.join(BACKBONES)})")
+    if PRETRAINED_TAGS.get(backbone) is None:
+        if pretrained or weights_file:
+            raise ConfigError(f"backbone {backbone!r} has no published weights (it always starts "
+                              "from random weights); drop --pretrained and --backbone-weights")
+        return False
+    if weights_file and pretrained is False:
+        raise ConfigError("--no-pretrained and --backbone-weights contradict each other")
+    return True if pretrained is None or weights_file else pretrained
+
+
+def _weights_error(cfg: ModelConfig, e: Exception) -> ModelLoadError:
+    hub = f"https://huggingface.co/timm/{cfg.timm_name}"
+    return ModelLoadError(
+        f"cannot load the ImageNet weights {cfg.timm_name} ({type(e).__name__}: {e}); "
+        f"offline, download model.safetensors from {hub} on a connected machine and pass it "
+        "with --backbone-weights FILE, or train from random weights with --no-pretrained")
 
 
 def _create_vit(cfg: ModelConfig, pretrained: bool, weights_file: str | None) -> nn.Module:
@@ -76,15 +116,16 @@ def _create_vit(cfg: ModelConfig, pretrained: bool, weights_file: str | None) ->
 
     kwargs: dict[str, Any] = dict(cfg.vit_args)
     if weights_file:
-        kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file)}
+        if not Path(weights_file).is_file():
+            raise ModelLoadError(f"{weights_file}: --backbone-weights file not found")
+        # timm reads the original AugReg .npz with its own loader, any other file as a state dict.
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file),
+                                            "custom_load": str(weights_file).endswith(".npz")}
         pretrained = True
     try:
         vit = timm.create_model(cfg.timm_name, pretrained=pretrained, num_classes=0, **kwargs)
     except Exception as e:  # noqa: BLE001 - a download or file failure of timm
-        raise ModelLoadError(
-            f"cannot load ImageNet weights for {cfg.timm_name} ({type(e).__name__}: {e}); "
-            "pass --backbone-weights FILE, or --no-pretrained to start from random weights"
-        ) from None
+        raise _weights_error(cfg, e) from None
     if vit.patch_embed.grid_size != (cfg.grid, cfg.grid):
         raise ConfigError(f"{cfg.timm_name} gives a {vit.patch_embed.grid_size} token grid, "
                           f"MA-AGIQA needs {cfg.grid}×{cfg.grid}")
@@ -124,10 +165,20 @@ class AgiqaNet(nn.Module):
 
 
 def create_model(backbone: str = "vit_base_patch8_224", num_prompts: int = 2,
-                 semantic_dim: int = 4096, pretrained: bool = False,
-                 backbone_weights: str | None = None) -> AgiqaNet:
-    """A new MA-AGIQA network; the ViT starts from ImageNet weights when ``pretrained``."""
-    cfg = ModelConfig.for_backbone(backbone, num_prompts, semantic_dim)
+                 semantic_dim: int = 4096, pretrained: bool | None = False,
+                 backbone_weights: str | None = None, drop: float | None = None) -> AgiqaNet:
+    """A new MA-AGIQA network.
+
+    Args:
+        backbone: a ``BACKBONES`` preset.
+        num_prompts: semantic vectors per image.
+        semantic_dim: width of a semantic vector.
+        pretrained: start the ViT from ``PRETRAINED_TAGS[backbone]``; None: when it has one.
+        backbone_weights: a local file of those weights (offline machines).
+        drop: dropout of the MANIQA and MoE layers (None: the paper's 0.1).
+    """
+    pretrained = resolve_pretrained(backbone, pretrained, backbone_weights)
+    cfg = ModelConfig.for_backbone(backbone, num_prompts, semantic_dim, drop)
     return AgiqaNet(cfg, pretrained=pretrained, backbone_weights=backbone_weights)
 
 
@@ -157,12 +208,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> A
     if not cfg_file.is_file() or not weights.is_file():
         raise CheckpointError(f"{path}: not a model directory (needs config.json and "
                               "model.safetensors)")
-    config = read_json(cfg_file)
-    if config.get("architecture") != "ma-agiqa":
+    try:
+        config = read_json(cfg_file)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_file}: not readable JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("architecture") != "ma-agiqa":
         raise CheckpointError(f"{cfg_file}: not an MA-AGIQA model")
     try:
         model_cfg = ModelConfig(**config["model"])
-    except TypeError as e:
+    except (TypeError, KeyError) as e:
         raise CheckpointError(f"{cfg_file}: bad model arguments ({e})") from None
     model = AgiqaNet(model_cfg)
     try:

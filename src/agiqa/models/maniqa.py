@@ -184,7 +184,8 @@ class ManiqaBackbone(nn.Module):
     """ViT features → TAB ×2 → conv → Swin → TAB ×2 → conv → Swin → patch heads → key [B, N].
 
     The ViT (a timm ``VisionTransformer``) runs only up to the last block whose output is used;
-    later blocks and the classification head are pruned.
+    later blocks and the classification head are pruned. ``drop`` is the dropout and the
+    stochastic-depth rate alike (both 0.1 in the official code).
     """
 
     def __init__(self, vit: nn.Module, feature_blocks=(6, 7, 8, 9), embed_dim: int = 768,
@@ -202,11 +203,11 @@ class ManiqaBackbone(nn.Module):
         self.tablock1 = nn.ModuleList(TABlock(n, drop) for _ in range(2))
         self.conv1 = nn.Conv2d(vit_width * len(self.feature_blocks), dim1, 1, 1, 0)
         self.swintransformer1 = SwinStage(dim1, grid, (2, 2), (swin_heads,) * 2, window_size,
-                                          dim_mlp, drop)
+                                          dim_mlp, drop, drop)
         self.tablock2 = nn.ModuleList(TABlock(n, drop) for _ in range(2))
         self.conv2 = nn.Conv2d(dim1, dim2, 1, 1, 0)
         self.swintransformer2 = SwinStage(dim2, grid, (2, 2), (swin_heads,) * 2, window_size,
-                                          dim_mlp, drop)
+                                          dim_mlp, drop, drop)
         self.fc_score = nn.Sequential(nn.Linear(dim2, dim2), nn.ReLU(), nn.Dropout(drop),
                                       nn.Linear(dim2, 1), nn.ReLU())
         self.fc_weight = nn.Sequential(nn.Linear(dim2, dim2), nn.ReLU(), nn.Dropout(drop),

@@ -35,7 +35,11 @@ def check_fingerprint(model_config: dict, cache) -> None:
 
 def evaluate_model(model_dir: str | os.PathLike, ds: Dataset, cache_dir: str | os.PathLike,
                    split: str = "test", device: str = "auto", batch_size: int = 32,
-                   workers: int = 2, progress: bool = True) -> dict:
+                   workers: int = 2, progress: bool = True, amp: bool = False) -> dict:
+    """SRCC, PLCC, KRCC, RMSE (and raw PLCC) of a model on a split of ``ds``.
+
+    The forward runs in float32 (the official code) unless ``amp`` (bf16 autocast).
+    """
     model = load_model(model_dir)
     cache = open_cache(cache_dir)
     check_fingerprint(model.agiqa_config, cache)
@@ -62,8 +66,8 @@ def evaluate_model(model_dir: str | os.PathLike, ds: Dataset, cache_dir: str | o
     model.to(dev)
     vectors = torch.from_numpy(cache.read(keys, ("vectors",))["vectors"])
     pixels = decode_pixels(ds, keys, workers, progress)
-    scores = predict(model, pixels, vectors, dev, batch_size, dev.type == "cuda")
+    scores = predict(model, pixels, vectors, dev, batch_size, amp)
     mos = {s.key: s.mos for s in ds.samples}
     metrics = evaluate(scores.numpy(), [mos[k] for k in keys])
     return {"model": str(model_dir), "dataset": ds.name, "split": split, "images": len(keys),
-            **metrics}
+            "amp": amp, **metrics}

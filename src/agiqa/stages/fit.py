@@ -1,51 +1,71 @@
 """Stage two: train the MANIQA backbone and the MoE head from cached semantic vectors.
 
 Never loads the MLLM. Images are decoded and resized to uint8 224×224 once; every epoch after
-that reads memory. The paper's protocol is the default (SPEC §4): Adam 1e-5 / 1e-5, batch 8,
-30 epochs, MSE, cosine annealing stepped every iteration with T_max 50, rotation and vertical
-flip augmentation, best epoch by validation SRCC + PLCC, one pass over the test split.
+that reads memory. The official protocol is the default (SPEC §4, the official ``main.py``):
+the seed-20 70/10/20 split cut at ``int(n·0.7)``/``int(n·0.8)``, Adam 1e-5 / 1e-5, batch 8 with
+the last partial training batch dropped, 30 epochs, MSE, cosine annealing stepped every
+iteration with T_max 50, rotation and vertical flip augmentation, float32, the best epoch by
+raw validation SRCC + Pearson PLCC; then one pass over the whole test split.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import math
 import random
-import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from agiqa import runtime as dist
 from agiqa.cache import SemanticCache, open_cache
-from agiqa.data.datasets import Dataset, load_dataset
-from agiqa.data.pixels import normalize
+from agiqa.data.datasets import load_dataset
 from agiqa.data.splits import Split, make_split
-from agiqa.errors import ConfigError, DatasetError, TrainingError
-from agiqa.fileio import write_json
+from agiqa.errors import ConfigError, DatasetError, MissingVectorsError, TrainingError
+from agiqa.fileio import write_json, write_text
 from agiqa.metrics import evaluate
-from agiqa.models.agiqa_net import AgiqaNet, create_model, save_model
+from agiqa.models.agiqa_net import (
+    PRETRAINED_TAGS,
+    AgiqaNet,
+    create_model,
+    resolve_pretrained,
+    save_model,
+)
 from agiqa.runtime import resolve_device
+from agiqa.stages.norms import SCORE_NORMS, SEMANTIC_NORMS
+from agiqa.stages.norms import fold_score_norm as _fold_score_norm
+from agiqa.stages.norms import fold_semantic_norm as _fold_semantic_norm
+from agiqa.stages.norms import score_norm as _score_norm
+from agiqa.stages.norms import semantic_norm as _semantic_norm
 from agiqa.stages.predict import decode_pixels, predict
+from agiqa.stages.rundir import check_out, write_outputs
+from agiqa.stages.trainer import (
+    MIN_EVAL_IMAGES,
+    ProtocolWarning,
+    Trainer,
+    steps_per_epoch,
+    validation_images,
+)
 
-__all__ = ["SCORE_NORMS", "SEMANTIC_NORMS", "FitConfig", "FitResult", "fit_from_cache"]
+__all__ = ["SCORE_NORMS", "SEMANTIC_NORMS", "FitConfig", "FitResult", "ProtocolWarning",
+           "fit_from_cache", "fit_repeats"]
 
-
-# "none" trains on raw MOS (the paper); "zscore" trains on (mos - mean) / std of the training
-# split and folds the inverse into the output layer, so the saved model still speaks MOS.
-SCORE_NORMS = ("none", "zscore")
-# "zscore" standardises each semantic dimension with the training split's mean and std and folds
-# that into the first layer of each semantic expert, so the saved model takes raw vectors.
-SEMANTIC_NORMS = ("none", "zscore")
+_Trainer = Trainer  # the name older code patches
 
 
 @dataclass
 class FitConfig:
-    """Options of ``agiqa fit``; the defaults are the paper's protocol."""
+    """Options of ``agiqa fit``; the defaults are the official protocol.
+
+    ``pretrained`` None starts the ViT from its published weights when the backbone has any
+    (``vit_base_patch8_224``: ``augreg_in21k_ft_in1k``; ``tiny``: none). ``seed`` seeds the
+    training (initialisation, order, augmentation, dropout); ``split_seed`` the shuffle of the
+    split (None: ``seed``). ``dropout`` None is the paper's 0.1.
+    """
 
     dataset: str
     root: Path
@@ -56,7 +76,7 @@ class FitConfig:
     image_column: str | None = None
     score_column: str | None = None
     backbone: str = "vit_base_patch8_224"
-    pretrained: bool = True
+    pretrained: bool | None = None
     backbone_weights: str | None = None
     epochs: int = 30
     batch_size: int = 8
@@ -66,9 +86,11 @@ class FitConfig:
     t_max: int = 50
     split: str = "paper"
     seed: int = 20
+    split_seed: int | None = None
     device: str = "auto"
-    amp: bool | None = None
+    amp: bool = False
     augment: bool = True
+    dropout: float | None = None
     score_norm: str = "none"
     semantic_norm: str = "none"
     loader_workers: int = 2
@@ -83,16 +105,23 @@ class FitConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, "
                                   f"got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if self.backbone_lr is not None and self.backbone_lr < 0:
-            raise ConfigError(f"--backbone-lr must be 0 or more, got {self.backbone_lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        for name in ("weight_decay", "backbone_lr"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a number ≥ 0, got {value}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.amp is None:  # older callers: None meant "the device decides"; now float32
+            self.amp = False
         if self.score_norm not in SCORE_NORMS:
             raise ConfigError(f"--score-norm must be one of {', '.join(SCORE_NORMS)}, "
                               f"got {self.score_norm!r}")
         if self.semantic_norm not in SEMANTIC_NORMS:
             raise ConfigError(f"--semantic-norm must be one of {', '.join(SEMANTIC_NORMS)}, "
                               f"got {self.semantic_norm!r}")
+        resolve_pretrained(self.backbone, self.pretrained, self.backbone_weights)
 
 
 @dataclass
@@ -103,35 +132,26 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Per image: p=0.7 rotate by 90/180/270°, then p=0.7 flip the H axis (vertical flip)."""
-    out = []
-    for img in pixels:
-        if torch.rand((), generator=gen) < 0.7:
-            k = int(torch.randint(1, 4, (), generator=gen))
-            img = torch.rot90(img, k, dims=(1, 2))
-        if torch.rand((), generator=gen) < 0.7:
-            img = torch.flip(img, dims=(1,))
-        out.append(img)
-    return torch.stack(out)
+def _check_split(split: Split, n: int, batch_size: int) -> None:
+    """Refuse splits too small to select an epoch or report metrics, before any training."""
+    sizes = {name: len(split.subset(name)) for name in ("train", "val", "test")}
+    counts = ", ".join(f"{k} {v}" for k, v in sizes.items())
+    if sizes["train"] < 1:
+        raise DatasetError(f"the train split is empty ({split.method} of {n} images: {counts})")
+    for name in ("val", "test"):
+        if sizes[name] < MIN_EVAL_IMAGES:
+            raise DatasetError(
+                f"the {name} split has {sizes[name]} image(s) ({split.method} of {n} images: "
+                f"{counts}); selecting an epoch and the test metrics need at least "
+                f"{MIN_EVAL_IMAGES}: use more images or other --split ratios")
+    steps_per_epoch(sizes["train"], batch_size)  # warns when no full batch fits
+    validation_images(sizes["val"], batch_size)
 
 
 def _check_vectors(cache: SemanticCache, split: Split) -> None:
-    from agiqa.errors import MissingVectorsError
-
     missing = [k for k in split.subset("all") if k not in cache]
     if missing:
         raise MissingVectorsError(missing, where=f"cache {cache.path}; run extract-semantics first")
-
-
-def _loader_inputs(ds: Dataset, cfg: FitConfig):
-    cache = open_cache(cfg.cache)
-    split = make_split(ds, cfg.split, cfg.seed)
-    for name in ("train", "val", "test"):
-        if not split.subset(name):
-            raise DatasetError(f"the {name} split is empty ({split.method}, {len(ds)} images)")
-    _check_vectors(cache, split)
-    return cache, split
 
 
 def fit_from_cache(cfg: FitConfig) -> FitResult:
@@ -140,78 +160,125 @@ def fit_from_cache(cfg: FitConfig) -> FitResult:
     Under ``torchrun`` every process trains a slice of each batch (DistributedDataParallel,
     NCCL on GPUs, gloo on CPUs); ``--batch-size`` stays the global batch, so the optimisation
     matches a one-process run. Rank 0 writes the run directory.
+
+    Raises:
+        ConfigError: ``--out`` holds other files or another run (checked before any work).
+        DatasetError: a split too small for the protocol.
+        TrainingError: the loss diverged, or the run directory cannot be written (disk full).
     """
+    check_out(cfg.out, cfg.resume)
     device = resolve_device(cfg.device)
-    with dist.process_group(device):
-        return _fit(cfg, device)
+    try:
+        with dist.process_group(device):
+            return _fit(cfg, device)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO,
+                           errno.EFBIG):
+            raise
+        where = e.filename or cfg.out
+        raise TrainingError(f"{where}: cannot write the run ({e.strerror})") from None
 
 
 def _fit(cfg: FitConfig, device: torch.device) -> FitResult:
     main = dist.is_main()
-    progress = cfg.progress and main
     ds = load_dataset(cfg.dataset, cfg.root, cfg.labels, cfg.target, cfg.image_column,
                       cfg.score_column)
-    cache, split = _loader_inputs(ds, cfg)
-    mos = {s.key: s.mos for s in ds.samples}
-    keys = split.subset("all")
-    vectors = torch.from_numpy(cache.read(keys, ("vectors",))["vectors"])
-    pixels = decode_pixels(ds, keys, cfg.loader_workers, progress)
-    index = {k: i for i, k in enumerate(keys)}
-    part = {name: torch.tensor([index[k] for k in split.subset(name)]) for name in
-            ("train", "val", "test")}
-    targets = torch.tensor([mos[k] for k in keys], dtype=torch.float32)
-    norm = _score_norm(cfg.score_norm, targets[part["train"]])
-    sem_norm = _semantic_norm(cfg.semantic_norm, vectors[part["train"]])
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    split = make_split(ds, cfg.split, split_seed)
+    _check_split(split, len(ds), cfg.batch_size)
+    cache = open_cache(cfg.cache)
+    _check_vectors(cache, split)
 
-    amp = (device.type == "cuda") if cfg.amp is None else cfg.amp
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = create_model(cfg.backbone, len(cache.prompts), cache.dim, cfg.pretrained,
-                         cfg.backbone_weights).to(device)
+                         cfg.backbone_weights, cfg.dropout).to(device)
     optim = torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=cfg.t_max, eta_min=0)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    if not cfg.resume and ((cfg.out / "checkpoint.pt").exists()
-                           or (cfg.out / "model.safetensors").exists()):
-        raise ConfigError(f"{cfg.out} already holds a run; pass --resume or choose another --out")
-    state = _Trainer(cfg, model, optim, sched, gen, device, amp)
+    trainer = Trainer(cfg, model, optim, sched, torch.Generator().manual_seed(cfg.seed), device)
+
+    keys, vectors, pixels, targets, part = _inputs(cfg, ds, cache, split, main)
+    norm = _score_norm(cfg.score_norm, targets[part["train"]])
+    sem_norm = _semantic_norm(cfg.semantic_norm, vectors[part["train"]])
+
     if cfg.resume:
-        state.restore()
+        trainer.restore()
     dist.barrier()
-    if main:
+    if main and not cfg.resume:
         cfg.out.mkdir(parents=True, exist_ok=True)
         split.write_csv(cfg.out / "split.csv")
+        write_text(cfg.out / "train_log.jsonl", "")
     train_targets = targets if norm is None else (targets - norm["mean"]) / norm["std"]
     train_vectors = vectors if sem_norm is None else \
         (vectors.float() - sem_norm["mean"]) / sem_norm["std"]
-    state.train(pixels, train_vectors, train_targets, part)
-
-    model.load_state_dict(state.best_state)
+    trainer.train(pixels, train_vectors, train_targets, part)
+    trainer.finish()
     if norm is not None:
         _fold_score_norm(model, norm)
     if sem_norm is not None:
         _fold_semantic_norm(model, sem_norm)
-    if not main:  # rank 0 scores the test split and writes the run directory
-        dist.barrier()
-        return FitResult(cfg.out, {}, state.best_epoch, state.history)
-    scores, gates = predict(model, pixels, vectors, device, cfg.eval_batch_size, amp, True)
+
+    metrics: dict[str, float] = {}
+    ok = not main
+    try:
+        if main:  # rank 0 scores the test split and writes the run directory
+            metrics = _finish_run(cfg, device, model, trainer, ds, cache, split, keys, pixels,
+                                  vectors, targets, part, norm, sem_norm)
+            ok = True
+    finally:
+        _join_ranks(ok, device)
+    return FitResult(cfg.out, metrics, trainer.best_epoch, trainer.history)
+
+
+def _inputs(cfg: FitConfig, ds, cache: SemanticCache, split: Split, main: bool):
+    """Keys, vectors, decoded pixels and MOS of every image; index tensors of each subset."""
+    keys = split.subset("all")
+    vectors = torch.from_numpy(cache.read(keys, ("vectors",))["vectors"])
+    pixels = decode_pixels(ds, keys, cfg.loader_workers, cfg.progress and main)
+    index = {k: i for i, k in enumerate(keys)}
+    part = {name: torch.tensor([index[k] for k in split.subset(name)]) for name in
+            ("train", "val", "test")}
+    with warnings.catch_warnings():  # warned once by _check_split
+        warnings.simplefilter("ignore", ProtocolWarning)
+        part["val_used"] = part["val"][: validation_images(len(part["val"]), cfg.batch_size)]
+    mos = {s.key: s.mos for s in ds.samples}
+    targets = torch.tensor([mos[k] for k in keys], dtype=torch.float32)
+    return keys, vectors, pixels, targets, part
+
+
+def _join_ranks(ok: bool, device: torch.device) -> None:
+    """Every rank waits here for rank 0's run directory; if rank 0 failed, all of them stop."""
+    if dist.world_size() == 1:
+        return
+    failed = dist.all_reduce_sum([0.0 if ok else 1.0], device)[0]
+    if failed and ok:
+        raise TrainingError("rank 0 failed after training (see its error); this rank stops too")
+
+
+def _finish_run(cfg: FitConfig, device, model: AgiqaNet, trainer: Trainer, ds, cache, split,
+                keys, pixels, vectors, targets, part, norm, sem_norm) -> dict[str, float]:
+    scores, gates = predict(model, pixels, vectors, device, cfg.eval_batch_size, cfg.amp, True)
     test = part["test"]
     metrics = evaluate(scores[test].numpy(), targets[test].numpy())
+    pretrained = resolve_pretrained(cfg.backbone, cfg.pretrained, cfg.backbone_weights)
     extra = {
         "semantics": cache.spec, "fingerprint": cache.fingerprint,
         "prompt_names": cache.prompt_names, "score_norm": norm,
         "semantic_norm": None if sem_norm is None else
         {"kind": cfg.semantic_norm, "folded_into": "head.semantic_experts"},
         "training": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "backbone_weights": {
+            "pretrained": pretrained,
+            "timm": PRETRAINED_TAGS.get(cfg.backbone) if pretrained else None,
+            "file": str(cfg.backbone_weights) if cfg.backbone_weights else None},
         "processes": dist.world_size(),
         "dataset": {"name": ds.name, "target": ds.target_column, "split": split.method},
     }
     save_model(model, cfg.out, extra)
-    _write_outputs(cfg.out, keys, split, targets, scores, gates, cache.prompt_names, metrics,
-                   state)
+    write_outputs(cfg.out, keys, split, targets, scores, gates, cache.prompt_names, metrics,
+                  trainer)
     (cfg.out / "checkpoint.pt").unlink(missing_ok=True)
-    dist.barrier()
-    return FitResult(cfg.out, metrics, state.best_epoch, state.history)
+    return metrics
 
 
 def _param_groups(model: AgiqaNet, cfg: FitConfig) -> list[dict[str, Any]]:
@@ -226,212 +293,63 @@ def _param_groups(model: AgiqaNet, cfg: FitConfig) -> list[dict[str, Any]]:
             {"params": list(model.backbone.parameters()), "lr": cfg.backbone_lr}]
 
 
-def _score_norm(kind: str, train_targets: torch.Tensor) -> dict[str, Any] | None:
-    if kind == "none":
-        return None
-    std = float(train_targets.std()) if len(train_targets) > 1 else 0.0
-    if not math.isfinite(std) or std == 0.0:
-        raise DatasetError("--score-norm zscore: the training scores have no spread (std 0)")
-    return {"kind": kind, "mean": float(train_targets.mean()), "std": std,
-            "folded_into": "head.output"}
+def _runs(cfg: FitConfig, repeats: int, split_seeds: int) -> list[tuple[str, FitConfig]]:
+    if repeats > 1 and split_seeds > 1:
+        raise ConfigError("--repeats and --split-seeds cannot be combined; choose one")
+    base = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    if split_seeds > 1:  # N random splits, each trained with its own seed
+        return [(f"split {base + i}", replace(cfg, seed=cfg.seed + i, split_seed=base + i,
+                                              out=cfg.out / f"split-{base + i}"))
+                for i in range(split_seeds)]
+    # the official train_test_num: the same split, the training seed moves on
+    return [(f"seed {cfg.seed + i}", replace(cfg, seed=cfg.seed + i, split_seed=base,
+                                             out=cfg.out / f"seed-{cfg.seed + i}"))
+            for i in range(repeats)]
 
 
-@torch.no_grad()
-def _fold_score_norm(model: AgiqaNet, norm: dict[str, Any]) -> None:
-    """Make the output layer predict MOS: y = (w·x + b)·std + mean."""
-    out = model.head.output
-    out.weight.mul_(norm["std"])
-    out.bias.mul_(norm["std"]).add_(norm["mean"])
+def fit_repeats(cfg: FitConfig, repeats: int = 1, split_seeds: int = 1) -> dict[str, Any]:
+    """Train several times; median and std (``np.std``, as the official code) of the test metrics.
 
-
-def _semantic_norm(kind: str, train_vectors: torch.Tensor) -> dict[str, torch.Tensor] | None:
-    if kind == "none":
-        return None
-    v = train_vectors.float()
-    return {"mean": v.mean(0), "std": v.std(0).clamp_min(1e-6) if len(v) > 1 else
-            torch.ones_like(v[0])}
-
-
-@torch.no_grad()
-def _fold_semantic_norm(model: AgiqaNet, norm: dict[str, torch.Tensor]) -> None:
-    """Make each semantic expert take raw vectors: W·(s − μ)/σ + b = (W/σ)·s + (b − W·μ/σ)."""
-    for i, expert in enumerate(model.head.semantic_experts):
-        linear = expert[0]
-        mean, std = norm["mean"][i].to(linear.weight), norm["std"][i].to(linear.weight)
-        linear.bias.sub_(linear.weight @ (mean / std))
-        linear.weight.div_(std)
-
-
-class _Trainer:
-    """The epoch loop, its resumable state and the best-epoch selection."""
-
-    def __init__(self, cfg, model, optim, sched, gen, device, amp):
-        self.cfg, self.model, self.optim, self.sched = cfg, model, optim, sched
-        self.gen, self.device, self.amp = gen, device, amp
-        self.rank, self.world = dist.rank(), dist.world_size()
-        self.main = self.rank == 0
-        self.train_model = model
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [device.index] if device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(model, device_ids=ids)
-        if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
-        self.epoch, self.best_epoch, self.best_value = 0, -1, -math.inf
-        self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        self.history: list[dict[str, Any]] = []
-
-    def restore(self) -> None:
-        path = self.cfg.out / "checkpoint.pt"
-        if not path.exists():
-            raise ConfigError(f"--resume: {path} not found (nothing to resume)")
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(ck["model"])
-        self.optim.load_state_dict(ck["optim"])
-        self.sched.load_state_dict(ck["sched"])
-        self.gen.set_state(ck["gen"])
-        torch.set_rng_state(ck["torch_rng"])
-        self.best_state = ck["best_state"]
-        self.epoch, self.best_epoch = ck["epoch"], ck["best_epoch"]
-        self.best_value = ck["best_value"]
-        self.history = json.loads(ck["history"])
-
-    def _checkpoint(self) -> None:
-        from agiqa.fileio import atomic_path
-
-        if not self.main:
-            return
-
-        ck = {"model": self.model.state_dict(), "optim": self.optim.state_dict(),
-              "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
-              "torch_rng": torch.get_rng_state(),
-              "best_state": self.best_state, "epoch": self.epoch, "best_epoch": self.best_epoch,
-              "best_value": self.best_value, "history": json.dumps(self.history)}
-        with atomic_path(self.cfg.out / "checkpoint.pt") as tmp:
-            torch.save(ck, tmp)
-
-    def train(self, pixels, vectors, targets, part) -> None:
-        cfg = self.cfg
-        train_idx = part["train"]
-        while self.epoch < cfg.epochs:
-            t0 = time.perf_counter()
-            loss = self._train_epoch(pixels, vectors, targets, train_idx)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            train_seconds = time.perf_counter() - t0
-            val = part["val"]
-            pred = predict(self.model, pixels[val], vectors[val], self.device,
-                           cfg.eval_batch_size, self.amp)
-            m = evaluate(pred.numpy(), targets[val].numpy()) if len(val) >= 3 else \
-                {"srcc": float("nan"), "plcc": float("nan")}
-            value = m["srcc"] + m["plcc"]
-            if self.best_epoch < 0 or (math.isfinite(value) and value > self.best_value):
-                self.best_value, self.best_epoch = value, self.epoch
-                self.best_state = {k: v.detach().cpu().clone()
-                                   for k, v in self.model.state_dict().items()}
-            row = {"epoch": self.epoch, "loss": loss, "val_srcc": m["srcc"],
-                   "val_plcc": m["plcc"], "lr": self.optim.param_groups[0]["lr"],
-                   "seconds": round(time.perf_counter() - t0, 3),
-                   "train_seconds": round(train_seconds, 3),
-                   "train_images_per_second": round(len(train_idx) / train_seconds, 2)}
-            self.history.append(row)
-            if self.main:
-                with open(cfg.out / "train_log.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-            if cfg.progress and self.main:
-                tqdm.write(f"epoch {self.epoch}: loss {loss:.4f}  val SRCC {m['srcc']:.4f}  "
-                           f"PLCC {m['plcc']:.4f}")
-            self.epoch += 1
-            self._checkpoint()
-
-    def _train_epoch(self, pixels, vectors, targets, train_idx) -> float:
-        """One epoch; every rank draws the same order and augmentation, then trains its slice
-        of each global batch, so W processes follow the one-process optimisation."""
-        cfg, model = self.cfg, self.train_model
-        model.train()
-        order = train_idx[torch.randperm(len(train_idx), generator=self.gen)]
-        total, n = 0.0, 0
-        steps = range(0, len(order), cfg.batch_size)
-        bar = tqdm(steps, desc=f"epoch {self.epoch}", unit="step", leave=False,
-                   disable=not (cfg.progress and self.main))
-        for step, i in enumerate(bar):
-            idx = order[i : i + cfg.batch_size]
-            x = pixels[idx]
-            if cfg.augment:
-                x = _augment(x, self.gen)
-            mine = slice(self.rank, None, self.world) if len(idx) >= self.world else slice(None)
-            x = normalize(x[mine]).to(self.device, non_blocking=True)
-            s = vectors[idx[mine]].to(self.device, torch.float32)
-            y = targets[idx[mine]].to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                pred = model(x, s)
-            err = torch.nn.functional.mse_loss(pred.float(), y, reduction="sum")
-            # DDP averages gradients over ranks: scale so the result is the global batch mean.
-            share = self.world / len(idx) if len(idx) >= self.world else 1.0 / len(idx)
-            loss = err * share
-            self.optim.zero_grad(set_to_none=True)
-            loss.backward()
-            batch_err, batch_n = dist.all_reduce_sum([err.item(), len(y)], self.device)
-            if not math.isfinite(batch_err):
-                raise TrainingError(f"the loss became {batch_err / batch_n} at epoch "
-                                    f"{self.epoch}, step {step}; lower --lr or check the scores")
-            self.optim.step()
-            self.sched.step()
-            total += batch_err
-            n += batch_n
-        return total / max(n, 1)
-
-
-def _write_outputs(out: Path, keys, split: Split, targets, scores, gates, prompt_names,
-                   metrics, state: _Trainer) -> None:
-    import csv
-
-    from agiqa.fileio import atomic_path
-    from agiqa.stages.plots import plot_history, plot_scatter
-
-    subset = {k: name for name in ("train", "val", "test") for k in split.subset(name)}
-    with atomic_path(out / "predictions.csv") as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["key", "subset", "mos", "score",
-                        *[f"gate_{n}" for n in prompt_names], "gate_image"])
-            for i, k in enumerate(keys):
-                w.writerow([k, subset[k], f"{targets[i]:.6g}", f"{scores[i]:.6g}",
-                            *[f"{g:.6g}" for g in gates[i].tolist()]])
-    write_json(out / "metrics.json", {"test": metrics, "best_epoch": state.best_epoch,
-                                      "best_val_srcc_plcc": state.best_value,
-                                      "history": state.history})
-    test = [i for i, k in enumerate(keys) if subset[k] == "test"]
-    plot_scatter(scores[test].numpy(), targets[test].numpy(), out / "scatter_test.png",
-                 title=f"test SRCC {metrics['srcc']:.4f}  PLCC {metrics['plcc']:.4f}")
-    plot_history(state.history, out / "training_curves.png")
-
-
-def fit_repeats(cfg: FitConfig, repeats: int = 1) -> dict[str, Any]:
-    """Run ``repeats`` fits on seeds ``seed..seed+repeats-1``; median and std of test metrics.
-
-    One repeat writes the run directory ``cfg.out``; several write ``cfg.out/seed-S`` each and a
-    ``summary.json`` beside them.
+    ``repeats`` N keeps the split (seed ``split_seed``, default ``seed``) and trains on seeds
+    ``seed..seed+N-1`` into ``cfg.out/seed-S`` (the official ``train_test_num``);
+    ``split_seeds`` N draws N splits (seeds ``split_seed..+N-1``) into ``cfg.out/split-S``. One
+    run writes the run directory ``cfg.out``; several write a ``summary.json`` beside theirs.
+    With ``resume``, finished runs of the series are read back and the others continued.
     """
-    from dataclasses import replace
-
+    runs = _runs(cfg, repeats, split_seeds)
+    if len(runs) == 1:
+        result = fit_from_cache(cfg)
+        return {"out": str(cfg.out), "rows": {"test": result.metrics},
+                "best_epoch": result.best_epoch}
+    check_out(cfg.out, False)
+    for _, run in runs:  # before any work, as one run does
+        if not (cfg.resume and (run.out / "model.safetensors").is_file()):
+            check_out(run.out, cfg.resume and (run.out / "checkpoint.pt").is_file())
+    rows: dict[str, dict[str, float]] = {}
+    best: dict[str, int] = {}
     with dist.process_group(resolve_device(cfg.device)):
-        if repeats == 1:
-            result = fit_from_cache(cfg)
-            return {"out": str(cfg.out), "rows": {"test": result.metrics},
-                    "best_epoch": result.best_epoch}
-        rows: dict[str, dict[str, float]] = {}
-        for i in range(repeats):
-            seed = cfg.seed + i
-            result = fit_from_cache(replace(cfg, seed=seed, out=cfg.out / f"seed-{seed}"))
-            rows[f"seed {seed}"] = result.metrics
+        for name, run in runs:
+            if cfg.resume and (run.out / "model.safetensors").is_file():
+                result = _finished(run.out)
+            else:
+                result = fit_from_cache(replace(run, resume=(run.out / "checkpoint.pt").is_file()
+                                                and cfg.resume))
+            rows[name], best[name] = result.metrics, result.best_epoch
+    summary = {"out": str(cfg.out), "rows": rows, "best_epoch": best,
+               "repeats": repeats, "split_seeds": split_seeds}
     if not dist.is_main():
-        return {"out": str(cfg.out), "rows": rows, "repeats": repeats}
+        return summary
     names = list(next(iter(rows.values())))
     table = np.array([[r[k] for k in names] for r in rows.values()])
     rows["median"] = dict(zip(names, np.median(table, 0).tolist(), strict=True))
-    rows["std"] = dict(zip(names, table.std(0, ddof=1).tolist(), strict=True))
-    summary = {"out": str(cfg.out), "rows": rows, "repeats": repeats}
+    rows["std"] = dict(zip(names, table.std(0).tolist(), strict=True))
     write_json(cfg.out / "summary.json", summary)
     return summary
+
+
+def _finished(out: Path) -> FitResult:
+    """A run of a resumed series that had already finished."""
+    from agiqa.fileio import read_json
+
+    m = read_json(out / "metrics.json")
+    return FitResult(out, m["test"], m["best_epoch"], m["history"])

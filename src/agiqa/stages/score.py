@@ -77,7 +77,8 @@ class Scorer:
     """
 
     def __init__(self, model, cache_dir: str | os.PathLike | None = None, device: str = "auto",
-                 batch_size: int = 8, loader_workers: int = 2, progress: bool = False):
+                 batch_size: int = 8, loader_workers: int = 2, progress: bool = False,
+                 amp: bool = False):
         cfg = model.agiqa_config
         if not cfg.get("semantics"):
             raise CheckpointError("the model records no MLLM (semantic fingerprint); import "
@@ -92,6 +93,7 @@ class Scorer:
         self.cache_dir = Path(cache_dir) if cache_dir else \
             agiqa_home() / "caches" / self.fingerprint[:16]
         self.batch_size, self.loader_workers, self.progress = batch_size, loader_workers, progress
+        self.amp = amp  # bf16 autocast of the forward; float32 (the official code) by default
         self._encoder: SemanticEncoder | None = None
 
     @classmethod
@@ -156,7 +158,7 @@ class Scorer:
             pixels = torch.stack([resize_pixels(decoded[i][0]) for i in fresh]) if fresh else None
         if good:
             scores, gates = predict(self.model, pixels, torch.from_numpy(data["vectors"]),
-                                    self.device, 32, with_gates=True)
+                                    self.device, 32, self.amp, with_gates=True)
             zs = data["zero_shot"].mean(1)
             for i, (p, _) in enumerate(good):
                 report.rows.append({"path": str(p), **self._columns(scores[i], gates[i], zs[i])})
@@ -189,7 +191,8 @@ class Scorer:
                 zss.append(z)
             vectors = torch.stack(vecs, 1).to(torch.float16)
             pixels = torch.stack([resize_pixels(im) for im in imgs])
-            scores, gates = predict(self.model, pixels, vectors, self.device, 32, with_gates=True)
+            scores, gates = predict(self.model, pixels, vectors, self.device, 32, self.amp,
+                                    with_gates=True)
             zs = torch.stack(zss, 1).mean(1)
             for j, (i, _) in enumerate(images):
                 out[i] = self._columns(scores[j], gates[j], zs[j])

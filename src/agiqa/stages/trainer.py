@@ -1,0 +1,259 @@
+"""The stage-two epoch loop as the official ``main.py`` runs it, with its resumable state.
+
+Per epoch: shuffle the training split, train on full batches only (the official train loader's
+``drop_last=True``), step the cosine schedule every iteration, then score the validation images
+the official validation loader sees (batches of ``--batch-size``, the last partial one dropped,
+split order) and keep the epoch with the best raw SRCC + raw Pearson PLCC (``eval_epoch``:
+no logistic fit), starting from the official ``main_score = 0``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+from tqdm.auto import tqdm
+
+from agiqa import runtime as dist
+from agiqa.data.pixels import normalize
+from agiqa.errors import CheckpointError, TrainingError
+from agiqa.fileio import atomic_path, remove_stale_temporaries, write_text
+from agiqa.stages.predict import predict
+
+__all__ = ["MIN_EVAL_IMAGES", "ProtocolWarning", "Trainer", "select_epoch",
+           "steps_per_epoch", "validation_figures", "validation_images"]
+
+
+# Validation and test need this many images: correlations, and the 4 β of the logistic.
+MIN_EVAL_IMAGES = 4
+
+
+class ProtocolWarning(UserWarning):
+    """An official protocol rule could not apply as written; the message says what was done."""
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Optimiser steps of one epoch: full batches only (AGIQA-3K: 2087 // 8 = 260).
+
+    When the training split is smaller than one batch, one step on all of it (with a warning).
+    """
+    if n_train >= batch_size:
+        return n_train // batch_size
+    warnings.warn(f"the official training loader drops the last partial batch of --batch-size "
+                  f"{batch_size}, but the training split has only {n_train} image(s): each epoch "
+                  f"trains one batch of {n_train} instead", ProtocolWarning, stacklevel=2)
+    return 1
+
+
+def validation_images(n_val: int, batch_size: int) -> int:
+    """How many validation images (from the start, in split order) the selection scores.
+
+    The official validation loader drops the last partial batch (AGIQA-3K: 298 → 296). When
+    that leaves fewer than ``MIN_EVAL_IMAGES``, all ``n_val`` are used, with a warning.
+    """
+    used = n_val - n_val % batch_size
+    if used >= MIN_EVAL_IMAGES:
+        return used
+    warnings.warn(f"the official validation loader drops the last partial batch of --batch-size "
+                  f"{batch_size}, which would leave {used} of the {n_val} validation image(s) "
+                  f"(selection needs {MIN_EVAL_IMAGES}): all {n_val} are used instead",
+                  ProtocolWarning, stacklevel=2)
+    return n_val
+
+
+def validation_figures(pred, mos) -> dict[str, float]:
+    """What ``eval_epoch`` computes: SRCC and Pearson PLCC of the raw predictions."""
+    pred, mos = np.asarray(pred, np.float64).ravel(), np.asarray(mos, np.float64).ravel()
+    with warnings.catch_warnings():  # constant predictions: NaN, never selected
+        warnings.simplefilter("ignore")
+        srcc = float(stats.spearmanr(pred, mos)[0])
+        plcc = float(stats.pearsonr(pred, mos)[0])
+    return {"val_srcc": srcc, "val_plcc": plcc, "val_score": srcc + plcc}
+
+
+def select_epoch(rows: list[dict[str, Any]]) -> int | None:
+    """The official selection: ``if rho_s + rho_p > main_score`` with ``main_score = 0`` at the
+    start. Returns the epoch, or None when no epoch scored above 0."""
+    best, epoch = 0.0, None
+    for row in rows:
+        value = row["val_srcc"] + row["val_plcc"]
+        if value > best:  # NaN compares False: never selected
+            best, epoch = value, row["epoch"]
+    return epoch
+
+
+def _augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per image: p=0.7 rotate by 90/180/270°, then p=0.7 flip the H axis (vertical flip)."""
+    out = []
+    for img in pixels:
+        if torch.rand((), generator=gen) < 0.7:
+            k = int(torch.randint(1, 4, (), generator=gen))
+            img = torch.rot90(img, k, dims=(1, 2))
+        if torch.rand((), generator=gen) < 0.7:
+            img = torch.flip(img, dims=(1,))
+        out.append(img)
+    return torch.stack(out)
+
+
+def _append_row(path: Path, row: dict[str, Any]) -> None:
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+class Trainer:
+    """The epoch loop, its resumable state (``checkpoint.pt``) and the best-epoch selection."""
+
+    def __init__(self, cfg, model, optim, sched, gen: torch.Generator, device: torch.device):
+        self.cfg, self.model, self.optim, self.sched = cfg, model, optim, sched
+        self.gen, self.device, self.amp = gen, device, cfg.amp
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.main = self.rank == 0
+        self.train_model = model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(model, device_ids=ids)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.epoch, self.best_epoch, self.best_value = 0, -1, 0.0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.history: list[dict[str, Any]] = []
+        self.log = Path(cfg.out) / "train_log.jsonl"
+
+    def restore(self) -> None:
+        """Load ``checkpoint.pt``; drop temporaries of killed writers and log rows past it."""
+        path = Path(self.cfg.out) / "checkpoint.pt"
+        if self.main:
+            remove_stale_temporaries(path.parent)
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+            self.model.load_state_dict(ck["model"])
+            self.optim.load_state_dict(ck["optim"])
+            self.sched.load_state_dict(ck["sched"])
+        except (OSError, RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot resume from it ({e})") from None
+        self.gen.set_state(ck["gen"])
+        torch.set_rng_state(ck["torch_rng"])
+        self.best_state = ck["best_state"]
+        self.epoch, self.best_epoch = ck["epoch"], ck["best_epoch"]
+        self.best_value = ck["best_value"]
+        self.history = json.loads(ck["history"])
+        if self.main:  # rows of an epoch logged after the last checkpoint come again
+            write_text(self.log, "".join(json.dumps(r) + "\n" for r in self.history))
+
+    def _checkpoint(self) -> None:
+        if not self.main:
+            return
+        ck = {"model": self.model.state_dict(), "optim": self.optim.state_dict(),
+              "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
+              "torch_rng": torch.get_rng_state(),
+              "best_state": self.best_state, "epoch": self.epoch, "best_epoch": self.best_epoch,
+              "best_value": self.best_value, "history": json.dumps(self.history)}
+        path = Path(self.cfg.out) / "checkpoint.pt"
+        try:
+            with atomic_path(path) as tmp:
+                torch.save(ck, tmp)
+        except (OSError, RuntimeError) as e:  # torch wraps a failed write (disk full) at times
+            code, why = getattr(e, "errno", None), getattr(e, "strerror", None)
+            raise OSError(code or errno.EIO, why or f"cannot write ({e})", str(path)) from None
+
+    def train(self, pixels, vectors, targets, part: dict[str, torch.Tensor]) -> None:
+        cfg = self.cfg
+        val, val_mos = part["val_used"], targets[part["val_used"]].numpy()
+        while self.epoch < cfg.epochs:
+            t0 = time.perf_counter()
+            loss, steps, images = self._train_epoch(pixels, vectors, targets, part["train"])
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            train_seconds = time.perf_counter() - t0
+            pred = predict(self.model, pixels[val], vectors[val], self.device,
+                           cfg.eval_batch_size, self.amp)
+            figures = validation_figures(pred.numpy(), val_mos)
+            selected = figures["val_score"] > self.best_value
+            if selected:
+                self.best_value, self.best_epoch = figures["val_score"], self.epoch
+                self.best_state = _copy_state(self.model)
+            row = {"epoch": self.epoch, "steps": steps, "train_images": images, "loss": loss,
+                   **figures, "val_images": len(val), "selected": bool(selected),
+                   "lr": self.optim.param_groups[0]["lr"],
+                   "seconds": round(time.perf_counter() - t0, 3),
+                   "train_seconds": round(train_seconds, 3),
+                   "train_images_per_second": round(images / train_seconds, 2)}
+            self.history.append(row)
+            if self.main:
+                _append_row(self.log, row)
+            if cfg.progress and self.main:
+                tqdm.write(f"epoch {self.epoch}: loss {loss:.4f}  val SRCC "
+                           f"{figures['val_srcc']:.4f}  PLCC {figures['val_plcc']:.4f}")
+            self.epoch += 1
+            self._checkpoint()
+
+    def finish(self) -> None:
+        """Load the selected epoch's weights (the last epoch's, with a warning, if none)."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+            return
+        warnings.warn(f"no epoch reached a validation SRCC + PLCC above 0 (the official rule "
+                      f"saves no model then): keeping the last epoch ({self.epoch - 1})",
+                      ProtocolWarning, stacklevel=2)
+        self.best_epoch = self.epoch - 1
+
+    def _train_epoch(self, pixels, vectors, targets, train_idx) -> tuple[float, int, int]:
+        """One epoch of full batches; every rank draws the same order and augmentation, then
+        trains its slice of each global batch, so W processes follow the one-process
+        optimisation. Returns (mean loss, optimiser steps, training images)."""
+        cfg, model = self.cfg, self.train_model
+        model.train()
+        order = train_idx[torch.randperm(len(train_idx), generator=self.gen)]
+        batch = min(cfg.batch_size, len(order))
+        steps = len(order) // batch
+        total, n = 0.0, 0
+        bar = tqdm(range(steps), desc=f"epoch {self.epoch}", unit="step", leave=False,
+                   disable=not (cfg.progress and self.main))
+        for step in bar:
+            idx = order[step * batch : (step + 1) * batch]
+            batch_err, batch_n = self._step(pixels, vectors, targets, idx)
+            if not math.isfinite(batch_err):
+                raise TrainingError(f"the loss became {batch_err / batch_n} at epoch "
+                                    f"{self.epoch}, step {step}; lower --lr or check the scores")
+            total += batch_err
+            n += batch_n
+        return total / max(n, 1), steps, steps * batch
+
+    def _step(self, pixels, vectors, targets, idx) -> tuple[float, float]:
+        x = pixels[idx]
+        if self.cfg.augment:
+            x = _augment(x, self.gen)
+        mine = slice(self.rank, None, self.world) if len(idx) >= self.world else slice(None)
+        x = normalize(x[mine]).to(self.device, non_blocking=True)
+        s = vectors[idx[mine]].to(self.device, torch.float32)
+        y = targets[idx[mine]].to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            pred = self.train_model(x, s)
+        err = torch.nn.functional.mse_loss(pred.float(), y, reduction="sum")
+        # DDP averages gradients over ranks: scale so the result is the global batch mean.
+        share = self.world / len(idx) if len(idx) >= self.world else 1.0 / len(idx)
+        self.optim.zero_grad(set_to_none=True)
+        (err * share).backward()
+        batch_err, batch_n = dist.all_reduce_sum([err.item(), len(y)], self.device)
+        if math.isfinite(batch_err):
+            self.optim.step()
+            self.sched.step()
+        return batch_err, batch_n
+

@@ -1,0 +1,451 @@
+"""Stage two follows the official ``main.py`` point by point; its faults end in one clear line.
+
+Most tests here train the tiny backbone for an epoch on 50 small images whose vectors are
+written straight into a cache (no MLLM), so each takes seconds.
+"""
+
+import csv
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from scipy import stats
+
+from agiqa.cache import SemanticCache, ShardData, semantic_spec
+from agiqa.cli import cli
+from agiqa.data import load_dataset, make_split
+from agiqa.errors import CheckpointError, ConfigError, ModelLoadError
+from agiqa.metrics import fit_logistic
+from agiqa.stages.trainer import (
+    ProtocolWarning,
+    select_epoch,
+    steps_per_epoch,
+    validation_figures,
+    validation_images,
+)
+from tests.test_data import SHARED, needs_shared
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def official_split(label_file, seed=20):
+    """``dataset_general(..., 'random')`` of the official ``utils/process.py``, re-typed."""
+    with open(label_file, newline="", encoding="utf-8") as f:
+        names = [row["name"] for row in csv.DictReader(f)]
+    sel_num = list(range(len(names)))
+    random.seed(seed)
+    random.shuffle(sel_num)
+    n = len(names)
+    cut = [sel_num[: int(n * 0.7)], sel_num[int(n * 0.7) : int(n * 0.8)], sel_num[int(n * 0.8) :]]
+    return [[names[i] for i in part] for part in cut]
+
+
+@needs_shared
+@pytest.mark.parametrize("preset,folder,label_file,sizes", [
+    ("agiqa-3k", "agiqa-3k", "data.csv", (2087, 298, 597)),
+    ("aigciqa-20k", "aigciqa-20k", "info_train.csv", (9800, 1400, 2800)),
+])
+def test_paper_split_is_dataset_general_on_the_real_label_files(preset, folder, label_file,
+                                                                 sizes):
+    split = make_split(load_dataset(preset, SHARED / folder), "paper", 20)
+    train, val, test = official_split(SHARED / folder / label_file)
+    assert (len(split.train), len(split.val), len(split.test)) == sizes
+    assert (split.train, split.val, split.test) == (train, val, test)
+
+
+def test_full_batches_only_and_the_validation_batches_the_official_loader_keeps():
+    assert steps_per_epoch(2087, 8) == 260  # AGIQA-3K at batch 8: drop_last=True
+    assert validation_images(298, 8) == 296
+    with pytest.warns(ProtocolWarning, match="drops the last partial batch of --batch-size 8.*"
+                                             "only 5 image"):
+        assert steps_per_epoch(5, 8) == 1
+    with pytest.warns(ProtocolWarning, match="leave 0 of the 6 validation image"):
+        assert validation_images(6, 8) == 6
+
+
+def test_selection_uses_raw_plcc_where_the_fitted_one_disagrees():
+    """Epoch 0 predicts linearly with noise, epoch 1 monotonically but curved: the logistic
+    fit favours epoch 1, the official raw SRCC + Pearson PLCC epoch 0."""
+    rng = np.random.default_rng(3)
+    mos = np.linspace(0, 5, 60)
+    linear = mos + rng.normal(0, 0.4, 60)
+    curved = np.exp(mos)
+    rows, fitted = [], []
+    for epoch, pred in enumerate([linear, curved]):
+        rows.append({"epoch": epoch, **validation_figures(pred, mos)})
+        fitted.append(stats.spearmanr(pred, mos)[0]
+                      + stats.pearsonr(fit_logistic(pred, mos)[0], mos)[0])
+    assert rows[0]["val_plcc"] == pytest.approx(stats.pearsonr(linear, mos)[0])
+    assert fitted[1] > fitted[0]  # the fitted rule would keep epoch 1
+    assert rows[0]["val_score"] > rows[1]["val_score"]
+    assert select_epoch(rows) == 0
+    # main_score starts at 0: an epoch at or below 0 is never selected
+    assert select_epoch([{"epoch": 0, "val_srcc": -0.2, "val_plcc": 0.1}]) is None
+    assert select_epoch([{"epoch": 0, "val_srcc": float("nan"), "val_plcc": 0.5},
+                         {"epoch": 1, "val_srcc": 0.1, "val_plcc": 0.0}]) == 1
+
+
+def test_the_paper_vit_tag_is_the_checkpoint_timm_0_5_5_loaded(monkeypatch, tmp_path):
+    from timm.models import get_pretrained_cfg
+
+    from agiqa.models import agiqa_net
+    from agiqa.models.agiqa_net import BACKBONES, PAPER_VIT, create_model
+
+    assert PAPER_VIT == "vit_base_patch8_224.augreg_in21k_ft_in1k"
+    assert BACKBONES["vit_base_patch8_224"]["timm_name"] == PAPER_VIT
+    # timm 0.5.5 (vendored by the official repository), default_cfgs['vit_base_patch8_224']:
+    url_055 = ("https://storage.googleapis.com/vit_models/augreg/B_8-i21k-300ep-lr_0.001-"
+               "aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_224.npz")
+    assert get_pretrained_cfg(PAPER_VIT).url == url_055
+    assert get_pretrained_cfg("vit_base_patch8_224").tag != "augreg_in21k_ft_in1k"
+
+    import timm.models._builder as builder
+
+    def unreachable(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(builder, "load_state_dict_from_hf", unreachable)
+    monkeypatch.setattr(builder, "load_state_dict_from_url", unreachable)
+    monkeypatch.setattr(builder, "download_cached_file", unreachable)
+    small = dict(BACKBONES["vit_base_patch8_224"], vit_args={"embed_dim": 16, "depth": 1,
+                                                            "num_heads": 2},
+                 feature_blocks=[0], maniqa_dim=16, dim_mlp=16)
+    monkeypatch.setitem(agiqa_net.BACKBONES, "vit_base_patch8_224", small)
+    with pytest.raises(ModelLoadError) as err:
+        create_model("vit_base_patch8_224", 2, 8, pretrained=None)
+    msg = str(err.value)
+    assert PAPER_VIT in msg and "--backbone-weights" in msg and "model.safetensors" in msg
+    assert f"https://huggingface.co/timm/{PAPER_VIT}" in msg
+
+
+def test_tiny_never_reaches_for_weights_and_refuses_them():
+    from agiqa.models.agiqa_net import create_model, resolve_pretrained
+
+    assert resolve_pretrained("tiny", None) is False
+    create_model("tiny", 2, 8, pretrained=None)  # no hub, no error
+    with pytest.raises(ConfigError, match="'tiny' has no published weights"):
+        resolve_pretrained("tiny", True)
+    with pytest.raises(ConfigError, match="no published weights"):
+        resolve_pretrained("tiny", None, "vit.safetensors")
+    assert resolve_pretrained("vit_base_patch8_224", None) is True
+
+
+# -- a small data set with a hand-written cache ----------------------------------------------
+N_IMAGES, DIM = 50, 8
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    """50 images of 32×32 whose brightness follows the MOS; vectors that carry it too."""
+    root = tmp_path_factory.mktemp("small")
+    rng = np.random.default_rng(0)
+    rows, shas, vectors = ["image,mos"], [], []
+    keys = [f"img_{i:02d}.png" for i in range(N_IMAGES)]
+    for i, key in enumerate(keys):
+        mos = 1 + 4 * i / (N_IMAGES - 1)
+        a = np.clip(rng.normal(40 * mos, 15, (32, 32, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(a).save(root / key)
+        shas.append(hashlib.sha256((root / key).read_bytes()).hexdigest())
+        vectors.append(rng.normal(mos, 1.0, (2, DIM)))
+        rows.append(f"{key},{mos:.4f}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    cache = root.parent / f"{root.name}-cache"
+    spec = semantic_spec("synthetic/mllm", None, "float32", ["p1", "p2"], "", ["good", "bad"])
+    c = SemanticCache.create(cache, spec, ["semantic_content", "coherence"], DIM, root=root)
+    c.write_shard("shard-00000", ShardData(keys, shas, np.asarray(vectors, np.float16),
+                                           np.zeros((N_IMAGES, 2), np.float32)))
+    return root, cache
+
+
+FIT = ["--dataset", "csv", "--backbone", "tiny", "--loader-workers", "0", "-q"]
+
+
+def fit_args(small_set, out, *extra):
+    root, cache = small_set
+    return ["fit", *FIT, "--root", root, "--cache", cache, "--out", out, *extra]
+
+
+def test_a_fit_logs_steps_images_and_the_figures_the_selection_used(small_set, tmp_path):
+    """Defaults of the official protocol on 50 images: split 35/5/10, batch 4 → 8 steps of 32
+    images; validation 4 of 5 (last partial batch dropped); float32; tiny without weights."""
+    out = tmp_path / "run"
+    r = run(*fit_args(small_set, out, "--epochs", "2", "--batch-size", "4", "--lr", "3e-4",
+                      "--json"))
+    assert r.exit_code == 0, r.output
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in log] == [0, 1]
+    assert {(row["steps"], row["train_images"], row["val_images"]) for row in log} == {(8, 32, 4)}
+    split = {}
+    for row in csv.DictReader(open(out / "split.csv", encoding="utf-8")):
+        split.setdefault(row["subset"], []).append(row["key"])
+    assert [len(split[s]) for s in ("train", "val", "test")] == [35, 5, 10]
+    metrics = json.loads((out / "metrics.json").read_text())
+    expected = select_epoch(log)
+    assert metrics["best_epoch"] == (expected if expected is not None else 1)
+    improved = [row["epoch"] for row in log if row["selected"]]  # each new best so far
+    assert (improved[-1] if improved else None) == expected
+    for row in log:
+        assert row["val_score"] == pytest.approx(row["val_srcc"] + row["val_plcc"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["training"]["amp"] is False and config["training"]["pretrained"] is None
+    assert config["backbone_weights"] == {"pretrained": False, "timm": None, "file": None}
+
+
+def test_evaluate_runs_float32_by_default_and_bf16_with_amp(small_set, tmp_path, monkeypatch):
+    root, cache = small_set
+    out = tmp_path / "run"
+    assert run(*fit_args(small_set, out, "--epochs", "1", "--batch-size", "5")).exit_code == 0
+    from agiqa.models import agiqa_net
+    from agiqa.stages import evaluate as evaluate_module
+
+    seen = []
+    real_load = agiqa_net.load_model
+
+    def load_and_watch(*a, **k):
+        model = real_load(*a, **k)
+        # dtype of what the first MANIQA layer computes, with autocast as it is at that point
+        model.backbone.conv1.register_forward_hook(
+            lambda mod, inp, outp: seen.append((outp.dtype, torch.is_autocast_enabled("cpu"))))
+        return model
+
+    monkeypatch.setattr(evaluate_module, "load_model", load_and_watch)
+    ds = load_dataset("csv", root)
+    result = evaluate_module.evaluate_model(out, ds, cache, "all", "cpu", 64, 0, False)
+    assert result["images"] == N_IMAGES and result["amp"] is False
+    assert seen and set(seen) == {(torch.float32, False)}
+    seen.clear()
+    evaluate_module.evaluate_model(out, ds, cache, "all", "cpu", 64, 0, False, amp=True)
+    assert set(seen) == {(torch.bfloat16, True)}
+    r = run("evaluate", "--model", out, "--dataset", "csv", "--root", root, "--cache", cache,
+            "--split", "all", "--json", "-q")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["images"] == N_IMAGES
+
+
+def _split_of(out):
+    return (out / "split.csv").read_text()
+
+
+def test_repeats_keep_the_split_and_split_seeds_change_it(small_set, tmp_path):
+    from agiqa.stages.fit import FitConfig, _runs
+
+    cfg = FitConfig(dataset="csv", root=tmp_path, cache=tmp_path, out=tmp_path / "r")
+    reps = _runs(cfg, 3, 1)
+    assert [(r.seed, r.split_seed, r.out.name) for _, r in reps] == [
+        (20, 20, "seed-20"), (21, 20, "seed-21"), (22, 20, "seed-22")]
+    splits = _runs(cfg, 1, 2)
+    assert [(r.seed, r.split_seed, r.out.name) for _, r in splits] == [
+        (20, 20, "split-20"), (21, 21, "split-21")]
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        _runs(cfg, 2, 2)
+
+    a = tmp_path / "repeats"
+    r = run(*fit_args(small_set, a, "--epochs", "1", "--repeats", "2", "--json"))
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert _split_of(a / "seed-20") == _split_of(a / "seed-21")
+    w20 = (a / "seed-20" / "model.safetensors").read_bytes()
+    assert w20 != (a / "seed-21" / "model.safetensors").read_bytes()
+    srcc = [summary["rows"][f"seed {s}"]["srcc"] for s in (20, 21)]
+    assert summary["rows"]["median"]["srcc"] == pytest.approx(np.median(srcc))
+    assert summary["rows"]["std"]["srcc"] == pytest.approx(np.std(srcc))  # the official np.std
+    assert json.loads((a / "summary.json").read_text())["rows"] == summary["rows"]
+
+    b = tmp_path / "splits"
+    r = run(*fit_args(small_set, b, "--epochs", "1", "--split-seeds", "2", "--json"))
+    assert r.exit_code == 0, r.output
+    assert _split_of(b / "split-20") != _split_of(b / "split-21")
+    assert set(json.loads(r.stdout)["rows"]) == {"split 20", "split 21", "median", "std"}
+
+
+# -- faults ----------------------------------------------------------------------------------
+def test_out_is_checked_before_any_heavy_work(small_set, tmp_path, monkeypatch):
+    from agiqa.stages import fit as fit_module
+
+    def heavy(*a, **k):
+        raise AssertionError("decoded or read vectors before checking --out")
+
+    monkeypatch.setattr(fit_module, "decode_pixels", heavy)
+    monkeypatch.setattr(SemanticCache, "read", heavy)
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"x")
+    r = run(*fit_args(small_set, foreign, "--epochs", "1"))
+    assert r.exit_code == 1
+    assert r.output.strip() == (f"Error: --out {foreign} is not empty and is not an agiqa run "
+                                "(it holds holiday.jpg); choose a new or empty folder")
+
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "model.safetensors").write_bytes(b"x")
+    for extra in ([], ["--resume"]):
+        r = run(*fit_args(small_set, finished, "--epochs", "1", *extra))
+        assert r.exit_code == 1 and "holds a finished run" in r.output
+        assert "pass --resume" not in r.output
+
+
+def test_nothing_is_written_into_out_before_the_model_loads(small_set, tmp_path, monkeypatch):
+    from agiqa.stages import fit as fit_module
+
+    def offline(*a, **k):
+        raise ModelLoadError("cannot load the ImageNet weights (offline)")
+
+    monkeypatch.setattr(fit_module, "create_model", offline)
+    out = tmp_path / "new"
+    r = run(*fit_args(small_set, out, "--epochs", "1"))
+    assert r.exit_code == 1 and "offline" in r.output
+    assert not out.exists()
+
+
+def test_small_splits_are_refused_before_training_with_the_counts(small_set, tmp_path):
+    r = run(*fit_args(small_set, tmp_path / "r", "--split", "random:0.9,0.06,0.04"))
+    assert r.exit_code == 1
+    assert "the val split has 3 image(s) (random(seed=20) of 50 images: train 45, val 3, test 2)" \
+        in r.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_too_small_for_the_official_batches_falls_back_with_a_warning(small_set, tmp_path):
+    r = run(*fit_args(small_set, tmp_path / "r", "--epochs", "1", "--batch-size", "40",
+                      "--split", "random:0.7,0.1,0.2"))
+    assert r.exit_code == 0, r.output
+    assert ("Warning: the official training loader drops the last partial batch of "
+            "--batch-size 40, but the training split has only 35 image(s)") in r.stderr
+    assert "Warning: the official validation loader drops the last partial batch" in r.stderr
+    row = json.loads((tmp_path / "r" / "train_log.jsonl").read_text())
+    assert (row["steps"], row["train_images"], row["val_images"]) == (1, 35, 5)
+
+
+@pytest.mark.parametrize("option,value,why", [
+    ("--lr", "nan", "must be a finite number > 0, got nan"),
+    ("--lr", "0", "must be a finite number > 0, got 0.0"),
+    ("--weight-decay", "-1", "must be a finite number ≥ 0, got -1.0"),
+    ("--backbone-lr", "inf", "must be a finite number ≥ 0, got inf"),
+])
+def test_bad_numbers_are_usage_errors(small_set, tmp_path, option, value, why):
+    r = run(*fit_args(small_set, tmp_path / "r", option, value))
+    assert r.exit_code == 2
+    assert f"Invalid value for '{option}': {why}" in r.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_killed_checkpoint_write_leaves_nothing_that_breaks_resume(small_set, tmp_path,
+                                                                    monkeypatch):
+    """A SIGKILL while ``checkpoint.pt`` is written leaves its temporary, and a log row of an
+    epoch the checkpoint does not hold; resuming cleans both."""
+    from agiqa.fileio import _HOST
+    from agiqa.stages.trainer import Trainer
+
+    out = tmp_path / "run"
+    original = Trainer._train_epoch
+
+    def stop_in_epoch_1(self, *a):
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, *a)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", stop_in_epoch_1)
+    args = fit_args(small_set, out, "--epochs", "2", "--batch-size", "5")
+    assert run(*args).exit_code == 1
+    monkeypatch.setattr(Trainer, "_train_epoch", original)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = out / f".checkpoint.pt.{_HOST}-{dead}.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    log = out / "train_log.jsonl"
+    row = json.loads(log.read_text().splitlines()[0])
+    with open(log, "a", encoding="utf-8") as f:  # epoch 1 logged, then killed in the write
+        f.write(json.dumps({**row, "epoch": 1}) + "\n")
+    r = run(*args, "--resume")
+    assert r.exit_code == 0, r.output
+    assert not stale.exists()
+    assert [json.loads(x)["epoch"] for x in log.read_text().splitlines()] == [0, 1]
+
+
+def test_disk_full_while_training_is_one_error_line(small_set, tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / "run"
+
+    def full(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+
+    monkeypatch.setattr(torch, "save", full)
+    r = run(*fit_args(small_set, out, "--epochs", "1", "--batch-size", "5"))
+    assert r.exit_code == 1
+    assert r.output.strip() == (f"Error: {out / 'checkpoint.pt'}: cannot write the run "
+                                "(No space left on device)")
+
+
+def test_a_broken_run_config_is_one_error_line(small_set, tmp_path):
+    from agiqa.models.agiqa_net import create_model, load_model, save_model
+
+    root, cache = small_set
+    out = tmp_path / "model"
+    save_model(create_model("tiny", 2, DIM), out, {})
+    (out / "config.json").write_text('{"architecture": "ma-agiqa", "model": {')
+    with pytest.raises(CheckpointError, match="config.json: not readable JSON"):
+        load_model(out)
+    r = run("evaluate", "--model", out, "--dataset", "csv", "--root", root, "--cache", cache)
+    assert r.exit_code == 1
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {out / 'config.json'}: not readable")
+
+
+def test_metrics_errors_and_a_logistic_that_does_not_converge():
+    from agiqa.errors import AgiqaError
+    from agiqa.metrics import LogisticFitWarning, MetricsError, evaluate
+
+    with pytest.raises(MetricsError, match="1 prediction.* NaN or infinite .*index 2: nan"):
+        evaluate([1.0, 2.0, float("nan"), 4.0], [1, 2, 3, 4])
+    assert issubclass(MetricsError, AgiqaError)
+    with pytest.raises(MetricsError, match="3 predictions for 4 scores"):
+        evaluate([1, 2, 3], [1, 2, 3, 4])
+    with pytest.warns(LogisticFitWarning, match="did not converge on 3 predictions"):
+        m = evaluate([0.1, 0.5, 0.2], [1.0, 3.0, 2.0])
+    assert np.isfinite(m["srcc"])
+
+
+# -- several processes -----------------------------------------------------------------------
+def test_rank_0_failing_after_training_stops_every_rank(small_set, tmp_path):
+    """torchrun, 2 CPU processes: rank 0 fails while saving the model; rank 1 must not wait at
+    a barrier for ever (the run would hang until the timeout)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '0':\n"
+        "    import agiqa.stages.fit as f\n"
+        "    from agiqa.errors import CheckpointError\n"
+        "    def fail(*a, **k):\n"
+        "        raise CheckpointError('injected failure while saving the model')\n"
+        "    f.save_model = fail\n")
+    root, cache = small_set
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "agiqa", *map(str, fit_args(small_set, tmp_path / "run", "--epochs", "1",
+                                             "--batch-size", "5"))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0
+    assert "injected failure while saving the model" in proc.stderr + proc.stdout
+    assert "rank 0 failed after training" in proc.stderr + proc.stdout
+
+
+def test_amp_is_an_opt_in_of_fit_evaluate_and_score_folder():
+    for command in ("fit", "evaluate", "score-folder"):
+        r = run(command, "--help")
+        assert r.exit_code == 0 and "--amp" in r.output, command
+    from agiqa.stages.fit import FitConfig
+
+    assert FitConfig(dataset="csv", root=".", cache=".", out=".").amp is False
