@@ -1,28 +1,42 @@
-"""Shard files: one Zarr group or HDF5 file per shard, written whole and renamed into place.
+"""Shard files: one Zarr group or HDF5 file per shard, written whole and published atomically.
 
 A shard holds ``keys`` (str), ``sha256`` (str, of the file bytes), ``vectors`` float16
 [n, P, D], ``zero_shot`` float32 [n, P] and the failures of that shard as (key, reason) pairs.
 Arrays are written in one contiguous slice each and read whole: one call per array, never one
 per sample.
+
+Integrity: the shard's metadata, written last, records a CRC-32 of every array (and of the
+failure list); every read checks what it read against it, so a missing chunk (which Zarr would
+serve as zeros, its fill value), a truncated or damaged one, is an error, never data.
+
+Replacement: a shard is written beside the old one under a higher version number
+(``shard-<digest>.zarr``, then ``shard-<digest>.<version>.zarr``) and the older versions are
+removed only afterwards, so the shard's name is never absent; readers take the highest
+version and, if a writer removed it under them, look again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from agiqa.errors import CacheError
-from agiqa.fileio import atomic_path
+from agiqa.fileio import atomic_path, remove_path, temporary_sibling
 
-__all__ = ["FORMATS", "ShardData", "read_shard", "read_shard_keys", "read_shard_vectors_into",
-           "shard_suffix", "write_shard"]
+__all__ = ["FORMATS", "ShardData", "check_shard", "publish_shard", "read_shard",
+           "read_shard_keys", "read_shard_vectors_into", "shard_name", "shard_suffix",
+           "shard_versions", "write_shard"]
 
 FORMATS = ("zarr", "hdf5")
 _SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}
+_BLOCK = 8 << 20  # bytes read and checksummed at a time, while they are in the CPU cache
 
 
 def shard_suffix(fmt: str) -> str:
@@ -36,6 +50,7 @@ class ShardData:
     vectors: np.ndarray  # float16 [n, P, D]
     zero_shot: np.ndarray  # float32 [n, P]
     failures: list[tuple[str, str]] = field(default_factory=list)
+    checksums: dict[str, str] = field(default_factory=dict)  # as recorded in the shard
 
     def __post_init__(self) -> None:
         n = len(self.keys)
@@ -43,6 +58,44 @@ class ShardData:
             raise ValueError("keys, sha256, vectors and zero_shot must have one row per image")
 
 
+# -- checksums ---------------------------------------------------------------------------------
+def _crc(data: np.ndarray, value: int = 0) -> int:
+    return zlib.crc32(np.ascontiguousarray(data).reshape(-1).view(np.uint8), value)
+
+
+def _fmt_crc(value: int) -> str:
+    return f"crc32:{value & 0xFFFFFFFF:08x}"
+
+
+def _text_crc(items: list[str]) -> str:
+    # NUL never occurs in a path or a hex digest: an unambiguous separator.
+    return _fmt_crc(zlib.crc32("\0".join(items).encode("utf-8")))
+
+
+def _array_crc(arr: np.ndarray, dtype: str) -> str:
+    return _fmt_crc(_crc(np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<"))))
+
+
+def _failures_crc(failures: list[tuple[str, str]]) -> str:
+    return _fmt_crc(zlib.crc32(json.dumps([list(f) for f in failures]).encode("utf-8")))
+
+
+def checksums_of(data: ShardData) -> dict[str, str]:
+    return {"keys": _text_crc(data.keys), "sha256": _text_crc(data.sha256),
+            "vectors": _array_crc(data.vectors, "f2"), "zero_shot": _array_crc(data.zero_shot, "f4"),
+            "failures": _failures_crc(data.failures)}
+
+
+def _require(path: Path, what: str, expected: dict[str, str], got: str) -> None:
+    if what not in expected:
+        raise CacheError(f"{path}: the shard records no checksum of its {what} (written by an "
+                         "older agiqa or cut short); rerun extract-semantics to rebuild it")
+    if expected[what] != got:
+        raise CacheError(f"{path}: the shard's {what} fail their checksum (a chunk is missing, "
+                         "truncated or damaged); rerun extract-semantics to rebuild it")
+
+
+# -- writing -----------------------------------------------------------------------------------
 def _write_zarr(path: Path, data: ShardData) -> None:
     import zarr
 
@@ -61,7 +114,9 @@ def _write_zarr(path: Path, data: ShardData) -> None:
         a = g.create_array(name, shape=arr.shape, dtype=dtype, chunks=chunks, **kw)
         if n:
             a[:] = arr
-    g.attrs["failures"] = [list(f) for f in data.failures]
+    # Written last: a shard whose metadata lacks its checksums was never finished.
+    g.attrs.update({"failures": [list(f) for f in data.failures],
+                    "checksums": checksums_of(data)})
 
 
 def _write_hdf5(path: Path, data: ShardData) -> None:
@@ -74,6 +129,7 @@ def _write_hdf5(path: Path, data: ShardData) -> None:
         f.create_dataset("vectors", data=data.vectors.astype(np.float16))
         f.create_dataset("zero_shot", data=data.zero_shot.astype(np.float32))
         f.attrs["failures"] = json.dumps([list(x) for x in data.failures])
+        f.attrs["checksums"] = json.dumps(checksums_of(data))
 
 
 def write_shard(path: str | os.PathLike, data: ShardData, fmt: str) -> None:
@@ -82,63 +138,141 @@ def write_shard(path: str | os.PathLike, data: ShardData, fmt: str) -> None:
         (_write_zarr if fmt == "zarr" else _write_hdf5)(tmp, data)
 
 
+def shard_name(path: Path) -> str:
+    """``shard-<digest>`` of ``shard-<digest>[.<version>].zarr|.h5``."""
+    return path.name.split(".")[0]
+
+
+def _version(path: Path) -> int:
+    parts = path.name.split(".")
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
+
+
+def shard_versions(folder: Path, fmt: str) -> dict[str, list[tuple[int, Path]]]:
+    """Every published version of every shard in ``folder``, oldest first."""
+    out: dict[str, list[tuple[int, Path]]] = {}
+    for p in folder.glob(f"shard-*{shard_suffix(fmt)}"):
+        out.setdefault(shard_name(p), []).append((_version(p), p))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def publish_shard(folder: Path, name: str, data: ShardData, fmt: str) -> Path:
+    """Write ``data`` as the newest version of shard ``name``; then drop the older versions.
+
+    The first version takes the plain name; a replacement takes a higher version number, so
+    the shard is never absent and concurrent writers never remove each other's newest file.
+    """
+    suffix = shard_suffix(fmt)
+    base = folder / f"{name}{suffix}"
+    tmp = temporary_sibling(base)
+    try:
+        (_write_zarr if fmt == "zarr" else _write_hdf5)(tmp, data)
+        final = _publish(tmp, base, fmt)
+    except BaseException:
+        remove_path(tmp)
+        raise
+    for v, p in shard_versions(folder, fmt).get(name, []):
+        if v < _version(final):
+            remove_path(p)
+    return final
+
+
+def _publish(tmp: Path, base: Path, fmt: str) -> Path:
+    older = shard_versions(base.parent, fmt).get(shard_name(base), [])
+    if not older:
+        try:
+            # link (file) and rename (folder) both refuse an existing target: no overwrite.
+            if fmt == "zarr":
+                os.rename(tmp, base)
+            else:
+                os.link(tmp, base)
+                tmp.unlink()
+            return base
+        except OSError:
+            older = shard_versions(base.parent, fmt).get(shard_name(base), [])  # another was first
+    version = max(time.time_ns(), max((v for v, _ in older), default=0) + 1)
+    final = base.with_name(f"{shard_name(base)}.{version}{base.suffix}")
+    os.rename(tmp, final)
+    return final
+# -- reading -----------------------------------------------------------------------------------
 def _fmt_of(path: Path) -> str:
     return "zarr" if path.suffix == ".zarr" else "hdf5"
 
 
+def _decode(items: Any) -> list[str]:
+    return [k.decode() if isinstance(k, bytes) else str(k) for k in items]
+
+
+def _open_meta(path: Path) -> tuple[Any, dict[str, str], list[tuple[str, str]], Any]:
+    """(group or file, checksums, failures, closer) of a shard."""
+    if not path.exists():
+        raise FileNotFoundError(path)
+    if _fmt_of(path) == "zarr":
+        import zarr
+
+        g = zarr.open_group(str(path), mode="r")
+        attrs = g.attrs.asdict()
+        return g, dict(attrs.get("checksums") or {}), \
+            [tuple(f) for f in attrs.get("failures", [])], None
+    import h5py
+
+    f = h5py.File(path, "r")
+    checksums = json.loads(f.attrs.get("checksums", "{}"))
+    return f, checksums, [tuple(x) for x in json.loads(f.attrs.get("failures", "[]"))], f
+
+
+def _damaged(path: Path, e: Exception) -> CacheError:
+    return CacheError(f"{path}: unreadable shard ({type(e).__name__}: {e})")
+
+
 def read_shard_keys(path: str | os.PathLike) -> tuple[list[str], list[tuple[str, str]]]:
-    """The keys and failures of a shard, without reading its vectors."""
+    """The keys and failures of a shard, checked against its checksums, without its vectors."""
     path = Path(path)
+    closer = None
     try:
-        if _fmt_of(path) == "zarr":
-            import zarr
-
-            g = zarr.open_group(str(path), mode="r")
-            return [str(k) for k in g["keys"][:]], [tuple(f) for f in g.attrs.get("failures", [])]
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            keys = [k.decode() if isinstance(k, bytes) else str(k) for k in f["keys"][:]]
-            return keys, [tuple(x) for x in json.loads(f.attrs.get("failures", "[]"))]
+        g, checksums, failures, closer = _open_meta(path)
+        keys = _decode(g["keys"][:])
+    except CacheError:
+        raise
     except Exception as e:  # noqa: BLE001 - any reader failure means a damaged shard
-        raise CacheError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
+        raise _damaged(path, e) from None
+    finally:
+        if closer is not None:
+            closer.close()
+    _require(path, "keys", checksums, _text_crc(keys))
+    _require(path, "failures", checksums, _failures_crc(failures))
+    return keys, failures
 
 
 def read_shard(path: str | os.PathLike, vectors: bool = True) -> ShardData:
-    """Read a whole shard: every array in one call (``vectors=False``: all but the vectors,
-    which :func:`read_shard_vectors_into` then reads straight into the caller's array)."""
+    """Read a whole shard, every array in one call and checked against its checksum
+    (``vectors=False``: all but the vectors, which :func:`read_shard_vectors_into` then reads
+    straight into the caller's array, checked against ``checksums["vectors"]``)."""
     path = Path(path)
+    closer = None
     try:
-        if _fmt_of(path) == "zarr":
-            import zarr
-
-            g = zarr.open_group(str(path), mode="r")
-            zero_shot = np.asarray(g["zero_shot"][:])
-            return ShardData(
-                keys=[str(k) for k in g["keys"][:]],
-                sha256=[str(k) for k in g["sha256"][:]],
-                vectors=np.asarray(g["vectors"][:]) if vectors else
-                np.empty((len(zero_shot), 0, 0), np.float16),
-                zero_shot=zero_shot,
-                failures=[tuple(f) for f in g.attrs.get("failures", [])],
-            )
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            dec = (lambda a: [k.decode() if isinstance(k, bytes) else str(k) for k in a])
-            zero_shot = f["zero_shot"][:]
-            return ShardData(
-                keys=dec(f["keys"][:]),
-                sha256=dec(f["sha256"][:]),
-                vectors=f["vectors"][:] if vectors else
-                np.empty((len(zero_shot), 0, 0), np.float16),
-                zero_shot=zero_shot,
-                failures=[tuple(x) for x in json.loads(f.attrs.get("failures", "[]"))],
-            )
+        g, checksums, failures, closer = _open_meta(path)
+        zero_shot = np.asarray(g["zero_shot"][:], dtype=np.float32)
+        keys, sha = _decode(g["keys"][:]), _decode(g["sha256"][:])
+        vec = None
+        if vectors:
+            vec = np.empty((len(keys), *g["vectors"].shape[1:]), np.float16)
     except CacheError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise CacheError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
+        raise _damaged(path, e) from None
+    finally:
+        if closer is not None:
+            closer.close()
+    for what, got in (("keys", _text_crc(keys)), ("sha256", _text_crc(sha)),
+                      ("zero_shot", _array_crc(zero_shot, "f4")),
+                      ("failures", _failures_crc(failures))):
+        _require(path, what, checksums, got)
+    if vec is not None:
+        read_shard_vectors_into(path, vec, checksums.get("vectors"))
+    return ShardData(keys=keys, sha256=sha, zero_shot=zero_shot, failures=failures,
+                     checksums=checksums,
+                     vectors=vec if vec is not None else np.empty((len(keys), 0, 0), np.float16))
 
 
 _RAW_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}]
@@ -147,7 +281,8 @@ _DEFAULT_KEYS = {"name": "default", "configuration": {"separator": "/"}}
 
 def _zarr_single_raw_chunk(array: Path, out: np.ndarray) -> Path | None:
     """The file of a Zarr v3 array kept as one uncompressed little-endian chunk of exactly
-    ``out``'s shape and type (how agiqa writes vectors), else None."""
+    ``out``'s shape and type (how agiqa writes vectors), else None. A missing or short chunk
+    file is an error here: Zarr would serve its fill value (zeros) instead."""
     import sys
 
     try:
@@ -160,40 +295,75 @@ def _zarr_single_raw_chunk(array: Path, out: np.ndarray) -> Path | None:
               and list(out.shape) == shape and np.dtype(meta["data_type"]) == out.dtype)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    chunk = array.joinpath("c", *["0"] * len(shape))
-    if not ok or not chunk.is_file() or chunk.stat().st_size != out.nbytes:
+    if not ok or out.size == 0:
         return None
+    chunk = array.joinpath("c", *["0"] * len(shape))
+    if not chunk.is_file():
+        raise CacheError(f"{array.parent}: the vector chunk {chunk.name} is missing")
+    if chunk.stat().st_size != out.nbytes:
+        raise CacheError(f"{array.parent}: the vector chunk is truncated "
+                         f"({chunk.stat().st_size} of {out.nbytes} bytes)")
     return chunk
 
 
-def read_shard_vectors_into(path: str | os.PathLike, out: np.ndarray) -> None:
-    """Read a shard's vectors into ``out`` (C-contiguous float16 [n, P, D]) with no extra copy:
-    one ``readinto`` of the raw chunk for agiqa's Zarr shards, ``read_direct`` for HDF5."""
+def _read_checked(chunk: Path, out: np.ndarray) -> int:
+    """``readinto`` ``out`` from ``chunk`` block by block, each checksummed while it is hot."""
+    view, crc, done = memoryview(out.reshape(-1).view(np.uint8)), 0, 0
+    with open(chunk, "rb", buffering=0) as f:
+        while done < out.nbytes:
+            got = f.readinto(view[done: done + _BLOCK])
+            if not got:
+                raise CacheError(f"{chunk}: truncated vector chunk")
+            crc = zlib.crc32(view[done: done + got], crc)
+            done += got
+    return crc
+
+
+def read_shard_vectors_into(path: str | os.PathLike, out: np.ndarray,
+                            expected: str | None = None) -> None:
+    """Read a shard's vectors into ``out`` (float16 [n, P, D]) with no extra copy and check
+    them against the shard's checksum (``expected``, else read from the shard): one
+    ``readinto`` per block of the raw chunk for agiqa's Zarr shards, ``read_direct`` for HDF5."""
     path = Path(path)
     try:
+        if expected is None:
+            _, checksums, _, closer = _open_meta(path)
+            if closer is not None:
+                closer.close()
+            expected = checksums.get("vectors")
+        direct = out.flags.c_contiguous and out.dtype == np.float16
+        crc = None
         if _fmt_of(path) == "zarr":
-            chunk = _zarr_single_raw_chunk(path / "vectors", out) if out.flags.c_contiguous \
-                else None
+            chunk = _zarr_single_raw_chunk(path / "vectors", out) if direct else None
             if chunk is not None:
-                with open(chunk, "rb") as f:
-                    if f.readinto(memoryview(out).cast("B")) != out.nbytes:
-                        raise CacheError(f"{chunk}: truncated vector chunk")
-                return
-            import zarr
-
-            out[...] = zarr.open_group(str(path), mode="r")["vectors"][:]
-            return
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            ds = f["vectors"]
-            if ds.shape != out.shape:
-                raise CacheError(f"{path}: vectors of shape {ds.shape}, expected {out.shape}")
-            if out.flags.c_contiguous and ds.dtype == out.dtype:
-                ds.read_direct(out)
+                crc = _read_checked(chunk, out)
             else:
-                out[...] = ds[:]
+                import zarr
+
+                out[...] = zarr.open_group(str(path), mode="r")["vectors"][:]
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                ds = f["vectors"]
+                if ds.shape != out.shape:
+                    raise CacheError(f"{path}: vectors of shape {ds.shape}, expected {out.shape}")
+                if direct and ds.dtype == out.dtype and out.size:
+                    ds.read_direct(out)
+                else:
+                    out[...] = ds[:]
     except CacheError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise CacheError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
+        raise _damaged(path, e) from None
+    got = _fmt_crc(crc) if crc is not None else _array_crc(out, "f2")
+    _require(path, "vectors", {"vectors": expected} if expected else {}, got)
+
+
+def check_shard(path: str | os.PathLike) -> str | None:
+    """Read a whole shard and check every array: None if it is whole, else the reason."""
+    try:
+        read_shard(path)
+    except CacheError as e:
+        return str(e)
+    return None

@@ -15,7 +15,6 @@ prompt text before the image (as MA-AGIQA did), the model's own processor render
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +22,22 @@ import torch
 from PIL import Image
 
 from agiqa.errors import ModelLoadError
+from agiqa.fileio import LOCAL_REVISION_PREFIX, folder_content_hash
 from agiqa.presets import PromptSet, resolve_model_id
 from agiqa.runtime import DTYPES, resolve_device, resolve_dtype
 
 __all__ = ["BatchPreparer", "PromptEncoding", "SemanticEncoder"]
 
 def _resolved_revision(model_id: str, revision: str | None, config: Any) -> str | None:
-    commit = getattr(config, "_commit_hash", None)
-    if commit:
-        return commit
-    cfg_file = Path(model_id) / "config.json"
-    if cfg_file.is_file():
-        return "local-" + hashlib.sha256(cfg_file.read_bytes()).hexdigest()[:16]
-    return revision
+    """A local folder: a hash of the files that shape its outputs; a hub model: its commit."""
+    if Path(model_id).is_dir():
+        return LOCAL_REVISION_PREFIX + folder_content_hash(model_id)
+    return getattr(config, "_commit_hash", None) or revision
+
+
+def _local_or_hub(model_id: str) -> str:
+    """A local folder as an absolute path (the same run works from any folder); else as given."""
+    return str(Path(model_id).resolve()) if Path(model_id).is_dir() else model_id
 
 
 class PromptEncoding:
@@ -128,7 +130,7 @@ class SemanticEncoder:
     ):
         from transformers import AutoConfig, AutoProcessor
 
-        self.model_id = resolve_model_id(model)
+        self.model_id = _local_or_hub(resolve_model_id(model))
         self.prompts = prompts
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -175,7 +177,7 @@ class SemanticEncoder:
             kw["attn_implementation"] = self.attn_implementation
         try:
             model = AutoModelForImageTextToText.from_pretrained(self.model_id, **kw)
-        except (OSError, ValueError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 - SafetensorError derives from Exception only
             raise ModelLoadError(f"cannot load MLLM weights {self.model_id!r}: {e}") from None
         finally:
             if was_enabled:
