@@ -43,7 +43,14 @@ def test_extract_exits_2_and_names_every_broken_file(tiny_llava, photo_folder, t
     again = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out",
                 tmp_path / "c", "--quiet", "--json")
     report = json.loads(again.output)
-    assert again.exit_code == 2 and report["computed"] == 0 and report["failed"] == 3
+    # The failed images are tried again (and fail again); the others are reused.
+    assert again.exit_code == 2 and report["computed"] == 3 and report["failed"] == 3
+    assert sorted(report["retried"]) == ["text_as.jpg", "truncated.jpg", "zero_bytes.png"]
+    assert report["reused"] == len(good)
+    skip = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out",
+               tmp_path / "c", "--quiet", "--json", "--no-retry-failed")
+    report = json.loads(skip.output)
+    assert skip.exit_code == 2 and report["computed"] == 0 and report["failed"] == 3
 
 
 def test_another_model_into_the_same_cache_is_refused(tiny_llava, tiny_qwen, photo_folder,
@@ -92,7 +99,7 @@ def test_cache_verify_names_changed_and_missing_files(tiny_llava, tmp_path):
 
 def test_usage_errors(tmp_path):
     r = run("extract-semantics", "--out", tmp_path / "c")
-    assert r.exit_code == 2 and "give either --images DIR or --dataset NAME --root DIR" in r.output
+    assert r.exit_code == 64 and "give either --images DIR or --dataset NAME --root DIR" in r.output
     r = run("extract-semantics", "--images", tmp_path / "nope", "--out", tmp_path / "c")
     assert r.exit_code == 1 and "image folder not found" in r.output
     r = run("cache", "info", tmp_path)

@@ -38,6 +38,8 @@ from agiqa.cli.common import (
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
               default="auto", show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own code.")
+@click.option("--no-retry-failed", "no_retry_failed", is_flag=True,
+              help="Leave images that failed in an earlier run alone (default: try them again).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Number of independent workers filling this cache (default: torchrun's).")
 @click.option("--worker", type=click.IntRange(min=0), default=None,
@@ -49,7 +51,7 @@ from agiqa.cli.common import (
 @handle_errors
 def extract_semantics_cmd(model, revision, images, dataset, root, labels, target, image_column,
                           score_column, out, fmt, prompts, batch_size, shard_size, device, dtype,
-                          trust_remote_code, workers, worker, loader_workers, quiet, as_json):
+                          trust_remote_code, no_retry_failed, workers, worker, loader_workers, quiet, as_json):
     """Stage one: run the MLLM once per image and prompt; cache the semantic vectors.
 
     \b
@@ -71,7 +73,8 @@ def extract_semantics_cmd(model, revision, images, dataset, root, labels, target
         source = ImageSource.from_dataset(ds)
     cfg = ExtractConfig(out=out, model=model, revision=revision, format=fmt, prompts=prompts,
                         batch_size=batch_size, shard_size=shard_size, device=device, dtype=dtype,
-                        trust_remote_code=trust_remote_code, workers=workers, worker=worker,
+                        trust_remote_code=trust_remote_code, retry_failed=not no_retry_failed,
+                        workers=workers, worker=worker,
                         loader_workers=loader_workers, progress=not quiet)
     report = extract_semantics(cfg, source)
     if as_json:
