@@ -22,6 +22,7 @@ from agiqa.cache.shards import (
     ShardData,
     publish_shard,
     read_shard,
+    read_shard_index,
     read_shard_keys,
     read_shard_vectors_into,
     shard_suffix,
@@ -326,8 +327,11 @@ class SemanticCache:
         """Fill ``out`` at ``positions`` from one shard, every array checked; the shard's keys
         are read again with its vectors, so a shard replaced since the index was built is read
         as one consistent version."""
-        meta = read_shard(shard_path, vectors=False)
-        shard_keys = meta.keys
+        if {"zero_shot", "sha256"} & set(fields):
+            meta = read_shard(shard_path, vectors=False)
+            shard_keys, checksums = meta.keys, meta.checksums
+        else:  # training reads vectors only: the keys (to place the rows) are all it needs
+            shard_keys, _, checksums = read_shard_index(shard_path)
         wanted = [keys[i] for i in positions]
         first = positions[0]
         at: Any = slice(first, first + len(positions)) \
@@ -343,7 +347,7 @@ class SemanticCache:
             row_list = [row[k] for k in wanted]
             rows = np.array(row_list)
         if "vectors" in fields:
-            expected = meta.checksums.get("vectors")
+            expected = checksums.get("vectors")
             if isinstance(rows, slice) and isinstance(at, slice):
                 # The whole shard in its order, into a contiguous block: read it in place.
                 read_shard_vectors_into(shard_path, out["vectors"][at], expected)

@@ -215,7 +215,8 @@ def extract_semantics(
     report.damaged_shards = plan.damaged
     if plan.jobs:
         encoder.load(progress=cfg.progress)
-    cache = cache or create()
+    if cache is None:
+        cache = create()
     if plan.jobs:
         _run_shards(cfg, cache, encoder, source.root, plan.jobs, report)
     cache.refresh()
