@@ -141,7 +141,7 @@ class SemanticCache:
             )
         if fmt and fmt != cache.format:
             raise ConfigError(f"cache {path} holds {cache.format} shards; --format {fmt} given")
-        if not os.access(path, os.W_OK | os.X_OK):
+        if not _writable(path):
             raise CacheError(f"{path}: cannot write the cache (permission denied)")
         remove_stale_temporaries(path)
         return cache
@@ -381,6 +381,10 @@ class SemanticCache:
             "created": self.manifest.get("created"),
             "updated": self.manifest.get("updated"),
         }
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def _create_if_absent(path: Path, obj: dict[str, Any]) -> None:
