@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from agiqa import runtime as dist
-from agiqa.cache import SemanticCache, open_cache
+from agiqa.cache import SemanticCache, check_fresh, open_cache
 from agiqa.data.datasets import Dataset, load_dataset
 from agiqa.data.pixels import normalize
 from agiqa.data.splits import Split, make_split
@@ -131,6 +131,7 @@ def _loader_inputs(ds: Dataset, cfg: FitConfig):
         if not split.subset(name):
             raise DatasetError(f"the {name} split is empty ({split.method}, {len(ds)} images)")
     _check_vectors(cache, split)
+    check_fresh(cache, split.subset("all"), ds.root)  # vectors of changed images: refused
     return cache, split
 
 
