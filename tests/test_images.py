@@ -84,7 +84,8 @@ def test_path_aliases_are_one_key(tmp_path):
     assert normalize_key("sub\\x.png") == "sub/x.png"
     (tmp_path / "b").mkdir()
     (tmp_path / "labels.csv").write_text("image,mos\na.jpg,1\n./a.jpg,2\n")
-    with pytest.raises(DatasetError, match=r"line 3: image 'a.jpg' is listed twice \(as './a.jpg'\)"):
+    with pytest.raises(DatasetError,
+                       match=r"line 3: image 'a.jpg' is listed twice \(as './a.jpg'\)"):
         load_dataset("csv", tmp_path, tmp_path / "labels.csv")
     (tmp_path / "labels.csv").write_text("image,mos\nb/../a.jpg,1\n")
     assert load_dataset("csv", tmp_path, tmp_path / "labels.csv").keys == ["a.jpg"]

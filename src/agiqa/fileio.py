@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LOCAL_REVISION_PREFIX", "MODEL_FILE_PATTERNS", "agiqa_home", "atomic_path", "current_umask", "folder_content_hash", "read_json",
-           "remove_path", "remove_stale_temporaries", "temporary_sibling", "write_json", "write_text"]
+__all__ = ["LOCAL_REVISION_PREFIX", "MODEL_FILE_PATTERNS", "agiqa_home", "atomic_path",
+           "current_umask", "folder_content_hash", "read_json", "remove_path",
+           "remove_stale_temporaries", "temporary_sibling", "write_json", "write_text"]
 
 _HOST = socket.gethostname().replace(".", "_")
 

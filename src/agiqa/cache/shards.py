@@ -33,9 +33,9 @@ import numpy as np
 from agiqa.errors import CacheError
 from agiqa.fileio import atomic_path, remove_path, temporary_sibling
 
-__all__ = ["FORMATS", "ShardData", "check_shard", "publish_shard", "read_shard",
-           "read_shard_index", "read_shard_keys", "vector_checksum", "read_shard_vectors_into", "shard_name", "shard_suffix",
-           "shard_versions", "write_shard"]
+__all__ = ["FORMATS", "ShardData", "check_shard", "checksums_of", "publish_shard", "read_shard",
+           "read_shard_index", "read_shard_keys", "read_shard_vectors_into", "shard_name",
+           "shard_suffix", "shard_versions", "vector_checksum", "write_shard"]
 
 FORMATS = ("zarr", "hdf5")
 _SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}

@@ -371,7 +371,8 @@ class SemanticCache:
             "model": self.spec["model"],
             "revision": self.spec["revision"],
             "dtype": self.spec["dtype"],
-            "prompts": [{"name": n, "text": t} for n, t in zip(self.prompt_names, self.prompts)],
+            "prompts": [{"name": n, "text": t}
+                        for n, t in zip(self.prompt_names, self.prompts, strict=True)],
             "dim": self.dim,
             "root": str(self.root) if self.root else None,
             "shards": len(self.shard_paths()),

@@ -60,7 +60,7 @@ def _inspect(cache: SemanticCache, name: str, order: list[str], root: Path, want
     except CacheError as e:
         plan.damaged[name] = str(e)
         return ShardJob(name, order, list(order))
-    held = dict(zip(old.keys, range(len(old.keys))))
+    held = {k: i for i, k in enumerate(old.keys)}
     failed = dict(old.failures)
     changed = [k for k in old.keys if k in wanted and not _is_fresh(root, k, old.sha256[held[k]])]
     retried = [k for k in failed if k in wanted and retry_failed]

@@ -254,7 +254,8 @@ def _run_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncod
     batches, offset = [], 0
     for _, shard_keys in pending:
         for i in range(0, len(shard_keys), cfg.batch_size):
-            batches.append(list(range(offset + i, offset + min(i + cfg.batch_size, len(shard_keys)))))
+            end = offset + min(i + cfg.batch_size, len(shard_keys))
+            batches.append(list(range(offset + i, end)))
         offset += len(shard_keys)
     n_prompts = len(encoder.prompts.texts)
     loader = DataLoader(
