@@ -102,17 +102,36 @@ def test_ragged_csv_row_and_nul_byte_are_one_error(tmp_path):
         load_dataset("csv", tmp_path, tmp_path / "labels.csv")
 
 
-def test_fifo_is_refused_without_opening_it(tmp_path):
-    import signal
+class _deadline:
+    """Raise TimeoutError in the test after ``seconds``: a blocking open must fail the test,
+    not hang the suite."""
 
-    os_mkfifo = __import__("os").mkfifo
-    os_mkfifo(tmp_path / "pipe.jpg")
-    signal.alarm(20)  # a blocking open would hang the test: fail it instead
-    try:
+    def __init__(self, seconds: int):
+        self.seconds = seconds
+
+    def __enter__(self):
+        import signal
+
+        def expire(signum, frame):
+            raise TimeoutError(f"still blocked after {self.seconds} s")
+
+        self.old = signal.signal(signal.SIGALRM, expire)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.old)
+
+
+def test_fifo_is_refused_without_opening_it(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with _deadline(10):
         with pytest.raises(BadImageError, match="pipe.jpg: a FIFO \\(named pipe\\), not a regular"):
             load_image(tmp_path / "pipe.jpg", "pipe.jpg")
-    finally:
-        signal.alarm(0)
     assert list_images(tmp_path)[0] == ["pipe.jpg"]  # listed, so the run reports it
 
 
@@ -140,7 +159,6 @@ def test_symlinks_followed_to_regular_files_else_named(tmp_path):
 def test_extraction_records_bad_links_and_fifos_and_goes_on(tiny_llava, tmp_path,
                                                             loader_workers):
     import os
-    import signal
 
     from agiqa.cache import open_cache
     from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
@@ -156,11 +174,8 @@ def test_extraction_records_bad_links_and_fifos_and_goes_on(tiny_llava, tmp_path
     os.mkfifo(root / "pipe.png")
     cfg = ExtractConfig(out=tmp_path / "c", model=str(tiny_llava), progress=False,
                         loader_workers=loader_workers)
-    signal.alarm(120)
-    try:
+    with _deadline(120):
         report = extract_semantics(cfg, ImageSource.from_folder(root))
-    finally:
-        signal.alarm(0)
     assert sorted(report.failures) == ["dangling.png", "pipe.png"]
     assert "FIFO" in report.failures["pipe.png"]
     assert "broken symbolic link" in report.failures["dangling.png"]
