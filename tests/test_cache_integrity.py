@@ -216,6 +216,26 @@ def test_replacement_never_leaves_the_shard_absent(tmp_path):
     assert len(open_cache(tmp_path / "c").shard_paths()) == 1
 
 
+def test_a_superseded_version_is_pruned_and_never_read(tmp_path):
+    from agiqa.cache import SemanticCache, semantic_spec
+    from agiqa.cache.shards import publish_shard
+
+    spec = semantic_spec("m", "r", "float32", ["a"], "x", ["good"])
+    cache = SemanticCache.create(tmp_path / "c", spec, ["a"], 4, "hdf5")
+
+    def data(value):
+        return ShardData(["k"], ["0" * 64], np.full((1, 1, 4), value, np.float16),
+                         np.full((1, 1), value, np.float32))
+
+    first = publish_shard(cache.path, "shard-x", data(1), "hdf5")
+    # A writer killed after publishing its version, before removing the old one:
+    newer = first.with_name(f"shard-x.{10**18}.h5")
+    publish_shard(tmp_path, "shard-x", data(2), "hdf5").rename(newer)
+    assert open_cache(cache.path).read(["k"])["vectors"].max() == 2
+    again = SemanticCache.create(tmp_path / "c", spec, ["a"], 4, "hdf5")
+    assert [p.name for p in again.path.glob("shard-*")] == [newer.name]
+
+
 # -- 3. freshness -----------------------------------------------------------------------------
 def test_changed_image_is_recomputed_and_refused_by_check_fresh(tiny_llava, filled):
     root, keys, out = filled

@@ -29,15 +29,21 @@ from agiqa.cache.shards import (
     shard_versions,
 )
 from agiqa.errors import CacheError, CacheMismatchError, ConfigError, MissingVectorsError
-from agiqa.fileio import current_umask, read_json, remove_stale_temporaries, write_json
+from agiqa.fileio import (
+    current_umask,
+    read_json,
+    remove_path,
+    remove_stale_temporaries,
+    write_json,
+)
 
 __all__ = ["MANIFEST", "SemanticCache", "open_cache", "plan_shards"]
 
 MANIFEST = "manifest.json"
 READ_FIELDS = ("vectors", "zero_shot", "sha256")
 _MANIFEST_FIELDS = ("format_version", "format", "fingerprint", "semantics", "prompt_names", "dim")
-# A reader that finds a shard replaced under it looks again, this many times.
-_READ_ATTEMPTS = 5
+# A reader that finds the shard it reads replaced under it looks again, for this long at most.
+_READ_PATIENCE_S = 30.0
 
 
 def plan_shards(keys: list[str], shard_size: int) -> list[tuple[str, list[str]]]:
@@ -144,7 +150,18 @@ class SemanticCache:
         if not _writable(path):
             raise CacheError(f"{path}: cannot write the cache (permission denied)")
         remove_stale_temporaries(path)
+        cache.prune_superseded()
         return cache
+
+    def prune_superseded(self) -> int:
+        """Remove shard versions that a newer version replaced (a writer killed between
+        publishing a shard and removing its old version leaves both). Returns how many."""
+        removed = 0
+        for versions in shard_versions(self.path, self.format).values():
+            for _, old in versions[:-1]:
+                remove_path(old)
+                removed += 1
+        return removed
 
     def require_fingerprint(self, expected: str | None, what: str) -> None:
         """Refuse this cache unless its fingerprint is ``expected`` (what ``what`` needs).
@@ -203,21 +220,21 @@ class SemanticCache:
         self._failures = None
 
     def _with_retry(self, name: str, fn: Callable[[Path], Any]) -> Any:
-        """``fn(newest version of shard name)``, looking again if a writer replaced it meanwhile;
-        a shard that stays damaged raises its :class:`CacheError`."""
-        last: CacheError | None = None
+        """``fn(newest version of shard name)``, looking again while writers replace it under
+        the reader (the version read vanished); a version that is still there and fails twice
+        is damaged, and its :class:`CacheError` is raised."""
+        deadline = time.monotonic() + _READ_PATIENCE_S
         seen: Path | None = None
-        for attempt in range(_READ_ATTEMPTS):
+        attempt = 0
+        while True:
             path = self.shard_path(name)
             try:
                 return fn(path)
-            except CacheError as e:
-                if path == seen and path.exists():
-                    raise  # the same file failed twice: damaged, not replaced
-                last, seen = e, path
-                time.sleep(0.02 * (attempt + 1))
-        assert last is not None
-        raise last
+            except CacheError:
+                if (path == seen and path.exists()) or time.monotonic() > deadline:
+                    raise
+                seen, attempt = path, attempt + 1
+                time.sleep(min(0.001 * 2 ** attempt, 0.05))
 
     def _build_index(self) -> None:
         index: dict[str, str] = {}
