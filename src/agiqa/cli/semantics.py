@@ -51,7 +51,8 @@ from agiqa.cli.common import (
 @handle_errors
 def extract_semantics_cmd(model, revision, images, dataset, root, labels, target, image_column,
                           score_column, out, fmt, prompts, batch_size, shard_size, device, dtype,
-                          trust_remote_code, no_retry_failed, workers, worker, loader_workers, quiet, as_json):
+                          trust_remote_code, no_retry_failed, workers, worker, loader_workers,
+                          quiet, as_json):
     """Stage one: run the MLLM once per image and prompt; cache the semantic vectors.
 
     \b
@@ -91,6 +92,11 @@ def _print_extract_summary(report) -> None:
         f"{len(r.failures)} failed  ({r.images_per_second:.1f} images/s, worker {r.worker} of "
         f"{r.workers}) -> {r.cache}"
     )
+    for name, reason in sorted(r.damaged_shards.items()):
+        click.echo(f"rebuilt damaged shard {name}: {reason}", err=True)
+    if r.changed or r.retried:
+        click.echo(f"recomputed {len(r.changed)} image(s) whose file changed, retried "
+                   f"{len(r.retried)} that failed before", err=True)
     for key, reason in sorted(r.failures.items()):
         click.echo(f"failed: {key}: {reason}", err=True)
     if r.skipped_files:
