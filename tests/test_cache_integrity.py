@@ -169,7 +169,8 @@ def test_hdf5_shard_with_damaged_bytes_is_refused(tiny_llava, tmp_path):
         open_cache(tmp_path / "c").read(keys)
 
 
-def test_replacement_never_leaves_the_shard_absent(tmp_path):
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_replacement_never_leaves_the_shard_absent(tmp_path, fmt):
     """Two writer processes replace one shard over and over while two readers read it: every
     read sees the whole key set and one writer's vectors, never a mix, never an error."""
     import subprocess
@@ -179,7 +180,7 @@ def test_replacement_never_leaves_the_shard_absent(tmp_path):
     from agiqa.cache import SemanticCache, semantic_spec
 
     spec = semantic_spec("m", "r", "float32", ["a", "b"], "x", ["good"])
-    cache = SemanticCache.create(tmp_path / "c", spec, ["a", "b"], 8, "zarr")
+    cache = SemanticCache.create(tmp_path / "c", spec, ["a", "b"], 8, fmt)
     keys = [f"k{i}" for i in range(6)]
     cache.write_shard("shard-x", ShardData(keys, ["0" * 64] * 6, np.zeros((6, 2, 8), np.float16),
                                            np.zeros((6, 2), np.float32)))
@@ -190,7 +191,7 @@ def test_replacement_never_leaves_the_shard_absent(tmp_path):
         from agiqa.cache.shards import ShardData
         role, value, path = sys.argv[1], float(sys.argv[2]), sys.argv[3]
         keys = [f"k{i}" for i in range(6)]
-        end, n = time.time() + 3.0, 0
+        end, n = time.time() + 2.0, 0
         while time.time() < end:
             cache = open_cache(path)
             if role == "write":
@@ -216,24 +217,28 @@ def test_replacement_never_leaves_the_shard_absent(tmp_path):
     assert len(open_cache(tmp_path / "c").shard_paths()) == 1
 
 
-def test_a_superseded_version_is_pruned_and_never_read(tmp_path):
+def test_versions_left_by_killed_writers_are_pruned(tmp_path):
+    import time
+
     from agiqa.cache import SemanticCache, semantic_spec
-    from agiqa.cache.shards import publish_shard
+    from agiqa.cache.shards import publish_shard, resolve_shard
 
     spec = semantic_spec("m", "r", "float32", ["a"], "x", ["good"])
-    cache = SemanticCache.create(tmp_path / "c", spec, ["a"], 4, "hdf5")
-
-    def data(value):
-        return ShardData(["k"], ["0" * 64], np.full((1, 1, 4), value, np.float16),
-                         np.full((1, 1), value, np.float32))
-
-    first = publish_shard(cache.path, "shard-x", data(1), "hdf5")
-    # A writer killed after publishing its version, before removing the old one:
-    newer = first.with_name(f"shard-x.{10**18}.h5")
-    publish_shard(tmp_path, "shard-x", data(2), "hdf5").rename(newer)
-    assert open_cache(cache.path).read(["k"])["vectors"].max() == 2
-    again = SemanticCache.create(tmp_path / "c", spec, ["a"], 4, "hdf5")
-    assert [p.name for p in again.path.glob("shard-*")] == [newer.name]
+    cache = SemanticCache.create(tmp_path / "c", spec, ["a"], 4, "zarr")
+    data = ShardData(["k"], ["0" * 64], np.full((1, 1, 4), 1, np.float16),
+                     np.full((1, 1), 1, np.float32))
+    link = publish_shard(cache.path, "shard-x", data, "zarr")
+    assert link.is_symlink() and link.name == "shard-x.zarr"
+    current = resolve_shard(link)
+    # Killed writers: one left an older version behind, one a newer folder it never linked.
+    older, orphan = (current.with_name(f"shard-x.{v}.zarr.data") for v in (5, 10**19))
+    shutil.copytree(current, older)
+    shutil.copytree(current, orphan)
+    hour_ago = time.time() - 3600
+    os.utime(orphan, (hour_ago, hour_ago))
+    assert open_cache(cache.path).read(["k"])["vectors"].max() == 1
+    SemanticCache.create(tmp_path / "c", spec, ["a"], 4, "zarr")
+    assert sorted(p.name for p in cache.path.glob("shard-x*")) == [current.name, link.name]
 
 
 # -- 3. freshness -----------------------------------------------------------------------------

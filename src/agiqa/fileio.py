@@ -142,7 +142,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
         host, _, pid = owner[1].rpartition("-")
         if host != _HOST or not pid.isdigit() or _pid_alive(int(pid)):
             continue
-        if tmp.is_dir():
+        if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)

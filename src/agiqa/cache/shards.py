@@ -12,16 +12,18 @@ arrays carry a CRC-32; the vectors, read at disk speed, carry a position-weighte
 64-bit words (two sums over 32 KiB blocks and the byte length; about 60 GB/s in numpy, where
 CRC-32 runs at 3): any changed word, a zeroed or moved block, a short read all change it.
 
-Replacement: a shard is written beside the old one under a higher version number
-(``shard-<digest>.zarr``, then ``shard-<digest>.<version>.zarr``) and the older versions are
-removed only afterwards, so the shard's name is never absent; readers take the highest
-version and, if a writer removed it under them, look again.
+Replacement: a shard is written whole beside the old one and then takes its name atomically
+(HDF5: the file is renamed over the old one; Zarr: the name is a symbolic link to a version
+folder, and a new link is renamed over it); the old version is removed only afterwards, so the
+shard's name is never absent. A reader reads one version; if a writer removed it under the
+reader, the reader looks again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -33,9 +35,10 @@ import numpy as np
 from agiqa.errors import CacheError
 from agiqa.fileio import atomic_path, remove_path, temporary_sibling
 
-__all__ = ["FORMATS", "ShardData", "check_shard", "checksums_of", "publish_shard", "read_shard",
-           "read_shard_index", "read_shard_keys", "read_shard_vectors_into", "shard_name",
-           "shard_suffix", "shard_versions", "vector_checksum", "write_shard"]
+__all__ = ["FORMATS", "ShardData", "check_shard", "checksums_of", "named_by_link",
+           "prune_versions", "publish_shard", "read_shard", "read_shard_index", "read_shard_keys",
+           "read_shard_vectors_into", "resolve_shard", "shard_identity", "shard_name",
+           "shard_suffix", "vector_checksum", "version_names", "write_shard"]
 
 FORMATS = ("zarr", "hdf5")
 _SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}
@@ -162,64 +165,132 @@ def write_shard(path: str | os.PathLike, data: ShardData, fmt: str) -> None:
 
 
 def shard_name(path: Path) -> str:
-    """``shard-<digest>`` of ``shard-<digest>[.<version>].zarr|.h5``."""
+    """``shard-<digest>`` of ``shard-<digest>.zarr|.h5`` (and of a version folder)."""
     return path.name.split(".")[0]
 
 
-def _version(path: Path) -> int:
-    parts = path.name.split(".")
-    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
+# Zarr shards are folders, and a folder cannot be renamed over another: each version is written
+# to its own folder ``shard-<digest>.<version>.zarr.data`` and the shard's name is a symbolic
+# link to the current one, replaced atomically (a link is renamed over a link). The name is never
+# absent, a directory listing always shows it, and a reader reads the one version the link
+# pointed to when it looked. HDF5 shards are single files, renamed over the old file.
+_DATA = ".data"
+_STALE_S = 600.0  # an unlinked version folder older than this was left by a killed writer
 
 
-def shard_versions(folder: Path, fmt: str) -> dict[str, list[tuple[int, Path]]]:
-    """Every published version of every shard in ``folder``, oldest first."""
-    out: dict[str, list[tuple[int, Path]]] = {}
-    for p in folder.glob(f"shard-*{shard_suffix(fmt)}"):
-        out.setdefault(shard_name(p), []).append((_version(p), p))
-    return {k: sorted(v) for k, v in out.items()}
+def resolve_shard(path: Path) -> Path:
+    """The version a shard name points to now (the name itself for files and plain folders)."""
+    return path.parent / os.readlink(path) if path.is_symlink() else path
+
+
+def shard_identity(path: Path) -> object:
+    """What changes whenever shard ``path`` is replaced (None if it is absent)."""
+    try:
+        if path.is_symlink():
+            return os.readlink(path)
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _versions(folder: Path, name: str) -> list[tuple[int, Path]]:
+    out = []
+    for p in folder.glob(f"{name}.*.zarr{_DATA}"):
+        v = p.name.split(".")[1]
+        if v.isdigit():
+            out.append((int(v), p))
+    return sorted(out)
 
 
 def publish_shard(folder: Path, name: str, data: ShardData, fmt: str) -> Path:
-    """Write ``data`` as the newest version of shard ``name``; then drop the older versions.
+    """Write ``data`` as shard ``name``, replacing any older version atomically.
 
-    The first version takes the plain name; a replacement takes a higher version number, so
-    the shard is never absent and concurrent writers never remove each other's newest file.
+    Never deletes first: the new version is complete beside the old one before the name moves
+    to it, and only then is the old one removed.
     """
-    suffix = shard_suffix(fmt)
-    base = folder / f"{name}{suffix}"
-    tmp = temporary_sibling(base)
+    link = folder / f"{name}{shard_suffix(fmt)}"
+    tmp = temporary_sibling(link)
     try:
         (_write_zarr if fmt == "zarr" else _write_hdf5)(tmp, data)
-        final = _publish(tmp, base, fmt)
+        if fmt == "hdf5":
+            os.replace(tmp, link)
+            return link
+        while not _link_version(tmp, link, name):
+            # A concurrent writer removed our version before our link landed: write it again.
+            (_write_zarr)(tmp, data)
     except BaseException:
         remove_path(tmp)
         raise
-    for v, p in shard_versions(folder, fmt).get(name, []):
-        if v < _version(final):
-            remove_path(p)
-    return final
+    return link
 
 
-def _publish(tmp: Path, base: Path, fmt: str) -> Path:
-    older = shard_versions(base.parent, fmt).get(shard_name(base), [])
-    if not older:
+def _link_version(tmp: Path, link: Path, name: str) -> bool:
+    folder = link.parent
+    while True:
+        version = time.time_ns()
+        target = folder / f"{name}.{version}.zarr{_DATA}"
         try:
-            # link (file) and rename (folder) both refuse an existing target: no overwrite.
-            if fmt == "zarr":
-                os.rename(tmp, base)
-            else:
-                os.link(tmp, base)
-                tmp.unlink()
-            return base
+            os.rename(tmp, target)  # refuses an existing (same-nanosecond) version folder
+            break
         except OSError:
-            older = shard_versions(base.parent, fmt).get(shard_name(base), [])  # another was first
-    version = max(time.time_ns(), max((v for v, _ in older), default=0) + 1)
-    final = base.with_name(f"{shard_name(base)}.{version}{base.suffix}")
-    os.rename(tmp, final)
-    return final
+            if not target.exists():
+                raise
+    pointer = temporary_sibling(link)
+    os.symlink(target.name, pointer)
+    if link.is_dir() and not link.is_symlink():
+        remove_path(link)  # a shard of the unversioned layout: replaced once, then linked
+    os.replace(pointer, link)
+    for v, p in _versions(folder, name):
+        if v < version:
+            _remove_unless_linked(link, p)
+    return target.exists()
+
+
+def _remove_unless_linked(link: Path, version: Path) -> None:
+    """Remove a version folder unless the shard's link shows it: moved aside first, and moved
+    back should a concurrent writer have linked it meanwhile."""
+    if link.is_symlink() and os.readlink(link) == version.name:
+        return
+    aside = temporary_sibling(version)
+    try:
+        os.replace(version, aside)
+    except FileNotFoundError:
+        return
+    if link.is_symlink() and os.readlink(link) == version.name:
+        os.replace(aside, version)
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def prune_versions(folder: Path, name: str) -> int:
+    """Remove the version folders of shard ``name`` that its link no longer shows: older ones
+    at once, newer ones (a writer about to link them) only once stale. Returns how many."""
+    link = folder / f"{name}.zarr"
+    current = os.readlink(link) if link.is_symlink() else None
+    current_v = next((v for v, p in _versions(folder, name) if p.name == current), None)
+    removed = 0
+    for v, p in _versions(folder, name):
+        if p.name == current:
+            continue
+        try:
+            stale = time.time() - p.stat().st_mtime > _STALE_S
+        except OSError:
+            continue
+        if stale or (current_v is not None and v < current_v):
+            _remove_unless_linked(link, p)
+            removed += 1
+    return removed
+
+
+def version_names(folder: Path) -> set[str]:
+    """Names of the shards that have version folders (linked or not)."""
+    return {shard_name(p) for p in folder.glob(f"shard-*.zarr{_DATA}")}
+
+
 # -- reading -----------------------------------------------------------------------------------
 def _fmt_of(path: Path) -> str:
-    return "zarr" if path.suffix == ".zarr" else "hdf5"
+    return "zarr" if path.name.endswith((".zarr", f".zarr{_DATA}")) else "hdf5"
 
 
 def _decode(items: Any) -> list[str]:
@@ -381,10 +452,25 @@ def read_shard_vectors_into(path: str | os.PathLike, out: np.ndarray,
     _require(path, "vectors", {"vectors": expected} if expected else {}, vector_checksum(out))
 
 
-def check_shard(path: str | os.PathLike) -> str | None:
-    """Read a whole shard and check every array: None if it is whole, else the reason."""
+def named_by_link(error: CacheError, path: Path) -> CacheError:
+    """``error`` with the version folder it names replaced by the shard's own name ``path``."""
     try:
-        read_shard(path)
+        version = str(resolve_shard(path))
+    except OSError:
+        return error
+    if version == str(path) or version not in str(error):
+        return error
+    return CacheError(str(error).replace(version, str(path)))
+
+
+def check_shard(path: str | os.PathLike) -> str | None:
+    """Read a whole shard (one version) and check every array: None if it is whole, else the
+    reason."""
+    path = Path(path)
+    try:
+        read_shard(resolve_shard(path))
+    except OSError as e:
+        return f"{path}: unreadable shard ({e})"
     except CacheError as e:
-        return str(e)
+        return str(named_by_link(e, path))
     return None

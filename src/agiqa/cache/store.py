@@ -20,19 +20,23 @@ from agiqa.cache.fingerprint import CACHE_FORMAT_VERSION, fingerprint_of
 from agiqa.cache.shards import (
     FORMATS,
     ShardData,
+    named_by_link,
+    prune_versions,
     publish_shard,
     read_shard,
     read_shard_index,
     read_shard_keys,
     read_shard_vectors_into,
+    resolve_shard,
+    shard_identity,
+    shard_name,
     shard_suffix,
-    shard_versions,
+    version_names,
 )
 from agiqa.errors import CacheError, CacheMismatchError, ConfigError, MissingVectorsError
 from agiqa.fileio import (
     current_umask,
     read_json,
-    remove_path,
     remove_stale_temporaries,
     write_json,
 )
@@ -43,7 +47,8 @@ MANIFEST = "manifest.json"
 READ_FIELDS = ("vectors", "zero_shot", "sha256")
 _MANIFEST_FIELDS = ("format_version", "format", "fingerprint", "semantics", "prompt_names", "dim")
 # A reader that finds the shard it reads replaced under it looks again, for this long at most.
-_READ_PATIENCE_S = 30.0
+_READ_PATIENCE_S = 10.0
+_DAMAGED_AFTER_S = 0.5
 
 
 def plan_shards(keys: list[str], shard_size: int) -> list[tuple[str, list[str]]]:
@@ -154,14 +159,11 @@ class SemanticCache:
         return cache
 
     def prune_superseded(self) -> int:
-        """Remove shard versions that a newer version replaced (a writer killed between
-        publishing a shard and removing its old version leaves both). Returns how many."""
-        removed = 0
-        for versions in shard_versions(self.path, self.format).values():
-            for _, old in versions[:-1]:
-                remove_path(old)
-                removed += 1
-        return removed
+        """Remove Zarr shard versions that a newer one replaced, or that a killed writer left
+        unlinked (see :func:`agiqa.cache.shards.publish_shard`). Returns how many."""
+        if self.format != "zarr":
+            return 0
+        return sum(prune_versions(self.path, name) for name in version_names(self.path))
 
     def require_fingerprint(self, expected: str | None, what: str) -> None:
         """Refuse this cache unless its fingerprint is ``expected`` (what ``what`` needs).
@@ -203,16 +205,15 @@ class SemanticCache:
 
     # -- shards -----------------------------------------------------------------------------
     def shard_path(self, name: str) -> Path:
-        """The newest published version of shard ``name`` (its plain name if there is none)."""
-        versions = shard_versions(self.path, self.format).get(name)
-        return versions[-1][1] if versions else self.path / f"{name}{shard_suffix(self.format)}"
+        return self.path / f"{name}{shard_suffix(self.format)}"
 
     def shard_paths(self) -> list[Path]:
-        """The newest version of every shard, sorted by name."""
-        return [v[-1][1] for _, v in sorted(shard_versions(self.path, self.format).items())]
+        """Every shard by its name (for Zarr, a link to its current version folder), sorted."""
+        suffix = shard_suffix(self.format)
+        return sorted(p for p in self.path.glob(f"shard-*{suffix}") if not p.name.startswith("."))
 
     def shard_names(self) -> list[str]:
-        return sorted(shard_versions(self.path, self.format))
+        return [shard_name(p) for p in self.shard_paths()]
 
     def refresh(self) -> None:
         """Forget the key index, so shards written since by other workers are seen."""
@@ -220,20 +221,33 @@ class SemanticCache:
         self._failures = None
 
     def _with_retry(self, name: str, fn: Callable[[Path], Any]) -> Any:
-        """``fn(newest version of shard name)``, looking again while writers replace it under
-        the reader (the version read vanished); a version that is still there and fails twice
-        is damaged, and its :class:`CacheError` is raised."""
+        """``fn(the version shard name shows now)``, looking again while writers replace it
+        under the reader; a version that fails while the shard still shows it is damaged, and
+        its :class:`CacheError` is raised."""
         deadline = time.monotonic() + _READ_PATIENCE_S
-        seen: Path | None = None
         attempt = 0
+        stuck_since: float | None = None
+        path = self.shard_path(name)
         while True:
-            path = self.shard_path(name)
+            before = shard_identity(path)
             try:
-                return fn(path)
-            except CacheError:
-                if (path == seen and path.exists()) or time.monotonic() > deadline:
-                    raise
-                seen, attempt = path, attempt + 1
+                return fn(resolve_shard(path))
+            except CacheError as e:
+                after = shard_identity(path)
+                # Replaced meanwhile, or a link whose version a writer is just replacing.
+                moving = after != before or (path.is_symlink() and not resolve_shard(path).exists())
+                # The same version failing again and again is damaged (a writer may move a
+                # version aside and back for an instant: a few tries tell the two apart).
+                now = time.monotonic()
+                stuck_since = None if moving else (stuck_since or now)
+                if (stuck_since and now - stuck_since >= _DAMAGED_AFTER_S) or now > deadline:
+                    raise named_by_link(e, path) from None
+                attempt += 1
+                time.sleep(min(0.001 * 2 ** attempt, 0.05))
+            except OSError as e:  # the link itself vanished (a legacy folder being replaced)
+                if time.monotonic() > deadline:
+                    raise CacheError(f"{path}: unreadable shard ({e})") from None
+                attempt += 1
                 time.sleep(min(0.001 * 2 ** attempt, 0.05))
 
     def _build_index(self) -> None:

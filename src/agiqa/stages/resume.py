@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from agiqa.cache import SemanticCache, ShardData, plan_shards
-from agiqa.cache.shards import read_shard, read_shard_keys
+from agiqa.cache.shards import check_shard, read_shard, read_shard_keys, resolve_shard
 from agiqa.data.images import file_sha256, resolve_key
 from agiqa.errors import AgiqaError, CacheError
 from agiqa.fileio import remove_path
@@ -55,9 +55,13 @@ def _inspect(cache: SemanticCache, name: str, order: list[str], root: Path, want
     path = cache.shard_path(name)
     if not path.exists():
         return ShardJob(name, order, list(order))
+    reason = check_shard(path)
+    if reason is not None:
+        plan.damaged[name] = reason
+        return ShardJob(name, order, list(order))
     try:
-        old = read_shard(path)
-    except CacheError as e:
+        old = read_shard(resolve_shard(path))
+    except (CacheError, OSError) as e:  # replaced since the check: computed again
         plan.damaged[name] = str(e)
         return ShardJob(name, order, list(order))
     held = {k: i for i, k in enumerate(old.keys)}
