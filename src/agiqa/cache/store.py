@@ -87,7 +87,8 @@ class SemanticCache:
         self.path = Path(path)
         self.manifest = manifest
         self._index: dict[str, str] | None = None  # key -> shard name
-        self._shard_keys: dict[str, list[str]] = {}
+        # shard name -> (identity of the version read, its keys, its recorded checksums)
+        self._shard_meta: dict[str, tuple[object, list[str], dict[str, str]]] = {}
         self._failures: dict[str, str] | None = None
 
     # -- creation ---------------------------------------------------------------------------
@@ -253,10 +254,15 @@ class SemanticCache:
     def _build_index(self) -> None:
         index: dict[str, str] = {}
         failures: dict[str, str] = {}
-        self._shard_keys = {}
+        self._shard_meta = {}
+
+        def index_of(path: Path) -> tuple[list[str], list[tuple[str, str]]]:
+            keys, fails, checksums = read_shard_index(path)
+            self._shard_meta[shard_name(path)] = (shard_identity(path), keys, checksums)
+            return keys, fails
+
         for name in self.shard_names():
-            keys, fails = self._with_retry(name, read_shard_keys)
-            self._shard_keys[name] = keys
+            keys, fails = self._with_retry(name, index_of)
             for k in keys:
                 index.setdefault(k, name)
             for k, reason in fails:
@@ -362,7 +368,11 @@ class SemanticCache:
             meta = read_shard(shard_path, vectors=False)
             shard_keys, checksums = meta.keys, meta.checksums
         else:  # training reads vectors only: the keys (to place the rows) are all it needs
-            shard_keys, _, checksums = read_shard_index(shard_path)
+            known = self._shard_meta.get(shard_name(shard_path))
+            if known is not None and known[0] == shard_identity(shard_path):
+                _, shard_keys, checksums = known  # the version the index read: no second read
+            else:
+                shard_keys, _, checksums = read_shard_index(shard_path)
         wanted = [keys[i] for i in positions]
         first = positions[0]
         at: Any = slice(first, first + len(positions)) \
