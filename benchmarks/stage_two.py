@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import statistics
 import sys
@@ -67,7 +68,8 @@ def write_dataset(folder: Path, features: Path, cache: Path, n: int, dim: int) -
     index = {k: i for i, k in enumerate(keys)}
     for name, chunk in plan_shards(keys, 1024):
         idx = [index[k] for k in chunk]
-        store.write_shard(name, ShardData(keys=chunk, sha256=["0" * 64] * len(chunk),
+        sha = [hashlib.sha256((folder / k).read_bytes()).hexdigest() for k in chunk]
+        store.write_shard(name, ShardData(keys=chunk, sha256=sha,
                                           vectors=vectors[idx],
                                           zero_shot=np.zeros((len(chunk), 2), np.float32)))
 

@@ -43,7 +43,14 @@ def test_extract_exits_2_and_names_every_broken_file(tiny_llava, photo_folder, t
     again = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out",
                 tmp_path / "c", "--quiet", "--json")
     report = json.loads(again.output)
-    assert again.exit_code == 2 and report["computed"] == 0 and report["failed"] == 3
+    # The failed images are tried again (and fail again); the others are reused.
+    assert again.exit_code == 2 and report["computed"] == 3 and report["failed"] == 3
+    assert sorted(report["retried"]) == ["text_as.jpg", "truncated.jpg", "zero_bytes.png"]
+    assert report["reused"] == len(good)
+    skip = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out",
+               tmp_path / "c", "--quiet", "--json", "--no-retry-failed")
+    report = json.loads(skip.output)
+    assert skip.exit_code == 2 and report["computed"] == 0 and report["failed"] == 3
 
 
 def test_another_model_into_the_same_cache_is_refused(tiny_llava, tiny_qwen, photo_folder,
@@ -92,7 +99,7 @@ def test_cache_verify_names_changed_and_missing_files(tiny_llava, tmp_path):
 
 def test_usage_errors(tmp_path):
     r = run("extract-semantics", "--out", tmp_path / "c")
-    assert r.exit_code == 2 and "give either --images DIR or --dataset NAME --root DIR" in r.output
+    assert r.exit_code == 64 and "give either --images DIR or --dataset NAME --root DIR" in r.output
     r = run("extract-semantics", "--images", tmp_path / "nope", "--out", tmp_path / "c")
     assert r.exit_code == 1 and "image folder not found" in r.output
     r = run("cache", "info", tmp_path)
@@ -143,3 +150,90 @@ def test_sigkill_midway_then_resume_equals_uninterrupted(tiny_llava, tmp_path):
     assert len(a.keys) == 44 and a.keys == b.keys
     assert not list((tmp_path / "killed").glob(".*tmp"))
     np.testing.assert_array_equal(a.read(a.keys)["vectors"], b.read(b.keys)["vectors"])
+
+
+def test_usage_errors_exit_64_apart_from_failed_images(tmp_path):
+    r = run("extract-semantics", "--bogus")
+    assert r.exit_code == 64 and "Error: No such option '--bogus'" in r.output
+    assert run("cache", "verify").exit_code == 64  # a nested group's usage error too
+    assert run("extract-semantics", "--batch-size", "0", "--images", tmp_path,
+               "--out", tmp_path / "c").exit_code == 64
+    proc = subprocess.run([sys.executable, "-m", "agiqa", "fit", "--nonsense"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 64 and "Error: No such option" in proc.stderr
+
+
+def _clean_cache(tiny_llava, tmp_path):
+    from tests.conftest import write_photo_folder
+
+    root = tmp_path / "imgs"
+    write_photo_folder(root, with_broken=False)
+    r = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out",
+            tmp_path / "c", "--shard-size", "6", "-q")
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def test_verify_names_a_damaged_shard_and_a_rerun_rebuilds_it(tiny_llava, tmp_path):
+    root = _clean_cache(tiny_llava, tmp_path)
+    cache = open_cache(tmp_path / "c")
+    before = cache.read(cache.keys)["vectors"]
+    shard = cache.shard_paths()[1]
+    (shard / "vectors" / "c" / "0" / "0" / "0").unlink()
+    bad = run("cache", "verify", tmp_path / "c")
+    assert bad.exit_code == 2
+    assert f"damaged shard: {shard}: the vector chunk 0 is missing" in bad.output
+    assert "2 shards checked, 1 damaged" in bad.output
+    again = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out",
+                tmp_path / "c", "--shard-size", "6", "-q", "--json")
+    assert again.exit_code == 0 and json.loads(again.output)["shards_written"] == 1
+    assert run("cache", "verify", tmp_path / "c").exit_code == 0
+    np.testing.assert_array_equal(open_cache(tmp_path / "c").read(cache.keys)["vectors"], before)
+
+
+def test_cache_faults_are_one_error_line(tiny_llava, tmp_path, monkeypatch):
+    root = _clean_cache(tiny_llava, tmp_path)
+    args = ["extract-semantics", "--model", tiny_llava, "--images", root, "--out",
+            tmp_path / "c", "-q"]
+    import agiqa.cache.store as store
+
+    monkeypatch.setattr(store, "_writable", lambda path: False)  # root ignores file modes
+    r = run(*args)
+    assert r.exit_code == 1
+    assert r.output == f"Error: {tmp_path / 'c'}: cannot write the cache (permission denied)\n"
+    monkeypatch.undo()
+    (tmp_path / "c" / "manifest.json").write_text("[]")
+    r = run("cache", "info", tmp_path / "c")
+    assert r.exit_code == 1 and r.output.count("\n") == 1
+    assert "manifest.json: damaged manifest (a JSON object is needed, found list)" in r.output
+
+
+def test_os_errors_are_one_error_line(tiny_llava, tmp_path, monkeypatch):
+    import agiqa.cache.store as store
+
+    def full(path, obj):
+        raise OSError(28, "No space left on device", str(path))
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(root / "a.png")
+    monkeypatch.setattr(store, "write_json", full)
+    r = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out",
+            tmp_path / "c", "-q")
+    assert r.exit_code == 1
+    assert r.output == f"Error: {tmp_path / 'c' / 'manifest.json'}: No space left on device\n"
+
+
+def test_truncated_weights_exit_1_and_leave_no_manifest(tiny_llava, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llava, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (tmp_path / "imgs").mkdir()
+    r = run("extract-semantics", "--model", model, "--images", tmp_path / "imgs", "--out",
+            tmp_path / "c", "-q")
+    assert r.exit_code == 1 and r.output.count("\n") == 1
+    assert r.output.startswith(f"Error: {weights}: truncated safetensors file")
+    assert not (tmp_path / "c").exists()

@@ -92,11 +92,12 @@ def test_resume_recomputes_only_missing_shards(tiny_llava, photo_folder, tmp_pat
     _extract(tiny_llava, root, tmp_path / "part", shard_size=3)
     cache = open_cache(tmp_path / "part")
     shards = cache.shard_paths()
-    import shutil
+    from agiqa.fileio import remove_path
 
     for p in shards[::2]:  # as if the run had been killed before these were renamed in
-        shutil.rmtree(p)
-    again = _extract(tiny_llava, root, tmp_path / "part", shard_size=3)
+        remove_path(p)
+    # (failed images are left alone here: retrying them would rewrite their shards too)
+    again = _extract(tiny_llava, root, tmp_path / "part", shard_size=3, retry_failed=False)
     assert again.shards_written == len(shards[::2])
     assert 0 < again.computed < full.computed
     a, b = open_cache(tmp_path / "full"), open_cache(tmp_path / "part")
@@ -218,5 +219,5 @@ def test_cache_reads_whole_shards_in_place_and_gathers_subsets(fmt, tmp_path):
         raw.write_bytes(raw.read_bytes()[:100])
     else:
         shard.write_bytes(shard.read_bytes()[:500])
-    with pytest.raises(CacheError, match="unreadable shard"):
+    with pytest.raises(CacheError, match="unreadable shard|truncated"):
         open_cache(tmp_path / fmt).read(keys)

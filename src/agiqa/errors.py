@@ -12,6 +12,7 @@ __all__ = [
     "DatasetError",
     "MissingVectorsError",
     "ModelLoadError",
+    "StaleVectorsError",
     "TrainingError",
 ]
 
@@ -62,6 +63,17 @@ class MissingVectorsError(CacheError):
     def __init__(self, keys: list[str], where: str = "the cache"):
         shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
         super().__init__(f"{len(keys)} image(s) have no semantic vectors in {where}: {shown}")
+        self.keys = list(keys)
+
+
+class StaleVectorsError(CacheError):
+    """Cached vectors belong to an older version of their image file."""
+
+    def __init__(self, keys: list[str], cache: str):
+        shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+        super().__init__(
+            f"{len(keys)} image(s) changed since cache {cache} was filled: {shown}; rerun "
+            "extract-semantics on them to recompute their vectors")
         self.keys = list(keys)
 
 

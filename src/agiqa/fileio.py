@@ -1,8 +1,10 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes (a reader sees the old file or the new one, never half of one), the
+per-user data folder, and content hashes of model folders."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -12,7 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "read_json", "remove_stale_temporaries", "write_json", "write_text"]
+__all__ = ["LOCAL_REVISION_PREFIX", "MODEL_FILE_PATTERNS", "agiqa_home", "atomic_path",
+           "current_umask", "folder_content_hash", "read_json", "remove_path",
+           "remove_stale_temporaries", "temporary_sibling", "write_json", "write_text"]
 
 _HOST = socket.gethostname().replace(".", "_")
 
@@ -29,6 +33,8 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
     # The owner is in the name, so a later run can remove what a killed one left behind.
     prefix = f".{path.name}.{_HOST}-{os.getpid()}."
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+    # mkstemp creates 0600 whatever the umask; a shared cache needs the user's usual mode.
+    os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
     tmp_path = Path(tmp)
     if is_dir:
@@ -36,7 +42,13 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
     try:
         yield tmp_path
         if is_dir and path.exists():
-            shutil.rmtree(path)
+            # A folder cannot be renamed over a full one: move the old one aside first (the name
+            # is absent for an instant; cache shards use versioned names instead, see cache/).
+            old = _aside_name(path)
+            os.replace(path, old)
+            os.replace(tmp_path, path)
+            shutil.rmtree(old, ignore_errors=True)
+            return
         os.replace(tmp_path, path)
     except BaseException:
         if tmp_path.is_dir():
@@ -44,6 +56,53 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
         else:
             tmp_path.unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def agiqa_home() -> Path:
+    """The per-user data folder: ``$AGIQA_HOME``, else ``~/.cache/agiqa``."""
+    return Path(os.environ.get("AGIQA_HOME") or Path.home() / ".cache" / "agiqa")
+
+
+def temporary_sibling(path: str | os.PathLike) -> Path:
+    """An unused name beside ``path`` for a temporary file or folder of this process, named so
+    that :func:`remove_stale_temporaries` removes it if the process is killed."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{_HOST}-{os.getpid()}.{os.urandom(6).hex()}.tmp"
+
+
+_aside_name = temporary_sibling
+
+
+def remove_path(path: str | os.PathLike) -> None:
+    """Remove a file or folder by first renaming it aside (atomic), then deleting it.
+
+    A reader either finds the whole thing under its name or finds no such name, never a
+    half-deleted folder there.
+    """
+    path = Path(path)
+    old = _aside_name(path)
+    try:
+        os.replace(path, old)
+    except FileNotFoundError:
+        return
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -83,9 +142,90 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
         host, _, pid = owner[1].rpartition("-")
         if host != _HOST or not pid.isdigit() or _pid_alive(int(pid)):
             continue
-        if tmp.is_dir():
+        if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+# What determines a model folder's outputs: weights and their index, configuration, tokenizer,
+# processor and chat template files, and any code of the model's own.
+MODEL_FILE_PATTERNS = (
+    "*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json", "config.json",
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+    "*.model", "*.tiktoken", "preprocessor_config.json", "processor_config.json",
+    "video_preprocessor_config.json", "image_processing*.json", "chat_template.*", "*.jinja",
+    "*.py",
+)
+_HASH_INDEX = "file-hashes.json"
+# The revision recorded for a local model folder: this prefix and its content hash.
+LOCAL_REVISION_PREFIX = "local-sha256-"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_safetensors(path: Path, size: int) -> None:
+    """Refuse a safetensors file whose header promises more bytes than the file has."""
+    from agiqa.errors import ModelLoadError
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ModelLoadError(f"{path}: truncated or not a safetensors file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items()
+                       if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelLoadError(f"{path}: damaged safetensors header") from None
+    if 8 + n + end != size:
+        raise ModelLoadError(
+            f"{path}: truncated safetensors file ({size} bytes, its header needs {8 + n + end})")
+
+
+def folder_content_hash(folder: str | os.PathLike,
+                        patterns: tuple[str, ...] = MODEL_FILE_PATTERNS) -> str:
+    """sha256 over the names and contents of the files of ``folder`` that match ``patterns``.
+
+    Each file is hashed once: its sha256 is kept under :func:`agiqa_home` keyed by absolute
+    path, size and modification time, so a 14 GB model folder is read in full only when a file
+    changes. Safetensors files are checked for truncation on the way.
+    """
+    import fnmatch
+
+    folder = Path(folder).resolve()
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+                   and any(fnmatch.fnmatch(p.name, pat) for pat in patterns))
+    index_path = agiqa_home() / _HASH_INDEX
+    try:
+        index = read_json(index_path) if index_path.is_file() else {}
+        if not isinstance(index, dict):
+            index = {}
+    except (OSError, ValueError):
+        index = {}
+    total, changed = hashlib.sha256(), False
+    for p in files:
+        st = p.stat()
+        if p.suffix == ".safetensors":
+            _check_safetensors(p, st.st_size)
+        stamp = [st.st_size, st.st_mtime_ns]
+        entry = index.get(str(p))
+        if not (isinstance(entry, list) and entry[:2] == stamp and len(entry) == 3):
+            entry = [*stamp, _file_sha256(p)]
+            index[str(p)] = entry
+            changed = True
+        total.update(f"{p.relative_to(folder).as_posix()}\0{entry[2]}\n".encode())
+    if changed:
+        with contextlib.suppress(OSError):  # a read-only home only costs hashing again
+            write_json(index_path, index)
+    return total.hexdigest()

@@ -1,9 +1,9 @@
 """The semantic-vector cache: shards, manifest, fingerprint, reader and verification."""
 
 from agiqa.cache.fingerprint import CACHE_FORMAT_VERSION, fingerprint_of, semantic_spec
-from agiqa.cache.shards import FORMATS, ShardData, read_shard, write_shard
+from agiqa.cache.shards import FORMATS, ShardData, check_shard, read_shard, write_shard
 from agiqa.cache.store import MANIFEST, SemanticCache, open_cache, plan_shards
-from agiqa.cache.verify import VerifyReport, verify_cache
+from agiqa.cache.verify import VerifyReport, changed_images, check_fresh, verify_cache
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -12,6 +12,9 @@ __all__ = [
     "SemanticCache",
     "ShardData",
     "VerifyReport",
+    "changed_images",
+    "check_fresh",
+    "check_shard",
     "fingerprint_of",
     "open_cache",
     "plan_shards",

@@ -6,6 +6,8 @@ import hashlib
 import json
 from typing import Any
 
+from agiqa.fileio import LOCAL_REVISION_PREFIX
+
 __all__ = ["CACHE_FORMAT_VERSION", "POOLING", "fingerprint_of", "semantic_spec"]
 
 CACHE_FORMAT_VERSION = 1
@@ -45,5 +47,12 @@ def semantic_spec(
 
 
 def fingerprint_of(spec: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of ``spec``.
+
+    A local model folder is identified by the content hash in its revision; its path is only a
+    label (recorded, not hashed), so moving the folder keeps the fingerprint.
+    """
+    if str(spec.get("revision") or "").startswith(LOCAL_REVISION_PREFIX):
+        spec = {**spec, "model": "local"}
     canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -1,25 +1,44 @@
-"""Shard files: one Zarr group or HDF5 file per shard, written whole and renamed into place.
+"""Shard files: one Zarr group or HDF5 file per shard, written whole and published atomically.
 
 A shard holds ``keys`` (str), ``sha256`` (str, of the file bytes), ``vectors`` float16
 [n, P, D], ``zero_shot`` float32 [n, P] and the failures of that shard as (key, reason) pairs.
 Arrays are written in one contiguous slice each and read whole: one call per array, never one
 per sample.
+
+Integrity: the shard's metadata, written last, records a checksum of every array (and of the
+failure list); every read checks what it read against it, so a missing chunk (which Zarr would
+serve as zeros, its fill value), a truncated or damaged one, is an error, never data. Small
+arrays carry a CRC-32; the vectors, read at disk speed, carry a position-weighted sum of their
+64-bit words (two sums over 32 KiB blocks and the byte length; about 60 GB/s in numpy, where
+CRC-32 runs at 3): any changed word, a zeroed or moved block, a short read all change it.
+
+Replacement: a shard is written whole beside the old one and then takes its name atomically
+(HDF5: the file is renamed over the old one; Zarr: the name is a symbolic link to a version
+folder, and a new link is renamed over it); the old version is removed only afterwards, so the
+shard's name is never absent. A reader reads one version; if a writer removed it under the
+reader, the reader looks again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from agiqa.errors import CacheError
-from agiqa.fileio import atomic_path
+from agiqa.fileio import atomic_path, remove_path, temporary_sibling
 
-__all__ = ["FORMATS", "ShardData", "read_shard", "read_shard_keys", "read_shard_vectors_into",
-           "shard_suffix", "write_shard"]
+__all__ = ["FORMATS", "ShardData", "check_shard", "checksums_of", "named_by_link",
+           "prune_versions", "publish_shard", "read_shard", "read_shard_index", "read_shard_keys",
+           "read_shard_vectors_into", "resolve_shard", "shard_identity", "shard_name",
+           "shard_suffix", "vector_checksum", "version_names", "write_shard"]
 
 FORMATS = ("zarr", "hdf5")
 _SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}
@@ -36,6 +55,7 @@ class ShardData:
     vectors: np.ndarray  # float16 [n, P, D]
     zero_shot: np.ndarray  # float32 [n, P]
     failures: list[tuple[str, str]] = field(default_factory=list)
+    checksums: dict[str, str] = field(default_factory=dict)  # as recorded in the shard
 
     def __post_init__(self) -> None:
         n = len(self.keys)
@@ -43,6 +63,65 @@ class ShardData:
             raise ValueError("keys, sha256, vectors and zero_shot must have one row per image")
 
 
+# -- checksums ---------------------------------------------------------------------------------
+def _crc(data: np.ndarray, value: int = 0) -> int:
+    return zlib.crc32(np.ascontiguousarray(data).reshape(-1).view(np.uint8), value)
+
+
+def _fmt_crc(value: int) -> str:
+    return f"crc32:{value & 0xFFFFFFFF:08x}"
+
+
+def _text_crc(items: list[str]) -> str:
+    # NUL never occurs in a path or a hex digest: an unambiguous separator.
+    return _fmt_crc(zlib.crc32("\0".join(items).encode("utf-8")))
+
+
+def _array_crc(arr: np.ndarray, dtype: str) -> str:
+    return _fmt_crc(_crc(np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<"))))
+
+
+_SUM_BLOCK = 4096  # 64-bit words per block: 32 KiB
+
+
+def vector_checksum(arr: np.ndarray) -> str:
+    """``sum64:<bytes>:<s1>:<s2>`` of the little-endian float16 bytes of ``arr``: s1 the sum of
+    its 64-bit words, s2 the sum of its 32 KiB block sums weighted by block number (mod 2**64)."""
+    b = np.ascontiguousarray(arr, dtype="<f2").reshape(-1).view(np.uint8)
+    full = b.size // (8 * _SUM_BLOCK) * (8 * _SUM_BLOCK)
+    blocks = b[:full].view(np.uint64).reshape(-1, _SUM_BLOCK).sum(1, dtype=np.uint64)
+    tail = b[full:]
+    if tail.size:
+        padded = np.zeros(-(-tail.size // 8) * 8, np.uint8)
+        padded[: tail.size] = tail
+        blocks = np.append(blocks, padded.view(np.uint64).sum(dtype=np.uint64))
+    weights = np.arange(1, blocks.size + 1, dtype=np.uint64)
+    s1 = int(blocks.sum(dtype=np.uint64))
+    s2 = int((blocks * weights).sum(dtype=np.uint64))
+    return f"sum64:{b.size:x}:{s1:016x}:{s2:016x}"
+
+
+def _failures_crc(failures: list[tuple[str, str]]) -> str:
+    return _fmt_crc(zlib.crc32(json.dumps([list(f) for f in failures]).encode("utf-8")))
+
+
+def checksums_of(data: ShardData) -> dict[str, str]:
+    return {"keys": _text_crc(data.keys), "sha256": _text_crc(data.sha256),
+            "vectors": vector_checksum(data.vectors),
+            "zero_shot": _array_crc(data.zero_shot, "f4"),
+            "failures": _failures_crc(data.failures)}
+
+
+def _require(path: Path, what: str, expected: dict[str, str], got: str) -> None:
+    if what not in expected:
+        raise CacheError(f"{path}: the shard records no checksum of its {what} (written by an "
+                         "older agiqa or cut short); rerun extract-semantics to rebuild it")
+    if expected[what] != got:
+        raise CacheError(f"{path}: the shard's {what} fail their checksum (a chunk is missing, "
+                         "truncated or damaged); rerun extract-semantics to rebuild it")
+
+
+# -- writing -----------------------------------------------------------------------------------
 def _write_zarr(path: Path, data: ShardData) -> None:
     import zarr
 
@@ -61,7 +140,9 @@ def _write_zarr(path: Path, data: ShardData) -> None:
         a = g.create_array(name, shape=arr.shape, dtype=dtype, chunks=chunks, **kw)
         if n:
             a[:] = arr
-    g.attrs["failures"] = [list(f) for f in data.failures]
+    # Written last: a shard whose metadata lacks its checksums was never finished.
+    g.attrs.update({"failures": [list(f) for f in data.failures],
+                    "checksums": checksums_of(data)})
 
 
 def _write_hdf5(path: Path, data: ShardData) -> None:
@@ -74,6 +155,7 @@ def _write_hdf5(path: Path, data: ShardData) -> None:
         f.create_dataset("vectors", data=data.vectors.astype(np.float16))
         f.create_dataset("zero_shot", data=data.zero_shot.astype(np.float32))
         f.attrs["failures"] = json.dumps([list(x) for x in data.failures])
+        f.attrs["checksums"] = json.dumps(checksums_of(data))
 
 
 def write_shard(path: str | os.PathLike, data: ShardData, fmt: str) -> None:
@@ -82,63 +164,216 @@ def write_shard(path: str | os.PathLike, data: ShardData, fmt: str) -> None:
         (_write_zarr if fmt == "zarr" else _write_hdf5)(tmp, data)
 
 
+def shard_name(path: Path) -> str:
+    """``shard-<digest>`` of ``shard-<digest>.zarr|.h5`` (and of a version folder)."""
+    return path.name.split(".")[0]
+
+
+# Zarr shards are folders, and a folder cannot be renamed over another: each version is written
+# to its own folder ``shard-<digest>.<version>.zarr.data`` and the shard's name is a symbolic
+# link to the current one, replaced atomically (a link is renamed over a link). The name is never
+# absent, a directory listing always shows it, and a reader reads the one version the link
+# pointed to when it looked. HDF5 shards are single files, renamed over the old file.
+_DATA = ".data"
+_STALE_S = 600.0  # an unlinked version folder older than this was left by a killed writer
+
+
+def resolve_shard(path: Path) -> Path:
+    """The version a shard name points to now (the name itself for files and plain folders)."""
+    return path.parent / os.readlink(path) if path.is_symlink() else path
+
+
+def shard_identity(path: Path) -> object:
+    """What changes whenever shard ``path`` is replaced (None if it is absent)."""
+    try:
+        if path.is_symlink():
+            return os.readlink(path)
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _versions(folder: Path, name: str) -> list[tuple[int, Path]]:
+    out = []
+    for p in folder.glob(f"{name}.*.zarr{_DATA}"):
+        v = p.name.split(".")[1]
+        if v.isdigit():
+            out.append((int(v), p))
+    return sorted(out)
+
+
+def publish_shard(folder: Path, name: str, data: ShardData, fmt: str) -> Path:
+    """Write ``data`` as shard ``name``, replacing any older version atomically.
+
+    Never deletes first: the new version is complete beside the old one before the name moves
+    to it, and only then is the old one removed.
+    """
+    link = folder / f"{name}{shard_suffix(fmt)}"
+    tmp = temporary_sibling(link)
+    try:
+        (_write_zarr if fmt == "zarr" else _write_hdf5)(tmp, data)
+        if fmt == "hdf5":
+            os.replace(tmp, link)
+            return link
+        while not _link_version(tmp, link, name):
+            # A concurrent writer removed our version before our link landed: write it again.
+            (_write_zarr)(tmp, data)
+    except BaseException:
+        remove_path(tmp)
+        raise
+    return link
+
+
+def _link_version(tmp: Path, link: Path, name: str) -> bool:
+    folder = link.parent
+    while True:
+        version = time.time_ns()
+        target = folder / f"{name}.{version}.zarr{_DATA}"
+        try:
+            os.rename(tmp, target)  # refuses an existing (same-nanosecond) version folder
+            break
+        except OSError:
+            if not target.exists():
+                raise
+    pointer = temporary_sibling(link)
+    os.symlink(target.name, pointer)
+    if link.is_dir() and not link.is_symlink():
+        remove_path(link)  # a shard of the unversioned layout: replaced once, then linked
+    os.replace(pointer, link)
+    for v, p in _versions(folder, name):
+        if v < version:
+            _remove_unless_linked(link, p)
+    return target.exists()
+
+
+def _remove_unless_linked(link: Path, version: Path) -> None:
+    """Remove a version folder unless the shard's link shows it: moved aside first, and moved
+    back should a concurrent writer have linked it meanwhile."""
+    if link.is_symlink() and os.readlink(link) == version.name:
+        return
+    aside = temporary_sibling(version)
+    try:
+        os.replace(version, aside)
+    except FileNotFoundError:
+        return
+    if link.is_symlink() and os.readlink(link) == version.name:
+        os.replace(aside, version)
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def prune_versions(folder: Path, name: str) -> int:
+    """Remove the version folders of shard ``name`` that its link no longer shows: older ones
+    at once, newer ones (a writer about to link them) only once stale. Returns how many."""
+    link = folder / f"{name}.zarr"
+    current = os.readlink(link) if link.is_symlink() else None
+    current_v = next((v for v, p in _versions(folder, name) if p.name == current), None)
+    removed = 0
+    for v, p in _versions(folder, name):
+        if p.name == current:
+            continue
+        try:
+            stale = time.time() - p.stat().st_mtime > _STALE_S
+        except OSError:
+            continue
+        if stale or (current_v is not None and v < current_v):
+            _remove_unless_linked(link, p)
+            removed += 1
+    return removed
+
+
+def version_names(folder: Path) -> set[str]:
+    """Names of the shards that have version folders (linked or not)."""
+    return {shard_name(p) for p in folder.glob(f"shard-*.zarr{_DATA}")}
+
+
+# -- reading -----------------------------------------------------------------------------------
 def _fmt_of(path: Path) -> str:
-    return "zarr" if path.suffix == ".zarr" else "hdf5"
+    return "zarr" if path.name.endswith((".zarr", f".zarr{_DATA}")) else "hdf5"
+
+
+def _decode(items: Any) -> list[str]:
+    return [k.decode() if isinstance(k, bytes) else str(k) for k in items]
+
+
+def _open_meta(path: Path) -> tuple[Any, dict[str, str], list[tuple[str, str]], Any]:
+    """(group or file, checksums, failures, closer) of a shard."""
+    if not path.exists():
+        raise FileNotFoundError(path)
+    if _fmt_of(path) == "zarr":
+        import zarr
+
+        g = zarr.open_group(str(path), mode="r")
+        attrs = g.attrs.asdict()
+        return g, dict(attrs.get("checksums") or {}), \
+            [tuple(f) for f in attrs.get("failures", [])], None
+    import h5py
+
+    f = h5py.File(path, "r")
+    checksums = json.loads(f.attrs.get("checksums", "{}"))
+    return f, checksums, [tuple(x) for x in json.loads(f.attrs.get("failures", "[]"))], f
+
+
+def _damaged(path: Path, e: Exception) -> CacheError:
+    return CacheError(f"{path}: unreadable shard ({type(e).__name__}: {e})")
+
+
+def read_shard_index(path: str | os.PathLike
+                     ) -> tuple[list[str], list[tuple[str, str]], dict[str, str]]:
+    """The keys, failures and recorded checksums of a shard (keys and failures checked)."""
+    path = Path(path)
+    closer = None
+    try:
+        g, checksums, failures, closer = _open_meta(path)
+        keys = _decode(g["keys"][:])
+    except CacheError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader failure means a damaged shard
+        raise _damaged(path, e) from None
+    finally:
+        if closer is not None:
+            closer.close()
+    _require(path, "keys", checksums, _text_crc(keys))
+    _require(path, "failures", checksums, _failures_crc(failures))
+    return keys, failures, checksums
 
 
 def read_shard_keys(path: str | os.PathLike) -> tuple[list[str], list[tuple[str, str]]]:
-    """The keys and failures of a shard, without reading its vectors."""
-    path = Path(path)
-    try:
-        if _fmt_of(path) == "zarr":
-            import zarr
-
-            g = zarr.open_group(str(path), mode="r")
-            return [str(k) for k in g["keys"][:]], [tuple(f) for f in g.attrs.get("failures", [])]
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            keys = [k.decode() if isinstance(k, bytes) else str(k) for k in f["keys"][:]]
-            return keys, [tuple(x) for x in json.loads(f.attrs.get("failures", "[]"))]
-    except Exception as e:  # noqa: BLE001 - any reader failure means a damaged shard
-        raise CacheError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
+    """The keys and failures of a shard, checked against its checksums, without its vectors."""
+    keys, failures, _ = read_shard_index(path)
+    return keys, failures
 
 
 def read_shard(path: str | os.PathLike, vectors: bool = True) -> ShardData:
-    """Read a whole shard: every array in one call (``vectors=False``: all but the vectors,
-    which :func:`read_shard_vectors_into` then reads straight into the caller's array)."""
+    """Read a whole shard, every array in one call and checked against its checksum
+    (``vectors=False``: all but the vectors, which :func:`read_shard_vectors_into` then reads
+    straight into the caller's array, checked against ``checksums["vectors"]``)."""
     path = Path(path)
+    closer = None
     try:
-        if _fmt_of(path) == "zarr":
-            import zarr
-
-            g = zarr.open_group(str(path), mode="r")
-            zero_shot = np.asarray(g["zero_shot"][:])
-            return ShardData(
-                keys=[str(k) for k in g["keys"][:]],
-                sha256=[str(k) for k in g["sha256"][:]],
-                vectors=np.asarray(g["vectors"][:]) if vectors else
-                np.empty((len(zero_shot), 0, 0), np.float16),
-                zero_shot=zero_shot,
-                failures=[tuple(f) for f in g.attrs.get("failures", [])],
-            )
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            dec = (lambda a: [k.decode() if isinstance(k, bytes) else str(k) for k in a])
-            zero_shot = f["zero_shot"][:]
-            return ShardData(
-                keys=dec(f["keys"][:]),
-                sha256=dec(f["sha256"][:]),
-                vectors=f["vectors"][:] if vectors else
-                np.empty((len(zero_shot), 0, 0), np.float16),
-                zero_shot=zero_shot,
-                failures=[tuple(x) for x in json.loads(f.attrs.get("failures", "[]"))],
-            )
+        g, checksums, failures, closer = _open_meta(path)
+        zero_shot = np.asarray(g["zero_shot"][:], dtype=np.float32)
+        keys, sha = _decode(g["keys"][:]), _decode(g["sha256"][:])
+        vec = None
+        if vectors:
+            vec = np.empty((len(keys), *g["vectors"].shape[1:]), np.float16)
     except CacheError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise CacheError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
+        raise _damaged(path, e) from None
+    finally:
+        if closer is not None:
+            closer.close()
+    for what, got in (("keys", _text_crc(keys)), ("sha256", _text_crc(sha)),
+                      ("zero_shot", _array_crc(zero_shot, "f4")),
+                      ("failures", _failures_crc(failures))):
+        _require(path, what, checksums, got)
+    if vec is not None:
+        read_shard_vectors_into(path, vec, checksums.get("vectors"))
+    return ShardData(keys=keys, sha256=sha, zero_shot=zero_shot, failures=failures,
+                     checksums=checksums,
+                     vectors=vec if vec is not None else np.empty((len(keys), 0, 0), np.float16))
 
 
 _RAW_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}]
@@ -147,7 +382,8 @@ _DEFAULT_KEYS = {"name": "default", "configuration": {"separator": "/"}}
 
 def _zarr_single_raw_chunk(array: Path, out: np.ndarray) -> Path | None:
     """The file of a Zarr v3 array kept as one uncompressed little-endian chunk of exactly
-    ``out``'s shape and type (how agiqa writes vectors), else None."""
+    ``out``'s shape and type (how agiqa writes vectors), else None. A missing or short chunk
+    file is an error here: Zarr would serve its fill value (zeros) instead."""
     import sys
 
     try:
@@ -160,40 +396,81 @@ def _zarr_single_raw_chunk(array: Path, out: np.ndarray) -> Path | None:
               and list(out.shape) == shape and np.dtype(meta["data_type"]) == out.dtype)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    chunk = array.joinpath("c", *["0"] * len(shape))
-    if not ok or not chunk.is_file() or chunk.stat().st_size != out.nbytes:
+    if not ok or out.size == 0:
         return None
+    chunk = array.joinpath("c", *["0"] * len(shape))
+    if not chunk.is_file():
+        raise CacheError(f"{array.parent}: the vector chunk {chunk.name} is missing")
+    if chunk.stat().st_size != out.nbytes:
+        raise CacheError(f"{array.parent}: the vector chunk is truncated "
+                         f"({chunk.stat().st_size} of {out.nbytes} bytes)")
     return chunk
 
 
-def read_shard_vectors_into(path: str | os.PathLike, out: np.ndarray) -> None:
-    """Read a shard's vectors into ``out`` (C-contiguous float16 [n, P, D]) with no extra copy:
-    one ``readinto`` of the raw chunk for agiqa's Zarr shards, ``read_direct`` for HDF5."""
+def _read_whole(chunk: Path, out: np.ndarray) -> None:
+    with open(chunk, "rb", buffering=0) as f:
+        if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+            raise CacheError(f"{chunk}: truncated vector chunk")
+
+
+def read_shard_vectors_into(path: str | os.PathLike, out: np.ndarray,
+                            expected: str | None = None) -> None:
+    """Read a shard's vectors into ``out`` (float16 [n, P, D]) with no extra copy and check
+    them against the shard's checksum (``expected``, else read from the shard): one
+    ``readinto`` per block of the raw chunk for agiqa's Zarr shards, ``read_direct`` for HDF5."""
     path = Path(path)
     try:
+        if expected is None:
+            _, checksums, _, closer = _open_meta(path)
+            if closer is not None:
+                closer.close()
+            expected = checksums.get("vectors")
+        direct = out.flags.c_contiguous and out.dtype == np.float16
         if _fmt_of(path) == "zarr":
-            chunk = _zarr_single_raw_chunk(path / "vectors", out) if out.flags.c_contiguous \
-                else None
+            chunk = _zarr_single_raw_chunk(path / "vectors", out) if direct else None
             if chunk is not None:
-                with open(chunk, "rb") as f:
-                    if f.readinto(memoryview(out).cast("B")) != out.nbytes:
-                        raise CacheError(f"{chunk}: truncated vector chunk")
-                return
-            import zarr
-
-            out[...] = zarr.open_group(str(path), mode="r")["vectors"][:]
-            return
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            ds = f["vectors"]
-            if ds.shape != out.shape:
-                raise CacheError(f"{path}: vectors of shape {ds.shape}, expected {out.shape}")
-            if out.flags.c_contiguous and ds.dtype == out.dtype:
-                ds.read_direct(out)
+                _read_whole(chunk, out)
             else:
-                out[...] = ds[:]
+                import zarr
+
+                out[...] = zarr.open_group(str(path), mode="r")["vectors"][:]
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                ds = f["vectors"]
+                if ds.shape != out.shape:
+                    raise CacheError(f"{path}: vectors of shape {ds.shape}, expected {out.shape}")
+                if direct and ds.dtype == out.dtype and out.size:
+                    ds.read_direct(out)
+                else:
+                    out[...] = ds[:]
     except CacheError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise CacheError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
+        raise _damaged(path, e) from None
+    _require(path, "vectors", {"vectors": expected} if expected else {}, vector_checksum(out))
+
+
+def named_by_link(error: CacheError, path: Path) -> CacheError:
+    """``error`` with the version folder it names replaced by the shard's own name ``path``."""
+    try:
+        version = str(resolve_shard(path))
+    except OSError:
+        return error
+    if version == str(path) or version not in str(error):
+        return error
+    return CacheError(str(error).replace(version, str(path)))
+
+
+def check_shard(path: str | os.PathLike) -> str | None:
+    """Read a whole shard (one version) and check every array: None if it is whole, else the
+    reason."""
+    path = Path(path)
+    try:
+        read_shard(resolve_shard(path))
+    except OSError as e:
+        return f"{path}: unreadable shard ({e})"
+    except CacheError as e:
+        return str(named_by_link(e, path))
+    return None

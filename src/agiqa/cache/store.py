@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +20,35 @@ from agiqa.cache.fingerprint import CACHE_FORMAT_VERSION, fingerprint_of
 from agiqa.cache.shards import (
     FORMATS,
     ShardData,
+    named_by_link,
+    prune_versions,
+    publish_shard,
     read_shard,
+    read_shard_index,
     read_shard_keys,
     read_shard_vectors_into,
+    resolve_shard,
+    shard_identity,
+    shard_name,
     shard_suffix,
-    write_shard,
+    version_names,
 )
 from agiqa.errors import CacheError, CacheMismatchError, ConfigError, MissingVectorsError
-from agiqa.fileio import read_json, remove_stale_temporaries, write_json
+from agiqa.fileio import (
+    current_umask,
+    read_json,
+    remove_stale_temporaries,
+    write_json,
+)
 
 __all__ = ["MANIFEST", "SemanticCache", "open_cache", "plan_shards"]
 
 MANIFEST = "manifest.json"
 READ_FIELDS = ("vectors", "zero_shot", "sha256")
+_MANIFEST_FIELDS = ("format_version", "format", "fingerprint", "semantics", "prompt_names", "dim")
+# A reader that finds the shard it reads replaced under it looks again, for this long at most.
+_READ_PATIENCE_S = 10.0
+_DAMAGED_AFTER_S = 0.5
 
 
 def plan_shards(keys: list[str], shard_size: int) -> list[tuple[str, list[str]]]:
@@ -68,8 +86,9 @@ class SemanticCache:
     def __init__(self, path: str | os.PathLike, manifest: dict[str, Any]):
         self.path = Path(path)
         self.manifest = manifest
-        self._index: dict[str, Path] | None = None
-        self._shard_keys: dict[Path, list[str]] = {}
+        self._index: dict[str, str] | None = None  # key -> shard name
+        # shard name -> (identity of the version read, its keys, its recorded checksums)
+        self._shard_meta: dict[str, tuple[object, list[str], dict[str, str]]] = {}
         self._failures: dict[str, str] | None = None
 
     # -- creation ---------------------------------------------------------------------------
@@ -89,6 +108,20 @@ class SemanticCache:
         link of a finished temporary file), and whoever loses the race opens the winner's.
         """
         path = Path(path)
+        try:
+            return cls._create(path, spec, prompt_names, dim, fmt, root)
+        except PermissionError as e:
+            raise CacheError(f"{e.filename or path}: cannot write the cache "
+                             f"({e.strerror or 'permission denied'})") from None
+        except OSError as e:
+            if e.errno == 30:  # EROFS
+                raise CacheError(f"{path}: cannot write the cache (read-only file system)") \
+                    from None
+            raise
+
+    @classmethod
+    def _create(cls, path: Path, spec: dict[str, Any], prompt_names: list[str], dim: int,
+                fmt: str | None, root: str | os.PathLike | None) -> SemanticCache:
         fingerprint = fingerprint_of(spec)
         if not (path / MANIFEST).is_file():
             # Another worker's temporaries, or its manifest landing just now, are no obstacle.
@@ -120,8 +153,27 @@ class SemanticCache:
             )
         if fmt and fmt != cache.format:
             raise ConfigError(f"cache {path} holds {cache.format} shards; --format {fmt} given")
+        if not _writable(path):
+            raise CacheError(f"{path}: cannot write the cache (permission denied)")
         remove_stale_temporaries(path)
+        cache.prune_superseded()
         return cache
+
+    def prune_superseded(self) -> int:
+        """Remove Zarr shard versions that a newer one replaced, or that a killed writer left
+        unlinked (see :func:`agiqa.cache.shards.publish_shard`). Returns how many."""
+        if self.format != "zarr":
+            return 0
+        return sum(prune_versions(self.path, name) for name in version_names(self.path))
+
+    def require_fingerprint(self, expected: str | None, what: str) -> None:
+        """Refuse this cache unless its fingerprint is ``expected`` (what ``what`` needs).
+
+        Raises:
+            CacheMismatchError: naming both fingerprints and ``what``.
+        """
+        if expected and expected != self.fingerprint:
+            raise CacheMismatchError(str(self.path), expected, self.fingerprint, what)
 
     # -- metadata ---------------------------------------------------------------------------
     @property
@@ -157,23 +209,62 @@ class SemanticCache:
         return self.path / f"{name}{shard_suffix(self.format)}"
 
     def shard_paths(self) -> list[Path]:
+        """Every shard by its name (for Zarr, a link to its current version folder), sorted."""
         suffix = shard_suffix(self.format)
         return sorted(p for p in self.path.glob(f"shard-*{suffix}") if not p.name.startswith("."))
+
+    def shard_names(self) -> list[str]:
+        return [shard_name(p) for p in self.shard_paths()]
 
     def refresh(self) -> None:
         """Forget the key index, so shards written since by other workers are seen."""
         self._index = None
         self._failures = None
 
+    def _with_retry(self, name: str, fn: Callable[[Path], Any]) -> Any:
+        """``fn(the version shard name shows now)``, looking again while writers replace it
+        under the reader; a version that fails while the shard still shows it is damaged, and
+        its :class:`CacheError` is raised."""
+        deadline = time.monotonic() + _READ_PATIENCE_S
+        attempt = 0
+        stuck_since: float | None = None
+        path = self.shard_path(name)
+        while True:
+            before = shard_identity(path)
+            try:
+                return fn(resolve_shard(path))
+            except CacheError as e:
+                after = shard_identity(path)
+                # Replaced meanwhile, or a link whose version a writer is just replacing.
+                moving = after != before or (path.is_symlink() and not resolve_shard(path).exists())
+                # The same version failing again and again is damaged (a writer may move a
+                # version aside and back for an instant: a few tries tell the two apart).
+                now = time.monotonic()
+                stuck_since = None if moving else (stuck_since or now)
+                if (stuck_since and now - stuck_since >= _DAMAGED_AFTER_S) or now > deadline:
+                    raise named_by_link(e, path) from None
+                attempt += 1
+                time.sleep(min(0.001 * 2 ** attempt, 0.05))
+            except OSError as e:  # the link itself vanished (a legacy folder being replaced)
+                if time.monotonic() > deadline:
+                    raise CacheError(f"{path}: unreadable shard ({e})") from None
+                attempt += 1
+                time.sleep(min(0.001 * 2 ** attempt, 0.05))
+
     def _build_index(self) -> None:
-        index: dict[str, Path] = {}
+        index: dict[str, str] = {}
         failures: dict[str, str] = {}
-        self._shard_keys = {}
-        for p in self.shard_paths():
-            keys, fails = read_shard_keys(p)
-            self._shard_keys[p] = keys
+        self._shard_meta = {}
+
+        def index_of(path: Path) -> tuple[list[str], list[tuple[str, str]]]:
+            keys, fails, checksums = read_shard_index(path)
+            self._shard_meta[shard_name(path)] = (shard_identity(path), keys, checksums)
+            return keys, fails
+
+        for name in self.shard_names():
+            keys, fails = self._with_retry(name, index_of)
             for k in keys:
-                index.setdefault(k, p)
+                index.setdefault(k, name)
             for k, reason in fails:
                 failures.setdefault(k, reason)
         self._index = index
@@ -208,8 +299,11 @@ class SemanticCache:
                 f"shard vectors have shape {data.vectors.shape[1:]}, the cache needs "
                 f"({len(self.prompts)}, {self.dim})"
             )
-        path = self.shard_path(name)
-        write_shard(path, data, self.format)
+        try:
+            path = publish_shard(self.path, name, data, self.format)
+        except OSError as e:
+            raise CacheError(f"{self.path}: cannot write shard {name} "
+                             f"({e.strerror or type(e).__name__})") from None
         self.manifest.setdefault("shards", {})[name] = {
             "images": len(data.keys), "failed": len(data.failures),
         }
@@ -220,9 +314,12 @@ class SemanticCache:
     def _rewrite_manifest(self) -> None:
         # Other workers may have written shards: list the folder, so the summary holds them too.
         known = self.manifest.setdefault("shards", {})
-        on_disk = {p.name[: -len(shard_suffix(self.format))] for p in self.shard_paths()}
+        on_disk = set(self.shard_names())
         for name in on_disk - set(known):
-            keys, fails = read_shard_keys(self.shard_path(name))
+            try:
+                keys, fails = read_shard_keys(self.shard_path(name))
+            except CacheError:
+                continue  # damaged or being replaced: its writer records it
             known[name] = {"images": len(keys), "failed": len(fails)}
         self.manifest["shards"] = {k: v for k, v in sorted(known.items()) if k in on_disk}
         self.manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -254,38 +351,56 @@ class SemanticCache:
             out["zero_shot"] = np.empty((len(keys), p), dtype=np.float32)
         if "sha256" in fields:
             out["sha256"] = [""] * len(keys)
-        by_shard: dict[Path, list[int]] = {}
+        by_shard: dict[str, list[int]] = {}
         for i, k in enumerate(keys):
             by_shard.setdefault(self._index[k], []).append(i)
-        for shard_path, positions in by_shard.items():
-            meta = read_shard(shard_path, vectors=False) \
-                if {"zero_shot", "sha256"} & set(fields) else None
-            shard_keys = meta.keys if meta else self._shard_keys[shard_path]
-            wanted = [keys[i] for i in positions]
-            first = positions[0]
-            at: Any = slice(first, first + len(positions)) \
-                if positions[-1] - first == len(positions) - 1 else positions
-            if wanted == shard_keys:
-                rows: Any = slice(None)
-                row_list: Any = range(len(wanted))
-            else:
-                row = {k: j for j, k in enumerate(shard_keys)}
-                row_list = [row[k] for k in wanted]
-                rows = np.array(row_list)
-            if "vectors" in fields:
-                if isinstance(rows, slice) and isinstance(at, slice):
-                    # The whole shard in its order, into a contiguous block: read it in place.
-                    read_shard_vectors_into(shard_path, out["vectors"][at])
-                else:
-                    whole = np.empty((len(shard_keys), p, d), dtype=np.float16)
-                    read_shard_vectors_into(shard_path, whole)
-                    out["vectors"][at] = whole[rows]
-            if meta is not None and "zero_shot" in fields:
-                out["zero_shot"][at] = meta.zero_shot[rows]
-            if meta is not None and "sha256" in fields:
-                for i, r in zip(positions, row_list, strict=True):
-                    out["sha256"][i] = meta.sha256[r]
+        for name, positions in by_shard.items():
+            self._with_retry(name, lambda path, pos=positions: self._read_rows(
+                path, keys, pos, fields, out))
         return out
+
+    def _read_rows(self, shard_path: Path, keys: list[str], positions: list[int],
+                   fields: tuple[str, ...], out: dict[str, Any]) -> None:
+        """Fill ``out`` at ``positions`` from one shard, every array checked; the shard's keys
+        are read again with its vectors, so a shard replaced since the index was built is read
+        as one consistent version."""
+        if {"zero_shot", "sha256"} & set(fields):
+            meta = read_shard(shard_path, vectors=False)
+            shard_keys, checksums = meta.keys, meta.checksums
+        else:  # training reads vectors only: the keys (to place the rows) are all it needs
+            known = self._shard_meta.get(shard_name(shard_path))
+            if known is not None and known[0] == shard_identity(shard_path):
+                _, shard_keys, checksums = known  # the version the index read: no second read
+            else:
+                shard_keys, _, checksums = read_shard_index(shard_path)
+        wanted = [keys[i] for i in positions]
+        first = positions[0]
+        at: Any = slice(first, first + len(positions)) \
+            if positions[-1] - first == len(positions) - 1 else positions
+        if wanted == shard_keys:
+            rows: Any = slice(None)
+            row_list: Any = range(len(wanted))
+        else:
+            row = {k: j for j, k in enumerate(shard_keys)}
+            lost = [k for k in wanted if k not in row]
+            if lost:
+                raise MissingVectorsError(lost, where=f"shard {shard_path}")
+            row_list = [row[k] for k in wanted]
+            rows = np.array(row_list)
+        if "vectors" in fields:
+            expected = checksums.get("vectors")
+            if isinstance(rows, slice) and isinstance(at, slice):
+                # The whole shard in its order, into a contiguous block: read it in place.
+                read_shard_vectors_into(shard_path, out["vectors"][at], expected)
+            else:
+                whole = np.empty((len(shard_keys), len(self.prompts), self.dim), np.float16)
+                read_shard_vectors_into(shard_path, whole, expected)
+                out["vectors"][at] = whole[rows]
+        if "zero_shot" in fields:
+            out["zero_shot"][at] = meta.zero_shot[rows]
+        if "sha256" in fields:
+            for i, r in zip(positions, row_list, strict=True):
+                out["sha256"][i] = meta.sha256[r]
 
     def info(self) -> dict[str, Any]:
         """A summary for ``agiqa cache info``."""
@@ -297,7 +412,8 @@ class SemanticCache:
             "model": self.spec["model"],
             "revision": self.spec["revision"],
             "dtype": self.spec["dtype"],
-            "prompts": [{"name": n, "text": t} for n, t in zip(self.prompt_names, self.prompts)],
+            "prompts": [{"name": n, "text": t}
+                        for n, t in zip(self.prompt_names, self.prompts, strict=True)],
             "dim": self.dim,
             "root": str(self.root) if self.root else None,
             "shards": len(self.shard_paths()),
@@ -309,6 +425,10 @@ class SemanticCache:
         }
 
 
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
 def _create_if_absent(path: Path, obj: dict[str, Any]) -> None:
     """Write ``obj`` as JSON to ``path`` unless it exists; atomic against concurrent writers."""
     import json
@@ -316,6 +436,7 @@ def _create_if_absent(path: Path, obj: dict[str, Any]) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -343,7 +464,20 @@ def open_cache(path: str | os.PathLike) -> SemanticCache:
         manifest = read_json(manifest_path)
     except ValueError as e:
         raise CacheError(f"{manifest_path}: damaged manifest ({e})") from None
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{manifest_path}: damaged manifest (a JSON object is needed, found "
+                         f"{type(manifest).__name__})")
     version = manifest.get("format_version")
+    if version is not None and version != CACHE_FORMAT_VERSION:
+        raise CacheError(
+            f"{path}: cache format version {version}, this agiqa reads {CACHE_FORMAT_VERSION}"
+        )
+    lacking = [k for k in _MANIFEST_FIELDS if k not in manifest]
+    if lacking:
+        raise CacheError(f"{manifest_path}: damaged manifest (no {', '.join(lacking)})")
+    if manifest["format"] not in FORMATS or not isinstance(manifest["semantics"], dict) \
+            or not isinstance(manifest["semantics"].get("prompts"), list):
+        raise CacheError(f"{manifest_path}: damaged manifest (bad format or semantics)")
     if version != CACHE_FORMAT_VERSION:
         raise CacheError(
             f"{path}: cache format version {version}, this agiqa reads {CACHE_FORMAT_VERSION}"

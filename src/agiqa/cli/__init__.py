@@ -1,7 +1,8 @@
 """The ``agiqa`` command line: thin commands over library functions, one module per stage.
 
 Library code raises :class:`agiqa.errors.AgiqaError`; only the CLI turns errors into
-``Error: …`` lines and exit codes (0 all fine, 1 error, 2 finished with some images failed).
+``Error: …`` lines and exit codes (0 all fine, 1 error, 2 finished with some images failed,
+64 usage error).
 """
 
 from __future__ import annotations

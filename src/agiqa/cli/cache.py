@@ -56,9 +56,11 @@ def cache_info(path, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @handle_errors
 def cache_verify(path, images, as_json):
-    """Check every cached image against its file: missing, changed (sha256) or failed.
+    """Check every shard against its checksums, and every cached image against its file:
+    damaged shards, missing, changed (sha256) or failed images.
 
-    Exits 0 when all match, 2 when some file is missing, changed or failed.
+    Exits 0 when all match, 2 when some shard is damaged or some file is missing, changed or
+    failed (a rerun of extract-semantics rebuilds damaged shards and recomputes changed images).
     """
     from agiqa.cache import open_cache, verify_cache
 
@@ -66,6 +68,9 @@ def cache_verify(path, images, as_json):
     if as_json:
         echo_json(report.to_dict())
     else:
+        for shard, reason in sorted(report.damaged.items()):
+            click.echo(f"damaged shard: {reason}" if reason.startswith(shard)
+                       else f"damaged shard: {shard}: {reason}")
         for key in report.missing:
             click.echo(f"missing: {key}")
         for key in report.changed:
@@ -73,6 +78,7 @@ def cache_verify(path, images, as_json):
         for key, reason in sorted(report.failed.items()):
             click.echo(f"failed: {key}: {reason}")
         click.echo(
+            f"{report.shards} shards checked, {len(report.damaged)} damaged; "
             f"{report.checked} cached images checked under {report.root}: "
             f"{len(report.missing)} missing, {len(report.changed)} changed, "
             f"{len(report.failed)} failed at extraction"

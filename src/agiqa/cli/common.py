@@ -13,16 +13,44 @@ from agiqa.errors import AgiqaError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
+# Exit codes: 0 all fine, 1 error, 2 finished with some images failed, 64 usage error
+# (EX_USAGE of sysexits.h; click's own 2 would read as "some images failed").
+EXIT_OK, EXIT_ERROR, EXIT_IMAGES_FAILED, EXIT_USAGE = 0, 1, 2, 64
+
 
 def handle_errors(fn):
+    """Turn agiqa's errors, and the operating system's, into one ``Error: …`` line (exit 1)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except AgiqaError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from None
 
     return wrapper
+
+
+class AgiqaGroup(click.Group):
+    """A click group whose usage errors exit with :data:`EXIT_USAGE`, in every subcommand."""
+
+    group_class = type  # subgroups (``agiqa cache``) are AgiqaGroups too
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            e.exit_code = EXIT_USAGE
+            raise
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            e.exit_code = EXIT_USAGE
+            raise
 
 
 def dataset_options(fn):
@@ -59,7 +87,7 @@ def echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=AgiqaGroup, context_settings=CONTEXT)
 @click.version_option(__version__, "-V", "--version", prog_name="agiqa")
 def cli():
     """agiqa: judge the quality of AI-generated images the MA-AGIQA way.

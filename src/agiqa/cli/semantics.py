@@ -44,6 +44,8 @@ from agiqa.cli.common import (
               help="Pad each image to a square of the processor's mean colour before the "
                    "processor  [default: the recipe's: on for mPLUG-Owl2, off otherwise]")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own code.")
+@click.option("--no-retry-failed", "no_retry_failed", is_flag=True,
+              help="Leave images that failed in an earlier run alone (default: try them again).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Number of independent workers filling this cache (default: torchrun's).")
 @click.option("--worker", type=click.IntRange(min=0), default=None,
@@ -55,8 +57,8 @@ from agiqa.cli.common import (
 @handle_errors
 def extract_semantics_cmd(model, revision, images, dataset, root, labels, target, image_column,
                           score_column, out, fmt, prompts, batch_size, shard_size, device, dtype,
-                          pad_square, trust_remote_code, workers, worker, loader_workers, quiet,
-                          as_json):
+                          pad_square, trust_remote_code, no_retry_failed, workers, worker,
+                          loader_workers, quiet, as_json):
     """Stage one: run the MLLM once per image and prompt; cache the semantic vectors.
 
     \b
@@ -80,6 +82,7 @@ def extract_semantics_cmd(model, revision, images, dataset, root, labels, target
     cfg = ExtractConfig(out=out, model=model, revision=revision, format=fmt, prompts=prompts,
                         batch_size=batch_size, shard_size=shard_size, device=device, dtype=dtype,
                         pad_square=pad_square, trust_remote_code=trust_remote_code,
+                        retry_failed=not no_retry_failed,
                         workers=workers, worker=worker,
                         loader_workers=loader_workers, progress=not quiet)
     report = extract_semantics(cfg, source)
@@ -97,6 +100,11 @@ def _print_extract_summary(report) -> None:
         f"{len(r.failures)} failed  ({r.images_per_second:.1f} images/s, worker {r.worker} of "
         f"{r.workers}) -> {r.cache}"
     )
+    for name, reason in sorted(r.damaged_shards.items()):
+        click.echo(f"rebuilt damaged shard {name}: {reason}", err=True)
+    if r.changed or r.retried:
+        click.echo(f"recomputed {len(r.changed)} image(s) whose file changed, retried "
+                   f"{len(r.retried)} that failed before", err=True)
     for key, reason in sorted(r.failures.items()):
         click.echo(f"failed: {key}: {reason}", err=True)
     if r.skipped_files:

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from agiqa.data.images import resolve_key
+from agiqa.data.images import normalize_key, resolve_key
 from agiqa.errors import DatasetError
 from agiqa.presets import DatasetPreset, load_dataset_preset
 
@@ -59,7 +59,13 @@ def read_label_table(path: str | os.PathLike) -> tuple[list[str], list[dict[str,
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = [h.strip() for h in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+            rows = []
+            for row in reader:
+                if None in row:  # more fields than the header names
+                    raise DatasetError(
+                        f"{path}, line {reader.line_num}: {len(header) + len(row[None])} fields, "
+                        f"the header names {len(header)}")
+                rows.append({(k or "").strip(): (v or "").strip() for k, v in row.items()})
     except (UnicodeDecodeError, csv.Error) as e:
         raise DatasetError(f"{path}: not a readable CSV file ({e})") from None
     if not header:
@@ -129,12 +135,15 @@ def load_dataset(
     samples: list[Sample] = []
     seen: set[str] = set()
     for line, row in enumerate(rows, start=2):
-        key = row.get(image_col, "").replace("\\", "/")
-        if not key:
+        raw_key = row.get(image_col, "")
+        if not raw_key:
             raise DatasetError(f"{labels_path}, line {line}: empty image path")
-        resolve_key(root, key, source=f"{labels_path}, line {line}")
+        resolve_key(root, raw_key, source=f"{labels_path}, line {line}")
+        # One spelling per image, so ./a.jpg and sub/../a.jpg cannot sit in two splits.
+        key = normalize_key(raw_key)
         if key in seen:
-            raise DatasetError(f"{labels_path}, line {line}: image {key!r} is listed twice")
+            raise DatasetError(f"{labels_path}, line {line}: image {key!r} is listed twice"
+                               + (f" (as {raw_key!r})" if raw_key != key else ""))
         seen.add(key)
         mos = None
         if score_col is not None:

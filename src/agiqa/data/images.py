@@ -1,8 +1,13 @@
 """Image decoding that never gives up silently: every refusal names the file and the reason.
 
 CMYK, 16-bit, palette, RGBA, grayscale and EXIF-rotated images are converted to RGB the way
-OpenCV's ``imread(IMREAD_COLOR)`` would read them (alpha dropped, orientation applied), so
-pixels match the official MA-AGIQA preprocessing; decompression bombs are refused.
+OpenCV's ``imread(IMREAD_COLOR)`` would read them (alpha dropped, orientation applied, 16-bit
+samples shifted right by 8 bits whatever their range), so pixels match the official MA-AGIQA
+preprocessing; images of 32-bit samples (float TIFFs), which that path cannot read, and
+decompression bombs are refused.
+
+Only regular files are read: a FIFO or device is refused without being opened for reading (a
+FIFO would block forever); a symbolic link is followed when it leads to a regular file.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import posixpath
+import stat
 import warnings
 from pathlib import Path
 
@@ -24,21 +31,26 @@ __all__ = [
     "file_sha256",
     "list_images",
     "load_image",
+    "normalize_key",
+    "regular_file",
     "resolve_key",
 ]
 
 Image.init()
 IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _to_rgb(img: Image.Image, name: str) -> Image.Image:
+    if img.mode == "F" or (img.mode == "I" and img.getextrema()[1] > 65535):
+        raise BadImageError(name, f"{'floating-point' if img.mode == 'F' else '32-bit'} samples: "
+                            "OpenCV's imread(IMREAD_COLOR), the official decoder, cannot read "
+                            "them either; save it with 8 or 16 bits per sample")
     if img.mode in _SIXTEEN_BIT_MODES:
-        arr = np.asarray(img, dtype=np.float64)
-        # 16-bit data spans 0..65535; scale to 8 bits as OpenCV's IMREAD_COLOR does (>> 8).
-        if arr.max(initial=0) > 255:
-            arr = arr / 256.0
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        # OpenCV (libpng's strip_16, and its 16-bit gray TIFF path) keeps the high byte: v >> 8,
+        # whatever the range, so a dark 16-bit image stays dark.
+        arr = np.asarray(img).astype(np.int64)
+        img = Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB") if img.mode != "RGB" else img
@@ -54,7 +66,9 @@ def decode_image(data: bytes, name: str) -> Image.Image:
             img = Image.open(io.BytesIO(data))
             img.load()
             img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return _to_rgb(img, name)
+    except BadImageError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImageError(name, f"refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
@@ -66,17 +80,63 @@ def decode_image(data: bytes, name: str) -> Image.Image:
         raise BadImageError(name, f"cannot decode: {reason}") from None
 
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not an image"
+    kind = next((k for test, k in _KINDS if test(mode)), "not a regular file")
+    return f"{kind}, not a regular file; refused without reading it"
+
+
+def regular_file(path: str | os.PathLike, name: str | None = None) -> Path:
+    """``path`` if it is (or links to) a regular file, else :class:`BadImageError` with why.
+
+    Never opens the file, so a FIFO cannot block.
+    """
+    name = name or str(path)
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise BadImageError(name, f"broken symbolic link (to {os.readlink(path)})") from None
+        raise BadImageError(name, "file not found") from None
+    except OSError as e:
+        raise BadImageError(name, f"cannot read: {e.strerror or e}") from None
+    reason = _not_regular(st.st_mode)
+    if reason:
+        raise BadImageError(name, reason)
+    return path
+
+
+def _read_regular(path: Path, name: str) -> bytes:
+    regular_file(path, name)
+    try:
+        # O_NONBLOCK: should the file have become a FIFO since the check, opening cannot block.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise BadImageError(name, "file not found") from None
+    except OSError as e:
+        raise BadImageError(name, f"cannot read: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        reason = _not_regular(os.fstat(fd).st_mode)
+        if reason:
+            raise BadImageError(name, reason)
+        try:
+            return f.read()
+        except OSError as e:
+            raise BadImageError(name, f"cannot read: {e.strerror or e}") from None
+
+
 def load_image(path: str | os.PathLike, name: str | None = None) -> tuple[Image.Image, str]:
     """Read and decode an image file. Returns the RGB image and the sha256 of the file bytes."""
     name = name or str(path)
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise BadImageError(name, "file not found") from None
-    except IsADirectoryError:
-        raise BadImageError(name, "is a directory, not an image") from None
-    except OSError as e:
-        raise BadImageError(name, f"cannot read: {e.strerror or e}") from None
+    data = _read_regular(Path(path), name)
     return decode_image(data, name), hashlib.sha256(data).hexdigest()
 
 
@@ -102,23 +162,37 @@ def list_images(root: str | os.PathLike, recursive: bool = True) -> tuple[list[s
     pattern = "**/*" if recursive else "*"
     for path in root.glob(pattern):
         rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+        # Links (even broken ones) and FIFOs are listed: reading them reports what they are.
+        if any(part.startswith(".") for part in rel.parts) or path.is_dir():
             continue
         key = rel.as_posix()
         (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(key)
     return sorted(images), sorted(others)
 
 
+def normalize_key(key: str) -> str:
+    """One spelling per image: ``/`` separators, no ``.`` or ``x/..`` parts (``./a.jpg``,
+    ``sub/../a.jpg`` and ``a.jpg`` are one key). A key that escapes keeps its leading ``..``."""
+    key = key.replace("\\", "/")
+    if not key:
+        return key
+    norm = posixpath.normpath(key)
+    return norm[2:] if norm.startswith("./") else norm
+
+
 def resolve_key(root: str | os.PathLike, key: str, source: str = "label file") -> Path:
-    """Return ``root/key``, refusing keys that are absolute or escape ``root``."""
+    """Return ``root/key``, refusing keys that are absolute or escape ``root``.
+
+    The check is on the path as written; a symbolic link inside the root is the user's own
+    choice and is followed when the file is read.
+    """
     root_path = Path(root).resolve()
+    if "\0" in key:
+        raise DatasetError(f"{source}: image path {key!r} contains a NUL byte")
     if not key or os.path.isabs(key) or key.startswith(("/", "\\")):
         raise DatasetError(f"{source}: image path {key!r} is absolute; paths must be relative")
-    path = (root_path / key).resolve()
-    try:
-        path.relative_to(root_path)
-    except ValueError:
+    norm = normalize_key(key)
+    if norm == ".." or norm.startswith("../") or norm == ".":
         raise DatasetError(
-            f"{source}: image path {key!r} escapes the image root {root_path}"
-        ) from None
-    return path
+            f"{source}: image path {key!r} escapes the image root {root_path}")
+    return root_path / norm

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from agiqa.cache import open_cache
+from agiqa.cache import check_fresh, open_cache
 from agiqa.data.datasets import Dataset
 from agiqa.data.splits import read_split_csv
 from agiqa.errors import CacheMismatchError, ConfigError, DatasetError, MissingVectorsError
@@ -62,6 +62,7 @@ def evaluate_model(model_dir: str | os.PathLike, ds: Dataset, cache_dir: str | o
     missing = [k for k in keys if k not in cache]
     if missing:
         raise MissingVectorsError(missing, where=f"cache {cache.path}")
+    check_fresh(cache, keys, ds.root)  # vectors of changed images: refused
     dev = resolve_device(device)
     model.to(dev)
     vectors = torch.from_numpy(cache.read(keys, ("vectors",))["vectors"])

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from agiqa import runtime as dist
-from agiqa.cache import SemanticCache, open_cache
+from agiqa.cache import SemanticCache, check_fresh, open_cache
 from agiqa.data.datasets import load_dataset
 from agiqa.data.splits import Split, make_split
 from agiqa.errors import ConfigError, DatasetError, MissingVectorsError, TrainingError
@@ -188,6 +188,7 @@ def _fit(cfg: FitConfig, device: torch.device) -> FitResult:
     _check_split(split, len(ds), cfg.batch_size)
     cache = open_cache(cfg.cache)
     _check_vectors(cache, split)
+    check_fresh(cache, split.subset("all"), ds.root)  # vectors of changed images: refused
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)

@@ -19,6 +19,7 @@ from agiqa.cache import fingerprint_of, open_cache
 from agiqa.data.images import list_images, load_image
 from agiqa.data.pixels import resize_pixels
 from agiqa.errors import CheckpointError, ConfigError
+from agiqa.fileio import agiqa_home
 from agiqa.models.agiqa_net import load_model
 from agiqa.models.mllm import SemanticEncoder
 from agiqa.presets import PromptSet
@@ -27,11 +28,6 @@ from agiqa.stages.predict import predict
 from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics, semantic_spec_of
 
 __all__ = ["ScoreReport", "Scorer", "agiqa_home"]
-
-
-def agiqa_home() -> Path:
-    """The per-user data folder: ``$AGIQA_HOME``, else ``~/.cache/agiqa``."""
-    return Path(os.environ.get("AGIQA_HOME") or Path.home() / ".cache" / "agiqa")
 
 
 @dataclass

@@ -19,13 +19,13 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from tqdm.auto import tqdm
 
-from agiqa.cache import SemanticCache, ShardData, plan_shards, semantic_spec
-from agiqa.cache.shards import read_shard_keys
+from agiqa.cache import MANIFEST, SemanticCache, ShardData, semantic_spec
 from agiqa.data.datasets import Dataset
-from agiqa.data.images import list_images, load_image, resolve_key
-from agiqa.errors import BadImageError, ConfigError
+from agiqa.data.images import list_images, load_image, regular_file, resolve_key
+from agiqa.errors import AgiqaError, ConfigError
 from agiqa.models.mllm import BatchPreparer, SemanticEncoder
 from agiqa.presets import DEFAULT_MLLM, DEFAULT_PROMPTS, load_prompts
+from agiqa.stages.resume import ShardJob, merge_rows, plan_resume
 
 __all__ = ["ExtractConfig", "ExtractReport", "ImageSource", "extract_semantics", "semantic_spec_of",
            "worker_slot"]
@@ -45,6 +45,7 @@ class ExtractConfig:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    retry_failed: bool = True
     workers: int | None = None
     worker: int | None = None
     loader_workers: int = 2
@@ -87,6 +88,9 @@ class ExtractReport:
     failures: dict[str, str] = field(default_factory=dict)
     skipped_files: list[str] = field(default_factory=list)
     shards_written: int = 0
+    changed: list[str] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)
+    damaged_shards: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     worker: int = 0
     workers: int = 1
@@ -107,6 +111,8 @@ class ExtractReport:
             "cache": self.cache, "requested": self.requested, "computed": self.computed,
             "reused": self.reused, "failed": len(self.failures), "failures": self.failures,
             "skipped_files": self.skipped_files, "shards_written": self.shards_written,
+            "changed": self.changed, "retried": self.retried,
+            "damaged_shards": self.damaged_shards,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 3),
             "forward_passes": self.forward_passes, "tokens": self.tokens,
@@ -141,8 +147,8 @@ class _Images(TorchDataset):
         try:
             img, sha = load_image(resolve_key(self.root, key, "image list"), key)
             return key, img, sha, None
-        except BadImageError as e:
-            return key, None, None, e.reason
+        except AgiqaError as e:  # a bad file or a refused path: recorded, never fatal
+            return key, None, None, getattr(e, "reason", None) or str(e)
 
 
 class _Collate:
@@ -172,30 +178,6 @@ class _Collate:
         return [k for k, _, _ in good], [s for _, _, s in good], failures, inputs
 
 
-def _pending_shards(cache: SemanticCache, source: ImageSource, shard_size: int, rank: int,
-                    world: int) -> tuple[list[tuple[str, list[str]]], int]:
-    """This worker's shards still to compute, each with the keys no other shard holds."""
-    plan = plan_shards(source.keys, shard_size)
-    planned = {name for name, _ in plan}
-    existing = {p.name.split(".")[0] for p in cache.shard_paths()}
-    # Keys cached by earlier runs (other plans) are reused; this plan's shards never overlap.
-    cached_elsewhere = set()
-    for p in cache.shard_paths():
-        if p.name.split(".")[0] not in planned:
-            keys, _ = read_shard_keys(p)
-            cached_elsewhere.update(keys)
-    pending, reused = [], 0
-    for i, (name, keys) in enumerate(plan):
-        todo = [k for k in keys if k not in cached_elsewhere]
-        reused += len(keys) - len(todo)
-        if name in existing:
-            reused += len(todo)
-            continue
-        if i % world == rank and todo:
-            pending.append((name, todo))
-    return pending, reused
-
-
 def semantic_spec_of(encoder: SemanticEncoder) -> dict:
     """What the cache fingerprints for vectors of ``encoder``: model, revision, dtype, prompts,
     recipe."""
@@ -216,14 +198,29 @@ def extract_semantics(
             dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
             attn_implementation=cfg.attn_implementation, pad_square=cfg.pad_square,
         )
-    cache = SemanticCache.create(cfg.out, semantic_spec_of(encoder), encoder.prompts.names, encoder.dim,
-                                 cfg.format, root=source.root)
+    spec = semantic_spec_of(encoder)
+
+    def create() -> SemanticCache:
+        return SemanticCache.create(cfg.out, spec, encoder.prompts.names, encoder.dim,
+                                    cfg.format, root=source.root)
+
+    # An existing cache is checked (fingerprint, format) before any work; a new one is created
+    # only once the model has loaded, so a failed load leaves nothing behind.
+    out = Path(cfg.out)
+    existing = (out / MANIFEST).is_file() or (out.is_dir() and any(out.iterdir()))
+    cache = create() if existing else None
     report = ExtractReport(str(cfg.out), len(source.keys), skipped_files=list(source.skipped),
                            worker=rank, workers=world)
-    pending, report.reused = _pending_shards(cache, source, cfg.shard_size, rank, world)
-    if pending:
+    plan = plan_resume(cache, source.keys, Path(source.root), cfg.shard_size, rank, world,
+                       cfg.retry_failed)
+    report.reused, report.changed, report.retried = plan.reused, plan.changed, plan.retried
+    report.damaged_shards = plan.damaged
+    if plan.jobs:
         encoder.load(progress=cfg.progress)
-        _run_shards(cfg, cache, encoder, source.root, pending, report)
+    if cache is None:
+        cache = create()
+    if plan.jobs:
+        _run_shards(cfg, cache, encoder, source.root, plan.jobs, report)
     cache.refresh()
     known = cache.failures
     report.failures.update({k: known[k] for k in source.keys if k in known})
@@ -242,7 +239,8 @@ def _largest_first(root: Path, keys: list[str]) -> list[str]:
 
     def area(key: str) -> int:
         try:
-            with Image.open(resolve_key(root, key, "image list")) as im:
+            # Only regular files are opened: a FIFO would block here forever.
+            with Image.open(regular_file(resolve_key(root, key, "image list"), key)) as im:
                 return im.size[0] * im.size[1]
         except Exception:  # noqa: BLE001 - reported by the loader with its reason
             return 0
@@ -252,13 +250,14 @@ def _largest_first(root: Path, keys: list[str]) -> list[str]:
 
 
 def _run_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncoder, root: Path,
-                pending: list[tuple[str, list[str]]], report: ExtractReport) -> None:
-    pending = [(name, _largest_first(root, shard_keys)) for name, shard_keys in pending]
+                jobs: list[ShardJob], report: ExtractReport) -> None:
+    pending = [(job.name, _largest_first(root, job.compute)) for job in jobs]
     keys = [k for _, shard_keys in pending for k in shard_keys]
     batches, offset = [], 0
     for _, shard_keys in pending:
         for i in range(0, len(shard_keys), cfg.batch_size):
-            batches.append(list(range(offset + i, offset + min(i + cfg.batch_size, len(shard_keys)))))
+            end = offset + min(i + cfg.batch_size, len(shard_keys))
+            batches.append(list(range(offset + i, end)))
         offset += len(shard_keys)
     n_prompts = len(encoder.prompts.texts)
     loader = DataLoader(
@@ -268,8 +267,8 @@ def _run_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncod
     )
     bar = tqdm(total=len(keys), unit="img", desc="extract-semantics", disable=not cfg.progress,
                dynamic_ncols=True)
-    shard_iter = iter(pending)
-    name, shard_keys = next(shard_iter)
+    job_iter = iter(jobs)
+    job = next(job_iter)
     acc = _ShardAccumulator()
     for batch_keys, shas, failures, inputs in loader:
         acc.failures.update(failures)
@@ -285,12 +284,13 @@ def _run_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncod
                 report.forward_passes += len(batch_keys)
             acc.add(batch_keys, shas, torch.stack(vecs, 1), torch.stack(zs, 1))
         bar.update(len(batch_keys) + len(failures))
-        if acc.count == len(shard_keys):
-            cache.write_shard(name, acc.finish(shard_keys, n_prompts, encoder.dim))
+        if job is not None and acc.count == len(job.compute):
+            new = acc.finish(job.compute, n_prompts, encoder.dim)
+            cache.write_shard(job.name, merge_rows(job.kept, new, job.order))
             report.shards_written += 1
-            report.computed += len(shard_keys)
+            report.computed += len(job.compute)
             acc = _ShardAccumulator()
-            name, shard_keys = next(shard_iter, (None, []))
+            job = next(job_iter, None)
     bar.close()
 
 

@@ -258,7 +258,7 @@ class SemanticEncoder:
             kw["attn_implementation"] = self.attn_implementation
         try:
             return AutoModelForImageTextToText.from_pretrained(self.model_id, **kw)
-        except (OSError, ValueError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 - SafetensorError derives from Exception only
             raise ModelLoadError(f"cannot load MLLM weights {self.model_id!r}: {e}") from None
         finally:
             if was_enabled:

@@ -10,7 +10,6 @@ processed token ids of every family.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 from PIL import Image
 
 from agiqa.errors import ConfigError, ModelLoadError
+from agiqa.fileio import LOCAL_REVISION_PREFIX, folder_content_hash
 from agiqa.presets import Recipe, list_presets, load_mllm_preset, recipe_for_model
 
 __all__ = ["MllmIdentity", "check_prompt_order", "expand2square", "identify_mllm",
@@ -53,8 +53,9 @@ class MllmIdentity:
 
 
 def local_revision_label(folder: Path) -> str:
-    """The content label of a local model folder: a hash of its ``config.json``."""
-    return "local-" + hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()[:16]
+    """The content label of a local model folder: a hash of the files that shape its outputs
+    (weights, config, tokenizer, processor, chat template), cached by size and mtime."""
+    return LOCAL_REVISION_PREFIX + folder_content_hash(folder)
 
 
 def _text_width(config: dict[str, Any]) -> int | None:
@@ -110,6 +111,9 @@ def identify_mllm(model: str, revision: str | None = None, fetch: bool = True) -
         except ValueError as e:
             raise ModelLoadError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
         model_type = config.get("model_type")
+        # The absolute path is a label (the same run works from any folder); the content hash
+        # is the identity.
+        model = str(folder.resolve())
         return MllmIdentity(model, None, revision, local_revision_label(folder), model_type,
                             _text_width(config), recipe_for_model(model_type))
     found = _hub_config(model, revision) if fetch else None
