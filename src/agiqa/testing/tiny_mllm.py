@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["FAMILIES", "SHAPES", "build_random_mllm", "build_tiny_mllm"]
+__all__ = ["FAMILIES", "SHAPES", "build_random_mllm", "build_tiny_mllm", "random_mllm_on_device",
+           "shape_available"]
 
 FAMILIES = ("llava", "qwen2-vl", "qwen2.5-vl")
 
@@ -173,6 +174,72 @@ SHAPES = {
                       "text": {"vocab_size": 152064, "intermediate_size": 18944,
                                "num_attention_heads": 28, "num_key_value_heads": 4}},
 }
+
+
+# mPLUG-Owl2-7B (the paper's MLLM): CLIP ViT-L/14 at 448 px, a visual abstractor of 64 queries
+# (65 visual tokens with the end token), LLaMA-2-7B (32 layers × 4096, vocabulary 32000) with
+# modality-adaptive ("multiway") keys, values and norms. Built once its model family is
+# available (``_owl2_builder``); until then ``shape_available`` says no.
+SHAPES["mplug-owl2-7b"] = {
+    "family": "mplug-owl2", "hidden": 4096, "layers": 32, "image_size": 448, "patch": 14,
+    "vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+               "num_attention_heads": 16},
+    "visual_tokens": 65,
+    "text": {"vocab_size": 32000, "intermediate_size": 11008, "num_attention_heads": 32,
+             "num_key_value_heads": 32},
+}
+
+
+def _owl2_builder():
+    """The mPLUG-Owl2 family's random-model builder, or None where the family is absent."""
+    try:
+        from agiqa.models.mllm import mplug_owl2  # noqa: F401 - the family's own module
+    except ImportError:
+        return None
+    return getattr(mplug_owl2, "build_random_model", None)
+
+
+def _builder(family: str):
+    if family == "mplug-owl2":
+        return _owl2_builder()
+    return {"llava": _build_llava, "qwen2-vl": _build_qwen2_vl,
+            "qwen2.5-vl": _build_qwen2_5_vl}.get(family)
+
+
+def shape_available(spec: dict) -> bool:
+    """Whether this agiqa can build a model of the shape ``spec`` (a ``SHAPES`` entry)."""
+    return _builder(spec["family"]) is not None
+
+
+def random_mllm_on_device(spec: dict, out: str | os.PathLike, device: str | torch.device,
+                          dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """A model of the shape ``spec`` with random weights created on ``device`` directly.
+
+    The parameters are allocated and randomly initialised on ``device`` (no CPU copy of a
+    7B model); only the config and the processor are written to ``out``, so that
+    ``AutoConfig``/``AutoProcessor`` (and agiqa's ``SemanticEncoder``) load them from there.
+    Returns the model in eval mode.
+    """
+    build = _builder(spec["family"])
+    if build is None:
+        raise ValueError(f"the {spec['family']} model family is not available in this agiqa")
+    out = Path(out)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if torch.device(device).type == "cuda":
+            torch.cuda.manual_seed_all(seed)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model, processor = build(out, spec["hidden"], spec["layers"],
+                                         spec["image_size"], spec)
+        finally:
+            torch.set_default_dtype(default)
+    model.eval()
+    model.config.save_pretrained(out)
+    processor.save_pretrained(out)
+    return model
 
 
 def build_random_mllm(shape: str, out: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
