@@ -57,7 +57,8 @@ def _write_zarr(path: Path, data: ShardData) -> None:
     ):
         dtype = str if arr.dtype.kind == "U" else arr.dtype
         # Hidden-state means are noise to a compressor: store the vectors raw, read at disk speed.
-        kw = {"compressors": None} if name == "vectors" else {}
+        # The keys are stored raw too, so the index is read without importing zarr.
+        kw = {"compressors": None} if name in ("vectors", "keys") else {}
         a = g.create_array(name, shape=arr.shape, dtype=dtype, chunks=chunks, **kw)
         if n:
             a[:] = arr
@@ -91,6 +92,9 @@ def read_shard_keys(path: str | os.PathLike) -> tuple[list[str], list[tuple[str,
     path = Path(path)
     try:
         if _fmt_of(path) == "zarr":
+            fast = _zarr_raw_keys(path)
+            if fast is not None:
+                return fast
             import zarr
 
             g = zarr.open_group(str(path), mode="r")
@@ -102,6 +106,36 @@ def read_shard_keys(path: str | os.PathLike) -> tuple[list[str], list[tuple[str,
             return keys, [tuple(x) for x in json.loads(f.attrs.get("failures", "[]"))]
     except Exception as e:  # noqa: BLE001 - any reader failure means a damaged shard
         raise CacheError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
+
+
+def _zarr_raw_keys(path: Path) -> tuple[list[str], list[tuple[str, str]]] | None:
+    """Keys and failures of a Zarr shard whose keys are one uncompressed ``vlen-utf8`` chunk
+    (how agiqa writes them), parsed without importing zarr (whose import costs more than
+    reading a whole cache); None for any other layout, which zarr then reads."""
+    try:
+        group = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
+        meta = json.loads((path / "keys" / "zarr.json").read_text(encoding="utf-8"))
+        n = meta["shape"][0]
+        if (meta.get("zarr_format") != 3 or meta.get("data_type") != "string"
+                or meta.get("codecs") != [{"name": "vlen-utf8", "configuration": {}}]
+                or meta["chunk_grid"]["configuration"]["chunk_shape"] != [max(n, 1)]
+                or meta.get("chunk_key_encoding") != _DEFAULT_KEYS
+                or meta.get("storage_transformers")):
+            return None
+        failures = [tuple(f) for f in group.get("attributes", {}).get("failures", [])]
+        if n == 0:
+            return [], failures
+        raw = (path / "keys" / "c" / "0").read_bytes()
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    if len(raw) < 4 or int.from_bytes(raw[:4], "little") != n:
+        return None
+    keys, at = [], 4
+    for _ in range(n):
+        size = int.from_bytes(raw[at : at + 4], "little")
+        keys.append(raw[at + 4 : at + 4 + size].decode("utf-8"))
+        at += 4 + size
+    return (keys, failures) if at == len(raw) else None
 
 
 def read_shard(path: str | os.PathLike, vectors: bool = True) -> ShardData:
