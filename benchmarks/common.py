@@ -19,21 +19,39 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def machine() -> dict[str, Any]:
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "load_average": load_average()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 
-def run_process(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run a command as a whole process: wall seconds, peak resident memory (MiB), stdout."""
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (``uptime``), where the system has them."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def run_process(cmd: list[str], env: dict[str, str] | None = None,
+                timeout: float | None = None) -> dict[str, Any]:
+    """Run a command as a whole process: wall seconds, peak resident memory (MiB), stdout.
+    A process still running after ``timeout`` seconds is killed (RuntimeError)."""
     import tempfile
+    import threading
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=err)
+        timer = threading.Timer(timeout, proc.kill) if timeout else None
+        if timer:
+            timer.start()
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - t
+        if timer:
+            timer.cancel()
+            if seconds >= timeout:
+                raise RuntimeError(f"{' '.join(cmd[:4])} ... killed after {timeout:.0f} s")
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)

@@ -33,7 +33,9 @@ SHAPES = {
     "llava-1.5-7b": {"family": "llava", "random": "llava-1.5-7b"},
     "qwen2.5-vl-7b": {"family": "qwen2.5-vl", "random": "qwen2.5-vl-7b"},
 }
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+# Dense bf16 peaks by the vendors' datasheets; the first name contained in the device's wins.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0,
+                    "A100": 312.0, "L40S": 362.0}
 
 
 def write_photos(folder: Path, n: int) -> None:
@@ -73,27 +75,39 @@ def prepare_inputs(work: Path, shape: str, images: int) -> tuple[Path, Path]:
 
 def forward_flops(model_dir: Path, images: Path, sample: int = 16) -> float:
     """Approximate FLOPs of one forward pass of one image and prompt, averaged over the first
-    ``sample`` images: 2 · parameters · tokens for the language model's layers, 2 · parameters
-    · patches for the vision tower (Qwen2-VL's token count follows the image size), and the
-    output head at one position. Attention scores are left out (small at these lengths)."""
+    ``sample`` images of ``images`` (see :func:`count_flops`), for the model saved in
+    ``model_dir`` (built on the meta device: no weights are read)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from agiqa.models.mllm import PromptEncoding
-    from agiqa.presets import load_prompts
+    from official_stage_one import list_photos
 
     cfg = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(cfg)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    return count_flops(model, processor, list_photos(images)[:sample])
+
+
+def count_flops(model, processor, paths: list[Path], unused_parameters: int = 0) -> float:
+    """FLOPs of one forward pass of one image and prompt, averaged over ``paths``:
+    2 · parameters · tokens for the language model's layers, 2 · parameters · patches for the
+    vision tower (Qwen2-VL's token count follows the image size), and the output head at one
+    position. Attention scores are left out (a few per cent at these lengths), so this is a
+    lower bound. ``unused_parameters``: language-model parameters a token does not run
+    through (mPLUG-Owl2's second set of modality-adaptive keys and values)."""
+    from agiqa.models.mllm import PromptEncoding
+    from agiqa.presets import load_prompts
+
+    cfg = model.config
     vision = sum(p.numel() for n, p in model.named_parameters() if "vision" in n or "visual" in n)
     # The embedding is a lookup, and the output head runs at the last position only.
     embed = model.get_input_embeddings().weight.numel()
     head = model.get_output_embeddings().weight.numel()
     language = sum(p.numel() for p in model.parameters()) - vision - embed - head
-    processor = AutoProcessor.from_pretrained(model_dir)
+    language -= unused_parameters
     prompts = load_prompts("paper")
     enc = PromptEncoding(processor, prompts.texts[0], prompts.answer_prefix, prompts.rating_words)
     total = 0.0
-    paths = sorted(images.iterdir())[:sample]
     for path in paths:
         inputs = processor(images=[Image.open(path).convert("RGB")], text=[enc.text],
                            return_tensors="pt")
@@ -105,6 +119,11 @@ def forward_flops(model_dir: Path, images: Path, sample: int = 16) -> float:
             patches = (vc.image_size // vc.patch_size) ** 2 + 1
         total += 2.0 * language * tokens + 2.0 * vision * patches + 2.0 * head
     return total / len(paths)
+
+
+def peak_bf16_tflops(name: str) -> float | None:
+    """The dense bf16 peak of a GPU named ``name`` (datasheet), None if unknown."""
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def main() -> None:
@@ -152,7 +171,7 @@ def main() -> None:
         }
         if torch.cuda.is_available():
             name = torch.cuda.get_device_name(0)
-            peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+            peak = peak_bf16_tflops(name)
             result["gpu"] = name
             result["bf16_peak_tflops"] = peak
             flops = forward_flops(model, images)
