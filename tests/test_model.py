@@ -89,7 +89,12 @@ def test_cli_import_official(official_ckpt, tmp_path):
     from agiqa.cli import cli
 
     _, path = official_ckpt
-    r = CliRunner().invoke(cli, ["import-official", str(path), "--out", str(tmp_path / "m")])
+    # The vectors' MLLM: an mPLUG-Owl2 folder of this checkpoint's width (config only).
+    owl2 = tmp_path / "owl2"
+    owl2.mkdir()
+    (owl2 / "config.json").write_text('{"model_type": "mplug_owl2", "hidden_size": 32}')
+    r = CliRunner().invoke(cli, ["import-official", str(path), "--out", str(tmp_path / "m"),
+                                 "--mllm", str(owl2)])
     assert r.exit_code == 0, r.output
     assert r.output.startswith(f"imported {path} (")
     import agiqa

@@ -20,9 +20,15 @@ def semantic_spec(
     answer_prefix: str,
     rating_words: list[str],
     rating_weights: list[float] | None = None,
+    recipe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The canonical description of how the semantic vectors of a cache were computed."""
-    return {
+    """The canonical description of how the semantic vectors of a cache were computed.
+
+    ``recipe`` (the turn, the padding and the pooling, :meth:`agiqa.presets.Recipe.spec`) is
+    left out when ``None``, so the fingerprints of caches written before it existed stay the
+    same.
+    """
+    spec = {
         "model": model,
         "revision": revision,
         "dtype": dtype,
@@ -33,6 +39,9 @@ def semantic_spec(
         "rating_weights": [float(w) for w in (rating_weights or [5, 4, 3, 2, 1])],
         "format_version": CACHE_FORMAT_VERSION,
     }
+    if recipe is not None:
+        spec["recipe"] = dict(recipe)
+    return spec
 
 
 def fingerprint_of(spec: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""``agiqa cache``: inspect and verify semantic caches."""
+"""``agiqa cache``: inspect and verify semantic caches; import the official tensors."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import click
 from agiqa.cli.common import (
     CONTEXT,
     cli,
+    dataset_from_options,
+    dataset_options,
     echo_json,
     handle_errors,
 )
@@ -18,12 +20,13 @@ from agiqa.cli.common import (
 # -- cache -------------------------------------------------------------------------------------
 @cli.group(context_settings=CONTEXT)
 def cache():
-    """Inspect and verify semantic caches.
+    """Inspect and verify semantic caches; import the official tensors.
 
     \b
     Examples:
       agiqa cache info cache/
       agiqa cache verify cache/ --images ./generated
+      agiqa cache import-pt tensors/ --dataset agiqa-3k --root AGIQA-3K/ --out cache-3k/
     """
 
 
@@ -75,3 +78,51 @@ def cache_verify(path, images, as_json):
             f"{len(report.failed)} failed at extraction"
         )
     sys.exit(0 if report.ok else 2)
+
+
+@cache.command("import-pt", context_settings=CONTEXT)
+@click.argument("tensor_root", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@dataset_options
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The cache folder (created, or resumed).")
+@click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None,
+              help="Shard format of a new cache  [default: zarr]")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--mllm", default="mplug-owl2", show_default=True,
+              help="The mPLUG-Owl2 model (preset, hub id or folder) the tensors come from.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@handle_errors
+def cache_import_pt(tensor_root, dataset, root, labels, target, image_column, score_column, out,
+                    fmt, shard_size, mllm, as_json):
+    """Import the official MA-AGIQA tensors (getFeature.py's .pt files) into a cache.
+
+    Reads TENSOR_ROOT/<name>_semantic_content.pt and <name>_coherence.pt (the image name
+    without .jpg/.png; float16 [1, 4096]) for every image of the data set, without pickle.
+    The cache takes the fingerprint of mPLUG-Owl2 under its official recipe, so `agiqa fit`
+    trains on it and models trained on it score new images through mPLUG-Owl2. Images are
+    hashed for `agiqa cache verify`. A missing or malformed file is reported with its reason
+    and recorded as a failure (exit status 2).
+
+    \b
+    Example:
+      agiqa cache import-pt tensors/ --dataset agiqa-3k --root AGIQA-3K/ --out cache-3k/
+    """
+    from agiqa.cache.imports import import_official_tensors
+    from agiqa.stages.official import official_semantics
+
+    if dataset is None:
+        raise click.UsageError("--dataset is required")
+    ds = dataset_from_options(dataset, root, labels, target, image_column, score_column,
+                              require_scores=False)
+    official = official_semantics(mllm)
+    report = import_official_tensors(tensor_root, ds.root, sorted(ds.keys), out,
+                                     official["semantics"], official["prompt_names"],
+                                     official["dim"], fmt, shard_size)
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        for key, reason in sorted(report.failures.items()):
+            click.echo(f"failed: {key}: {reason}", err=True)
+        click.echo(f"{report.requested} images: {report.imported} imported, {report.reused} "
+                   f"already in the cache, {len(report.failures)} failed -> {report.cache}")
+    sys.exit(report.exit_code)

@@ -65,7 +65,7 @@ def cli():
     """agiqa: judge the quality of AI-generated images the MA-AGIQA way.
 
     \b
-    Stage one  agiqa extract-semantics --model llava-1.5-7b --images DIR --out CACHE
+    Stage one  agiqa extract-semantics --model mplug-owl2 --images DIR --out CACHE
     Stage two  agiqa fit --dataset agiqa-3k --root DIR --cache CACHE --out RUN
     Evaluate   agiqa evaluate --model RUN --dataset agiqa-3k --root DIR --cache CACHE
     Score      agiqa score-folder DIR --model RUN

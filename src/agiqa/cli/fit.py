@@ -147,30 +147,49 @@ def evaluate_cmd(model_dir, dataset, root, labels, target, image_column, score_c
 @cli.command("import-official", context_settings=CONTEXT)
 @click.argument("ckpt", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--mllm", default="mplug-owl2", show_default=True,
+              help="The mPLUG-Owl2 model (preset, hub id or folder) the checkpoint's vectors "
+                   "come from; recorded with the official recipe.")
+@click.option("--dtype", "mllm_dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
+              default="float16", show_default=True,
+              help="The dtype the MLLM runs in when score-folder computes vectors (the official "
+                   "vectors are float16).")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="The cache whose vectors the checkpoint expects (records its "
-              "fingerprint, so score-folder and evaluate use that MLLM).")
+              default=None, help="Record this cache's fingerprint instead (its MLLM, recipe "
+              "and prompts are then the ones score-folder and evaluate use).")
 @click.option("--vit-heads", type=click.IntRange(min=1), default=None,
               help="Attention heads of a non-standard ViT (default: width // 64).")
 @handle_errors
-def import_official_cmd(ckpt, out, cache_dir, vit_heads):
+def import_official_cmd(ckpt, out, mllm, mllm_dtype, cache_dir, vit_heads):
     """Turn an official MA-AGIQA checkpoint (.pt) into an agiqa model directory.
 
-    Read without pickle; the unused modules of the official class are dropped.
+    Read without pickle; the unused modules of the official class are dropped. The model
+    records the fingerprint of mPLUG-Owl2 under its official recipe (the vectors the official
+    checkpoints were trained on), so `agiqa score-folder IMAGES --model DIR` runs mPLUG-Owl2
+    and then the imported model on new images.
 
     \b
-    Example:
-      agiqa import-official MA_AGIQA_AGIQA3K.pt --out models/official-3k --cache cache-3k/
+    Examples:
+      agiqa import-official MA_AGIQA_AGIQA3K.pt --out models/official-3k
+      agiqa score-folder new-images/ --model models/official-3k --out scores.csv
+      agiqa import-official MA_AGIQA_AGIQA3K.pt --out models/3k-own --cache cache-3k/
     """
     from agiqa.models.official import import_official
 
-    semantics = None
     if cache_dir is not None:
         from agiqa.cache import open_cache
 
         c = open_cache(cache_dir)
         semantics = {"semantics": c.spec, "fingerprint": c.fingerprint,
-                     "prompt_names": c.prompt_names}
+                     "prompt_names": c.prompt_names, "dim": c.dim}
+        source = f"the vectors of cache {cache_dir}"
+    else:
+        from agiqa.stages.official import official_semantics
+
+        official = official_semantics(mllm, mllm_dtype)
+        semantics = {k: official[k] for k in ("semantics", "fingerprint", "prompt_names", "dim")}
+        source = f"{official['semantics']['model']}, official recipe, {mllm_dtype}"
     model = import_official(ckpt, out, semantics, vit_heads)
     n = sum(p.numel() for p in model.parameters())
     click.echo(f"imported {ckpt} ({n / 1e6:.1f} M parameters in use) -> {out}")
+    click.echo(f"semantic vectors: {source}")

@@ -19,8 +19,9 @@ from agiqa.cli.common import (
 
 # -- stage one ---------------------------------------------------------------------------------
 @cli.command("extract-semantics", context_settings=CONTEXT)
-@click.option("--model", "model", default="llava-1.5-7b", show_default=True,
-              help="MLLM: a preset name, Hugging Face hub id or local folder.")
+@click.option("--model", "model", default="mplug-owl2", show_default=True,
+              help="MLLM: a preset name (mplug-owl2 is the paper's), Hugging Face hub id or "
+                   "local folder.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="A folder of images (recursive).")
@@ -36,7 +37,12 @@ from agiqa.cli.common import (
               help="Images per shard (the unit of resume and of worker assignment).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
-              default="auto", show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
+              default="auto", show_default=True,
+              help="auto: the recipe's GPU dtype on GPU (float16 for mPLUG-Owl2, bfloat16 "
+                   "otherwise), float32 on CPU.")
+@click.option("--pad-square/--no-pad-square", default=None,
+              help="Pad each image to a square of the processor's mean colour before the "
+                   "processor  [default: the recipe's: on for mPLUG-Owl2, off otherwise]")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own code.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Number of independent workers filling this cache (default: torchrun's).")
@@ -49,12 +55,14 @@ from agiqa.cli.common import (
 @handle_errors
 def extract_semantics_cmd(model, revision, images, dataset, root, labels, target, image_column,
                           score_column, out, fmt, prompts, batch_size, shard_size, device, dtype,
-                          trust_remote_code, workers, worker, loader_workers, quiet, as_json):
+                          pad_square, trust_remote_code, workers, worker, loader_workers, quiet,
+                          as_json):
     """Stage one: run the MLLM once per image and prompt; cache the semantic vectors.
 
     \b
     Examples:
-      agiqa extract-semantics --model llava-1.5-7b --images ./generated --out cache/
+      agiqa extract-semantics --images ./generated --out cache/    # mPLUG-Owl2, official recipe
+      agiqa extract-semantics --model llava-1.5-7b --images ./generated --out cache-llava/
       agiqa extract-semantics --model Qwen/Qwen2.5-VL-7B-Instruct \\
           --dataset agiqa-3k --root AGIQA-3K/ --out cache-3k/ --format hdf5
       torchrun --nproc-per-node 8 -m agiqa extract-semantics --images DIR --out cache/
@@ -71,7 +79,8 @@ def extract_semantics_cmd(model, revision, images, dataset, root, labels, target
         source = ImageSource.from_dataset(ds)
     cfg = ExtractConfig(out=out, model=model, revision=revision, format=fmt, prompts=prompts,
                         batch_size=batch_size, shard_size=shard_size, device=device, dtype=dtype,
-                        trust_remote_code=trust_remote_code, workers=workers, worker=worker,
+                        pad_square=pad_square, trust_remote_code=trust_remote_code,
+                        workers=workers, worker=worker,
                         loader_workers=loader_workers, progress=not quiet)
     report = extract_semantics(cfg, source)
     if as_json:

@@ -109,21 +109,27 @@ def import_official(ckpt: str | os.PathLike, out: str | os.PathLike,
     Args:
         ckpt: the official ``.pt`` / ``.pth`` file.
         out: the model directory to write.
-        semantics: the cache's semantic description (``manifest["semantics"]``, fingerprint and
-            prompt names) the checkpoint's vectors come from, if known.
+        semantics: the semantic description the checkpoint's vectors come from, if known:
+            ``semantics`` (a cache's ``manifest["semantics"]``), ``fingerprint``,
+            ``prompt_names`` and optionally ``dim``, checked against the checkpoint's width.
         vit_heads: the ViT's attention heads, when the ViT is not the standard ViT-B/8
             (shapes do not tell it; default width // 64).
     """
     path = Path(ckpt)
     sd = _read_state_dict(path)
     cfg = _infer_config(sd, path, vit_heads)
+    semantics = dict(semantics or {})
+    dim = semantics.pop("dim", None)
+    if dim is not None and int(dim) != cfg.semantic_dim:
+        raise CheckpointError(
+            f"{path}: the checkpoint takes semantic vectors of width {cfg.semantic_dim}, but "
+            f"{semantics.get('semantics', {}).get('model', 'the MLLM')} gives {dim}")
     model = AgiqaNet(cfg)
     try:
         model.load_state_dict(official_to_agiqa(sd, max(cfg.feature_blocks)), strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: does not load into MA-AGIQA ({e})") from None
     extra = {"source": {"official_checkpoint": str(path.resolve())}, "score_norm": None}
-    if semantics:
-        extra.update(semantics)
+    extra.update(semantics)
     save_model(model, out, extra)
     return model.eval()

@@ -19,14 +19,17 @@ __all__ = [
     "DatasetPreset",
     "MllmPreset",
     "PromptSet",
+    "Recipe",
     "list_presets",
     "load_dataset_preset",
     "load_mllm_preset",
     "load_prompts",
+    "load_recipe",
+    "recipe_for_model",
     "resolve_model_id",
 ]
 
-DEFAULT_MLLM = "llava-1.5-7b"
+DEFAULT_MLLM = "mplug-owl2"
 DEFAULT_PROMPTS = "paper"
 
 
@@ -155,3 +158,70 @@ class DatasetPreset:
 
 def load_dataset_preset(name: str) -> DatasetPreset:
     return DatasetPreset(name=name, **_load("datasets", name))
+
+
+# -- extraction recipes --------------------------------------------------------------------------
+DEFAULT_RECIPE = "chat-template"
+RECIPE_POOLINGS = ("mean",)
+
+
+@dataclass
+class Recipe:
+    """How stage one turns (image, prompt) into a vector, beyond the model's weights.
+
+    Attributes:
+        name: the preset's file stem.
+        turn: the user turn with ``{prompt}`` and the model's image marker, rendered as is after
+            the tokenizer's BOS; ``None`` renders the model's own chat template, prompt first.
+        pad_square: pad the image to a square of the image processor's mean colour, centred
+            (``expand2square``), before the processor.
+        pooling: ``mean``: the mean of the final normed hidden state over every real token of
+            the rendered sequence (BOS, text and image tokens).
+        gpu_dtype: the dtype that ``--dtype auto`` picks on a GPU (float32 on a CPU).
+        model_types: the ``model_type`` values of ``config.json`` that use this recipe.
+        presets: the MLLM presets that use it (known without reading their ``config.json``).
+    """
+
+    name: str
+    description: str = ""
+    turn: str | None = None
+    pad_square: bool = False
+    pooling: str = "mean"
+    gpu_dtype: str = "bfloat16"
+    model_types: list[str] = field(default_factory=list)
+    presets: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.turn is not None and "{prompt}" not in self.turn:
+            raise ConfigError(f"recipe {self.name}: the turn {self.turn!r} has no {{prompt}}")
+        if self.pooling not in RECIPE_POOLINGS:
+            raise ConfigError(f"recipe {self.name}: unknown pooling {self.pooling!r} "
+                              f"(choose from {', '.join(RECIPE_POOLINGS)})")
+        if self.gpu_dtype not in ("bfloat16", "float16", "float32"):
+            raise ConfigError(f"recipe {self.name}: unknown gpu_dtype {self.gpu_dtype!r}")
+
+    def spec(self, pad_square: bool | None = None) -> dict[str, Any]:
+        """What the cache fingerprints: the turn, the padding (``pad_square`` overrides the
+        recipe's) and the pooling; the dtype is fingerprinted on its own."""
+        return {"turn": self.turn if self.turn is not None else "chat_template, prompt first",
+                "pad_square": self.pad_square if pad_square is None else bool(pad_square),
+                "pooling": self.pooling}
+
+
+def load_recipe(name: str = DEFAULT_RECIPE) -> Recipe:
+    """The recipe preset ``presets/recipes/<name>.json``."""
+    d = _load("recipes", name)
+    try:
+        return Recipe(name=name, **d)
+    except TypeError as e:
+        raise ConfigError(f"recipe preset {name}: {e}") from None
+
+
+def recipe_for_model(model_type: str | None, preset: str | None = None) -> Recipe:
+    """The recipe that lists ``model_type`` (or the MLLM preset ``preset``), else the default."""
+    for name in list_presets("recipes"):
+        recipe = load_recipe(name)
+        if (model_type and model_type in recipe.model_types) or \
+                (preset and preset in recipe.presets):
+            return recipe
+    return load_recipe(DEFAULT_RECIPE)

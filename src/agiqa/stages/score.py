@@ -105,7 +105,8 @@ class Scorer:
             prompts = PromptSet(names=list(self.prompt_names), texts=list(s["prompts"]),
                                 answer_prefix=s["answer_prefix"], rating_words=s["rating_words"],
                                 rating_weights=s["rating_weights"])
-            enc = SemanticEncoder(s["model"], prompts, device=str(self.device), dtype=s["dtype"])
+            enc = SemanticEncoder(s["model"], prompts, device=str(self.device), dtype=s["dtype"],
+                                  pad_square=(s.get("recipe") or {}).get("pad_square"))
             if fingerprint_of(semantic_spec_of(enc)) != self.fingerprint:
                 raise ConfigError(
                     f"the MLLM {s['model']} found now has fingerprint "

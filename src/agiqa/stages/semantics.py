@@ -49,6 +49,7 @@ class ExtractConfig:
     worker: int | None = None
     loader_workers: int = 2
     attn_implementation: str | None = None
+    pad_square: bool | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -196,10 +197,11 @@ def _pending_shards(cache: SemanticCache, source: ImageSource, shard_size: int, 
 
 
 def semantic_spec_of(encoder: SemanticEncoder) -> dict:
-    """What the cache fingerprints for vectors of ``encoder``: model, revision, dtype, prompts."""
+    """What the cache fingerprints for vectors of ``encoder``: model, revision, dtype, prompts,
+    recipe."""
     p = encoder.prompts
     return semantic_spec(encoder.model_id, encoder.resolved_revision, encoder.dtype, p.texts,
-                         p.answer_prefix, p.rating_words, p.rating_weights)
+                         p.answer_prefix, p.rating_words, p.rating_weights, encoder.recipe_spec)
 
 
 def extract_semantics(
@@ -212,7 +214,7 @@ def extract_semantics(
         encoder = SemanticEncoder(
             cfg.model, load_prompts(cfg.prompts), revision=cfg.revision, device=cfg.device,
             dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=cfg.attn_implementation, pad_square=cfg.pad_square,
         )
     cache = SemanticCache.create(cfg.out, semantic_spec_of(encoder), encoder.prompts.names, encoder.dim,
                                  cfg.format, root=source.root)

@@ -1,9 +1,11 @@
 """The MLLM adapter of stage one: semantic vectors and a zero-shot score from one forward pass.
 
 Any Hugging Face image-text-to-text model that ``AutoProcessor`` and
-``AutoModelForImageTextToText`` load works. For each (image, prompt) the user turn puts the
-prompt text before the image (as MA-AGIQA did), the model's own processor renders it with
-``apply_chat_template(add_generation_prompt=True)``, and the answer prefix
+``AutoModelForImageTextToText`` load works, and mPLUG-Owl2 (the paper's model, native in
+agiqa). Each model follows an extraction recipe (``agiqa.presets.Recipe``): the user turn puts
+the prompt text before the image (as MA-AGIQA did), either the recipe's own turn (mPLUG-Owl2:
+``USER: {prompt}\n<|image|> ASSISTANT:``) or the model's chat template, checked and reordered
+when it moves the image first; the image may be padded to a square first. The answer prefix
 ``The quality of the image is`` is appended. One forward pass then gives
 
 * the semantic vector: the mean of the last (normed) hidden state over the real tokens before
@@ -15,38 +17,51 @@ prompt text before the image (as MA-AGIQA did), the model's own processor render
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
 from agiqa.errors import ModelLoadError
-from agiqa.presets import PromptSet, resolve_model_id
+from agiqa.models.mllm.recipe import (
+    check_prompt_order,
+    expand2square,
+    identify_mllm,
+    pad_colour,
+    render_prompt_first,
+)
+from agiqa.presets import PromptSet
 from agiqa.runtime import DTYPES, resolve_device, resolve_dtype
 
 __all__ = ["BatchPreparer", "PromptEncoding", "SemanticEncoder"]
 
-def _resolved_revision(model_id: str, revision: str | None, config: Any) -> str | None:
-    commit = getattr(config, "_commit_hash", None)
-    if commit:
-        return commit
-    cfg_file = Path(model_id) / "config.json"
-    if cfg_file.is_file():
-        return "local-" + hashlib.sha256(cfg_file.read_bytes()).hexdigest()[:16]
-    return revision
+MPLUG_OWL2 = "mplug_owl2"
 
 
 class PromptEncoding:
-    """The rendered text of one prompt, the appended answer-prefix ids and the rating ids."""
+    """The rendered text of one prompt, the appended answer-prefix ids and the rating ids.
 
-    def __init__(self, processor: Any, prompt: str, answer_prefix: str, rating_words: list[str]):
+    Args:
+        processor: the model's processor.
+        prompt: the quality prompt.
+        answer_prefix: the text appended for the zero-shot score.
+        rating_words: the rating words whose first tokens are scored.
+        turn: the recipe's turn with ``{prompt}``; ``None`` renders the model's chat template
+            with the prompt before the image.
+        model_id: the model's name, for error messages.
+    """
+
+    def __init__(self, processor: Any, prompt: str, answer_prefix: str, rating_words: list[str],
+                 turn: str | None = None, model_id: str = "the MLLM"):
         tok = processor.tokenizer
-        messages = [{"role": "user", "content": [{"type": "text", "text": prompt},
-                                                  {"type": "image"}]}]
-        self.text = processor.apply_chat_template(messages, add_generation_prompt=True,
-                                                  tokenize=False)
+        self.prompt = prompt
+        if turn is not None:
+            self.text = turn.replace("{prompt}", prompt)
+        else:
+            marker = getattr(processor, "image_token", None)
+            if not marker:
+                raise ModelLoadError(f"{model_id}: the processor names no image token")
+            self.text = render_prompt_first(processor, prompt, marker, model_id)
         sep = "" if self.text[-1:].isspace() else " "
         full = self.text + sep + answer_prefix
 
@@ -65,16 +80,19 @@ class PromptEncoding:
                 and len(extended) > len(with_prefix) else ids(word)[0]
             self.rating_ids.append(first)
         if len(set(self.rating_ids)) != len(self.rating_ids):
-            raise ModelLoadError(f"rating words {rating_words} share first tokens {self.rating_ids}")
+            raise ModelLoadError(
+                f"rating words {rating_words} share first tokens {self.rating_ids}")
 
 
 class BatchPreparer:
     """Turns images into model inputs on the CPU; holds the processor but no weights, so
     data-loader workers can run it (and pickle it) cheaply."""
 
-    def __init__(self, processor: Any, encodings: list[PromptEncoding]):
+    def __init__(self, processor: Any, encodings: list[PromptEncoding],
+                 pad_to: tuple[int, ...] | None = None):
         self.processor = processor
         self.encodings = encodings
+        self.pad_to = pad_to
 
     def __call__(self, images: list[Image.Image], prompt_index: int) -> dict[str, torch.Tensor]:
         """Processor output for one prompt and a batch of images, answer prefix appended.
@@ -83,6 +101,8 @@ class BatchPreparer:
         the appended answer prefix.
         """
         enc = self.encodings[prompt_index]
+        if self.pad_to is not None:
+            images = [expand2square(im, self.pad_to) for im in images]
         batch = self.processor(text=[enc.text] * len(images), images=images,
                                return_tensors="pt", padding=True)
         batch = dict(batch)
@@ -109,11 +129,17 @@ class SemanticEncoder:
     Args:
         model: a preset name, hub id or local folder.
         prompts: the prompt set (one semantic expert per prompt).
-        revision: a hub revision (branch, tag or commit).
+        revision: a hub revision (branch, tag or commit); default: the preset's pinned one.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        dtype: ``auto`` (bfloat16 on GPU, float32 on CPU), ``bfloat16``, ``float16``, ``float32``.
+        dtype: ``auto`` (the recipe's GPU dtype on a GPU, float32 on a CPU), ``bfloat16``,
+            ``float16``, ``float32``.
         trust_remote_code: allow the model's own code (off unless asked for).
-        load_weights: False loads only the config and processor (for fingerprints and plans).
+        attn_implementation: transformers' attention implementation (``sdpa``, ``eager``...).
+        pad_square: pad images to a square of the processor's mean colour before the
+            processor; ``None`` follows the recipe.
+
+    Only the config and processor load here (for fingerprints and plans); :meth:`load` loads
+    the weights.
     """
 
     def __init__(
@@ -125,61 +151,95 @@ class SemanticEncoder:
         dtype: str = "auto",
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
+        pad_square: bool | None = None,
     ):
-        from transformers import AutoConfig, AutoProcessor
-
-        self.model_id = resolve_model_id(model)
+        self.identity = identify_mllm(model, revision)
+        self.model_id = self.identity.model_id
+        self.recipe = self.identity.recipe
+        self.family = MPLUG_OWL2 if self.identity.model_type == MPLUG_OWL2 else "transformers"
         self.prompts = prompts
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device, self.recipe.gpu_dtype)
         self.trust_remote_code = trust_remote_code
         self.attn_implementation = attn_implementation
-        self.revision = revision
-        kw = {"revision": revision, "trust_remote_code": trust_remote_code}
+        self.revision = self.identity.revision
+        self.pad_square = self.recipe.pad_square if pad_square is None else bool(pad_square)
+        self.model = None
+        self.config: Any = None
+        if self.family == MPLUG_OWL2:
+            self._init_mplug_owl2()
+        else:
+            self._init_transformers()
+        if getattr(self.processor, "tokenizer", None) is None:
+            raise ModelLoadError(f"{self.model_id}: the processor has no tokenizer")
+        self.processor.tokenizer.padding_side = "left"
+        self.encodings = [
+            PromptEncoding(self.processor, t, prompts.answer_prefix, prompts.rating_words,
+                           self.recipe.turn, self.model_id)
+            for t in prompts.texts
+        ]
+        for enc in self.encodings:
+            check_prompt_order(self.processor, enc.text, enc.prompt, self.model_id,
+                               self._image_token_id)
+        pad_to = pad_colour(self.processor.image_processor) if self.pad_square else None
+        self.prepare = BatchPreparer(self.processor, self.encodings, pad_to)
+        self.rating_weights = torch.tensor(prompts.rating_weights, dtype=torch.float32)
+
+    def _init_transformers(self) -> None:
+        from transformers import AutoConfig, AutoProcessor
+
+        kw = {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
         try:
             self.config = AutoConfig.from_pretrained(self.model_id, **kw)
             self.processor = AutoProcessor.from_pretrained(self.model_id, **kw)
         except (OSError, ValueError, KeyError) as e:
             raise ModelLoadError(f"cannot load MLLM {self.model_id!r}: {e}") from None
-        if getattr(self.processor, "tokenizer", None) is None:
-            raise ModelLoadError(f"{self.model_id}: the processor has no tokenizer")
-        self.processor.tokenizer.padding_side = "left"
         self.dim = int(self.config.get_text_config().hidden_size)
-        self.encodings = [
-            PromptEncoding(self.processor, t, prompts.answer_prefix, prompts.rating_words)
-            for t in prompts.texts
-        ]
-        self.prepare = BatchPreparer(self.processor, self.encodings)
-        self.rating_weights = torch.tensor(prompts.rating_weights, dtype=torch.float32)
-        self.model = None
+        self._image_token_id = None
+
+    def _init_mplug_owl2(self) -> None:
+        from agiqa.models.mllm.mplug_owl2 import (
+            IMAGE_TOKEN_INDEX,
+            MplugOwl2Config,
+            MplugOwl2Processor,
+        )
+
+        try:
+            self.config = MplugOwl2Config.from_pretrained(self.model_id, revision=self.revision)
+            self.processor = MplugOwl2Processor.from_pretrained(
+                self.model_id, revision=self.revision,
+                num_image_tokens=self.config.num_image_tokens)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"cannot load MLLM {self.model_id!r}: {e}") from None
+        self.dim = int(self.config.hidden_size)
+        self._image_token_id = IMAGE_TOKEN_INDEX
 
     @property
     def resolved_revision(self) -> str | None:
         """The hub commit the weights come from (a content label for a local folder)."""
-        return _resolved_revision(self.model_id, self.revision, self.config)
+        commit = getattr(self.config, "_commit_hash", None)
+        return commit or self.identity.resolved_revision or self.revision
+
+    @property
+    def recipe_spec(self) -> dict[str, Any]:
+        """The recipe as the cache fingerprints it (turn, padding, pooling)."""
+        return self.recipe.spec(self.pad_square)
 
     def load(self, progress: bool = True) -> SemanticEncoder:
         """Load the weights (once); ``progress=False`` hides transformers' loading bar."""
         if self.model is not None:
             return self
-        from transformers import AutoModelForImageTextToText
-        from transformers.utils import logging as hf_logging
+        if self.family == MPLUG_OWL2:
+            from agiqa.models.mllm.mplug_owl2 import load_mplug_owl2
 
-        was_enabled = hf_logging.is_progress_bar_enabled()
-        if not progress:
-            hf_logging.disable_progress_bar()
-
-        kw: dict[str, Any] = {"revision": self.revision, "trust_remote_code": self.trust_remote_code,
-                              "dtype": DTYPES[self.dtype]}
-        if self.attn_implementation:
-            kw["attn_implementation"] = self.attn_implementation
-        try:
-            model = AutoModelForImageTextToText.from_pretrained(self.model_id, **kw)
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelLoadError(f"cannot load MLLM weights {self.model_id!r}: {e}") from None
-        finally:
-            if was_enabled:
-                hf_logging.enable_progress_bar()
+            try:
+                model, _ = load_mplug_owl2(self.model_id, revision=self.revision,
+                                           dtype=DTYPES[self.dtype])
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                raise ModelLoadError(
+                    f"cannot load MLLM weights {self.model_id!r}: {e}") from None
+        else:
+            model = self._load_transformers(progress)
         return self.attach(model.to(self.device))
 
     def attach(self, model: Any) -> SemanticEncoder:
@@ -189,6 +249,25 @@ class SemanticEncoder:
         self._base = getattr(self.model, "model", None)
         self._head = self.model.get_output_embeddings()
         return self
+
+    def _load_transformers(self, progress: bool) -> Any:
+        from transformers import AutoModelForImageTextToText
+        from transformers.utils import logging as hf_logging
+
+        was_enabled = hf_logging.is_progress_bar_enabled()
+        if not progress:
+            hf_logging.disable_progress_bar()
+        kw: dict[str, Any] = {"revision": self.revision, "dtype": DTYPES[self.dtype],
+                              "trust_remote_code": self.trust_remote_code}
+        if self.attn_implementation:
+            kw["attn_implementation"] = self.attn_implementation
+        try:
+            return AutoModelForImageTextToText.from_pretrained(self.model_id, **kw)
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"cannot load MLLM weights {self.model_id!r}: {e}") from None
+        finally:
+            if was_enabled:
+                hf_logging.enable_progress_bar()
 
     @torch.inference_mode()
     def encode(self, batch: dict[str, torch.Tensor], prompt_index: int

@@ -1,0 +1,184 @@
+"""mPLUG-Owl2 parity with the official code (transformers 4.31).
+
+The expected values come from `tests/fixtures/mplug_owl2/generate.py`, run once in the official
+environment on the committed tiny checkpoint: token ids, pixel values, the last hidden state,
+its mean (the `getFeature.py` vector) and the last-position logits, in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from agiqa.models.mllm.mplug_owl2 import (
+    IMAGE_TOKEN_INDEX,
+    MplugOwl2ForCausalLM,
+    expand2square,
+    is_mplug_owl2,
+    load_mplug_owl2,
+)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "mplug_owl2"
+META = json.loads((FIXTURE / "expected.json").read_text(encoding="utf-8"))
+EXPECTED = dict(np.load(FIXTURE / "expected.npz"))
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A copy of the committed checkpoint, so nothing writes into the repository."""
+    return Path(shutil.copytree(FIXTURE / "checkpoint", tmp_path_factory.mktemp("owl2") / "ckpt"))
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    return load_mplug_owl2(str(checkpoint))
+
+
+@pytest.fixture(scope="module")
+def images(loaded) -> list[Image.Image]:
+    _, processor = loaded
+    background = processor.image_processor.mean_color
+    return [expand2square(Image.open(FIXTURE / "images" / name).convert("RGB"), background)
+            for name in META["images"]]
+
+
+def _vectors(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked mean of the last hidden state, and the state itself."""
+    with torch.no_grad():
+        hidden = model.model(**batch, use_cache=False).last_hidden_state.float()
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1), hidden
+
+
+def test_loads_every_key_of_the_official_checkpoint(checkpoint):
+    model, info = MplugOwl2ForCausalLM.from_pretrained(str(checkpoint), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    official = {k for k in META["state_dict_keys"] if not k.endswith("rotary_emb.inv_freq")}
+    assert set(model.state_dict()) == official
+    assert model.config.num_image_tokens == 65
+    assert is_mplug_owl2(str(checkpoint))
+
+
+def test_is_mplug_owl2_rejects_other_families(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    assert not is_mplug_owl2(str(tmp_path))
+
+
+def test_bin_shards_load_with_weights_only(checkpoint, monkeypatch):
+    calls = []
+    original = torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    MplugOwl2ForCausalLM.from_pretrained(str(checkpoint))
+    assert len(calls) == 3 and all(flag is True for flag in calls), calls
+
+
+@pytest.mark.parametrize("text", list(META["texts"]))
+def test_plain_tokenisation_equals_official(loaded, text):
+    _, processor = loaded
+    assert processor.tokenizer(text).input_ids == META["texts"][text]
+
+
+@pytest.mark.parametrize("key", list(META["prompts"]))
+def test_image_prompt_ids_equal_official_and_expand(loaded, key):
+    _, processor = loaded
+    prompt = META["prompts"][key]
+    assert prompt["text"] == f"USER: {prompt['prompt']}\n<|image|> ASSISTANT:"
+    assert processor.tokenizer_image_token(prompt["text"]) == prompt["input_ids"]
+    ids = processor(text=[prompt["text"]], images=[Image.new("RGB", (9, 9))])["input_ids"][0]
+    expected = []
+    for i in prompt["input_ids"]:
+        expected += [i] * 65 if i == IMAGE_TOKEN_INDEX else [i]
+    assert ids.tolist() == expected
+
+
+def test_pixel_values_are_bit_identical(loaded, images):
+    _, processor = loaded
+    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    assert pixels.dtype == torch.float32 and pixels.shape[1:] == (3, 448, 448)
+    digests = [hashlib.sha256(p.numpy().tobytes()).hexdigest() for p in pixels]
+    assert digests == META["pixel_values_sha256"]
+    np.testing.assert_array_equal(pixels.numpy()[:, :, ::7, ::7], EXPECTED["pixel_values_strided"])
+
+
+@pytest.mark.parametrize("key", list(META["prompts"]))
+def test_vectors_and_logits_equal_official(loaded, images, key):
+    model, processor = loaded
+    batch = processor(text=[META["prompts"][key]["text"]] * len(images), images=images)
+    vectors, hidden = _vectors(model, batch)
+    hidden_diff = (hidden - torch.from_numpy(EXPECTED[f"{key}/last_hidden_state"])).abs().max()
+    vector_diff = (vectors - torch.from_numpy(EXPECTED[f"{key}/vectors"])).abs().max()
+    with torch.no_grad():
+        logits = model(**batch, logits_to_keep=1).logits[:, -1]
+    logit_diff = (logits - torch.from_numpy(EXPECTED[f"{key}/last_logits"])).abs().max()
+    assert hidden.shape == EXPECTED[f"{key}/last_hidden_state"].shape
+    assert float(hidden_diff) <= TOLERANCE
+    assert float(vector_diff) <= TOLERANCE
+    assert float(logit_diff) <= TOLERANCE
+
+
+def test_left_padded_batch_equals_batch_of_one(loaded, images):
+    model, processor = loaded
+    assert processor.tokenizer.padding_side == "left"
+    texts = [META["prompts"][k]["text"] for k in META["prompts"]]
+    batch = processor(text=texts, images=images[:2])
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert lengths[0] != lengths[1] and batch["attention_mask"][1, 0] == 0
+    assert batch["input_ids"].shape == batch["attention_mask"].shape
+    vectors, _ = _vectors(model, batch)
+    for row, (text, image) in enumerate(zip(texts, images[:2], strict=True)):
+        single, _ = _vectors(model, processor(text=[text], images=[image]))
+        assert float((vectors[row] - single[0]).abs().max()) <= 1e-5
+    for row, key in enumerate(META["prompts"]):
+        official = torch.from_numpy(EXPECTED[f"{key}/vectors"][row])
+        assert float((vectors[row] - official).abs().max()) <= TOLERANCE
+
+
+def test_safetensors_resave_loads_and_matches(loaded, images, checkpoint, tmp_path):
+    model, processor = loaded
+    folder = tmp_path / "resaved"
+    model.save_pretrained(folder)
+    assert (folder / "model.safetensors").exists()
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                 "preprocessor_config.json"):
+        shutil.copy(checkpoint / name, folder / name)
+    reloaded, info = MplugOwl2ForCausalLM.from_pretrained(str(folder), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    again, processor2 = load_mplug_owl2(str(folder))
+    batch = processor2(text=[META["prompts"]["coherence"]["text"]], images=images[:1])
+    vectors, _ = _vectors(again, batch)
+    official = torch.from_numpy(EXPECTED["coherence/vectors"][:1])
+    assert float((vectors - official).abs().max()) <= TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_runs_finite(checkpoint, images, dtype):
+    model, processor = load_mplug_owl2(str(checkpoint), dtype=dtype)
+    assert model.lm_head.weight.dtype == dtype
+    texts = [META["prompts"][k]["text"] for k in META["prompts"]]
+    batch = processor(text=texts, images=images[:2])
+    with torch.no_grad():
+        hidden = model.model(**batch, use_cache=False).last_hidden_state
+    assert hidden.dtype == dtype
+    assert torch.isfinite(hidden).all()
+    vectors, _ = _vectors(model, batch)
+    official = torch.from_numpy(EXPECTED["semantic_content/vectors"][0])
+    assert float((vectors[0] - official).abs().max()) <= 0.1
+
+
+def test_mismatched_images_are_refused(loaded):
+    _, processor = loaded
+    with pytest.raises(ValueError, match="1 <\\|image\\|> markers for 2 images"):
+        processor(text=["USER: hi\n<|image|>"], images=[Image.new("RGB", (9, 9))] * 2)
