@@ -28,11 +28,13 @@ def list_photos(folder: str | Path) -> list[Path]:
 
 
 def official_loop(model: Any, processor: Any, paths: list[Path], out: Path,
-                  batch_size: int = 8) -> int:
+                  batch_size: int = 8, texts: list[str] | None = None) -> int:
     """The official loop over ``paths`` with a loaded ``model``; returns the forward passes.
 
     ``processor.tokenizer.padding_side`` must be ``left``. Vectors go to ``out`` as one ``.pt``
-    file per image and prompt.
+    file per image and prompt. ``texts``: the whole text of each prompt (answer prefix
+    included), e.g. as agiqa renders it; default: the processor's chat template, the prompt
+    before the image.
     """
     from agiqa.presets import load_prompts
 
@@ -43,8 +45,8 @@ def official_loop(model: Any, processor: Any, paths: list[Path], out: Path,
     for pi, prompt in enumerate(prompts.texts):
         messages = [{"role": "user", "content": [{"type": "text", "text": prompt},
                                                   {"type": "image"}]}]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True,
-                                             tokenize=False) + " " + prompts.answer_prefix
+        text = texts[pi] if texts else processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False) + " " + prompts.answer_prefix
         for i in range(0, len(paths), batch_size):
             batch = paths[i : i + batch_size]
             images = [Image.open(p).convert("RGB") for p in batch]

@@ -122,7 +122,7 @@ def measure(work: Path, backbone: str, images: int, epochs: int, dim: int, worke
             result[name] = _fit(work, root, cache, name, backbone, epochs, batch, amp, compiled,
                                 workers, limit())
         except RuntimeError as e:
-            result[name] = {"failed": str(e)[:500]}
+            result[name] = {"failed": str(e)[-800:]}
             continue
         row, base = result[name], result["official"]
         row["agiqa_3k_epoch_seconds"] = round(row["epoch_seconds"] * scale, 1)

@@ -178,25 +178,72 @@ SHAPES = {
 
 # mPLUG-Owl2-7B (the paper's MLLM): CLIP ViT-L/14 at 448 px, a visual abstractor of 64 queries
 # (65 visual tokens with the end token), LLaMA-2-7B (32 layers × 4096, vocabulary 32000) with
-# modality-adaptive ("multiway") keys, values and norms. Built once its model family is
-# available (``_owl2_builder``); until then ``shape_available`` says no.
+# modality-adaptive ("multiway") keys, values and norms.
 SHAPES["mplug-owl2-7b"] = {
     "family": "mplug-owl2", "hidden": 4096, "layers": 32, "image_size": 448, "patch": 14,
     "vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
                "num_attention_heads": 16},
-    "visual_tokens": 65,
+    "abstractor": {},  # the official defaults: 6 layers, 1024 wide, 64 queries
     "text": {"vocab_size": 32000, "intermediate_size": 11008, "num_attention_heads": 32,
              "num_key_value_heads": 32},
 }
 
 
+def _owl2_tokenizer(out: Path) -> None:
+    """A small LLaMA-style sentencepiece model (unk 0, bos 1, eos 2) as ``out/tokenizer.model``."""
+    import io
+
+    import sentencepiece
+
+    buf = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS * 20), model_writer=buf, vocab_size=200,
+        model_type="bpe", character_coverage=1.0, hard_vocab_limit=False, unk_id=0, bos_id=1,
+        eos_id=2, pad_id=-1, minloglevel=2)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(buf.getvalue())
+
+
+def _build_mplug_owl2(out: Path, hidden: int, layers: int, image_size: int,
+                      shape: dict | None = None):
+    """mPLUG-Owl2 (agiqa's own implementation): ViT, visual abstractor, multiway LLaMA."""
+    import json
+
+    from agiqa.models.mllm.mplug_owl2 import MplugOwl2Config, MplugOwl2ForCausalLM
+    from agiqa.models.mllm.mplug_owl2_processing import MplugOwl2Processor
+
+    shape = shape or {}
+    patch = shape.get("patch", 14)
+    _owl2_tokenizer(out)
+    (out / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": image_size},
+         "crop_size": {"height": image_size, "width": image_size}}))
+    vision = {"image_size": image_size, "patch_size": patch,
+              **shape.get("vision", {"hidden_size": 32, "intermediate_size": 64,
+                                     "num_hidden_layers": 2, "num_attention_heads": 2})}
+    abstractor = {"encoder_hidden_size": vision.get("hidden_size", 1024),
+                  "grid_size": image_size // patch,
+                  **shape.get("abstractor", {"hidden_size": 32, "num_hidden_layers": 2,
+                                             "num_attention_heads": 2, "intermediate_size": 48})}
+    text = {"vocab_size": 420, "intermediate_size": 2 * hidden, "num_attention_heads": 4,
+            "num_key_value_heads": 4, **shape.get("text", {})}
+    config = MplugOwl2Config(hidden_size=hidden, num_hidden_layers=layers, **text,
+                             max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+                             pad_token_id=0, visual_config={"visual_model": vision,
+                                                            "visual_abstractor": abstractor})
+    model = MplugOwl2ForCausalLM(config)
+    processor = MplugOwl2Processor.from_pretrained(str(out),
+                                                   num_image_tokens=config.num_image_tokens)
+    return model, processor
+
+
 def _owl2_builder():
-    """The mPLUG-Owl2 family's random-model builder, or None where the family is absent."""
+    """The mPLUG-Owl2 builder, or None where this agiqa lacks the family."""
     try:
         from agiqa.models.mllm import mplug_owl2  # noqa: F401 - the family's own module
     except ImportError:
         return None
-    return getattr(mplug_owl2, "build_random_model", None)
+    return _build_mplug_owl2
 
 
 def _builder(family: str):
@@ -238,7 +285,8 @@ def random_mllm_on_device(spec: dict, out: str | os.PathLike, device: str | torc
             torch.set_default_dtype(default)
     model.eval()
     model.config.save_pretrained(out)
-    processor.save_pretrained(out)
+    if hasattr(processor, "save_pretrained"):  # mPLUG-Owl2's files are written by its builder
+        processor.save_pretrained(out)
     return model
 
 
