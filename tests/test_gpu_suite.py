@@ -23,7 +23,7 @@ def test_gpu_suite_smoke_measures_every_part(tmp_path):
     table = (tmp_path / "gpu_suite.md").read_text()
     assert result["smoke"] is True and result["device"] == "cpu"
     # Stage one: both loops ran on the same images for every available family.
-    for name in ("llava-1.5-7b", "qwen2.5-vl-7b"):
+    for name in ("llava-1.5-7b", "qwen2.5-vl-7b", "mplug-owl2-7b"):
         row = result["stage_one"][name]
         assert "failed" not in row, row
         assert row["official"]["forward_passes_per_image"] == 4.0
@@ -33,8 +33,6 @@ def test_gpu_suite_smoke_measures_every_part(tmp_path):
             assert row[run]["achieved_tflops"] >= 0
         assert row["flops_per_image_prompt"] > 0
         assert f"stage one {name}" in table
-    owl2 = result["stage_one"]["mplug-owl2-7b"]
-    assert "official" in owl2 or "not in this agiqa" in owl2.get("skipped", ""), owl2
     # Stage two: the official loop and agiqa fit, whole processes, with ratios.
     two = result["stage_two"]
     assert two["official"]["train_images_per_second"] > 0, two
