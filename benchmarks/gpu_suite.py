@@ -268,7 +268,8 @@ def run_stage_two(args, work: Path, budget: Budget, result: dict) -> None:
     t = time.perf_counter()
     try:
         result["stage_two"] = stage_two.measure(
-            work / "stage-two", backbone, args.stage_two_images, 2, args.dim,
+            work / "stage-two", backbone, args.stage_two_images, 1 if args.smoke else 2,
+            args.dim,
             args.loader_workers, runs, timeout=args.process_timeout or 0.35 * seconds,
             deadline=None if args.smoke else time.perf_counter() + seconds)
     except RuntimeError as e:
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     args.budget = args.budget or (100.0 if args.smoke else 400.0)
     args.min_part = 3.0 if args.smoke else 20.0
     # Smoke runs exercise the code paths: no process is cut short by the budget there.
-    args.process_timeout = 90.0 if args.smoke else None
+    args.process_timeout = 300.0 if args.smoke else None
     args.loader_workers = 1 if args.smoke else min(8, max(1, (os.cpu_count() or 2) // 2))
     args.large_batch = 16
     args.stage_one_images = 16 if args.smoke else 384

@@ -283,7 +283,7 @@ def random_mllm_on_device(spec: dict, out: str | os.PathLike, device: str | torc
                                          spec["image_size"], spec)
         finally:
             torch.set_default_dtype(default)
-    model.eval()
+    model.to(device).eval()  # moves only a stray tensor made on the CPU, if any
     model.config.save_pretrained(out)
     if hasattr(processor, "save_pretrained"):  # mPLUG-Owl2's files are written by its builder
         processor.save_pretrained(out)
