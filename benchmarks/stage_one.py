@@ -188,6 +188,7 @@ def main() -> None:
                          "images_per_second": round(n / statistics.median(off_s), 3),
                          "forward_passes_per_image":
                              official[0]["report"]["forward_passes_per_image"],
+                         "cpu_seconds_each": [o["cpu_seconds"] for o in official],
                          "peak_rss_mib": max(o["peak_rss_mib"] for o in official),
                          "load_average_each": [o["load_average"] for o in official]},
             "agiqa": {"process_seconds_each": our_s,
@@ -197,6 +198,7 @@ def main() -> None:
                       "forward_passes_per_image": report["forward_passes"] / n,
                       "padding_fraction": report["padding_fraction"],
                       "loader_workers": args.loader_workers,
+                      "cpu_seconds_each": [o["cpu_seconds"] for o in ours],
                       "peak_rss_mib": max(o["peak_rss_mib"] for o in ours),
                       "load_average_each": [o["load_average"] for o in ours]},
             "speedup_first_run": round(off_s[0] / our_s[0], 3),
