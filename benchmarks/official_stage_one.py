@@ -14,14 +14,55 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-from agiqa.presets import load_prompts
 
 EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def list_photos(folder: str | Path) -> list[Path]:
+    """The image files under ``folder``, sorted (as the official code walks them)."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in EXTS)
+
+
+def official_loop(model: Any, processor: Any, paths: list[Path], out: Path,
+                  batch_size: int = 8, texts: list[str] | None = None) -> int:
+    """The official loop over ``paths`` with a loaded ``model``; returns the forward passes.
+
+    ``processor.tokenizer.padding_side`` must be ``left``. Vectors go to ``out`` as one ``.pt``
+    file per image and prompt. ``texts``: the whole text of each prompt (answer prefix
+    included), e.g. as agiqa renders it; default: the processor's chat template, the prompt
+    before the image.
+    """
+    from agiqa.presets import load_prompts
+
+    device = next(model.parameters()).device
+    prompts = load_prompts("paper")
+    out.mkdir(parents=True, exist_ok=True)
+    forwards = 0
+    for pi, prompt in enumerate(prompts.texts):
+        messages = [{"role": "user", "content": [{"type": "text", "text": prompt},
+                                                  {"type": "image"}]}]
+        text = texts[pi] if texts else processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False) + " " + prompts.answer_prefix
+        for i in range(0, len(paths), batch_size):
+            batch = paths[i : i + batch_size]
+            images = [Image.open(p).convert("RGB") for p in batch]
+            inputs = processor(images=images, text=[text] * len(images), return_tensors="pt",
+                               padding=True).to(device)
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            with torch.no_grad():
+                logits = model(**inputs).logits  # forward 1: rating logits, every position
+                hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]  # 2
+            forwards += 2 * len(batch)
+            _ = torch.softmax(logits[:, -1].float(), -1)
+            vectors = hidden.float().mean(1).cpu()
+            for p, v in zip(batch, vectors, strict=True):
+                torch.save(v.clone(), out / f"{p.stem}_prompt{pi}.pt")
+    return forwards
 
 
 def main() -> None:
@@ -34,33 +75,14 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     args = ap.parse_args()
     t0 = time.perf_counter()
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     processor = AutoProcessor.from_pretrained(args.model)
     processor.tokenizer.padding_side = "left"
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    prompts = load_prompts("paper")
-    paths = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in EXTS)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    forwards = 0
-    for pi, prompt in enumerate(prompts.texts):
-        messages = [{"role": "user", "content": [{"type": "text", "text": prompt},
-                                                  {"type": "image"}]}]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True,
-                                             tokenize=False) + " " + prompts.answer_prefix
-        for i in range(0, len(paths), args.batch_size):
-            batch = paths[i : i + args.batch_size]
-            images = [Image.open(p).convert("RGB") for p in batch]
-            inputs = processor(images=images, text=[text] * len(images), return_tensors="pt",
-                               padding=True).to(device)
-            with torch.no_grad():
-                logits = model(**inputs).logits  # forward 1: rating logits, every position
-                hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]  # 2
-            forwards += 2 * len(batch)
-            _ = torch.softmax(logits[:, -1].float(), -1)
-            vectors = hidden.float().mean(1).cpu()
-            for p, v in zip(batch, vectors, strict=True):
-                torch.save(v.clone(), out / f"{p.stem}_prompt{pi}.pt")
+    paths = list_photos(args.images)
+    forwards = official_loop(model, processor, paths, Path(args.out), args.batch_size)
     seconds = time.perf_counter() - t0
     print(json.dumps({"images": len(paths), "forward_passes_per_image": forwards / len(paths),
                       "seconds": seconds}))

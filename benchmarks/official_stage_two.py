@@ -102,6 +102,8 @@ def main() -> None:
             optim.step()
             sched.step()
             seen += len(y)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         train_seconds = time.perf_counter() - t
         net.eval()
         with torch.no_grad():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_process, write_result  # noqa: E402
+from common import load_average, run_process, write_result  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -33,7 +34,9 @@ SHAPES = {
     "llava-1.5-7b": {"family": "llava", "random": "llava-1.5-7b"},
     "qwen2.5-vl-7b": {"family": "qwen2.5-vl", "random": "qwen2.5-vl-7b"},
 }
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+# Dense bf16 peaks by the vendors' datasheets; the first name contained in the device's wins.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0,
+                    "A100": 312.0, "L40S": 362.0}
 
 
 def write_photos(folder: Path, n: int) -> None:
@@ -73,38 +76,81 @@ def prepare_inputs(work: Path, shape: str, images: int) -> tuple[Path, Path]:
 
 def forward_flops(model_dir: Path, images: Path, sample: int = 16) -> float:
     """Approximate FLOPs of one forward pass of one image and prompt, averaged over the first
-    ``sample`` images: 2 · parameters · tokens for the language model's layers, 2 · parameters
-    · patches for the vision tower (Qwen2-VL's token count follows the image size), and the
-    output head at one position. Attention scores are left out (small at these lengths)."""
+    ``sample`` images of ``images`` (see :func:`count_flops`), for the model saved in
+    ``model_dir`` (built on the meta device: no weights are read)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from agiqa.models.mllm import PromptEncoding
-    from agiqa.presets import load_prompts
+    from official_stage_one import list_photos
 
     cfg = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(cfg)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    return count_flops(model, processor, list_photos(images)[:sample])
+
+
+def count_flops(model, processor, paths: list[Path], unused_parameters: int = 0,
+                encoding=None) -> float:
+    """FLOPs of one forward pass of one image and prompt, averaged over ``paths``:
+    2 · parameters · tokens for the language model's layers, 2 · parameters · patches for the
+    vision tower (Qwen2-VL's token count follows the image size), and the output head at one
+    position. Attention scores are left out (a few per cent at these lengths), so this is a
+    lower bound. ``unused_parameters``: language-model parameters a token does not run
+    through (mPLUG-Owl2's second set of modality-adaptive keys and values). ``encoding``: the
+    prompt's ``PromptEncoding`` (default: rendered by the processor's chat template)."""
+    from agiqa.models.mllm import PromptEncoding
+    from agiqa.presets import load_prompts
+
+    cfg = model.config
     vision = sum(p.numel() for n, p in model.named_parameters() if "vision" in n or "visual" in n)
     # The embedding is a lookup, and the output head runs at the last position only.
     embed = model.get_input_embeddings().weight.numel()
     head = model.get_output_embeddings().weight.numel()
     language = sum(p.numel() for p in model.parameters()) - vision - embed - head
-    processor = AutoProcessor.from_pretrained(model_dir)
-    prompts = load_prompts("paper")
-    enc = PromptEncoding(processor, prompts.texts[0], prompts.answer_prefix, prompts.rating_words)
+    language -= unused_parameters
+    if encoding is None:
+        prompts = load_prompts("paper")
+        encoding = PromptEncoding(processor, prompts.texts[0], prompts.answer_prefix,
+                                  prompts.rating_words)
+    enc = encoding
     total = 0.0
-    paths = sorted(images.iterdir())[:sample]
     for path in paths:
         inputs = processor(images=[Image.open(path).convert("RGB")], text=[enc.text],
                            return_tensors="pt")
         tokens = inputs["input_ids"].shape[1] + len(enc.suffix_ids)
         if "image_grid_thw" in inputs:
             patches = int(inputs["image_grid_thw"].prod())
-        else:
-            vc = cfg.vision_config
+        else:  # a fixed-size ViT with a class token (mPLUG-Owl2 keeps its settings apart)
+            vc = getattr(cfg, "vision_settings", None) or cfg.vision_config
             patches = (vc.image_size // vc.patch_size) ** 2 + 1
         total += 2.0 * language * tokens + 2.0 * vision * patches + 2.0 * head
     return total / len(paths)
+
+
+def peak_bf16_tflops(name: str) -> float | None:
+    """The dense bf16 peak of a GPU named ``name`` (datasheet), None if unknown."""
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def _official(py: str, model: Path, images: Path, out: Path, batch: int) -> dict:
+    run = run_process([py, str(HERE / "official_stage_one.py"), "--model", str(model),
+                       "--images", str(images), "--out", str(out), "--batch-size", str(batch)])
+    run["report"] = json.loads(run.pop("stdout").strip().splitlines()[-1])
+    run["load_average"] = load_average()
+    return run
+
+
+def _agiqa(py: str, model: Path, images: Path, cache: Path, batch: int, workers: int) -> dict:
+    if cache.exists():
+        import shutil
+
+        shutil.rmtree(cache)
+    run = run_process([py, "-m", "agiqa", "extract-semantics", "--model", str(model),
+                       "--images", str(images), "--out", str(cache), "--batch-size", str(batch),
+                       "--loader-workers", str(workers), "-q", "--json"])
+    run["report"] = json.loads(run.pop("stdout"))
+    run["load_average"] = load_average()
+    return run
 
 
 def main() -> None:
@@ -113,46 +159,55 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--loader-workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="Runs of each; the order alternates (official first in odd runs).")
     ap.add_argument("--workdir", default=None, help="Keep the model and images here.")
     ap.add_argument("--out", default=None, help="The JSON result (default results/...).")
     args = ap.parse_args()
+    py = sys.executable
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         model, images = prepare_inputs(work, args.shape, args.images)
-        py = sys.executable
-        official = run_process([py, str(HERE / "official_stage_one.py"), "--model", str(model),
-                                "--images", str(images), "--out", str(work / "official-pt"),
-                                "--batch-size", str(args.batch_size)])
-        off = json.loads(official["stdout"].strip().splitlines()[-1])
-        cache = work / "agiqa-cache"
-        if cache.exists():
-            import shutil
-
-            shutil.rmtree(cache)
-        ours = run_process([py, "-m", "agiqa", "extract-semantics", "--model", str(model),
-                            "--images", str(images), "--out", str(cache), "--batch-size",
-                            str(args.batch_size), "--loader-workers", str(args.loader_workers),
-                            "-q", "--json"])
-        report = json.loads(ours["stdout"])
+        official, ours = [], []
+        for r in range(args.repeats):
+            steps = [lambda: official.append(_official(py, model, images, work / "official-pt",
+                                                       args.batch_size)),
+                     lambda: ours.append(_agiqa(py, model, images, work / "agiqa-cache",
+                                                args.batch_size, args.loader_workers))]
+            for step in (steps if r % 2 == 0 else steps[::-1]):
+                step()
         n = args.images
+        off_s = [o["seconds"] for o in official]
+        our_s = [o["seconds"] for o in ours]
+        report = ours[-1]["report"]
         result = {
             "shape": args.shape, "images": n, "batch_size": args.batch_size,
-            "official": {"process_seconds": official["seconds"],
-                         "images_per_second": round(n / official["seconds"], 3),
-                         "forward_passes_per_image": off["forward_passes_per_image"],
-                         "peak_rss_mib": official["peak_rss_mib"]},
-            "agiqa": {"process_seconds": ours["seconds"],
-                      "images_per_second": round(n / ours["seconds"], 3),
-                      "loop_images_per_second": report["images_per_second"],
+            "repeats": args.repeats,
+            "official": {"process_seconds_each": off_s,
+                         "process_seconds_median": statistics.median(off_s),
+                         "images_per_second": round(n / statistics.median(off_s), 3),
+                         "forward_passes_per_image":
+                             official[0]["report"]["forward_passes_per_image"],
+                         "cpu_seconds_each": [o["cpu_seconds"] for o in official],
+                         "peak_rss_mib": max(o["peak_rss_mib"] for o in official),
+                         "load_average_each": [o["load_average"] for o in official]},
+            "agiqa": {"process_seconds_each": our_s,
+                      "process_seconds_median": statistics.median(our_s),
+                      "images_per_second": round(n / statistics.median(our_s), 3),
+                      "loop_seconds_each": [o["report"]["seconds"] for o in ours],
                       "forward_passes_per_image": report["forward_passes"] / n,
                       "padding_fraction": report["padding_fraction"],
                       "loader_workers": args.loader_workers,
-                      "peak_rss_mib": ours["peak_rss_mib"]},
-            "speedup": round(official["seconds"] / ours["seconds"], 3),
+                      "cpu_seconds_each": [o["cpu_seconds"] for o in ours],
+                      "peak_rss_mib": max(o["peak_rss_mib"] for o in ours),
+                      "load_average_each": [o["load_average"] for o in ours]},
+            "speedup_first_run": round(off_s[0] / our_s[0], 3),
+            "speedup_each": [round(a / b, 3) for a, b in zip(off_s, our_s, strict=True)],
+            "speedup_median": round(statistics.median(off_s) / statistics.median(our_s), 3),
         }
         if torch.cuda.is_available():
             name = torch.cuda.get_device_name(0)
-            peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+            peak = peak_bf16_tflops(name)
             result["gpu"] = name
             result["bf16_peak_tflops"] = peak
             flops = forward_flops(model, images)

@@ -80,6 +80,91 @@ def steady(epochs: list[dict], key: str) -> float:
     return float(statistics.median(values))
 
 
+def measure(work: Path, backbone: str, images: int, epochs: int, dim: int, workers: int,
+            runs: list[tuple[str, int, bool | None, bool]], timeout: float | None = None,
+            deadline: float | None = None) -> dict:
+    """The official loop, then ``agiqa fit`` once per run (name, batch size, bf16 autocast
+    (None: agiqa's default), --compile), on one data set written under ``work``. A process
+    is killed after ``timeout`` seconds or at ``deadline`` (``time.perf_counter()``); the last
+    run (``--compile``, where asked for) may use all the time left before the deadline; a run
+    that has no time left is skipped."""
+    import time
+
+    def limit(last: bool = False) -> float | None:
+        if deadline is None:
+            return timeout
+        left = deadline - time.perf_counter()
+        return left if timeout is None or last else min(timeout, left)
+
+    py = sys.executable
+    root, features = work / f"images-{images}", work / f"features-{images}"
+    cache = work / f"cache-{images}"
+    if not (root / "labels.csv").is_file():
+        write_dataset(root, features, cache, images, dim)
+    official = run_process([py, str(HERE / "official_stage_two.py"), "--root", str(root),
+                            "--labels", str(root / "labels.csv"), "--features", str(features),
+                            "--epochs", str(epochs), "--backbone", backbone, "--dim", str(dim),
+                            "--workers", str(workers)], timeout=limit())
+    off = json.loads(official["stdout"].strip().splitlines()[-1])
+    scale = AGIQA_3K_IMAGES / images
+    result: dict = {
+        "backbone": backbone, "images": images, "epochs": epochs, "dim": dim,
+        "loader_workers": workers,
+        "official": {
+            "batch_size": 8, "precision": "float32", "process_seconds": official["seconds"],
+            "train_images_per_second": steady(off["epochs"], "train_images_per_second"),
+            "epoch_seconds": steady(off["epochs"], "seconds"),
+            "agiqa_3k_epoch_seconds": round(steady(off["epochs"], "seconds") * scale, 1),
+            "peak_rss_mib": official["peak_rss_mib"], "epochs_detail": off["epochs"]},
+    }
+    for i, (name, batch, amp, compiled) in enumerate(runs):
+        last = i == len(runs) - 1
+        if (limit(last) or 1e9) < 10:
+            result[name] = {"failed": "skipped: out of time"}
+            continue
+        try:
+            result[name] = _fit(work, root, cache, name, backbone, epochs, batch, amp, compiled,
+                                workers, limit(last))
+        except RuntimeError as e:
+            result[name] = {"failed": str(e)[-800:]}
+            continue
+        row, base = result[name], result["official"]
+        row["agiqa_3k_epoch_seconds"] = round(row["epoch_seconds"] * scale, 1)
+        row["speedup_train_images_per_second"] = round(
+            row["train_images_per_second"] / base["train_images_per_second"], 2)
+        row["speedup_epoch"] = round(base["epoch_seconds"] / row["epoch_seconds"], 2)
+        row["speedup_process"] = round(base["process_seconds"] / row["process_seconds"], 2)
+    return result
+
+
+def _fit(work: Path, root: Path, cache: Path, name: str, backbone: str, epochs: int,
+         batch: int, amp: bool | None, compiled: bool, workers: int,
+         timeout: float | None) -> dict:
+    out = work / f"run-{name}"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    cmd = [sys.executable, "-m", "agiqa", "fit", "--dataset", "csv", "--root", str(root),
+           "--cache", str(cache), "--out", str(out), "--backbone", backbone, "--no-pretrained",
+           "--epochs", str(epochs), "--batch-size", str(batch), "--loader-workers",
+           str(workers), "-q", "--json"]
+    if amp is not None:
+        cmd.append("--amp" if amp else "--no-amp")
+    if compiled:
+        cmd.append("--compile")
+    ours = run_process(cmd, timeout=timeout)
+    history = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    bf16 = torch.cuda.is_available() if amp is None else amp
+    return {"batch_size": batch, "compile": compiled,
+            "precision": "bf16 autocast" if bf16 else "float32",
+            "process_seconds": ours["seconds"],
+            "train_images_per_second": steady(history, "train_images_per_second"),
+            "epoch_seconds": steady(history, "seconds"),
+            "first_epoch_seconds": history[0]["seconds"],
+            "peak_rss_mib": ours["peak_rss_mib"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--backbone", default="tiny", choices=["tiny", "vit_base_patch8_224"])
@@ -93,67 +178,16 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="Keep the images and vectors here.")
     ap.add_argument("--out", default=None, help="The JSON result (default results/...).")
     args = ap.parse_args()
-    py = sys.executable
+    runs: list[tuple[str, int, bool | None, bool]] = [("agiqa", 8, None, False)]
+    if args.agiqa_batch_size != 8:
+        runs.append((f"agiqa_batch{args.agiqa_batch_size}", args.agiqa_batch_size, None, False))
+    if args.compile:
+        runs.append(("agiqa_compile", args.agiqa_batch_size, None, True))
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.workdir or tmp)
-        images, features = work / f"images-{args.images}", work / f"features-{args.images}"
-        cache = work / f"cache-{args.images}"
-        if not (images / "labels.csv").is_file():
-            write_dataset(images, features, cache, args.images, args.dim)
-        official = run_process([py, str(HERE / "official_stage_two.py"), "--root", str(images),
-                                "--labels", str(images / "labels.csv"), "--features",
-                                str(features), "--epochs", str(args.epochs), "--backbone",
-                                args.backbone, "--dim", str(args.dim), "--workers",
-                                str(args.loader_workers)])
-        off = json.loads(official["stdout"].strip().splitlines()[-1])
-        scale = AGIQA_3K_IMAGES / args.images
-        result = {
-            "backbone": args.backbone, "images": args.images, "epochs": args.epochs,
-            "dim": args.dim, "loader_workers": args.loader_workers,
-            "official": {
-                "batch_size": 8, "precision": "float32", "process_seconds": official["seconds"],
-                "train_images_per_second": steady(off["epochs"], "train_images_per_second"),
-                "epoch_seconds": steady(off["epochs"], "seconds"),
-                "agiqa_3k_epoch_seconds": round(steady(off["epochs"], "seconds") * scale, 1),
-                "peak_rss_mib": official["peak_rss_mib"], "epochs_detail": off["epochs"]},
-        }
-        runs = [("agiqa", 8, False)]
-        if args.agiqa_batch_size != 8:
-            runs.append((f"agiqa_batch{args.agiqa_batch_size}", args.agiqa_batch_size, False))
-        if args.compile:
-            runs.append(("agiqa_compile", args.agiqa_batch_size, True))
-        for name, batch, compiled in runs:
-            out = work / f"run-{name}"
-            if out.exists():
-                import shutil
-
-                shutil.rmtree(out)
-            cmd = [py, "-m", "agiqa", "fit", "--dataset", "csv", "--root", str(images),
-                   "--cache", str(cache), "--out", str(out), "--backbone", args.backbone,
-                   "--no-pretrained", "--epochs", str(args.epochs), "--batch-size", str(batch),
-                   "--loader-workers", str(args.loader_workers), "-q", "--json"]
-            if compiled:
-                cmd.append("--compile")
-            ours = run_process(cmd)
-            history = [json.loads(line) for line in
-                       (out / "train_log.jsonl").read_text().splitlines()]
-            epoch_s = steady(history, "seconds")
-            result[name] = {
-                "batch_size": batch, "compile": compiled,
-                "precision": "bf16 autocast" if torch.cuda.is_available() else "float32",
-                "process_seconds": ours["seconds"],
-                "train_images_per_second": steady(history, "train_images_per_second"),
-                "epoch_seconds": epoch_s,
-                "agiqa_3k_epoch_seconds": round(epoch_s * scale, 1),
-                "peak_rss_mib": ours["peak_rss_mib"],
-                "speedup_train_images_per_second": round(
-                    steady(history, "train_images_per_second")
-                    / result["official"]["train_images_per_second"], 2),
-                "speedup_epoch": round(result["official"]["epoch_seconds"] / epoch_s, 2),
-                "speedup_process": round(official["seconds"] / ours["seconds"], 2),
-            }
-        if torch.cuda.is_available():
-            result["gpu"] = torch.cuda.get_device_name(0)
+        result = measure(Path(args.workdir or tmp), args.backbone, args.images, args.epochs,
+                         args.dim, args.loader_workers, runs)
+    if torch.cuda.is_available():
+        result["gpu"] = torch.cuda.get_device_name(0)
     write_result(f"stage_two_{args.backbone}", result, args.out)
 
 

@@ -136,7 +136,8 @@ def _write_zarr(path: Path, data: ShardData) -> None:
     ):
         dtype = str if arr.dtype.kind == "U" else arr.dtype
         # Hidden-state means are noise to a compressor: store the vectors raw, read at disk speed.
-        kw = {"compressors": None} if name == "vectors" else {}
+        # The keys are stored raw too, so the index is read without importing zarr.
+        kw = {"compressors": None} if name in ("vectors", "keys") else {}
         a = g.create_array(name, shape=arr.shape, dtype=dtype, chunks=chunks, **kw)
         if n:
             a[:] = arr
@@ -323,10 +324,21 @@ def read_shard_index(path: str | os.PathLike
                      ) -> tuple[list[str], list[tuple[str, str]], dict[str, str]]:
     """The keys, failures and recorded checksums of a shard (keys and failures checked)."""
     path = Path(path)
+    fast = _zarr_raw_index(path) if _fmt_of(path) == "zarr" else None
+    if fast is not None:
+        keys, failures, checksums = fast
+    else:
+        keys, failures, checksums = _read_index(path)
+    _require(path, "keys", checksums, _text_crc(keys))
+    _require(path, "failures", checksums, _failures_crc(failures))
+    return keys, failures, checksums
+
+
+def _read_index(path: Path) -> tuple[list[str], list[tuple[str, str]], dict[str, str]]:
     closer = None
     try:
         g, checksums, failures, closer = _open_meta(path)
-        keys = _decode(g["keys"][:])
+        return _decode(g["keys"][:]), failures, checksums
     except CacheError:
         raise
     except Exception as e:  # noqa: BLE001 - any reader failure means a damaged shard
@@ -334,15 +346,45 @@ def read_shard_index(path: str | os.PathLike
     finally:
         if closer is not None:
             closer.close()
-    _require(path, "keys", checksums, _text_crc(keys))
-    _require(path, "failures", checksums, _failures_crc(failures))
-    return keys, failures, checksums
 
 
 def read_shard_keys(path: str | os.PathLike) -> tuple[list[str], list[tuple[str, str]]]:
     """The keys and failures of a shard, checked against its checksums, without its vectors."""
     keys, failures, _ = read_shard_index(path)
     return keys, failures
+
+
+def _zarr_raw_index(path: Path
+                    ) -> tuple[list[str], list[tuple[str, str]], dict[str, str]] | None:
+    """Keys, failures and checksums of a Zarr shard whose keys are one uncompressed
+    ``vlen-utf8`` chunk (how agiqa writes them), parsed without importing zarr (whose import
+    costs more than reading a whole cache); None for any other layout, which zarr then reads."""
+    try:
+        group = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
+        meta = json.loads((path / "keys" / "zarr.json").read_text(encoding="utf-8"))
+        n = meta["shape"][0]
+        if (meta.get("zarr_format") != 3 or meta.get("data_type") != "string"
+                or meta.get("codecs") != [{"name": "vlen-utf8", "configuration": {}}]
+                or meta["chunk_grid"]["configuration"]["chunk_shape"] != [max(n, 1)]
+                or meta.get("chunk_key_encoding") != _DEFAULT_KEYS
+                or meta.get("storage_transformers")):
+            return None
+        attrs = group.get("attributes", {})
+        failures = [tuple(f) for f in attrs.get("failures", [])]
+        checksums = dict(attrs.get("checksums") or {})
+        if n == 0:
+            return [], failures, checksums
+        raw = (path / "keys" / "c" / "0").read_bytes()
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    if len(raw) < 4 or int.from_bytes(raw[:4], "little") != n:
+        return None
+    keys, at = [], 4
+    for _ in range(n):
+        size = int.from_bytes(raw[at : at + 4], "little")
+        keys.append(raw[at + 4 : at + 4 + size].decode("utf-8"))
+        at += 4 + size
+    return (keys, failures, checksums) if at == len(raw) else None
 
 
 def read_shard(path: str | os.PathLike, vectors: bool = True) -> ShardData:

@@ -278,7 +278,7 @@ def _run_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncod
                 mask = inputs[p]["attention_mask"]
                 report.tokens += mask.numel()
                 report.padding_tokens += mask.numel() - int(mask.sum())
-                v, z = encoder.encode(inputs[p], p)
+                v, z = encoder.encode_on_device(inputs[p], p)
                 vecs.append(v)
                 zs.append(z)
                 report.forward_passes += len(batch_keys)
@@ -295,6 +295,9 @@ def _run_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncod
 
 
 class _ShardAccumulator:
+    """A shard's results as they come, left on the model's device: the copy to the host (and
+    the finiteness check, which needs it) happens once per shard, not once per batch."""
+
     def __init__(self):
         self.keys: list[str] = []
         self.shas: list[str] = []
@@ -307,24 +310,27 @@ class _ShardAccumulator:
         return len(self.keys) + len(self.failures)
 
     def add(self, keys, shas, vectors, zero_shot) -> None:
-        finite = torch.isfinite(vectors).flatten(1).all(1) & torch.isfinite(zero_shot).all(1)
-        finite &= vectors.abs().flatten(1).amax(1) <= float(np.finfo(np.float16).max)
-        for i, k in enumerate(keys):
-            if not finite[i]:
-                self.failures[k] = "the MLLM produced a non-finite or float16-overflowing vector"
-                continue
-            self.keys.append(k)
-            self.shas.append(shas[i])
-            self.vectors.append(vectors[i])
-            self.zero_shot.append(zero_shot[i])
+        self.keys.extend(keys)
+        self.shas.extend(shas)
+        self.vectors.append(vectors)
+        self.zero_shot.append(zero_shot)
 
     def finish(self, order: list[str], n_prompts: int, dim: int) -> ShardData:
+        keys, shas = [], []
+        vectors = np.zeros((0, n_prompts, dim), np.float16)
+        zero_shot = np.zeros((0, n_prompts), np.float32)
         if self.keys:
-            vectors = torch.stack(self.vectors).to(torch.float16).numpy()
-            zero_shot = torch.stack(self.zero_shot).to(torch.float32).numpy()
-        else:
-            vectors = np.zeros((0, n_prompts, dim), np.float16)
-            zero_shot = np.zeros((0, n_prompts), np.float32)
+            v, z = torch.cat(self.vectors), torch.cat(self.zero_shot)
+            finite = torch.isfinite(v).flatten(1).all(1) & torch.isfinite(z).all(1)
+            finite &= v.abs().flatten(1).amax(1) <= float(np.finfo(np.float16).max)
+            keep = finite.cpu().numpy()  # the one wait for the device in a shard
+            bad = "the MLLM produced a non-finite or float16-overflowing vector"
+            self.failures.update({k: bad for k, ok in zip(self.keys, keep, strict=True) if not ok})
+            keys = [k for k, ok in zip(self.keys, keep, strict=True) if ok]
+            shas = [h for h, ok in zip(self.shas, keep, strict=True) if ok]
+            if keys:
+                vectors = v.to(torch.float16).cpu().numpy()[keep]
+                zero_shot = z.to(torch.float32).cpu().numpy()[keep]
         position = {k: i for i, k in enumerate(order)}
         failures = sorted(self.failures.items(), key=lambda kv: position[kv[0]])
-        return ShardData(self.keys, self.shas, vectors, zero_shot, failures)
+        return ShardData(keys, shas, vectors, zero_shot, failures)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["FAMILIES", "SHAPES", "build_random_mllm", "build_tiny_mllm"]
+__all__ = ["FAMILIES", "SHAPES", "build_random_mllm", "build_tiny_mllm", "random_mllm_on_device",
+           "shape_available"]
 
 FAMILIES = ("llava", "qwen2-vl", "qwen2.5-vl")
 
@@ -173,6 +174,120 @@ SHAPES = {
                       "text": {"vocab_size": 152064, "intermediate_size": 18944,
                                "num_attention_heads": 28, "num_key_value_heads": 4}},
 }
+
+
+# mPLUG-Owl2-7B (the paper's MLLM): CLIP ViT-L/14 at 448 px, a visual abstractor of 64 queries
+# (65 visual tokens with the end token), LLaMA-2-7B (32 layers × 4096, vocabulary 32000) with
+# modality-adaptive ("multiway") keys, values and norms.
+SHAPES["mplug-owl2-7b"] = {
+    "family": "mplug-owl2", "hidden": 4096, "layers": 32, "image_size": 448, "patch": 14,
+    "vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+               "num_attention_heads": 16},
+    "abstractor": {},  # the official defaults: 6 layers, 1024 wide, 64 queries
+    "text": {"vocab_size": 32000, "intermediate_size": 11008, "num_attention_heads": 32,
+             "num_key_value_heads": 32},
+}
+
+
+def _owl2_tokenizer(out: Path) -> None:
+    """A small LLaMA-style sentencepiece model (unk 0, bos 1, eos 2) as ``out/tokenizer.model``."""
+    import io
+
+    import sentencepiece
+
+    buf = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS * 20), model_writer=buf, vocab_size=200,
+        model_type="bpe", character_coverage=1.0, hard_vocab_limit=False, unk_id=0, bos_id=1,
+        eos_id=2, pad_id=-1, minloglevel=2)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(buf.getvalue())
+
+
+def _build_mplug_owl2(out: Path, hidden: int, layers: int, image_size: int,
+                      shape: dict | None = None):
+    """mPLUG-Owl2 (agiqa's own implementation): ViT, visual abstractor, multiway LLaMA."""
+    import json
+
+    from agiqa.models.mllm.mplug_owl2 import MplugOwl2Config, MplugOwl2ForCausalLM
+    from agiqa.models.mllm.mplug_owl2_processing import MplugOwl2Processor
+
+    shape = shape or {}
+    patch = shape.get("patch", 14)
+    _owl2_tokenizer(out)
+    (out / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": image_size},
+         "crop_size": {"height": image_size, "width": image_size}}))
+    vision = {"image_size": image_size, "patch_size": patch,
+              **shape.get("vision", {"hidden_size": 32, "intermediate_size": 64,
+                                     "num_hidden_layers": 2, "num_attention_heads": 2})}
+    abstractor = {"encoder_hidden_size": vision.get("hidden_size", 1024),
+                  "grid_size": image_size // patch,
+                  **shape.get("abstractor", {"hidden_size": 32, "num_hidden_layers": 2,
+                                             "num_attention_heads": 2, "intermediate_size": 48})}
+    text = {"vocab_size": 420, "intermediate_size": 2 * hidden, "num_attention_heads": 4,
+            "num_key_value_heads": 4, **shape.get("text", {})}
+    config = MplugOwl2Config(hidden_size=hidden, num_hidden_layers=layers, **text,
+                             max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+                             pad_token_id=0, visual_config={"visual_model": vision,
+                                                            "visual_abstractor": abstractor})
+    model = MplugOwl2ForCausalLM(config)
+    processor = MplugOwl2Processor.from_pretrained(str(out),
+                                                   num_image_tokens=config.num_image_tokens)
+    return model, processor
+
+
+def _owl2_builder():
+    """The mPLUG-Owl2 builder, or None where this agiqa lacks the family."""
+    try:
+        from agiqa.models.mllm import mplug_owl2  # noqa: F401 - the family's own module
+    except ImportError:
+        return None
+    return _build_mplug_owl2
+
+
+def _builder(family: str):
+    if family == "mplug-owl2":
+        return _owl2_builder()
+    return {"llava": _build_llava, "qwen2-vl": _build_qwen2_vl,
+            "qwen2.5-vl": _build_qwen2_5_vl}.get(family)
+
+
+def shape_available(spec: dict) -> bool:
+    """Whether this agiqa can build a model of the shape ``spec`` (a ``SHAPES`` entry)."""
+    return _builder(spec["family"]) is not None
+
+
+def random_mllm_on_device(spec: dict, out: str | os.PathLike, device: str | torch.device,
+                          dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """A model of the shape ``spec`` with random weights created on ``device`` directly.
+
+    The parameters are allocated and randomly initialised on ``device`` (no CPU copy of a
+    7B model); only the config and the processor are written to ``out``, so that
+    ``AutoConfig``/``AutoProcessor`` (and agiqa's ``SemanticEncoder``) load them from there.
+    Returns the model in eval mode.
+    """
+    build = _builder(spec["family"])
+    if build is None:
+        raise ValueError(f"the {spec['family']} model family is not available in this agiqa")
+    out = Path(out)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if torch.device(device).type == "cuda":
+            torch.cuda.manual_seed_all(seed)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model, processor = build(out, spec["hidden"], spec["layers"],
+                                         spec["image_size"], spec)
+        finally:
+            torch.set_default_dtype(default)
+    model.to(device).eval()  # moves only a stray tensor made on the CPU, if any
+    model.config.save_pretrained(out)
+    if hasattr(processor, "save_pretrained"):  # mPLUG-Owl2's files are written by its builder
+        processor.save_pretrained(out)
+    return model
 
 
 def build_random_mllm(shape: str, out: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,

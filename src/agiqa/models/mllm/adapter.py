@@ -240,7 +240,12 @@ class SemanticEncoder:
                     f"cannot load MLLM weights {self.model_id!r}: {e}") from None
         else:
             model = self._load_transformers(progress)
-        self.model = model.to(self.device).eval()
+        return self.attach(model.to(self.device))
+
+    def attach(self, model: Any) -> SemanticEncoder:
+        """Use ``model`` (already on ``self.device``, in ``self.dtype``) instead of loading the
+        weights: for models built in memory, e.g. random full-size models for benchmarks."""
+        self.model = model.eval()
         self._base = getattr(self.model, "model", None)
         self._head = self.model.get_output_embeddings()
         return self
@@ -267,11 +272,23 @@ class SemanticEncoder:
     @torch.inference_mode()
     def encode(self, batch: dict[str, torch.Tensor], prompt_index: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward pass: float32 vectors [B, D] and zero-shot scores [B]."""
+        """One forward pass: float32 vectors [B, D] and zero-shot scores [B], on the CPU."""
+        vectors, zero_shot = self.encode_on_device(batch, prompt_index)
+        return vectors.cpu(), zero_shot.cpu()
+
+    @torch.inference_mode()
+    def encode_on_device(self, batch: dict[str, torch.Tensor], prompt_index: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`encode`, the results left on the model's device.
+
+        Nothing here waits for the device: inputs (pinned by the loader) are copied with
+        ``non_blocking``, so the next batch is queued while this one computes; the caller
+        copies results to the host when it needs them (stage one: once per shard).
+        """
         if self.model is None:
             self.load()
         batch = dict(batch)
-        pool_mask = batch.pop("pool_mask").to(self.device)
+        pool_mask = batch.pop("pool_mask").to(self.device, non_blocking=True)
         inputs = {}
         for k, v in batch.items():
             if torch.is_tensor(v):
@@ -290,5 +307,7 @@ class SemanticEncoder:
         logits = self._head(hidden[:, -1]).float()
         ids = self.encodings[prompt_index].rating_ids
         probs = torch.softmax(logits[:, ids], dim=-1)
-        zero_shot = probs @ self.rating_weights.to(probs.device)
-        return vectors.cpu(), zero_shot.cpu()
+        if self.rating_weights.device != probs.device:  # once: a blocking copy syncs
+            self.rating_weights = self.rating_weights.to(probs.device)
+        zero_shot = probs @ self.rating_weights
+        return vectors, zero_shot

@@ -1,0 +1,45 @@
+"""The GPU benchmark suite runs end to end with tiny shapes on the CPU (``--smoke``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
+
+
+@pytest.mark.slow
+def test_gpu_suite_smoke_measures_every_part(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(SUITE), "--out", str(tmp_path), "--smoke"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_suite.json").read_text())
+    table = (tmp_path / "gpu_suite.md").read_text()
+    assert result["smoke"] is True and result["device"] == "cpu"
+    # Stage one: both loops ran on the same images for every available family.
+    for name in ("llava-1.5-7b", "qwen2.5-vl-7b", "mplug-owl2-7b"):
+        row = result["stage_one"][name]
+        assert "failed" not in row, row
+        assert row["official"]["forward_passes_per_image"] == 4.0
+        for run in ("agiqa", "agiqa_large_batch"):
+            assert row[run]["forward_passes_per_image"] == 2.0
+            assert row[run]["images_per_second"] > 0 and row[run]["failed"] == 0
+            assert row[run]["achieved_tflops"] >= 0
+        assert row["flops_per_image_prompt"] > 0
+        assert f"stage one {name}" in table
+    # Stage two: the official loop and agiqa fit, whole processes, with ratios.
+    two = result["stage_two"]
+    assert two["official"]["train_images_per_second"] > 0, two
+    assert two["agiqa_fast"]["speedup_train_images_per_second"] > 0, two
+    assert "stage two tiny" in table
+    # Cache reads: every reader read the same vectors back (checked inside) and was timed.
+    reads = result["cache_reads"]
+    assert reads["official_torch_load"]["cold_seconds"] > 0
+    assert reads["agiqa_hdf5"]["speedup_warm"] > 0
+    assert "cache reads" in table
