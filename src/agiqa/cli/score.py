@@ -31,15 +31,22 @@ from agiqa.cli.common import (
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--loader-workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--revision", default=None,
+              help="MLLM revision to load [default: the one the model was trained with].")
+@click.option("--trust-remote-code/--no-trust-remote-code", default=None,
+              help="Allow the MLLM repository's own code [default: as the model records].")
+@click.option("--amp", is_flag=True, help="bf16 autocast of the scoring forward (not the "
+              "paper's float32).")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print rows and summary as JSON.")
 @handle_errors
 def score_folder_cmd(folder, model_dir, cache_dir, out, recursive, device, batch_size,
-                     loader_workers, quiet, as_json):
+                     loader_workers, revision, trust_remote_code, amp, quiet, as_json):
     """Score every image of a folder with a trained model.
 
-    Stage one runs only for images the cache lacks, with the MLLM of the model's fingerprint.
-    Broken files are named with their reason; the exit status is then 2.
+    Stage one runs only for images the cache lacks, with the MLLM of the model's fingerprint
+    at the revision it records. A --cache that extract-semantics filled for this folder is
+    reused as it is. Broken files are named with their reason; the exit status is then 2.
 
     \b
     Examples:
@@ -50,13 +57,14 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, recursive, device, batch
 
     scorer = Scorer.from_pretrained(model_dir, cache_dir=cache_dir, device=device,
                                     batch_size=batch_size, loader_workers=loader_workers,
-                                    progress=not quiet)
+                                    progress=not quiet and not as_json, amp=amp,
+                                    revision=revision, trust_remote_code=trust_remote_code)
     report = scorer.score_folder(folder, recursive)
     if out is not None:
         report.write(out)
     summary = report.summary()
     if as_json:
-        echo_json({"rows": report.rows, "failures": report.failures, "summary": summary})
+        echo_json(report.to_dict())
     else:
         if out is None:
             for r in report.rows:
