@@ -2,10 +2,7 @@
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 from click.testing import CliRunner
@@ -26,8 +23,11 @@ def run(*args):
 def model_dir(graded, tmp_path_factory):  # noqa: F811
     root, cache = graded
     out = tmp_path_factory.mktemp("run") / "run"
-    r = run("fit", *FIT, "--root", root, "--cache", cache, "--out", out, "--epochs", "1")
+    # Without -q, --json alone must keep progress and epoch lines off stdout.
+    r = run("fit", *[a for a in FIT if a != "-q"], "--root", root, "--cache", cache,
+            "--out", out, "--epochs", "1", "--json")
     assert r.exit_code == 0, r.output
+    assert set(json.loads(r.stdout)["rows"]) == {"test"}
     return out
 
 
@@ -163,13 +163,18 @@ def _hub_repo(hub, source, commits, main):
 
 
 def test_the_recorded_revision_is_used_and_a_gone_one_is_named(model_dir, photo_folder,
-                                                               tmp_path, tiny_llava):
+                                                               tmp_path, tiny_llava,
+                                                               monkeypatch):
     """A hub repository (a local hub cache, offline) whose main moved on since training."""
+    from huggingface_hub import constants
+
     from agiqa.cache import fingerprint_of
 
     old, new = "a" * 40, "b" * 40
     hub = tmp_path / "hub"
     _hub_repo(hub, tiny_llava, [old, new], main=new)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     run_dir = tmp_path / "run"
     shutil.copytree(model_dir, run_dir)
     config = json.loads((run_dir / "config.json").read_text())
@@ -180,28 +185,26 @@ def test_the_recorded_revision_is_used_and_a_gone_one_is_named(model_dir, photo_
     folder = tmp_path / "imgs"
     folder.mkdir()
     shutil.copy(root / "chelsea.png", folder)
-    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
 
     def score(*extra):
-        return subprocess.run([sys.executable, "-m", "agiqa", "score-folder", str(folder),
-                               "--model", str(run_dir), "-q", "--loader-workers", "0", *extra],
-                              capture_output=True, text=True, env=env, timeout=300)
+        return run("score-folder", folder, "--model", run_dir, "-q", "--loader-workers", "0",
+                   *extra)
 
     ok = score("--json")
-    assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["summary"]["count"] == 1
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["summary"]["computed"] == 1
     shutil.rmtree(hub / "models--agiqa-test--tiny-llava" / "snapshots" / old)
-    assert score().returncode == 0  # every vector is cached: the MLLM is not needed
+    assert score().exit_code == 0  # every vector is cached: the MLLM is not needed
     shutil.copy(root / "coffee.webp", folder)
     gone = score()
-    assert gone.returncode == 1
-    assert f"at revision {old}, the revision the model was trained with" in gone.stderr
-    assert "pass --revision REV" in gone.stderr
+    assert gone.exit_code == 1
+    assert f"at revision {old}, the revision the model was trained with" in gone.output
+    assert "pass --revision REV" in gone.output
     other = score("--revision", "c" * 40)
-    assert other.returncode == 1
-    assert f"cannot load revision {'c' * 40}" in other.stderr and old in other.stderr
+    assert other.exit_code == 1
+    assert f"cannot load revision {'c' * 40}" in other.output and old in other.output
     moved = score("--revision", "main", "--json")
-    assert moved.returncode == 0, moved.stderr
+    assert moved.exit_code == 0, moved.output
     assert json.loads(moved.stdout)["summary"]["computed"] == 2  # vectors of another revision
 
 
@@ -216,3 +219,25 @@ def test_model_without_semantics_is_refused(tmp_path):
     import_official(tmp_path / "o.pt", tmp_path / "m")
     r = run("score-folder", tmp_path, "--model", tmp_path / "m")
     assert r.exit_code == 1 and "import official checkpoints with --cache CACHE" in r.output
+
+
+def test_json_output_is_json_alone_on_stdout(graded, model_dir, tmp_path, tiny_llava):  # noqa: F811
+    """--json without -q: progress lines must not reach stdout (fit: the model_dir fixture)."""
+    root, cache = graded
+    outputs = {
+        "extract-semantics": run("extract-semantics", "--model", tiny_llava, "--dataset", "csv",
+                                 "--root", root, "--out", cache, "--loader-workers", "0",
+                                 "--json"),
+        "evaluate": run("evaluate", "--model", model_dir, "--dataset", "csv", "--root", root,
+                        "--cache", cache, "--json"),
+        "score-folder": run("score-folder", root, "--model", model_dir, "--cache", cache,
+                            "--loader-workers", "0", "--json"),
+        "cache info": run("cache", "info", cache, "--json"),
+        "cache verify": run("cache", "verify", cache, "--json"),
+    }
+    for name, r in outputs.items():
+        assert r.exit_code == 0, (name, r.output)
+        data = json.loads(r.stdout)
+        assert isinstance(data, dict) and data, name
+    assert json.loads(outputs["extract-semantics"].stdout)["reused"] == 30
+    assert len(json.loads(outputs["score-folder"].stdout)["rows"]) == 30

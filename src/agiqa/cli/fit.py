@@ -95,7 +95,7 @@ def fit_cmd(dataset, root, labels, target, image_column, score_column, cache_dir
                     split=split, seed=seed, device=device, augment=not no_augment,
                     score_norm=score_norm, semantic_norm=semantic_norm, amp=amp,
                     compile=compile_model, loader_workers=loader_workers,
-                    resume=resume, progress=not quiet)
+                    resume=resume, progress=not (quiet or as_json))
     summary = fit_repeats(cfg, repeats)
     from agiqa.runtime import is_main
 

@@ -91,26 +91,29 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, recursive, device, batch
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @handle_errors
 def demo_cmd(out, epochs, quiet, as_json):
-    """The whole pipeline offline on a CPU, in a few minutes, with tiny random models.
+    """The whole pipeline offline on a CPU, in under two minutes, with tiny random models.
 
     Builds a tiny LLaVA, makes a labelled set from real photographs that ship with
-    scikit-image and scikit-learn (blur, JPEG, noise and patch shuffling in grades), then runs
-    extract-semantics, fit (tiny backbone), evaluate and score-folder on a photograph the model
-    never saw. The tiny models are random: the numbers show the pipeline learning image damage,
-    not the judgement of a real MLLM.
+    scikit-image and scikit-learn (blurred in six grades; the MOS falls with the blur), then
+    runs extract-semantics, fit (the CPU recipe: frozen tiny backbone, MoE head trained),
+    evaluate and score-folder on a photograph the model never saw. The tiny models are random:
+    the numbers show the pipeline learning image damage, not the judgement of a real MLLM.
+    --out must be new, empty or an earlier demo's folder; nothing else in it is deleted.
 
     \b
     Example:
       agiqa demo --out /tmp/agiqa-demo
     """
-    from agiqa.pipeline.demo import DEMO_EPOCHS, run_demo
+    from agiqa.pipeline.demo import CAVEAT, DEMO_EPOCHS, run_demo
 
     log = (lambda *_: None) if as_json else click.echo
-    result = run_demo(out, epochs=epochs or DEMO_EPOCHS, progress=not quiet, log=log)
+    result = run_demo(out, epochs=epochs or DEMO_EPOCHS, progress=not (quiet or as_json),
+                      log=log)
     if as_json:
         echo_json(result.to_dict())
         return
     print_metrics_table({"rows": result.metrics, "out": result.out / "run"})
+    click.echo(CAVEAT)
     click.echo("plots: " + "  ".join(str(p) for p in result.plots))
     click.echo(f"scores of the unseen photograph -> {result.scores_csv}")
     for row in result.unseen:

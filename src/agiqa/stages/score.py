@@ -16,22 +16,16 @@ Whatever the cache holds, its fingerprint must be the model's.
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
 
-from agiqa.cache import SemanticCache, ShardData, fingerprint_of, open_cache
+from agiqa.cache import SemanticCache, fingerprint_of, open_cache
 from agiqa.cache.store import MANIFEST
-from agiqa.data.images import file_sha256, list_images, load_image
+from agiqa.data.images import file_sha256, list_images
 from agiqa.data.pixels import resize_pixels
 from agiqa.errors import (
     BadImageError,
@@ -40,82 +34,17 @@ from agiqa.errors import (
     ConfigError,
     ModelLoadError,
 )
-from agiqa.fileio import atomic_path, write_json
 from agiqa.models.agiqa_net import load_model
 from agiqa.models.mllm import SemanticEncoder
 from agiqa.presets import PromptSet, agiqa_home
 from agiqa.runtime import resolve_device
 from agiqa.stages.predict import predict
+from agiqa.stages.score_io import ScoreReport, content_key, decoded, write_content_shard
 from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics, semantic_spec_of
 
-__all__ = ["CONTENT_KEY_PREFIX", "ScoreReport", "Scorer", "agiqa_home", "content_key"]
+__all__ = ["ScoreReport", "Scorer", "agiqa_home"]
 
-CONTENT_KEY_PREFIX = "sha256/"
 _CHUNK = 1024  # images per cache read, decode round and new shard
-
-
-def content_key(sha256: str) -> str:
-    """The key of a file's vectors in a content-addressed cache."""
-    return CONTENT_KEY_PREFIX + sha256
-
-
-@dataclass
-class ScoreReport:
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    failures: dict[str, str] = field(default_factory=dict)
-    skipped_files: list[str] = field(default_factory=list)
-    computed: int = 0  # images whose vectors were computed by the MLLM in this run
-
-    @property
-    def exit_code(self) -> int:
-        return 2 if self.failures else 0
-
-    def summary(self) -> dict[str, Any]:
-        scores = [r["score"] for r in self.rows]
-        return {"count": len(scores), "failed": len(self.failures), "computed": self.computed,
-                "mean": sum(scores) / len(scores) if scores else None,
-                "min": min(scores) if scores else None, "max": max(scores) if scores else None}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "failures": self.failures, "summary": self.summary(),
-                "skipped_files": self.skipped_files}
-
-    def write(self, out: str | os.PathLike) -> None:
-        """Write the rows atomically: ``.json`` (rows, failures, summary) or CSV otherwise."""
-        out = Path(out)
-        if out.suffix == ".json":
-            write_json(out, self.to_dict())
-            return
-        columns = list(self.rows[0]) if self.rows else ["path", "score"]
-        with atomic_path(out) as tmp:
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                w = csv.DictWriter(f, fieldnames=columns)
-                w.writeheader()
-                w.writerows(self.rows)
-
-
-class _Files(TorchDataset):
-    """Decodes one file per item; ``pixels=True`` gives the model's uint8 224×224 input."""
-
-    def __init__(self, paths: list[Path], pixels: bool):
-        self.paths, self.pixels = paths, pixels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            img, sha = load_image(self.paths[i])
-        except BadImageError as e:
-            return i, None, None, e.reason
-        return i, resize_pixels(img) if self.pixels else img, sha, None
-
-
-def _decoded(paths: list[Path], pixels: bool, batch_size: int, workers: int):
-    """Batches of ``(index, image or pixels, sha256, failure reason)``, decoded in workers."""
-    loader = DataLoader(_Files(paths, pixels), batch_size=batch_size, num_workers=workers,
-                        collate_fn=list)
-    yield from loader
 
 
 class Scorer:
@@ -279,7 +208,7 @@ class Scorer:
         keys = list(todo)
         failures: dict[str, str] = {}
         pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-        for batch in _decoded([todo[k] for k in keys], False, self.batch_size,
+        for batch in decoded([todo[k] for k in keys], False, self.batch_size,
                               self.loader_workers):
             failures.update({keys[i]: why for i, _, _, why in batch if why is not None})
             good = [(keys[i], img, sha) for i, img, sha, why in batch if why is None]
@@ -292,10 +221,10 @@ class Scorer:
                 else:  # keyed by the bytes just read, even if the file changed since
                     pending.append((sha, vectors[j], zero_shot[j]))
             if len(pending) >= _CHUNK:
-                _write_content_shard(cache, pending)
+                write_content_shard(cache, pending)
                 pending = []
         if pending:
-            _write_content_shard(cache, pending)
+            write_content_shard(cache, pending)
         return failures
 
     def _fill(self, items: list[tuple[str, Path]], keys: list[str | None],
@@ -391,7 +320,7 @@ class Scorer:
         """Score files whose vectors are cached; a file whose bytes no longer match fails."""
         data = cache.read([key for _, _, key in ready])
         kept, pixels = [], []
-        for batch in _decoded([path for _, path, _ in ready], True, self.batch_size,
+        for batch in decoded([path for _, path, _ in ready], True, self.batch_size,
                               self.loader_workers):
             for i, px, sha, why in batch:
                 label = ready[i][0]
@@ -450,16 +379,3 @@ class Scorer:
                 out[i] = self._columns(scores[j], gates[j], zs[j])
         return out  # type: ignore[return-value]
 
-
-def _write_content_shard(cache: SemanticCache,
-                         entries: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
-    """Write ``(sha256, vectors [P, D], zero_shot [P])`` entries as one shard, keyed by content."""
-    unique = {sha: (v, z) for sha, v, z in entries}
-    shas = sorted(unique)
-    keys = [content_key(s) for s in shas]
-    name = "shard-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
-    if cache.shard_path(name).exists():
-        return
-    vectors = torch.stack([unique[s][0] for s in shas]).to(torch.float16).numpy()
-    zero_shot = torch.stack([unique[s][1] for s in shas]).to(torch.float32).numpy()
-    cache.write_shard(name, ShardData(keys, shas, vectors, zero_shot.astype(np.float32), []))
