@@ -31,25 +31,6 @@ def model_dir(graded, tmp_path_factory):  # noqa: F811
     return out
 
 
-@pytest.fixture
-def forwards(monkeypatch):
-    """Batch sizes of the MLLM forward passes, counted by a hook on each loaded model's
-    input embeddings (every forward pass of the language model runs them once)."""
-    from transformers import AutoModelForImageTextToText
-
-    calls = []
-    original = AutoModelForImageTextToText.from_pretrained.__func__
-
-    def counting(cls, *args, **kwargs):
-        model = original(cls, *args, **kwargs)
-        model.get_input_embeddings().register_forward_hook(
-            lambda _module, _inputs, output: calls.append(output.shape[0]))
-        return model
-
-    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", classmethod(counting))
-    return calls
-
-
 def test_score_folder_scores_good_images_and_names_broken_ones(model_dir, photo_folder, tmp_path,
                                                                monkeypatch):
     root, kinds = photo_folder
@@ -102,20 +83,21 @@ def test_a_rewritten_image_is_extracted_again_and_json_output(model_dir, photo_f
 
 
 def test_score_folder_reuses_the_vectors_extract_semantics_wrote(model_dir, photo_folder,
-                                                                tmp_path, tiny_llava, forwards):
+                                                                tmp_path, tiny_llava,
+                                                                mllm_forwards):
     root, kinds = photo_folder
     cache = tmp_path / "cache"
     r = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out", cache,
             "-q", "--loader-workers", "0", "--batch-size", "4")
     assert r.exit_code == 2, r.output  # the broken files
     good = sorted(k for k, v in kinds.items() if v == "ok")
-    assert len(forwards) == P * -(-len(good) // 4) and set(forwards) <= {4, len(good) % 4}
-    forwards.clear()
+    assert len(mllm_forwards) == P * -(-len(good) // 4) and set(mllm_forwards) <= {4, len(good) % 4}
+    mllm_forwards.clear()
     s = run("score-folder", root, "--model", model_dir, "--cache", cache, "--json",
             "--loader-workers", "0")
     assert s.exit_code == 2, s.output
     data = json.loads(s.stdout)
-    assert forwards == [] and data["summary"]["computed"] == 0
+    assert mllm_forwards == [] and data["summary"]["computed"] == 0
     assert sorted(row["path"] for row in data["rows"]) == good
     verify = run("cache", "verify", cache, "--json")
     report = json.loads(verify.stdout)
@@ -123,23 +105,23 @@ def test_score_folder_reuses_the_vectors_extract_semantics_wrote(model_dir, phot
 
 
 def test_a_new_cache_is_rooted_at_the_folder_and_batch_size_is_honoured(model_dir, photo_folder,
-                                                                       tmp_path, forwards):
+                                                                       tmp_path, mllm_forwards):
     root, kinds = photo_folder
     good = sorted(k for k, v in kinds.items() if v == "ok")
     cache = tmp_path / "new-cache"
     s = run("score-folder", root, "--model", model_dir, "--cache", cache, "-q", "--json",
             "--batch-size", "3", "--loader-workers", "0")
     assert json.loads(s.stdout)["summary"]["computed"] == len(good)
-    assert len(forwards) == P * -(-len(good) // 3) and max(forwards) == 3
+    assert len(mllm_forwards) == P * -(-len(good) // 3) and max(mllm_forwards) == 3
     info = json.loads(run("cache", "info", cache, "--json").stdout)
     assert info["root"] == str(root.resolve()) and info["images"] == len(good)
     assert run("cache", "verify", cache).exit_code == 2  # only the broken files: failed
     # PIL images are batched by batch_size too.
-    forwards.clear()
+    mllm_forwards.clear()
     scorer = agiqa.Scorer.from_pretrained(model_dir, batch_size=2)
     images = [Image.open(root / k) for k in good[:5]]
     assert len(scorer.score(images)) == 5
-    assert forwards == [2, 2, 2, 2, 1, 1]
+    assert mllm_forwards == [2, 2, 2, 2, 1, 1]
 
 
 def test_a_cache_of_another_mllm_is_refused(model_dir, photo_folder, tmp_path, tiny_qwen):

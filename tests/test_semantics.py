@@ -146,11 +146,14 @@ def test_workers_creating_one_cache_at_once_agree(tmp_path):
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json"]
 
 
-def test_one_forward_pass_per_image_and_prompt(tiny_llava, photo_folder, tmp_path):
+def test_one_forward_pass_per_image_and_prompt(tiny_llava, photo_folder, tmp_path,
+                                               mllm_forwards):
     root, kinds = photo_folder
     report = _extract(tiny_llava, root, tmp_path / "c", batch_size=3)
     n_good = sum(v == "ok" for v in kinds.values())
-    assert report.forward_passes == 2 * n_good
+    # Counted by the model itself: one pass per prompt and batch, every image in one batch.
+    assert sum(mllm_forwards) == 2 * n_good and max(mllm_forwards) == 3
+    assert report.forward_passes == sum(mllm_forwards)
 
 
 def test_background_decoding_gives_the_same_vectors(tiny_llava, photo_folder, tmp_path):
