@@ -157,6 +157,60 @@ def _claim(out: Path) -> None:
     (out / MARKER).write_text("made by agiqa demo; its subfolders may be rebuilt\n")
 
 
+HELD_OUT = "flower"
+
+
+class _Laps:
+    """Seconds per step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._t, 2)
+        self._t = now
+
+
+def _prepare(out: Path, seed: int, log) -> tuple[Path, Path, Path]:
+    """The tiny MLLM, the blur-graded set and the unseen photograph."""
+    from agiqa.testing.tiny_mllm import build_tiny_mllm
+
+    names = [n for n in demo_photos() if n != HELD_OUT]
+    log(f"[1/6] tiny MLLM and a blur-graded set of {len(names)} real photographs -> {out}")
+    mllm = out / "tiny-llava"
+    if not (mllm / "config.json").is_file():
+        build_tiny_mllm("llava", mllm)
+    images = out / "images"
+    labels = make_graded_set(images, photos=names, distortions=("blur",), grades=6, crops=2,
+                             seed=seed)
+    make_graded_set(out / "unseen", photos=[HELD_OUT], distortions=("blur",), grades=6,
+                    seed=seed + 1)
+    (out / "unseen" / "labels.csv").unlink()
+    return mllm, images, labels
+
+
+def _fit(run: Path, images: Path, labels: Path, cache: Path, epochs: int, lr: float,
+         progress: bool, log) -> None:
+    """The CPU recipe that learns: frozen random tiny backbone, z-scored MoE head."""
+    from agiqa.stages.fit import FitConfig, fit_repeats
+
+    log(f"[3/6] fit (stage two): frozen tiny backbone, MoE head trained, {epochs} epochs")
+    if (run / "model.safetensors").is_file():
+        log(f"      {run} already holds a trained model; reusing it")
+        return
+    import shutil
+
+    # An interrupted run of this demo starts over (the marker says the demo made it).
+    shutil.rmtree(run, ignore_errors=True)
+    fit_repeats(FitConfig(dataset="csv", root=images, labels=labels, cache=cache, out=run,
+                          backbone="tiny", pretrained=False, epochs=epochs, lr=lr,
+                          backbone_lr=0.0, augment=False, score_norm="zscore",
+                          semantic_norm="zscore", t_max=100_000, split="random:0.7,0.1,0.2",
+                          seed=20, loader_workers=0, progress=progress))
+
+
 def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = 3e-4, seed: int = 0,
              progress: bool = True, log=print) -> DemoResult:
     """The whole pipeline offline on a CPU, through the functions behind the real commands.
@@ -175,34 +229,13 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = 3e-4
     """
     from agiqa.data.datasets import load_dataset
     from agiqa.stages.evaluate import evaluate_model
-    from agiqa.stages.fit import FitConfig, fit_repeats
     from agiqa.stages.score import Scorer
     from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
-    from agiqa.testing.tiny_mllm import build_tiny_mllm
 
     out = Path(out)
     _claim(out)
-    seconds: dict[str, float] = {}
-    t = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal t
-        now = time.perf_counter()
-        seconds[name] = round(now - t, 2)
-        t = now
-
-    held_out = "flower"
-    names = [n for n in demo_photos() if n != held_out]
-    log(f"[1/6] tiny MLLM and a graded set of {len(names)} real photographs -> {out}")
-    mllm = out / "tiny-llava"
-    if not (mllm / "config.json").is_file():
-        build_tiny_mllm("llava", mllm)
-    images = out / "images"
-    labels = make_graded_set(images, photos=names, distortions=("blur",), grades=6, crops=2,
-                             seed=seed)
-    make_graded_set(out / "unseen", photos=[held_out], distortions=("blur",), grades=6,
-                    seed=seed + 1)
-    (out / "unseen" / "labels.csv").unlink()
+    lap = _Laps()
+    mllm, images, labels = _prepare(out, seed, log)
     lap("prepare")
 
     log("[2/6] extract-semantics (stage one)")
@@ -215,21 +248,8 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = 3e-4
         f"{len(report.failures)} failed ({report.images_per_second:.1f} images/s)")
     lap("extract")
 
-    log(f"[3/6] fit (stage two): frozen tiny backbone, MoE head trained, {epochs} epochs")
     run = out / "run"
-    if (run / "model.safetensors").is_file():
-        log(f"      {run} already holds a trained model; reusing it")
-    else:
-        import shutil
-
-        # An interrupted run of this demo starts over (the marker says the demo made it).
-        shutil.rmtree(run, ignore_errors=True)
-        fit_repeats(FitConfig(dataset="csv", root=images, labels=labels, cache=cache, out=run,
-                              backbone="tiny", pretrained=False, epochs=epochs, lr=lr,
-                              backbone_lr=0.0, augment=False, score_norm="zscore",
-                              semantic_norm="zscore", t_max=100_000,
-                              split="random:0.7,0.1,0.2", seed=20,
-                              loader_workers=0, progress=progress))
+    _fit(run, images, labels, cache, epochs, lr, progress, log)
     lap("fit")
 
     log("[4/6] evaluate")
@@ -248,4 +268,4 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = 3e-4
     plots = [run / "scatter_test.png", run / "training_curves.png"]
     unseen = [{"path": r["path"], "score": r["score"]} for r in scored.rows]
     return DemoResult(out, {k: {m: v[m] for m in ("srcc", "plcc", "krcc", "rmse")}
-                            for k, v in metrics.items()}, plots, scores_csv, unseen, seconds)
+                            for k, v in metrics.items()}, plots, scores_csv, unseen, lap.seconds)
