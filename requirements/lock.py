@@ -1,4 +1,4 @@
-"""Regenerate or check ``constraints.txt``, the complete lock of the install (standard library only).
+"""Regenerate or check ``constraints.txt``, the complete lock of the install (stdlib only).
 
     python requirements/lock.py                  # resolve afresh, rewrite constraints.txt
     pip freeze | python requirements/lock.py --check requirements/constraints.txt
