@@ -211,7 +211,7 @@ def _fit(run: Path, images: Path, labels: Path, cache: Path, epochs: int, lr: fl
                           seed=20, loader_workers=0, progress=progress))
 
 
-def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = 3e-4, seed: int = 0,
+def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = 1e-3, seed: int = 0,
              progress: bool = True, log=print) -> DemoResult:
     """The whole pipeline offline on a CPU, through the functions behind the real commands.
 
@@ -220,7 +220,7 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = 3e-4
        of each, six grades), holding one photograph out (``out/unseen``);
     3. ``extract-semantics`` → ``out/cache``; ``fit`` → ``out/run`` with the CPU recipe that
        learns (the random ``tiny`` backbone frozen, the MoE head trained on z-scored MOS and
-       vectors, ``--lr 3e-4 --t-max 100000``, no augmentation); ``evaluate`` on the validation
+       vectors, ``--lr 1e-3 --t-max 100000``, no augmentation); ``evaluate`` on the validation
        and test splits; ``score-folder`` on the unseen photo → ``out/scores.csv``.
 
     ``out`` must be new, empty or an earlier demo's folder (it holds a marker file); an earlier
