@@ -91,7 +91,7 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, recursive, device, batch
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @handle_errors
 def demo_cmd(out, epochs, quiet, as_json):
-    """The whole pipeline offline on a CPU, in under two minutes, with tiny random models.
+    """The whole pipeline offline on a CPU, in a few minutes, with tiny random models.
 
     Builds a tiny LLaVA, makes a labelled set from real photographs that ship with
     scikit-image and scikit-learn (blurred in six grades; the MOS falls with the blur), then
