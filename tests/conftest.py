@@ -18,6 +18,25 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("AGIQA_HOME", str(tmp_path / "agiqa-home"))
 
 
+@pytest.fixture
+def mllm_forwards(monkeypatch) -> list[int]:
+    """Batch sizes of the MLLM forward passes while the test runs, counted by a hook on each
+    loaded model's input embeddings (every language-model forward pass runs them once)."""
+    from transformers import AutoModelForImageTextToText
+
+    calls: list[int] = []
+    original = AutoModelForImageTextToText.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        model = original(cls, *args, **kwargs)
+        model.get_input_embeddings().register_forward_hook(
+            lambda _module, _inputs, output: calls.append(output.shape[0]))
+        return model
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", classmethod(counting))
+    return calls
+
+
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory) -> Path:
     return build_tiny_mllm("llava", tmp_path_factory.mktemp("tiny-llava"))

@@ -38,7 +38,8 @@ def test_extract_exits_2_and_names_every_broken_file(tiny_llava, photo_folder, t
     assert "skipped 1 file(s) that are not images: notes.txt" in result.stderr
     good = sorted(k for k, v in kinds.items() if v == "ok")
     assert open_cache(tmp_path / "c").keys == good
-    assert f"{len(good) + 3} images: {len(good) + 3} computed, 0 already cached, 3 failed" in result.output
+    n = len(good) + 3
+    assert f"{n} images: {n} computed, 0 already cached, 3 failed" in result.output
 
     again = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out",
                 tmp_path / "c", "--quiet", "--json")
@@ -103,7 +104,8 @@ def test_usage_errors(tmp_path):
     r = run("extract-semantics", "--images", tmp_path / "nope", "--out", tmp_path / "c")
     assert r.exit_code == 1 and "image folder not found" in r.output
     r = run("cache", "info", tmp_path)
-    assert r.exit_code == 1 and r.output.strip() == f"Error: {tmp_path}: not a semantic cache (no manifest.json)"
+    expected = f"Error: {tmp_path}: not a semantic cache (no manifest.json)"
+    assert r.exit_code == 1 and r.output.strip() == expected
     r = run("extract-semantics", "--model", tmp_path / "no-model", "--images", tmp_path,
             "--out", tmp_path / "c")
     assert r.exit_code == 1 and "cannot load MLLM" in r.output

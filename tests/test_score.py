@@ -1,7 +1,8 @@
-"""``agiqa score-folder`` and ``agiqa.Scorer`` with a throwaway model and an empty cache."""
+"""``agiqa score-folder`` and ``agiqa.Scorer``: paths, cache keys, cache reuse, revisions."""
 
 import csv
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -10,6 +11,8 @@ from PIL import Image
 import agiqa
 from agiqa.cli import cli
 from tests.test_fit import FIT, graded  # noqa: F401 - the shared fixture
+
+P = 2  # the paper's prompts: one MLLM forward pass per prompt and batch
 
 
 def run(*args):
@@ -20,39 +23,38 @@ def run(*args):
 def model_dir(graded, tmp_path_factory):  # noqa: F811
     root, cache = graded
     out = tmp_path_factory.mktemp("run") / "run"
-    r = run("fit", *FIT, "--root", root, "--cache", cache, "--out", out, "--epochs", "1")
+    # Without -q, --json alone must keep progress and epoch lines off stdout.
+    r = run("fit", *[a for a in FIT if a != "-q"], "--root", root, "--cache", cache,
+            "--out", out, "--epochs", "1", "--json")
     assert r.exit_code == 0, r.output
+    assert set(json.loads(r.stdout)["rows"]) == {"test"}
     return out
 
 
-def test_score_folder_scores_good_images_and_names_broken_ones(model_dir, photo_folder, tmp_path):
+def test_score_folder_scores_good_images_and_names_broken_ones(model_dir, photo_folder, tmp_path,
+                                                               monkeypatch):
     root, kinds = photo_folder
     r = run("score-folder", root, "--model", model_dir, "--out", tmp_path / "s.csv", "-q",
             "--loader-workers", "0")
     assert r.exit_code == 2, r.output
     rows = list(csv.DictReader(open(tmp_path / "s.csv")))
     good = sorted(k for k, v in kinds.items() if v == "ok")
-    assert sorted(row["path"] for row in rows) == good
+    assert sorted(row["path"] for row in rows) == good  # nested/deeper/... at every depth
     assert list(rows[0]) == ["path", "score", "gate_semantic_content", "gate_coherence",
                              "gate_image", "zero_shot"]
     assert "failed: zero_bytes.png: empty file (0 bytes)" in r.stderr
     assert "failed: truncated.jpg: cannot decode" in r.stderr
     assert "failed: text_as.jpg: not an image" in r.stderr
     assert f"count {len(good)}" in r.output and "failed 3" in r.output
-    # A second run finds every vector in the per-user cache.
-    again = run("score-folder", root, "--model", model_dir, "--json", "-q")
+    # From inside the folder, `score-folder .` names the same relative paths, and the
+    # content-keyed per-user cache already holds every vector.
+    monkeypatch.chdir(root)
+    again = run("score-folder", ".", "--model", model_dir, "--json", "-q", "--loader-workers", "0")
     data = json.loads(again.stdout)
     by_path = {row["path"]: row["score"] for row in data["rows"]}
+    assert sorted(by_path) == good and data["summary"]["computed"] == 0
     assert all(abs(by_path[row["path"]] - float(row["score"])) < 1e-4 for row in rows)
-
-    changed = tmp_path / "changed"
-    changed.mkdir()
-    Image.open(root / "chelsea.png").save(changed / "x.png")
-    run("score-folder", changed, "--model", model_dir, "-q")
-    Image.open(root / "rocket.bmp").convert("RGB").save(changed / "x.png")
-    stale = run("score-folder", changed, "--model", model_dir, "-q")
-    assert stale.exit_code == 2 and "failed: x.png: changed since its vectors were cached" \
-        in stale.stderr
+    assert sorted(data["failures"]) == ["text_as.jpg", "truncated.jpg", "zero_bytes.png"]
 
     scorer = agiqa.Scorer.from_pretrained(model_dir)
     api = scorer.score([root / "chelsea.png", Image.open(root / "chelsea.png")])
@@ -61,6 +63,131 @@ def test_score_folder_scores_good_images_and_names_broken_ones(model_dir, photo_
     assert abs(api[1]["score"] - cli_score) < 1e-2  # a PIL image takes the same path in memory
     assert set(api[0]) == {"path", "score", "gate_semantic_content", "gate_coherence",
                            "gate_image", "zero_shot"}
+
+
+def test_a_rewritten_image_is_extracted_again_and_json_output(model_dir, photo_folder, tmp_path):
+    root, _ = photo_folder
+    folder = tmp_path / "changing"
+    folder.mkdir()
+    Image.open(root / "chelsea.png").save(folder / "x.png")
+    first = run("score-folder", folder, "--model", model_dir, "-q", "--out", tmp_path / "a.json")
+    assert first.exit_code == 0, first.output
+    Image.open(root / "rocket.bmp").convert("RGB").save(folder / "x.png")
+    second = run("score-folder", folder, "--model", model_dir, "-q", "--out", tmp_path / "b.json")
+    assert second.exit_code == 0, second.output
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert set(a) == {"rows", "failures", "summary", "skipped_files"}
+    assert a["summary"]["computed"] == 1 and b["summary"]["computed"] == 1  # new bytes, new key
+    assert [r["path"] for r in b["rows"]] == ["x.png"] and b["failures"] == {}
+    assert a["rows"][0]["zero_shot"] != b["rows"][0]["zero_shot"]
+
+
+def test_score_folder_reuses_the_vectors_extract_semantics_wrote(model_dir, photo_folder,
+                                                                tmp_path, tiny_llava,
+                                                                mllm_forwards):
+    root, kinds = photo_folder
+    cache = tmp_path / "cache"
+    r = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out", cache,
+            "-q", "--loader-workers", "0", "--batch-size", "4")
+    assert r.exit_code == 2, r.output  # the broken files
+    good = sorted(k for k, v in kinds.items() if v == "ok")
+    assert len(mllm_forwards) == P * -(-len(good) // 4) and set(mllm_forwards) <= {4, len(good) % 4}
+    mllm_forwards.clear()
+    s = run("score-folder", root, "--model", model_dir, "--cache", cache, "--json",
+            "--loader-workers", "0")
+    assert s.exit_code == 2, s.output
+    data = json.loads(s.stdout)
+    assert mllm_forwards == [] and data["summary"]["computed"] == 0
+    assert sorted(row["path"] for row in data["rows"]) == good
+    verify = run("cache", "verify", cache, "--json")
+    report = json.loads(verify.stdout)
+    assert report["missing"] == [] and report["changed"] == [] and report["checked"] == len(good)
+
+
+def test_a_new_cache_is_rooted_at_the_folder_and_batch_size_is_honoured(model_dir, photo_folder,
+                                                                       tmp_path, mllm_forwards):
+    root, kinds = photo_folder
+    good = sorted(k for k, v in kinds.items() if v == "ok")
+    cache = tmp_path / "new-cache"
+    s = run("score-folder", root, "--model", model_dir, "--cache", cache, "-q", "--json",
+            "--batch-size", "3", "--loader-workers", "0")
+    assert json.loads(s.stdout)["summary"]["computed"] == len(good)
+    assert len(mllm_forwards) == P * -(-len(good) // 3) and max(mllm_forwards) == 3
+    info = json.loads(run("cache", "info", cache, "--json").stdout)
+    assert info["root"] == str(root.resolve()) and info["images"] == len(good)
+    assert run("cache", "verify", cache).exit_code == 2  # only the broken files: failed
+    # PIL images are batched by batch_size too.
+    mllm_forwards.clear()
+    scorer = agiqa.Scorer.from_pretrained(model_dir, batch_size=2)
+    images = [Image.open(root / k) for k in good[:5]]
+    assert len(scorer.score(images)) == 5
+    assert mllm_forwards == [2, 2, 2, 2, 1, 1]
+
+
+def test_a_cache_of_another_mllm_is_refused(model_dir, photo_folder, tmp_path, tiny_qwen):
+    root, _ = photo_folder
+    other = tmp_path / "qwen-cache"
+    run("extract-semantics", "--model", tiny_qwen, "--images", root, "--out", other, "-q",
+        "--loader-workers", "0")
+    s = run("score-folder", root, "--model", model_dir, "--cache", other)
+    assert s.exit_code == 1
+    error = s.output.strip().splitlines()[-1]
+    assert error.startswith(f"Error: cache {other} has fingerprint")
+    assert str(tiny_qwen) in error and "the model needs" in error
+
+
+def _hub_repo(hub, source, commits, main):
+    repo = hub / "models--agiqa-test--tiny-llava"
+    for c in commits:
+        shutil.copytree(source, repo / "snapshots" / c)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(main)
+
+
+def test_the_recorded_revision_is_used_and_a_gone_one_is_named(model_dir, photo_folder,
+                                                               tmp_path, tiny_llava,
+                                                               monkeypatch):
+    """A hub repository (a local hub cache, offline) whose main moved on since training."""
+    from huggingface_hub import constants
+
+    from agiqa.cache import fingerprint_of
+
+    old, new = "a" * 40, "b" * 40
+    hub = tmp_path / "hub"
+    _hub_repo(hub, tiny_llava, [old, new], main=new)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    run_dir = tmp_path / "run"
+    shutil.copytree(model_dir, run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    config["semantics"].update(model="agiqa-test/tiny-llava", revision=old)
+    config["fingerprint"] = fingerprint_of(config["semantics"])
+    (run_dir / "config.json").write_text(json.dumps(config))
+    root, _ = photo_folder
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(root / "chelsea.png", folder)
+
+    def score(*extra):
+        return run("score-folder", folder, "--model", run_dir, "-q", "--loader-workers", "0",
+                   *extra)
+
+    ok = score("--json")
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["summary"]["computed"] == 1
+    shutil.rmtree(hub / "models--agiqa-test--tiny-llava" / "snapshots" / old)
+    assert score().exit_code == 0  # every vector is cached: the MLLM is not needed
+    shutil.copy(root / "coffee.webp", folder)
+    gone = score()
+    assert gone.exit_code == 1
+    assert f"at revision {old}, the revision the model was trained with" in gone.output
+    assert "pass --revision REV" in gone.output
+    other = score("--revision", "c" * 40)
+    assert other.exit_code == 1
+    assert f"cannot load revision {'c' * 40}" in other.output and old in other.output
+    moved = score("--revision", "main", "--json")
+    assert moved.exit_code == 0, moved.output
+    assert json.loads(moved.stdout)["summary"]["computed"] == 2  # vectors of another revision
 
 
 def test_model_without_semantics_is_refused(tmp_path):
@@ -73,4 +200,26 @@ def test_model_without_semantics_is_refused(tmp_path):
                                semantic_dim=16).state_dict(), tmp_path / "o.pt")
     import_official(tmp_path / "o.pt", tmp_path / "m")
     r = run("score-folder", tmp_path, "--model", tmp_path / "m")
-    assert r.exit_code == 1 and "import official checkpoints with --cache CACHE" in r.output
+    assert r.exit_code == 1 and "agiqa import-official" in r.output
+
+
+def test_json_output_is_json_alone_on_stdout(graded, model_dir, tmp_path, tiny_llava):  # noqa: F811
+    """--json without -q: progress lines must not reach stdout (fit: the model_dir fixture)."""
+    root, cache = graded
+    outputs = {
+        "extract-semantics": run("extract-semantics", "--model", tiny_llava, "--dataset", "csv",
+                                 "--root", root, "--out", cache, "--loader-workers", "0",
+                                 "--json"),
+        "evaluate": run("evaluate", "--model", model_dir, "--dataset", "csv", "--root", root,
+                        "--cache", cache, "--json"),
+        "score-folder": run("score-folder", root, "--model", model_dir, "--cache", cache,
+                            "--loader-workers", "0", "--json"),
+        "cache info": run("cache", "info", cache, "--json"),
+        "cache verify": run("cache", "verify", cache, "--json"),
+    }
+    for name, r in outputs.items():
+        assert r.exit_code == 0, (name, r.output)
+        data = json.loads(r.stdout)
+        assert isinstance(data, dict) and data, name
+    assert json.loads(outputs["extract-semantics"].stdout)["reused"] == 30
+    assert len(json.loads(outputs["score-folder"].stdout)["rows"]) == 30

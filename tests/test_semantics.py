@@ -31,7 +31,8 @@ def _direct(model_dir, image, prompt):
         logits = model(**enc2).logits[0, -1]
     tok = processor.tokenizer
     base = tok(text + sep + PROMPTS.answer_prefix, add_special_tokens=False)["input_ids"]
-    ids = [tok(text + sep + PROMPTS.answer_prefix + w, add_special_tokens=False)["input_ids"][len(base)]
+    prefix = text + sep + PROMPTS.answer_prefix
+    ids = [tok(prefix + w, add_special_tokens=False)["input_ids"][len(base)]
            for w in PROMPTS.rating_words]
     probs = torch.softmax(logits[ids], -1)
     return vector.numpy(), float(probs @ torch.tensor(PROMPTS.rating_weights))
@@ -147,11 +148,14 @@ def test_workers_creating_one_cache_at_once_agree(tmp_path):
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json"]
 
 
-def test_one_forward_pass_per_image_and_prompt(tiny_llava, photo_folder, tmp_path):
+def test_one_forward_pass_per_image_and_prompt(tiny_llava, photo_folder, tmp_path,
+                                               mllm_forwards):
     root, kinds = photo_folder
     report = _extract(tiny_llava, root, tmp_path / "c", batch_size=3)
     n_good = sum(v == "ok" for v in kinds.values())
-    assert report.forward_passes == 2 * n_good
+    # Counted by the model itself: one pass per prompt and batch, every image in one batch.
+    assert sum(mllm_forwards) == 2 * n_good and max(mllm_forwards) == 3
+    assert report.forward_passes == sum(mllm_forwards)
 
 
 def test_background_decoding_gives_the_same_vectors(tiny_llava, photo_folder, tmp_path):

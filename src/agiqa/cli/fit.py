@@ -144,7 +144,8 @@ def fit_cmd(dataset, root, labels, target, image_column, score_column, cache_dir
                     split=split, seed=seed, split_seed=split_seed, device=device,
                     augment=not no_augment, dropout=dropout, score_norm=score_norm,
                     semantic_norm=semantic_norm, amp=amp, compile=compile_model,
-                    loader_workers=loader_workers, resume=resume, progress=not quiet)
+                    loader_workers=loader_workers, resume=resume,
+                    progress=not (quiet or as_json))
     with _shown_warnings():
         summary = fit_repeats(cfg, repeats, split_seeds)
     from agiqa.runtime import is_main
@@ -190,7 +191,7 @@ def evaluate_cmd(model_dir, dataset, root, labels, target, image_column, score_c
     ds = dataset_from_options(dataset, root, labels, target, image_column, score_column)
     with _shown_warnings():
         result = evaluate_model(model_dir, ds, cache_dir, split, device, batch_size,
-                                progress=not quiet, amp=amp)
+                                progress=not (quiet or as_json), amp=amp)
     if as_json:
         echo_json(result)
     else:

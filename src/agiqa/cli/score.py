@@ -31,17 +31,22 @@ from agiqa.cli.common import (
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--loader-workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--revision", default=None,
+              help="MLLM revision to load [default: the one the model was trained with].")
+@click.option("--trust-remote-code/--no-trust-remote-code", default=None,
+              help="Allow the MLLM repository's own code [default: as the model records].")
 @click.option("--amp", is_flag=True, help="bf16 autocast of the scoring forward (not the "
               "paper's float32).")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print rows and summary as JSON.")
 @handle_errors
 def score_folder_cmd(folder, model_dir, cache_dir, out, recursive, device, batch_size,
-                     loader_workers, amp, quiet, as_json):
+                     loader_workers, revision, trust_remote_code, amp, quiet, as_json):
     """Score every image of a folder with a trained model.
 
-    Stage one runs only for images the cache lacks, with the MLLM of the model's fingerprint.
-    Broken files are named with their reason; the exit status is then 2.
+    Stage one runs only for images the cache lacks, with the MLLM of the model's fingerprint
+    at the revision it records. A --cache that extract-semantics filled for this folder is
+    reused as it is. Broken files are named with their reason; the exit status is then 2.
 
     \b
     Examples:
@@ -52,13 +57,14 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, recursive, device, batch
 
     scorer = Scorer.from_pretrained(model_dir, cache_dir=cache_dir, device=device,
                                     batch_size=batch_size, loader_workers=loader_workers,
-                                    progress=not quiet, amp=amp)
+                                    progress=not quiet and not as_json, amp=amp,
+                                    revision=revision, trust_remote_code=trust_remote_code)
     report = scorer.score_folder(folder, recursive)
     if out is not None:
         report.write(out)
     summary = report.summary()
     if as_json:
-        echo_json({"rows": report.rows, "failures": report.failures, "summary": summary})
+        echo_json(report.to_dict())
     else:
         if out is None:
             for r in report.rows:
@@ -88,23 +94,26 @@ def demo_cmd(out, epochs, quiet, as_json):
     """The whole pipeline offline on a CPU, in a few minutes, with tiny random models.
 
     Builds a tiny LLaVA, makes a labelled set from real photographs that ship with
-    scikit-image and scikit-learn (blur, JPEG, noise and patch shuffling in grades), then runs
-    extract-semantics, fit (tiny backbone), evaluate and score-folder on a photograph the model
-    never saw. The tiny models are random: the numbers show the pipeline learning image damage,
-    not the judgement of a real MLLM.
+    scikit-image and scikit-learn (blurred in six grades; the MOS falls with the blur), then
+    runs extract-semantics, fit (the CPU recipe: frozen tiny backbone, MoE head trained),
+    evaluate and score-folder on a photograph the model never saw. The tiny models are random:
+    the numbers show the pipeline learning image damage, not the judgement of a real MLLM.
+    --out must be new, empty or an earlier demo's folder; nothing else in it is deleted.
 
     \b
     Example:
       agiqa demo --out /tmp/agiqa-demo
     """
-    from agiqa.pipeline.demo import DEMO_EPOCHS, run_demo
+    from agiqa.pipeline.demo import CAVEAT, DEMO_EPOCHS, run_demo
 
     log = (lambda *_: None) if as_json else click.echo
-    result = run_demo(out, epochs=epochs or DEMO_EPOCHS, progress=not quiet, log=log)
+    result = run_demo(out, epochs=epochs or DEMO_EPOCHS, progress=not (quiet or as_json),
+                      log=log)
     if as_json:
         echo_json(result.to_dict())
         return
     print_metrics_table({"rows": result.metrics, "out": result.out / "run"})
+    click.echo(CAVEAT)
     click.echo("plots: " + "  ".join(str(p) for p in result.plots))
     click.echo(f"scores of the unseen photograph -> {result.scores_csv}")
     for row in result.unseen:

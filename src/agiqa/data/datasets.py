@@ -28,7 +28,7 @@ class Sample:
 
 @dataclass
 class Dataset:
-    """A labelled image set: samples in label-file order, the image root and where they came from."""
+    """A labelled image set: samples in label-file order, the image root and their source."""
 
     name: str
     root: Path
@@ -77,7 +77,8 @@ def _pick(header: list[str], wanted: str | None, candidates: list[str], what: st
           path: Path) -> str | None:
     if wanted:
         if wanted not in header:
-            raise DatasetError(f"{path}: no {what} column {wanted!r} (columns: {', '.join(header)})")
+            raise DatasetError(
+                f"{path}: no {what} column {wanted!r} (columns: {', '.join(header)})")
         return wanted
     for c in candidates:
         if c in header:

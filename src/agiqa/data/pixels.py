@@ -25,7 +25,8 @@ def resize_pixels(img: Image.Image | np.ndarray, size: int = INPUT_SIZE) -> torc
     """Resize an RGB image to uint8 [3, size, size] exactly as SPEC §4.1."""
     arr = np.asarray(img)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"expected an RGB uint8 image of shape [H, W, 3], got {arr.shape} {arr.dtype}")
+        raise ValueError(
+            f"expected an RGB uint8 image of shape [H, W, 3], got {arr.shape} {arr.dtype}")
     x = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)[None].float()
     y = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=False)
     return y.round_().clamp_(0, 255)[0].to(torch.uint8)

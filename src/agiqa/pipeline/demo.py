@@ -19,12 +19,18 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
+from agiqa.errors import ConfigError
 from agiqa.fileio import atomic_path
 
-__all__ = ["DEMO_EPOCHS", "DISTORTIONS", "DemoResult", "demo_photos", "make_graded_set", "run_demo"]
+__all__ = ["CAVEAT", "DEMO_EPOCHS", "DISTORTIONS", "DemoResult", "demo_photos", "make_graded_set",
+           "run_demo"]
 
 DISTORTIONS = ("blur", "jpeg", "noise", "shuffle")
-DEMO_EPOCHS = 12
+DEMO_EPOCHS = 30
+# Written into the demo's folder: the demo deletes only what a demo created.
+MARKER = ".agiqa-demo"
+CAVEAT = ("The MLLM is a tiny random model and the MOS is synthetic (it falls with the blur "
+          "grade): the numbers show the pipeline learning image damage, not a quality judgement.")
 
 
 def demo_photos() -> dict[str, np.ndarray]:
@@ -139,51 +145,97 @@ class DemoResult:
     def to_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "metrics": self.metrics,
                 "plots": [str(p) for p in self.plots], "scores_csv": str(self.scores_csv),
-                "unseen": self.unseen, "seconds": self.seconds}
+                "unseen": self.unseen, "seconds": self.seconds, "caveat": CAVEAT}
 
 
-def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = 5e-4, seed: int = 0,
-             progress: bool = True, log=print) -> DemoResult:
-    """The whole pipeline offline on a CPU, through the functions behind the real commands.
+def _claim(out: Path) -> None:
+    """Make ``out`` the demo's folder; refuse a non-empty folder a demo did not make."""
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise ConfigError(f"{out}: folder exists, is not empty and was not made by agiqa demo; "
+                          "choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by agiqa demo; its subfolders may be rebuilt\n")
 
-    1. builds a tiny LLaVA (random weights, locally trained tokenizer) in ``out/tiny-llava``;
-    2. writes a graded set of real photographs (``out/images``, ``labels.csv``), holding one
-       photograph out (``out/unseen``);
-    3. ``extract-semantics`` → ``out/cache``; ``fit`` with the ``tiny`` backbone → ``out/run``;
-       ``evaluate`` on the test split; ``score-folder`` on the unseen photo → ``out/scores.csv``.
 
-    The tiny models are random, so the numbers show the pipeline learning from image damage,
-    not the quality judgement of a real MLLM.
-    """
-    from agiqa.data.datasets import load_dataset
-    from agiqa.stages.evaluate import evaluate_model
-    from agiqa.stages.fit import FitConfig, fit_repeats
-    from agiqa.stages.score import Scorer
-    from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
+HELD_OUT = "flower"
+
+
+class _Laps:
+    """Seconds per step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._t, 2)
+        self._t = now
+
+
+def _prepare(out: Path, seed: int, log) -> tuple[Path, Path, Path]:
+    """The tiny MLLM, the blur-graded set and the unseen photograph."""
     from agiqa.testing.tiny_mllm import build_tiny_mllm
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    t = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal t
-        now = time.perf_counter()
-        seconds[name] = round(now - t, 2)
-        t = now
-
-    held_out = "flower"
-    names = [n for n in demo_photos() if n != held_out]
-    log(f"[1/6] tiny MLLM and a graded set of {len(names)} real photographs -> {out}")
+    names = [n for n in demo_photos() if n != HELD_OUT]
+    log(f"[1/6] tiny MLLM and a blur-graded set of {len(names)} real photographs -> {out}")
     mllm = out / "tiny-llava"
     if not (mllm / "config.json").is_file():
         build_tiny_mllm("llava", mllm)
     images = out / "images"
-    labels = make_graded_set(images, photos=names, seed=seed)
-    make_graded_set(out / "unseen", photos=[held_out], distortions=("blur", "shuffle"),
+    labels = make_graded_set(images, photos=names, distortions=("blur",), grades=6, crops=2,
+                             seed=seed)
+    make_graded_set(out / "unseen", photos=[HELD_OUT], distortions=("blur",), grades=6,
                     seed=seed + 1)
     (out / "unseen" / "labels.csv").unlink()
+    return mllm, images, labels
+
+
+def _fit(run: Path, images: Path, labels: Path, cache: Path, epochs: int, lr: float,
+         progress: bool, log) -> None:
+    """The CPU recipe that learns: frozen random tiny backbone, z-scored MoE head."""
+    from agiqa.stages.fit import FitConfig, fit_repeats
+
+    log(f"[3/6] fit (stage two): frozen tiny backbone, MoE head trained, {epochs} epochs")
+    if (run / "model.safetensors").is_file():
+        log(f"      {run} already holds a trained model; reusing it")
+        return
+    import shutil
+
+    # An interrupted run of this demo starts over (the marker says the demo made it).
+    shutil.rmtree(run, ignore_errors=True)
+    fit_repeats(FitConfig(dataset="csv", root=images, labels=labels, cache=cache, out=run,
+                          backbone="tiny", pretrained=False, epochs=epochs, lr=lr,
+                          backbone_lr=0.0, augment=False, score_norm="zscore",
+                          semantic_norm="zscore", t_max=100_000, split="random:0.7,0.1,0.2",
+                          seed=20, loader_workers=0, progress=progress))
+
+
+def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = 1e-3, seed: int = 0,
+             progress: bool = True, log=print) -> DemoResult:
+    """The whole pipeline offline on a CPU, through the functions behind the real commands.
+
+    1. builds a tiny LLaVA (random weights, locally trained tokenizer) in ``out/tiny-llava``;
+    2. writes a blur-graded set of real photographs (``out/images``, ``labels.csv``: two crops
+       of each, six grades), holding one photograph out (``out/unseen``);
+    3. ``extract-semantics`` → ``out/cache``; ``fit`` → ``out/run`` with the CPU recipe that
+       learns (the random ``tiny`` backbone frozen, the MoE head trained on z-scored MOS and
+       vectors, ``--lr 1e-3 --t-max 100000``, no augmentation); ``evaluate`` on the validation
+       and test splits; ``score-folder`` on the unseen photo → ``out/scores.csv``.
+
+    ``out`` must be new, empty or an earlier demo's folder (it holds a marker file); an earlier
+    demo's cache and trained model are reused. The tiny models are random, so the numbers show
+    the pipeline learning from image damage, not the quality judgement of a real MLLM.
+    """
+    from agiqa.data.datasets import load_dataset
+    from agiqa.stages.evaluate import evaluate_model
+    from agiqa.stages.score import Scorer
+    from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
+
+    out = Path(out)
+    _claim(out)
+    lap = _Laps()
+    mllm, images, labels = _prepare(out, seed, log)
     lap("prepare")
 
     log("[2/6] extract-semantics (stage one)")
@@ -196,19 +248,8 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = 5e-4
         f"{len(report.failures)} failed ({report.images_per_second:.1f} images/s)")
     lap("extract")
 
-    log(f"[3/6] fit (stage two): tiny backbone, {epochs} epochs")
     run = out / "run"
-    if (run / "model.safetensors").is_file():
-        log(f"      {run} already holds a trained model; reusing it")
-    else:
-        import shutil
-
-        shutil.rmtree(run, ignore_errors=True)  # an interrupted demo run starts over
-        fit_repeats(FitConfig(dataset="csv", root=images, labels=labels, cache=cache, out=run,
-                              backbone="tiny", pretrained=False, epochs=epochs, lr=lr,
-                              score_norm="zscore", semantic_norm="zscore", t_max=10_000,
-                              split="random:0.6,0.2,0.2", seed=seed,
-                              loader_workers=0, progress=progress))
+    _fit(run, images, labels, cache, epochs, lr, progress, log)
     lap("fit")
 
     log("[4/6] evaluate")
@@ -227,4 +268,4 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = 5e-4
     plots = [run / "scatter_test.png", run / "training_curves.png"]
     unseen = [{"path": r["path"], "score": r["score"]} for r in scored.rows]
     return DemoResult(out, {k: {m: v[m] for m in ("srcc", "plcc", "krcc", "rmse")}
-                            for k, v in metrics.items()}, plots, scores_csv, unseen, seconds)
+                            for k, v in metrics.items()}, plots, scores_csv, unseen, lap.seconds)

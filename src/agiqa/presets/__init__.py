@@ -1,59 +1,129 @@
 """Named presets kept as data: ``presets/<kind>/<name>.json``, looked up by file stem.
 
-Every lookup returns a fresh object, so callers may change what they get.
+Kinds: ``mllms``, ``prompts``, ``datasets``, ``backbones``. Built-in presets ship inside the
+package; a user adds presets (or overrides a built-in one of the same name) with files in
+``$AGIQA_HOME/presets/<kind>/<name>.json`` (``AGIQA_HOME`` defaults to ``~/.cache/agiqa``).
+Each file becomes a typed dataclass, ``Cls(**d)``, so an unknown key raises
+:class:`~agiqa.errors.ConfigError`. Every lookup returns a fresh object, so callers may change
+what they get. This package imports nothing of agiqa above it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from agiqa.errors import ConfigError
+from agiqa.fileio import agiqa_home
 
 __all__ = [
+    "DEFAULT_MLLM",
+    "DEFAULT_PROMPTS",
+    "KINDS",
+    "BackbonePreset",
     "DatasetPreset",
     "MllmPreset",
     "PromptSet",
     "Recipe",
+    "agiqa_home",
+    "describe_presets",
+    "is_hub_id",
     "list_presets",
+    "load_backbone_preset",
     "load_dataset_preset",
     "load_mllm_preset",
+    "load_prompt_preset",
     "load_prompts",
     "load_recipe",
+    "preset_source",
     "recipe_for_model",
     "resolve_model_id",
 ]
 
 DEFAULT_MLLM = "mplug-owl2"
 DEFAULT_PROMPTS = "paper"
+# Preset kinds (folder name → what one preset is, for messages).
+KINDS: dict[str, str] = {"mllms": "MLLM", "prompts": "prompt", "datasets": "data set",
+                         "backbones": "backbone", "recipes": "recipe"}
+# A Hugging Face repository id: owner/name, each part starting with a letter or digit.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def _preset_dir(kind: str):
-    return resources.files("agiqa.presets") / kind
+def _user_dir(kind: str) -> Path:
+    return agiqa_home() / "presets" / kind
+
+
+def _preset_files(kind: str) -> dict[str, tuple[Any, bool]]:
+    """Name → (file, is the user's) of every preset of ``kind``; a user's file shadows a
+    built-in one of the same name."""
+    files: dict[str, tuple[Any, bool]] = {}
+    builtin = resources.files("agiqa.presets") / kind
+    if builtin.is_dir():
+        files.update({p.name[:-5]: (p, False) for p in builtin.iterdir()
+                      if p.name.endswith(".json")})
+    user = _user_dir(kind)
+    if user.is_dir():
+        files.update({p.stem: (p, True) for p in user.glob("*.json")})
+    return files
 
 
 def list_presets(kind: str) -> list[str]:
-    """Names of the presets of one kind (``prompts``, ``mllms``, ``datasets``)."""
-    return sorted(p.name[:-5] for p in _preset_dir(kind).iterdir() if p.name.endswith(".json"))
+    """Names of the presets of one kind (``mllms``, ``prompts``, ``datasets``, ...)."""
+    return sorted(_preset_files(kind))
+
+
+def preset_source(kind: str, name: str) -> str:
+    """``built-in``, or the path of the user's file that defines the preset."""
+    path, is_user = _preset_files(kind).get(name, (None, False))
+    return str(path) if is_user else "built-in"
+
+
+def _did_you_mean(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name.lower(), names, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 def _load(kind: str, name: str) -> dict[str, Any]:
-    path = _preset_dir(kind) / f"{name}.json"
-    if not path.is_file():
-        names = list_presets(kind)
-        close = difflib.get_close_matches(name, names, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(
-            f"unknown {kind[:-1]} preset {name!r} (choose from {', '.join(names)}){hint}"
-        )
-    return json.loads(path.read_text(encoding="utf-8"))
+    """The JSON object of preset ``name``; an unknown name suggests the close ones."""
+    files = _preset_files(kind)
+    path = files[name][0] if name in files else None
+    label = KINDS.get(kind, kind.rstrip("s"))
+    if path is None:
+        names = sorted(files)
+        raise ConfigError(f"unknown {label} preset {name!r} (choose from {', '.join(names)})"
+                          + _did_you_mean(name, names))
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{label} preset {path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{label} preset {path}: a JSON object is needed")
+    return d
 
 
+def _build(cls: type, d: dict[str, Any], source: str) -> Any:
+    """``cls(**d)``, with unknown and missing keys reported as a :class:`ConfigError`."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown keys {unknown} (known: {', '.join(sorted(known))})")
+    missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in d
+                     and f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ConfigError(f"{source}: missing keys {missing}")
+    return cls(**d)
+
+
+# -- prompts -------------------------------------------------------------------------------------
 @dataclass
 class PromptSet:
     """The quality prompts (one semantic expert each) and the zero-shot rating recipe."""
@@ -94,11 +164,16 @@ class PromptSet:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "prompts": [{"name": n, "text": t} for n, t in zip(self.names, self.texts)],
+            "prompts": [{"name": n, "text": t}
+                        for n, t in zip(self.names, self.texts, strict=True)],
             "answer_prefix": self.answer_prefix,
             "rating_words": list(self.rating_words),
             "rating_weights": list(self.rating_weights),
         }
+
+    def summary(self) -> dict[str, Any]:
+        return {"prompts": len(self.texts), "names": list(self.names),
+                "description": self.description}
 
 
 def load_prompts(spec: str | os.PathLike = DEFAULT_PROMPTS) -> PromptSet:
@@ -114,12 +189,21 @@ def load_prompts(spec: str | os.PathLike = DEFAULT_PROMPTS) -> PromptSet:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from None
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if not lines:
+            raise ConfigError(f"{path}: no prompt in the file (one prompt a line)")
         return PromptSet(names=[f"prompt{i + 1}" for i in range(len(lines))], texts=lines)
-    return PromptSet.from_dict(_load("prompts", str(spec)), f"prompt preset {spec}")
+    return load_prompt_preset(str(spec))
 
 
+def load_prompt_preset(name: str) -> PromptSet:
+    return PromptSet.from_dict(_load("prompts", name), f"prompt preset {name}")
+
+
+# -- MLLMs ---------------------------------------------------------------------------------------
 @dataclass
 class MllmPreset:
+    """A tested MLLM: its hub id (and optionally a pinned revision) and what it costs."""
+
     name: str
     model: str
     description: str = ""
@@ -129,21 +213,43 @@ class MllmPreset:
     gpu_memory: str = ""
     revision: str | None = None
 
+    def summary(self) -> dict[str, Any]:
+        return {"model": self.model, "revision": self.revision, "width": self.hidden_size,
+                "parameters": self.parameters, "download": self.download,
+                "gpu_memory": self.gpu_memory, "description": self.description}
+
 
 def load_mllm_preset(name: str) -> MllmPreset:
-    return MllmPreset(name=name, **_load("mllms", name))
+    return _build(MllmPreset, {"name": name, **_load("mllms", name)}, f"MLLM preset {name}")
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` has the shape of a Hugging Face repository id, ``owner/name``."""
+    return bool(_HUB_ID.fullmatch(spec)) and ".." not in spec
 
 
 def resolve_model_id(spec: str | os.PathLike) -> str:
-    """A preset name → its hub id; a local folder or hub id is returned as given."""
+    """A local folder as given, a preset name → its hub id, a hub id (``owner/name``) as given.
+
+    Anything else is refused before any hub call, with the close preset names.
+    """
     spec = str(spec)
-    if "/" not in spec and not Path(spec).exists() and spec in list_presets("mllms"):
+    if Path(spec).exists():
+        return spec
+    names = list_presets("mllms")
+    if spec in names:
         return load_mllm_preset(spec).model
-    return spec
+    if is_hub_id(spec):
+        return spec
+    raise ConfigError(f"MLLM {spec!r} is neither a preset ({', '.join(names)}), an existing "
+                      "folder nor a hub id (owner/name)" + _did_you_mean(spec, names))
 
 
+# -- data sets -----------------------------------------------------------------------------------
 @dataclass
 class DatasetPreset:
+    """A labelled data set: its label file, columns, targets, split files and score range."""
+
     name: str
     labels: str
     image_columns: list[str]
@@ -155,9 +261,72 @@ class DatasetPreset:
     description: str = ""
     url: str = ""
 
+    def summary(self) -> dict[str, Any]:
+        return {"labels": self.labels, "targets": list(self.targets),
+                "default_target": self.default_target, "score_range": self.score_range,
+                "split_files": sorted(self.split_files), "description": self.description,
+                "url": self.url}
+
 
 def load_dataset_preset(name: str) -> DatasetPreset:
-    return DatasetPreset(name=name, **_load("datasets", name))
+    return _build(DatasetPreset, {"name": name, **_load("datasets", name)},
+                  f"data set preset {name}")
+
+
+# -- backbones -----------------------------------------------------------------------------------
+@dataclass
+class BackbonePreset:
+    """A vision backbone: the timm ViT, its overrides and the MANIQA widths that follow."""
+
+    name: str
+    timm_name: str
+    feature_blocks: list[int]
+    maniqa_dim: int
+    vit_args: dict[str, Any] = field(default_factory=dict)
+    swin_heads: int = 4
+    dim_mlp: int = 768
+    score_bias_init: float | None = None
+    description: str = ""
+
+    def architecture(self) -> dict[str, Any]:
+        """The model arguments (``ModelConfig`` fields) this backbone sets."""
+        d = {"timm_name": self.timm_name, "vit_args": dict(self.vit_args),
+             "feature_blocks": list(self.feature_blocks), "maniqa_dim": self.maniqa_dim,
+             "swin_heads": self.swin_heads, "dim_mlp": self.dim_mlp}
+        if self.score_bias_init is not None:
+            d["score_bias_init"] = self.score_bias_init
+        return d
+
+    def summary(self) -> dict[str, Any]:
+        return {"timm_name": self.timm_name, "width": self.vit_args.get("embed_dim", 768),
+                "maniqa_width": self.maniqa_dim, "feature_blocks": list(self.feature_blocks),
+                "description": self.description}
+
+
+def load_backbone_preset(name: str) -> BackbonePreset:
+    return _build(BackbonePreset, {"name": name, **_load("backbones", name)},
+                  f"backbone preset {name}")
+
+
+# -- listing -------------------------------------------------------------------------------------
+_LOADERS: dict[str, Callable[[str], Any]] = {
+    "mllms": load_mllm_preset,
+    "prompts": load_prompt_preset,
+    "datasets": load_dataset_preset,
+    "backbones": load_backbone_preset,
+}
+
+
+def describe_presets(kinds: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Every preset of ``kinds`` (default: all) as ``{kind: [{"name", "source", ...}]}``."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for kind in kinds or list(_LOADERS):
+        if kind not in _LOADERS:
+            raise ConfigError(f"unknown preset kind {kind!r} (choose from {', '.join(_LOADERS)})")
+        out[kind] = [{"name": name, "source": preset_source(kind, name),
+                      **_LOADERS[kind](name).summary()} for name in list_presets(kind)]
+    return out
+
 
 
 # -- extraction recipes --------------------------------------------------------------------------

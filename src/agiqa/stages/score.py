@@ -1,72 +1,61 @@
-"""Inference: score images with a trained model, computing semantic vectors the cache lacks.
+"""Inference: score images with a trained model, computing only the semantic vectors a cache lacks.
 
-Stage one runs only for images the cache does not hold, with the MLLM recorded in the model's
-fingerprint; the default cache lives under ``$AGIQA_HOME/caches`` (``~/.cache/agiqa``), one per
-fingerprint, keyed by absolute path.
+The MLLM is the one the model's fingerprint records, at the recorded revision, so a hub
+repository that moved on still gives the vectors the model was trained on. Two kinds of cache:
+
+* a cache with a recorded image root (what ``extract-semantics`` writes, or what a new
+  ``--cache DIR`` becomes): keys are paths relative to that root, so ``score-folder DIR --cache
+  C`` reuses exactly what ``extract-semantics --images DIR --out C`` wrote, and ``cache verify``
+  keeps working;
+* the default per-user cache, ``$AGIQA_HOME/caches/<fingerprint>``, keyed by the sha256 of the
+  file bytes (``sha256/<hex>``): the same bytes anywhere are computed once, on every OS, and a
+  rewritten image is simply a new key.
+
+Whatever the cache holds, its fingerprint must be the model's.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from agiqa.cache import fingerprint_of, open_cache
-from agiqa.data.images import list_images, load_image
+from agiqa.cache import SemanticCache, fingerprint_of, open_cache
+from agiqa.cache.store import MANIFEST
+from agiqa.data.images import file_sha256, list_images
 from agiqa.data.pixels import resize_pixels
-from agiqa.errors import CheckpointError, ConfigError
-from agiqa.fileio import agiqa_home
+from agiqa.errors import (
+    BadImageError,
+    CacheMismatchError,
+    CheckpointError,
+    ConfigError,
+    ModelLoadError,
+)
 from agiqa.models.agiqa_net import load_model
 from agiqa.models.mllm import SemanticEncoder
-from agiqa.presets import PromptSet
+from agiqa.presets import PromptSet, agiqa_home
 from agiqa.runtime import resolve_device
 from agiqa.stages.predict import predict
+from agiqa.stages.score_io import ScoreReport, content_key, decoded, write_content_shard
 from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics, semantic_spec_of
 
 __all__ = ["ScoreReport", "Scorer", "agiqa_home"]
 
-
-@dataclass
-class ScoreReport:
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    failures: dict[str, str] = field(default_factory=dict)
-    skipped_files: list[str] = field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        return 2 if self.failures else 0
-
-    def summary(self) -> dict[str, Any]:
-        scores = [r["score"] for r in self.rows]
-        return {"count": len(scores), "failed": len(self.failures),
-                "mean": sum(scores) / len(scores) if scores else None,
-                "min": min(scores) if scores else None, "max": max(scores) if scores else None}
-
-    def write(self, out: str | os.PathLike) -> None:
-        """Write the rows atomically: ``.json`` (rows, failures, summary) or CSV otherwise."""
-        import csv
-
-        from agiqa.fileio import atomic_path, write_json
-
-        out = Path(out)
-        if out.suffix == ".json":
-            write_json(out, {"rows": self.rows, "failures": self.failures,
-                             "summary": self.summary()})
-            return
-        columns = list(self.rows[0]) if self.rows else ["path", "score"]
-        with atomic_path(out) as tmp:
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                w = csv.DictWriter(f, fieldnames=columns)
-                w.writeheader()
-                w.writerows(self.rows)
+_CHUNK = 1024  # images per cache read, decode round and new shard
 
 
 class Scorer:
     """Scores images with a run directory or an imported official checkpoint.
+
+    Args:
+        model: the loaded model (:func:`agiqa.load_model`).
+        cache_dir: the semantic cache to use and fill (default: content-addressed, per user).
+        revision: the MLLM revision to load (default: the one the model records).
+        trust_remote_code: allow the MLLM repository's code (default: what the model records).
+        batch_size: images per MLLM forward pass, for files and PIL images alike.
 
     >>> scorer = Scorer.from_pretrained("runs/3k")          # doctest: +SKIP
     >>> scorer.score(["a.png", PIL.Image.open("b.jpg")])    # doctest: +SKIP
@@ -74,20 +63,30 @@ class Scorer:
 
     def __init__(self, model, cache_dir: str | os.PathLike | None = None, device: str = "auto",
                  batch_size: int = 8, loader_workers: int = 2, progress: bool = False,
-                 amp: bool = False):
+                 amp: bool = False, revision: str | None = None,
+                 trust_remote_code: bool | None = None):
         cfg = model.agiqa_config
         if not cfg.get("semantics"):
             raise CheckpointError("the model records no MLLM (semantic fingerprint); import "
-                                  "official checkpoints with --cache CACHE")
+                                  "official checkpoints again with agiqa import-official "
+                                  "(--mllm MLLM or --cache CACHE)")
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {batch_size}")
         self.model = model
         self.spec = cfg["semantics"]
+        self.pad_square = (self.spec.get("recipe") or {}).get("pad_square")
         self.fingerprint = cfg.get("fingerprint") or fingerprint_of(self.spec)
         self.prompt_names = cfg.get("prompt_names") or [f"prompt{i + 1}" for i in
                                                         range(len(self.spec["prompts"]))]
+        recorded = self.spec.get("revision")
+        # A local folder's "revision" is a content label, not something to check out.
+        self.recorded_revision = None if str(recorded or "").startswith("local-") else recorded
+        self.revision = revision or self.recorded_revision
+        self.trust_remote_code = bool(cfg.get("trust_remote_code", False)) \
+            if trust_remote_code is None else trust_remote_code
         self.device = resolve_device(device)
         self.model.to(self.device)
-        self.cache_dir = Path(cache_dir) if cache_dir else \
-            agiqa_home() / "caches" / self.fingerprint[:16]
+        self._cache_dir = Path(cache_dir) if cache_dir else None
         self.batch_size, self.loader_workers, self.progress = batch_size, loader_workers, progress
         self.amp = amp  # bf16 autocast of the forward; float32 (the official code) by default
         self._encoder: SemanticEncoder | None = None
@@ -96,73 +95,268 @@ class Scorer:
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> Scorer:
         return cls(load_model(path), **kwargs)
 
+    # -- the MLLM and the cache ----------------------------------------------------------------
+    @property
+    def revision_overridden(self) -> bool:
+        return self.revision != self.recorded_revision
+
     @property
     def encoder(self) -> SemanticEncoder:
+        """The MLLM of the model's fingerprint (config and processor; weights on first use)."""
         if self._encoder is None:
-            s = self.spec
-            prompts = PromptSet(names=list(self.prompt_names), texts=list(s["prompts"]),
-                                answer_prefix=s["answer_prefix"], rating_words=s["rating_words"],
-                                rating_weights=s["rating_weights"])
-            enc = SemanticEncoder(s["model"], prompts, device=str(self.device), dtype=s["dtype"],
-                                  pad_square=(s.get("recipe") or {}).get("pad_square"))
-            if fingerprint_of(semantic_spec_of(enc)) != self.fingerprint:
-                raise ConfigError(
-                    f"the MLLM {s['model']} found now has fingerprint "
-                    f"{fingerprint_of(semantic_spec_of(enc))[:16]}, the model was trained on "
-                    f"{self.fingerprint[:16]} (another revision or dtype?)")
-            self._encoder = enc
+            self._encoder = self._make_encoder()
         return self._encoder
+
+    def _make_encoder(self) -> SemanticEncoder:
+        s = self.spec
+        prompts = PromptSet(names=list(self.prompt_names), texts=list(s["prompts"]),
+                            answer_prefix=s["answer_prefix"], rating_words=s["rating_words"],
+                            rating_weights=s["rating_weights"])
+        try:
+            enc = SemanticEncoder(s["model"], prompts, revision=self.revision,
+                                  device=str(self.device), dtype=s["dtype"],
+                                  trust_remote_code=self.trust_remote_code,
+                                  pad_square=self.pad_square)
+        except ModelLoadError as e:
+            if self.revision_overridden:
+                raise ModelLoadError(
+                    f"cannot load revision {self.revision} of MLLM {s['model']} (the model was "
+                    f"trained with revision {self.recorded_revision}): {e}") from None
+            raise ModelLoadError(
+                f"cannot load MLLM {s['model']} at revision {self.revision}, the revision the "
+                f"model was trained with ({e}); if that revision is gone, pass --revision REV "
+                "to score with vectors of another revision") from None
+        found = fingerprint_of(semantic_spec_of(enc))
+        if not self.revision_overridden and found != self.fingerprint:
+            raise ConfigError(
+                f"the MLLM {s['model']} found now has fingerprint {found[:16]} (revision "
+                f"{enc.resolved_revision}), the model was trained on {self.fingerprint[:16]} "
+                f"(revision {s.get('revision')}); another revision or dtype?")
+        return enc
+
+    @property
+    def vector_fingerprint(self) -> str:
+        """The fingerprint of the vectors this scorer uses: the model's, unless ``--revision``
+        picked another revision of the MLLM."""
+        if not self.revision_overridden:
+            return self.fingerprint
+        return fingerprint_of(semantic_spec_of(self.encoder))
+
+    @property
+    def cache_dir(self) -> Path:
+        if self._cache_dir is not None:
+            return self._cache_dir
+        return agiqa_home() / "caches" / self.vector_fingerprint[:16]
+
+    def _existing_cache(self) -> SemanticCache | None:
+        """The cache, if it exists, after checking that it holds this model's kind of vectors."""
+        if not (self.cache_dir / MANIFEST).is_file():
+            return None
+        cache = open_cache(self.cache_dir)
+        expected = self.vector_fingerprint
+        if cache.fingerprint != expected:
+            theirs, ours = cache.spec, self.spec
+            raise CacheMismatchError(
+                str(self.cache_dir), expected, cache.fingerprint,
+                f"it holds vectors of {theirs.get('model')} at revision "
+                f"{theirs.get('revision')} ({theirs.get('dtype')}), the model needs "
+                f"{ours.get('model')} at revision {self.revision or ours.get('revision')} "
+                f"({ours.get('dtype')})")
+        return cache
+
+    def _extract_config(self) -> ExtractConfig:
+        return ExtractConfig(out=self.cache_dir, model=self.spec["model"], revision=self.revision,
+                             dtype=self.spec["dtype"], batch_size=self.batch_size,
+                             loader_workers=self.loader_workers, progress=self.progress,
+                             device=str(self.device), trust_remote_code=self.trust_remote_code,
+                             pad_square=self.pad_square, workers=1, worker=0)
+
+    # -- vectors ---------------------------------------------------------------------------------
+    def _encode(self, images: list[Image.Image]
+                ) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
+        """One forward pass per prompt over ``images``: float16-rounded vectors [n, P, D],
+        zero-shot scores [n, P] and the images refused (position → reason)."""
+        enc = self.encoder.load(progress=self.progress)
+        n_prompts = len(enc.prompts.texts)
+        refused: dict[int, str] = {}
+        try:
+            inputs = [enc.prepare(images, p) for p in range(n_prompts)]
+        except Exception:  # noqa: BLE001 - find the images the processor refuses, keep the rest
+            for j, img in enumerate(images):
+                try:
+                    enc.prepare([img], 0)
+                except Exception as e:  # noqa: BLE001
+                    refused[j] = f"the MLLM's processor refused it ({type(e).__name__}: {e})"
+            kept = [img for j, img in enumerate(images) if j not in refused]
+            inputs = [enc.prepare(kept, p) for p in range(n_prompts)] if kept else []
+        vectors = torch.zeros(len(images), n_prompts, enc.dim)
+        zero_shot = torch.zeros(len(images), n_prompts)
+        rows = [j for j in range(len(images)) if j not in refused]
+        if rows:
+            for p in range(n_prompts):
+                v, z = enc.encode(inputs[p], p)
+                vectors[rows, p], zero_shot[rows, p] = v, z
+        half = vectors.to(torch.float16)
+        for j in rows:
+            if not (torch.isfinite(half[j]).all() and torch.isfinite(zero_shot[j]).all()):
+                refused[j] = "the MLLM produced a non-finite or float16-overflowing vector"
+        return half.float(), zero_shot, refused
+
+    def _fill_content(self, todo: dict[str, Path]) -> dict[str, str]:
+        """Compute the vectors of ``todo`` (content key → file) into the content-addressed
+        cache, a shard per ``_CHUNK`` images. Returns the failures (key → reason)."""
+        enc = self.encoder
+        cache = SemanticCache.create(self.cache_dir, semantic_spec_of(enc), enc.prompts.names,
+                                     enc.dim)
+        keys = list(todo)
+        failures: dict[str, str] = {}
+        pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        for batch in decoded([todo[k] for k in keys], False, self.batch_size,
+                              self.loader_workers):
+            failures.update({keys[i]: why for i, _, _, why in batch if why is not None})
+            good = [(keys[i], img, sha) for i, img, sha, why in batch if why is None]
+            if not good:
+                continue
+            vectors, zero_shot, refused = self._encode([img for _, img, _ in good])
+            for j, (key, _, sha) in enumerate(good):
+                if j in refused:
+                    failures[key] = refused[j]
+                else:  # keyed by the bytes just read, even if the file changed since
+                    pending.append((sha, vectors[j], zero_shot[j]))
+            if len(pending) >= _CHUNK:
+                write_content_shard(cache, pending)
+                pending = []
+        if pending:
+            write_content_shard(cache, pending)
+        return failures
+
+    def _fill(self, items: list[tuple[str, Path]], keys: list[str | None],
+              root: Path | None, report: ScoreReport) -> dict[str, str]:
+        """Compute the vectors the cache lacks; returns the failures (key → reason)."""
+        cache = self._existing_cache()
+        todo: dict[str, Path] = {}
+        for (label, path), key in zip(items, keys, strict=True):
+            if key is not None and label not in report.failures and \
+                    (cache is None or key not in cache):
+                todo.setdefault(key, path)
+        if not todo:
+            return {}
+        if root is None:
+            failures = self._fill_content(todo)
+        else:
+            extracted = extract_semantics(self._extract_config(), ImageSource(root, sorted(todo)),
+                                          self.encoder)
+            failures = dict(extracted.failures)
+        report.computed += len(todo) - len(failures)
+        return failures
+
+    # -- scoring -----------------------------------------------------------------------------------
+    def score_paths(self, paths: list[str | os.PathLike]) -> ScoreReport:
+        """Score image files; the report names them as given."""
+        return self._score([(str(p), Path(p)) for p in paths])
+
+    def score_folder(self, folder: str | os.PathLike, recursive: bool = True) -> ScoreReport:
+        """Score every image of a folder; paths in the report are relative to it, with ``/``."""
+        folder = Path(folder)
+        keys, others = list_images(folder, recursive)
+        report = self._score([(k, folder / k) for k in keys], folder)
+        report.skipped_files = others
+        return report
+
+    def _key_root(self, items: list[tuple[str, Path]], folder: Path | None) -> Path | None:
+        """The image root keys are relative to, or None for content keys."""
+        if self._cache_dir is None:
+            return None  # the default cache is content-addressed
+        cache = self._existing_cache()
+        if cache is not None:
+            return cache.root
+        if not items:
+            return None
+        # A new --cache is rooted at the scored folder (or the files' common folder).
+        if folder is not None:
+            return folder.resolve()
+        return Path(os.path.commonpath([p.resolve().parent for _, p in items]))
+
+    def _keys(self, items: list[tuple[str, Path]], root: Path | None,
+              report: ScoreReport) -> list[str | None]:
+        keys: list[str | None] = []
+        for label, path in items:
+            try:
+                if root is None:
+                    keys.append(content_key(file_sha256(path)))
+                else:
+                    keys.append(path.resolve().relative_to(root).as_posix())
+                continue
+            except ValueError:
+                report.failures[label] = (f"outside the image root {root} of cache "
+                                          f"{self.cache_dir}; score it with another --cache")
+            except FileNotFoundError:
+                report.failures[label] = "file not found"
+            except OSError as e:
+                report.failures[label] = f"cannot read: {e.strerror or e}"
+            keys.append(None)
+        return keys
+
+    def _score(self, items: list[tuple[str, Path]], folder: Path | None = None) -> ScoreReport:
+        report = ScoreReport()
+        root = self._key_root(items, folder)
+        keys = self._keys(items, root, report)
+        failures = self._fill(items, keys, root, report)
+        cache = self._existing_cache()
+        for start in range(0, len(items), _CHUNK):
+            chunk = [(label, path, key) for (label, path), key in
+                     zip(items[start:start + _CHUNK], keys[start:start + _CHUNK], strict=True)
+                     if label not in report.failures]
+            ready = []
+            for label, path, key in chunk:
+                if cache is not None and key in cache:
+                    ready.append((label, path, key))
+                else:
+                    why = failures.get(key) or (cache.failures.get(key) if cache else None)
+                    report.failures[label] = why or "no semantic vector"
+            if ready:
+                self._predict(cache, ready, root is None, report)
+        return report
+
+    def _predict(self, cache: SemanticCache, ready: list[tuple[str, Path, str]],
+                 content_keyed: bool, report: ScoreReport) -> None:
+        """Score files whose vectors are cached; a file whose bytes no longer match fails."""
+        data = cache.read([key for _, _, key in ready])
+        kept, pixels = [], []
+        for batch in decoded([path for _, path, _ in ready], True, self.batch_size,
+                              self.loader_workers):
+            for i, px, sha, why in batch:
+                label = ready[i][0]
+                if why is not None:
+                    report.failures[label] = why
+                elif sha != data["sha256"][i]:
+                    report.failures[label] = "changed while it was being scored" \
+                        if content_keyed else (
+                            f"changed since its vectors were cached in {self.cache_dir} "
+                            f"(agiqa cache verify {self.cache_dir} lists such files)")
+                else:
+                    kept.append(i)
+                    pixels.append(px)
+        if not kept:
+            return
+        vectors = torch.from_numpy(data["vectors"][kept])
+        scores, gates = predict(self.model, torch.stack(pixels), vectors, self.device, 32,
+                                self.amp, with_gates=True)
+        zs = data["zero_shot"][kept].mean(1)
+        for j, i in enumerate(kept):
+            report.rows.append({"path": ready[i][0], **self._columns(scores[j], gates[j], zs[j])})
 
     def _columns(self, score, gates, zero_shot) -> dict[str, Any]:
         row = {"score": float(score)}
-        for name, g in zip([*self.prompt_names, "image"], gates.tolist()):
+        for name, g in zip([*self.prompt_names, "image"], gates.tolist(), strict=True):
             row[f"gate_{name}"] = g
         row["zero_shot"] = float(zero_shot)
         return row
 
-    def score_paths(self, paths: list[str | os.PathLike]) -> ScoreReport:
-        """Score image files; vectors come from the cache or are computed into it."""
-        abs_keys = [Path(p).resolve().as_posix().lstrip("/") for p in paths]
-        source = ImageSource(Path("/"), abs_keys)
-        cfg = ExtractConfig(out=self.cache_dir, model=self.spec["model"], dtype=self.spec["dtype"],
-                            batch_size=self.batch_size, loader_workers=self.loader_workers,
-                            progress=self.progress, device=str(self.device), workers=1, worker=0)
-        cache_has_all = (self.cache_dir / "manifest.json").is_file() and all(
-            k in open_cache(self.cache_dir) for k in abs_keys)
-        report = ScoreReport()
-        if not cache_has_all:
-            extract_semantics(cfg, source, self.encoder)
-        cache = open_cache(self.cache_dir)
-        known_failures = cache.failures
-        good = []
-        for p, k in zip(paths, abs_keys):
-            if k in cache:
-                good.append((p, k))
-            else:
-                report.failures[str(p)] = known_failures.get(k, "no semantic vector")
-        if good:
-            data = cache.read([k for _, k in good])
-            # The file is read here anyway: its hash tells whether the cached vectors are stale.
-            decoded = [load_image(p) for p, _ in good]
-            fresh = [i for i, (_, sha) in enumerate(decoded) if sha == data["sha256"][i]]
-            for i in sorted(set(range(len(good))) - set(fresh)):
-                report.failures[str(good[i][0])] = (
-                    f"changed since its vectors were cached in {self.cache_dir}; "
-                    "score it with another --cache")
-            good = [good[i] for i in fresh]
-            data = {k: v[fresh] for k, v in data.items() if k != "sha256"}
-            pixels = torch.stack([resize_pixels(decoded[i][0]) for i in fresh]) if fresh else None
-        if good:
-            scores, gates = predict(self.model, pixels, torch.from_numpy(data["vectors"]),
-                                    self.device, 32, self.amp, with_gates=True)
-            zs = data["zero_shot"].mean(1)
-            for i, (p, _) in enumerate(good):
-                report.rows.append({"path": str(p), **self._columns(scores[i], gates[i], zs[i])})
-        return report
-
     def score(self, items: list[str | os.PathLike | Image.Image]) -> list[dict[str, Any]]:
         """Scores of paths or PIL images, in order: dicts with score, gates and zero_shot.
 
+        PIL images run through the MLLM in batches of ``batch_size``; they are not cached.
         Raises the file's error for a path that cannot be scored.
         """
         out: list[dict[str, Any] | None] = [None] * len(items)
@@ -172,36 +366,19 @@ class Scorer:
             by_path = {r["path"]: r for r in report.rows}
             for i, p in paths:
                 if str(p) not in by_path:
-                    from agiqa.errors import BadImageError
-
                     raise BadImageError(str(p), report.failures.get(str(p), "not scored"))
                 out[i] = by_path[str(p)]
         images = [(i, x.convert("RGB")) for i, x in enumerate(items) if isinstance(x, Image.Image)]
-        if images:
-            enc = self.encoder.load(progress=self.progress)
-            imgs = [im for _, im in images]
-            vecs, zss = [], []
-            for p in range(len(enc.prompts.texts)):
-                v, z = enc.encode(enc.prepare(imgs, p), p)
-                vecs.append(v)
-                zss.append(z)
-            vectors = torch.stack(vecs, 1).to(torch.float16)
-            pixels = torch.stack([resize_pixels(im) for im in imgs])
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start:start + self.batch_size]
+            vectors, zero_shot, refused = self._encode([im for _, im in batch])
+            for j, reason in refused.items():
+                raise BadImageError(f"image {batch[j][0]} of the list", reason)
+            pixels = torch.stack([resize_pixels(im) for _, im in batch])
             scores, gates = predict(self.model, pixels, vectors, self.device, 32, self.amp,
                                     with_gates=True)
-            zs = torch.stack(zss, 1).mean(1)
-            for j, (i, _) in enumerate(images):
+            zs = zero_shot.mean(1)
+            for j, (i, _) in enumerate(batch):
                 out[i] = self._columns(scores[j], gates[j], zs[j])
         return out  # type: ignore[return-value]
 
-    def score_folder(self, folder: str | os.PathLike, recursive: bool = True) -> ScoreReport:
-        """Score every image of a folder; paths in the report are relative to it."""
-        folder = Path(folder)
-        keys, others = list_images(folder, recursive)
-        report = self.score_paths([folder / k for k in keys])
-        prefix = len(str(folder)) + 1
-        for r in report.rows:
-            r["path"] = r["path"][prefix:]
-        report.failures = {p[prefix:]: why for p, why in report.failures.items()}
-        report.skipped_files = others
-        return report

@@ -1,0 +1,103 @@
+"""What scoring reads and writes: the report, decoded files and content-keyed cache shards."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from agiqa.cache import SemanticCache, ShardData
+from agiqa.data.images import load_image
+from agiqa.data.pixels import resize_pixels
+from agiqa.errors import BadImageError
+from agiqa.fileio import atomic_path, write_json
+
+__all__ = ["CONTENT_KEY_PREFIX", "ScoreReport", "content_key", "decoded", "write_content_shard"]
+
+CONTENT_KEY_PREFIX = "sha256/"
+
+
+def content_key(sha256: str) -> str:
+    """The key of a file's vectors in a content-addressed cache."""
+    return CONTENT_KEY_PREFIX + sha256
+
+
+@dataclass
+class ScoreReport:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+    skipped_files: list[str] = field(default_factory=list)
+    computed: int = 0  # images whose vectors were computed by the MLLM in this run
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.failures else 0
+
+    def summary(self) -> dict[str, Any]:
+        scores = [r["score"] for r in self.rows]
+        return {"count": len(scores), "failed": len(self.failures), "computed": self.computed,
+                "mean": sum(scores) / len(scores) if scores else None,
+                "min": min(scores) if scores else None, "max": max(scores) if scores else None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "failures": self.failures, "summary": self.summary(),
+                "skipped_files": self.skipped_files}
+
+    def write(self, out: str | os.PathLike) -> None:
+        """Write the rows atomically: ``.json`` (rows, failures, summary) or CSV otherwise."""
+        out = Path(out)
+        if out.suffix == ".json":
+            write_json(out, self.to_dict())
+            return
+        columns = list(self.rows[0]) if self.rows else ["path", "score"]
+        with atomic_path(out) as tmp:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=columns)
+                w.writeheader()
+                w.writerows(self.rows)
+
+
+class _Files(TorchDataset):
+    """Decodes one file per item; ``pixels=True`` gives the model's uint8 224×224 input."""
+
+    def __init__(self, paths: list[Path], pixels: bool):
+        self.paths, self.pixels = paths, pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            img, sha = load_image(self.paths[i])
+        except BadImageError as e:
+            return i, None, None, e.reason
+        return i, resize_pixels(img) if self.pixels else img, sha, None
+
+
+def decoded(paths: list[Path], pixels: bool, batch_size: int, workers: int):
+    """Batches of ``(index, image or pixels, sha256, failure reason)``, decoded in workers."""
+    loader = DataLoader(_Files(paths, pixels), batch_size=batch_size, num_workers=workers,
+                        collate_fn=list)
+    yield from loader
+
+
+
+def write_content_shard(cache: SemanticCache,
+                         entries: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
+    """Write ``(sha256, vectors [P, D], zero_shot [P])`` entries as one shard, keyed by content."""
+    unique = {sha: (v, z) for sha, v, z in entries}
+    shas = sorted(unique)
+    keys = [content_key(s) for s in shas]
+    name = "shard-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+    if cache.shard_path(name).exists():
+        return
+    vectors = torch.stack([unique[s][0] for s in shas]).to(torch.float16).numpy()
+    zero_shot = torch.stack([unique[s][1] for s in shas]).to(torch.float32).numpy()
+    cache.write_shard(name, ShardData(keys, shas, vectors, zero_shot, []))
