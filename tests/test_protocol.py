@@ -334,7 +334,7 @@ def test_too_small_for_the_official_batches_falls_back_with_a_warning(small_set,
 ])
 def test_bad_numbers_are_usage_errors(small_set, tmp_path, option, value, why):
     r = run(*fit_args(small_set, tmp_path / "r", option, value))
-    assert r.exit_code == 2
+    assert r.exit_code == 64  # EX_USAGE: never mistaken for "finished, some images failed"
     assert f"Invalid value for '{option}': {why}" in r.output
     assert not (tmp_path / "r").exists()
 

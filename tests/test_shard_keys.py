@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from agiqa.cache.checksums import failures_crc, text_crc
 from agiqa.cache.shards import (
     ShardData,
-    _failures_crc,
-    _text_crc,
     _zarr_raw_index,
     read_shard_keys,
     write_shard,
@@ -32,7 +31,7 @@ def test_agiqa_zarr_shard_keys_parse_without_zarr(tmp_path, keys):
     write_shard(path, _data(keys), "zarr")
     fast = _zarr_raw_index(path)
     assert fast is not None and fast[:2] == (keys, [("bad.jpg", "not an image")])
-    assert fast[2]["keys"] == _text_crc(keys)
+    assert fast[2]["keys"] == text_crc(keys)
     g = zarr.open_group(str(path), mode="r")
     assert [str(k) for k in g["keys"][:]] == keys
     assert read_shard_keys(path) == fast[:2]
@@ -46,5 +45,5 @@ def test_compressed_keys_of_older_shards_go_through_zarr(tmp_path):
     assert _zarr_raw_index(path) is None  # zstd-compressed: not parsed by hand
     with pytest.raises(CacheError, match="no checksum"):
         read_shard_keys(path)  # and, without checksums, refused
-    g.attrs["checksums"] = {"keys": _text_crc(KEYS), "failures": _failures_crc([])}
+    g.attrs["checksums"] = {"keys": text_crc(KEYS), "failures": failures_crc([])}
     assert read_shard_keys(path) == (KEYS, [])  # read through zarr and checked

@@ -25,13 +25,19 @@ import json
 import os
 import shutil
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from agiqa.cache.checksums import (
+    array_crc,
+    failures_crc,
+    require_checksum,
+    text_crc,
+    vector_checksum,
+)
 from agiqa.errors import CacheError
 from agiqa.fileio import atomic_path, remove_path, temporary_sibling
 
@@ -64,61 +70,11 @@ class ShardData:
 
 
 # -- checksums ---------------------------------------------------------------------------------
-def _crc(data: np.ndarray, value: int = 0) -> int:
-    return zlib.crc32(np.ascontiguousarray(data).reshape(-1).view(np.uint8), value)
-
-
-def _fmt_crc(value: int) -> str:
-    return f"crc32:{value & 0xFFFFFFFF:08x}"
-
-
-def _text_crc(items: list[str]) -> str:
-    # NUL never occurs in a path or a hex digest: an unambiguous separator.
-    return _fmt_crc(zlib.crc32("\0".join(items).encode("utf-8")))
-
-
-def _array_crc(arr: np.ndarray, dtype: str) -> str:
-    return _fmt_crc(_crc(np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<"))))
-
-
-_SUM_BLOCK = 4096  # 64-bit words per block: 32 KiB
-
-
-def vector_checksum(arr: np.ndarray) -> str:
-    """``sum64:<bytes>:<s1>:<s2>`` of the little-endian float16 bytes of ``arr``: s1 the sum of
-    its 64-bit words, s2 the sum of its 32 KiB block sums weighted by block number (mod 2**64)."""
-    b = np.ascontiguousarray(arr, dtype="<f2").reshape(-1).view(np.uint8)
-    full = b.size // (8 * _SUM_BLOCK) * (8 * _SUM_BLOCK)
-    blocks = b[:full].view(np.uint64).reshape(-1, _SUM_BLOCK).sum(1, dtype=np.uint64)
-    tail = b[full:]
-    if tail.size:
-        padded = np.zeros(-(-tail.size // 8) * 8, np.uint8)
-        padded[: tail.size] = tail
-        blocks = np.append(blocks, padded.view(np.uint64).sum(dtype=np.uint64))
-    weights = np.arange(1, blocks.size + 1, dtype=np.uint64)
-    s1 = int(blocks.sum(dtype=np.uint64))
-    s2 = int((blocks * weights).sum(dtype=np.uint64))
-    return f"sum64:{b.size:x}:{s1:016x}:{s2:016x}"
-
-
-def _failures_crc(failures: list[tuple[str, str]]) -> str:
-    return _fmt_crc(zlib.crc32(json.dumps([list(f) for f in failures]).encode("utf-8")))
-
-
 def checksums_of(data: ShardData) -> dict[str, str]:
-    return {"keys": _text_crc(data.keys), "sha256": _text_crc(data.sha256),
+    return {"keys": text_crc(data.keys), "sha256": text_crc(data.sha256),
             "vectors": vector_checksum(data.vectors),
-            "zero_shot": _array_crc(data.zero_shot, "f4"),
-            "failures": _failures_crc(data.failures)}
-
-
-def _require(path: Path, what: str, expected: dict[str, str], got: str) -> None:
-    if what not in expected:
-        raise CacheError(f"{path}: the shard records no checksum of its {what} (written by an "
-                         "older agiqa or cut short); rerun extract-semantics to rebuild it")
-    if expected[what] != got:
-        raise CacheError(f"{path}: the shard's {what} fail their checksum (a chunk is missing, "
-                         "truncated or damaged); rerun extract-semantics to rebuild it")
+            "zero_shot": array_crc(data.zero_shot, "f4"),
+            "failures": failures_crc(data.failures)}
 
 
 # -- writing -----------------------------------------------------------------------------------
@@ -329,8 +285,8 @@ def read_shard_index(path: str | os.PathLike
         keys, failures, checksums = fast
     else:
         keys, failures, checksums = _read_index(path)
-    _require(path, "keys", checksums, _text_crc(keys))
-    _require(path, "failures", checksums, _failures_crc(failures))
+    require_checksum(path, "keys", checksums, text_crc(keys))
+    require_checksum(path, "failures", checksums, failures_crc(failures))
     return keys, failures, checksums
 
 
@@ -407,10 +363,10 @@ def read_shard(path: str | os.PathLike, vectors: bool = True) -> ShardData:
     finally:
         if closer is not None:
             closer.close()
-    for what, got in (("keys", _text_crc(keys)), ("sha256", _text_crc(sha)),
-                      ("zero_shot", _array_crc(zero_shot, "f4")),
-                      ("failures", _failures_crc(failures))):
-        _require(path, what, checksums, got)
+    for what, got in (("keys", text_crc(keys)), ("sha256", text_crc(sha)),
+                      ("zero_shot", array_crc(zero_shot, "f4")),
+                      ("failures", failures_crc(failures))):
+        require_checksum(path, what, checksums, got)
     if vec is not None:
         read_shard_vectors_into(path, vec, checksums.get("vectors"))
     return ShardData(keys=keys, sha256=sha, zero_shot=zero_shot, failures=failures,
@@ -491,7 +447,8 @@ def read_shard_vectors_into(path: str | os.PathLike, out: np.ndarray,
         raise
     except Exception as e:  # noqa: BLE001
         raise _damaged(path, e) from None
-    _require(path, "vectors", {"vectors": expected} if expected else {}, vector_checksum(out))
+    recorded = {"vectors": expected} if expected else {}
+    require_checksum(path, "vectors", recorded, vector_checksum(out))
 
 
 def named_by_link(error: CacheError, path: Path) -> CacheError:

@@ -1,0 +1,53 @@
+"""The package's imports run one way: cli → pipeline → stages → models / cache / data → presets,
+runtime, errors, fileio, metrics (``agiqa.testing`` sits beside the stages)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import agiqa
+
+PACKAGE = Path(agiqa.__file__).parent
+LAYERS = {"cli": 0, "pipeline": 1, "stages": 2, "testing": 2, "models": 3, "cache": 3, "data": 3,
+          "presets": 4, "runtime": 4, "errors": 4, "fileio": 4, "metrics": 4}
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("agiqa."):
+            found.append((node.lineno, node.module.split(".")[1]))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name.split(".")[1]) for a in node.names
+                      if a.name.startswith("agiqa.")]
+    return found
+
+
+def test_every_module_belongs_to_a_layer():
+    tops = {p.relative_to(PACKAGE).with_suffix("").parts[0] for p in PACKAGE.rglob("*.py")}
+    assert tops - {"__init__", "__main__"} <= set(LAYERS), tops - set(LAYERS)
+
+
+def test_no_import_runs_up_the_layers():
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        layer = path.relative_to(PACKAGE).with_suffix("").parts[0]
+        if layer not in LAYERS:
+            continue
+        upward += [f"{path.relative_to(PACKAGE)}:{line}: {layer} -> {target}"
+                   for line, target in _imports(path)
+                   if target in LAYERS and LAYERS[target] < LAYERS[layer]]
+    assert not upward, "\n".join(upward)
+
+
+def test_benchmarks_import_no_test_module():
+    bench = PACKAGE.parents[1] / "benchmarks"
+    if not bench.is_dir():  # an installed wheel has no benchmarks
+        return
+    for path in bench.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            assert not any(n == "tests" or n.startswith("tests.") for n in names), path
