@@ -52,7 +52,7 @@ DEFAULT_MLLM = "mplug-owl2"
 DEFAULT_PROMPTS = "paper"
 # Preset kinds (folder name → what one preset is, for messages).
 KINDS: dict[str, str] = {"mllms": "MLLM", "prompts": "prompt", "datasets": "data set",
-                         "backbones": "backbone", "recipes": "recipe"}
+                         "backbones": "backbone"}
 # A Hugging Face repository id: owner/name, each part starting with a letter or digit.
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 

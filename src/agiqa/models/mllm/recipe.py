@@ -20,7 +20,13 @@ from PIL import Image
 
 from agiqa.errors import ConfigError, ModelLoadError
 from agiqa.fileio import LOCAL_REVISION_PREFIX, folder_content_hash
-from agiqa.presets import Recipe, list_presets, load_mllm_preset, recipe_for_model
+from agiqa.presets import (
+    Recipe,
+    list_presets,
+    load_mllm_preset,
+    recipe_for_model,
+    resolve_model_id,
+)
 
 __all__ = ["MllmIdentity", "check_prompt_order", "expand2square", "identify_mllm",
            "pad_colour", "render_prompt_first"]
@@ -103,6 +109,8 @@ def identify_mllm(model: str, revision: str | None = None, fetch: bool = True) -
                 preset, model = name, p.model
                 revision = revision or p.revision
                 break
+        else:  # neither a folder nor a preset: a hub id (owner/name), else did-you-mean
+            model = resolve_model_id(model)
     if folder.exists():
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"cannot load MLLM {model!r}: the folder has no config.json")
