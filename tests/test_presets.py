@@ -65,7 +65,7 @@ def test_a_mistyped_mllm_gets_did_you_mean_and_no_hub_call(tmp_path):
     assert r.exit_code == 1
     assert "did you mean llava-1.5-7b" in r.output
     assert not (tmp_path / "c").exists()
-    with pytest.raises(ConfigError, match="neither a preset"):
+    with pytest.raises(ConfigError, match="no such folder"):
         resolve_model_id("./no/such/folder")
     assert resolve_model_id("llava-1.5-7b") == "llava-hf/llava-1.5-7b-hf"
     assert resolve_model_id("someone/some-model") == "someone/some-model"

@@ -241,6 +241,8 @@ def resolve_model_id(spec: str | os.PathLike) -> str:
         return load_mllm_preset(spec).model
     if is_hub_id(spec):
         return spec
+    if spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1 or os.sep in spec:
+        raise ConfigError(f"cannot load MLLM {spec!r}: no such folder (nor a preset or hub id)")
     raise ConfigError(f"MLLM {spec!r} is neither a preset ({', '.join(names)}), an existing "
                       "folder nor a hub id (owner/name)" + _did_you_mean(spec, names))
 
