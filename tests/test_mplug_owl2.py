@@ -182,3 +182,29 @@ def test_mismatched_images_are_refused(loaded):
     _, processor = loaded
     with pytest.raises(ValueError, match="1 <\\|image\\|> markers for 2 images"):
         processor(text=["USER: hi\n<|image|>"], images=[Image.new("RGB", (9, 9))] * 2)
+
+
+def test_one_vision_pass_serves_every_prompt(loaded, images):
+    """``image_repeats``: the pixels come once; rows run prompt by prompt over the images."""
+    model, processor = loaded
+    texts = [META["prompts"][k]["text"] for k in META["prompts"]]
+    n = len(images)
+    rows = [t for t in texts for _ in range(n)]
+    repeated = processor(text=rows, images=images * len(texts))
+    shared = dict(repeated, pixel_values=processor.image_processor(images)["pixel_values"],
+                  image_repeats=len(texts))
+    calls = []
+    hook = model.model.vision_model.register_forward_hook(
+        lambda _m, args, _out: calls.append(args[0].shape[0]))
+    try:
+        a, _ = _vectors(model, repeated)
+        b, _ = _vectors(model, shared)
+    finally:
+        hook.remove()
+    assert calls == [n * len(texts), n]
+    assert float((a - b).abs().max()) <= 1e-6
+    for p, key in enumerate(META["prompts"]):
+        official = torch.from_numpy(EXPECTED[f"{key}/vectors"])
+        assert float((b[p * n:(p + 1) * n] - official).abs().max()) <= TOLERANCE
+    with pytest.raises(ValueError, match=f"{n} image\\(s\\) give {n * 65} visual tokens"):
+        _vectors(model, dict(shared, image_repeats=1))

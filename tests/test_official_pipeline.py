@@ -122,3 +122,29 @@ def test_the_default_fingerprint_is_the_papers():
     assert spec["dtype"] == "float16" and official["dim"] == 4096
     assert spec["prompts"] == load_prompts("paper").texts
     assert spec["recipe"]["turn"] == "USER: {prompt}\n<|image|> ASSISTANT:"
+
+
+def test_both_prompts_in_one_pass_with_one_vision_pass_per_image(owl2, tmp_path):
+    """mPLUG-Owl2 fuses the prompts by default: half the model calls, one vision pass per
+    image; ``fuse_prompts=False`` runs a pass per prompt. Both give the official vectors."""
+    from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
+
+    folder, images = owl2
+    got = {}
+    for fuse in (None, False):
+        enc = SemanticEncoder(str(folder), load_prompts("paper"), fuse_prompts=fuse).load()
+        seen = []
+        enc.model.model.vision_model.register_forward_hook(
+            lambda _m, args, _out, seen=seen: seen.append(args[0].shape[0]))
+        cfg = ExtractConfig(out=tmp_path / str(fuse), model=str(folder), batch_size=2,
+                            loader_workers=0, progress=False)
+        report = extract_semantics(cfg, ImageSource.from_folder(images), enc)
+        n = len(META["images"])
+        assert report.forward_passes == 2 * n and sum(seen) == (n if fuse is None else 2 * n)
+        assert report.model_calls == (1 if fuse is None else 2) * -(-n // 2)
+        got[fuse] = open_cache(tmp_path / str(fuse)).read(META["images"])
+    assert enc.fuse_prompts is False
+    for run_ in got.values():
+        np.testing.assert_allclose(run_["vectors"].astype(np.float32), _official_vectors(),
+                                   rtol=2**-10, atol=1e-4)
+    np.testing.assert_allclose(got[None]["zero_shot"], got[False]["zero_shot"], atol=1e-5)

@@ -225,3 +225,26 @@ def test_cache_reads_whole_shards_in_place_and_gathers_subsets(fmt, tmp_path):
         shard.write_bytes(shard.read_bytes()[:500])
     with pytest.raises(CacheError, match="unreadable shard|truncated"):
         open_cache(tmp_path / fmt).read(keys)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+def test_fused_prompts_equal_one_pass_per_prompt(family, tiny_llava, tiny_qwen, photo_folder,
+                                                 tmp_path, mllm_forwards):
+    root, _ = photo_folder
+    model = tiny_llava if family == "llava" else tiny_qwen
+    separate = _extract(model, root, tmp_path / "s", batch_size=3)
+    calls_separate = list(mllm_forwards)
+    mllm_forwards.clear()
+    fused = _extract(model, root, tmp_path / "f", batch_size=3, fuse_prompts=True)
+    # One pass per batch holding both prompts (rows: prompt-major), half the calls.
+    assert sum(mllm_forwards) == sum(calls_separate) == fused.forward_passes
+    assert len(mllm_forwards) * 2 == len(calls_separate) == separate.model_calls
+    assert max(mllm_forwards) == 6 and fused.model_calls == len(mllm_forwards)
+    # The prompts differ in length, so the fused rows of the shorter one are left-padded.
+    assert fused.to_dict()["padding_fraction"] > separate.to_dict()["padding_fraction"]
+    a, b = open_cache(tmp_path / "s"), open_cache(tmp_path / "f")
+    assert a.keys == b.keys
+    ra, rb = a.read(a.keys), b.read(b.keys)
+    np.testing.assert_allclose(rb["vectors"].astype(np.float32),
+                               ra["vectors"].astype(np.float32), rtol=2**-9, atol=1e-4)
+    np.testing.assert_allclose(rb["zero_shot"], ra["zero_shot"], atol=1e-5)

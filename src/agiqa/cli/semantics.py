@@ -43,6 +43,10 @@ from agiqa.cli.common import (
 @click.option("--pad-square/--no-pad-square", default=None,
               help="Pad each image to a square of the processor's mean colour before the "
                    "processor  [default: the recipe's: on for mPLUG-Owl2, off otherwise]")
+@click.option("--fuse-prompts/--no-fuse-prompts", default=None,
+              help="Run both prompts of a batch in one forward pass (batch rows: prompts x "
+                   "images)  [default: on for mPLUG-Owl2, whose vision tower then runs once "
+                   "per image; off otherwise]")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own code.")
 @click.option("--no-retry-failed", "no_retry_failed", is_flag=True,
               help="Leave images that failed in an earlier run alone (default: try them again).")
@@ -57,8 +61,8 @@ from agiqa.cli.common import (
 @handle_errors
 def extract_semantics_cmd(model, revision, images, dataset, root, labels, target, image_column,
                           score_column, out, fmt, prompts, batch_size, shard_size, device, dtype,
-                          pad_square, trust_remote_code, no_retry_failed, workers, worker,
-                          loader_workers, quiet, as_json):
+                          pad_square, fuse_prompts, trust_remote_code, no_retry_failed, workers,
+                          worker, loader_workers, quiet, as_json):
     """Stage one: run the MLLM once per image and prompt; cache the semantic vectors.
 
     \b
@@ -81,7 +85,8 @@ def extract_semantics_cmd(model, revision, images, dataset, root, labels, target
         source = ImageSource.from_dataset(ds)
     cfg = ExtractConfig(out=out, model=model, revision=revision, format=fmt, prompts=prompts,
                         batch_size=batch_size, shard_size=shard_size, device=device, dtype=dtype,
-                        pad_square=pad_square, trust_remote_code=trust_remote_code,
+                        pad_square=pad_square, fuse_prompts=fuse_prompts,
+                        trust_remote_code=trust_remote_code,
                         retry_failed=not no_retry_failed,
                         workers=workers, worker=worker,
                         loader_workers=loader_workers, progress=not quiet)

@@ -174,28 +174,27 @@ class Scorer:
     # -- vectors ---------------------------------------------------------------------------------
     def _encode(self, images: list[Image.Image]
                 ) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
-        """One forward pass per prompt over ``images``: float16-rounded vectors [n, P, D],
-        zero-shot scores [n, P] and the images refused (position → reason)."""
+        """The forward passes of every prompt over ``images``: float16-rounded vectors
+        [n, P, D], zero-shot scores [n, P] and the images refused (position → reason)."""
         enc = self.encoder.load(progress=self.progress)
         n_prompts = len(enc.prompts.texts)
         refused: dict[int, str] = {}
         try:
-            inputs = [enc.prepare(images, p) for p in range(n_prompts)]
+            inputs = enc.prepare.all_prompts(images)
         except Exception:  # noqa: BLE001 - find the images the processor refuses, keep the rest
             for j, img in enumerate(images):
                 try:
-                    enc.prepare([img], 0)
+                    enc.prepare.all_prompts([img])
                 except Exception as e:  # noqa: BLE001
                     refused[j] = f"the MLLM's processor refused it ({type(e).__name__}: {e})"
             kept = [img for j, img in enumerate(images) if j not in refused]
-            inputs = [enc.prepare(kept, p) for p in range(n_prompts)] if kept else []
+            inputs = enc.prepare.all_prompts(kept) if kept else []
         vectors = torch.zeros(len(images), n_prompts, enc.dim)
         zero_shot = torch.zeros(len(images), n_prompts)
         rows = [j for j in range(len(images)) if j not in refused]
         if rows:
-            for p in range(n_prompts):
-                v, z = enc.encode(inputs[p], p)
-                vectors[rows, p], zero_shot[rows, p] = v, z
+            v, z = enc.encode_all(inputs)
+            vectors[rows], zero_shot[rows] = v.float().cpu(), z.float().cpu()
         half = vectors.to(torch.float16)
         for j in rows:
             if not (torch.isfinite(half[j]).all() and torch.isfinite(zero_shot[j]).all()):

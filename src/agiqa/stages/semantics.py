@@ -51,6 +51,7 @@ class ExtractConfig:
     loader_workers: int = 2
     attn_implementation: str | None = None
     pad_square: bool | None = None
+    fuse_prompts: bool | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -95,6 +96,7 @@ class ExtractReport:
     worker: int = 0
     workers: int = 1
     forward_passes: int = 0
+    model_calls: int = 0
     tokens: int = 0
     padding_tokens: int = 0
 
@@ -115,7 +117,8 @@ class ExtractReport:
             "damaged_shards": self.damaged_shards,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 3),
-            "forward_passes": self.forward_passes, "tokens": self.tokens,
+            "forward_passes": self.forward_passes, "model_calls": self.model_calls,
+            "tokens": self.tokens,
             "padding_fraction": round(self.padding_tokens / self.tokens, 4) if self.tokens else 0.0,
             "worker": self.worker, "workers": self.workers,
         }
@@ -154,11 +157,11 @@ class _Images(TorchDataset):
 class _Collate:
     """Runs the processor in the loader workers; isolates images the processor refuses."""
 
-    def __init__(self, prepare: BatchPreparer, n_prompts: int):
-        self.prepare, self.n_prompts = prepare, n_prompts
+    def __init__(self, prepare: BatchPreparer):
+        self.prepare = prepare
 
     def _inputs(self, images):
-        return [self.prepare(images, p) for p in range(self.n_prompts)]
+        return self.prepare.all_prompts(images)
 
     def __call__(self, items):
         failures = {k: reason for k, _, _, reason in items if reason is not None}
@@ -197,6 +200,7 @@ def extract_semantics(
             cfg.model, load_prompts(cfg.prompts), revision=cfg.revision, device=cfg.device,
             dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
             attn_implementation=cfg.attn_implementation, pad_square=cfg.pad_square,
+            fuse_prompts=cfg.fuse_prompts,
         )
     spec = semantic_spec_of(encoder)
 
@@ -261,7 +265,7 @@ def _run_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncod
         offset += len(shard_keys)
     n_prompts = len(encoder.prompts.texts)
     loader = DataLoader(
-        _Images(root, keys), batch_sampler=batches, collate_fn=_Collate(encoder.prepare, n_prompts),
+        _Images(root, keys), batch_sampler=batches, collate_fn=_Collate(encoder.prepare),
         num_workers=cfg.loader_workers, pin_memory=encoder.device.type == "cuda",
         prefetch_factor=4 if cfg.loader_workers else None,
     )
@@ -273,16 +277,13 @@ def _run_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncod
     for batch_keys, shas, failures, inputs in loader:
         acc.failures.update(failures)
         if batch_keys:
-            vecs, zs = [], []
-            for p in range(n_prompts):
-                mask = inputs[p]["attention_mask"]
+            for batch in inputs:  # counted on the host copies: no wait for the device
+                mask = batch["attention_mask"]
                 report.tokens += mask.numel()
                 report.padding_tokens += mask.numel() - int(mask.sum())
-                v, z = encoder.encode_on_device(inputs[p], p)
-                vecs.append(v)
-                zs.append(z)
-                report.forward_passes += len(batch_keys)
-            acc.add(batch_keys, shas, torch.stack(vecs, 1), torch.stack(zs, 1))
+                report.forward_passes += mask.shape[0]
+                report.model_calls += 1
+            acc.add(batch_keys, shas, *encoder.encode_all(inputs))
         bar.update(len(batch_keys) + len(failures))
         if job is not None and acc.count == len(job.compute):
             new = acc.finish(job.compute, n_prompts, encoder.dim)

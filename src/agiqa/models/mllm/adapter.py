@@ -86,23 +86,52 @@ class PromptEncoding:
 
 class BatchPreparer:
     """Turns images into model inputs on the CPU; holds the processor but no weights, so
-    data-loader workers can run it (and pickle it) cheaply."""
+    data-loader workers can run it (and pickle it) cheaply.
+
+    Args:
+        processor: the model's processor.
+        encodings: one per prompt.
+        pad_to: pad images to a square of this colour first (``None``: as they are).
+        fuse: :meth:`all_prompts` gives one batch holding every prompt (one forward pass).
+        share_images: with ``fuse``, the pixels come once and the model reuses them for every
+            prompt (``image_repeats``), so the vision tower runs once per image.
+        pad_token_id: the id left padding uses when prompts of different length are fused.
+    """
 
     def __init__(self, processor: Any, encodings: list[PromptEncoding],
-                 pad_to: tuple[int, ...] | None = None):
+                 pad_to: tuple[int, ...] | None = None, fuse: bool = False,
+                 share_images: bool = False, pad_token_id: int = 0):
         self.processor = processor
         self.encodings = encodings
         self.pad_to = pad_to
+        self.fuse = fuse
+        self.share_images = share_images and fuse
+        self.pad_token_id = pad_token_id
 
-    def __call__(self, images: list[Image.Image], prompt_index: int) -> dict[str, torch.Tensor]:
+    def __call__(self, images: list[Image.Image], prompt_index: int) -> dict[str, Any]:
         """Processor output for one prompt and a batch of images, answer prefix appended.
 
-        Adds ``pool_mask``: 1 on the real tokens of the rendered prompt, 0 on padding and on
-        the appended answer prefix.
+        Adds ``pool_mask`` (1 on the real tokens of the rendered prompt, 0 on padding and on
+        the appended answer prefix) and ``prompt_rows`` (the prompt of each row).
         """
-        enc = self.encodings[prompt_index]
         if self.pad_to is not None:
             images = [expand2square(im, self.pad_to) for im in images]
+        return self._one(images, prompt_index)
+
+    def all_prompts(self, images: list[Image.Image]) -> list[dict[str, Any]]:
+        """The inputs of every prompt for ``images``: a batch per prompt, or one fused batch.
+
+        Either way the rows run prompt by prompt: prompt 0 for every image, then prompt 1...
+        """
+        if self.pad_to is not None:
+            images = [expand2square(im, self.pad_to) for im in images]
+        batches = [self._one(images, p) for p in range(len(self.encodings))]
+        if not self.fuse or len(batches) == 1:
+            return batches
+        return [fuse_batches(batches, self.pad_token_id, self.share_images)]
+
+    def _one(self, images: list[Image.Image], prompt_index: int) -> dict[str, Any]:
+        enc = self.encodings[prompt_index]
         batch = self.processor(text=[enc.text] * len(images), images=images,
                                return_tensors="pt", padding=True)
         batch = dict(batch)
@@ -111,7 +140,7 @@ class BatchPreparer:
         suffix = torch.tensor(enc.suffix_ids, dtype=ids.dtype).expand(n, k)
         pool_mask = torch.cat([batch["attention_mask"], torch.zeros(n, k, dtype=torch.long)], 1)
         for name, value in list(batch.items()):
-            if torch.is_tensor(value) and value.shape[:2] == ids.shape:
+            if _per_token(name, value, ids):
                 if name == "input_ids":
                     tail = suffix
                 elif name == "attention_mask":
@@ -120,7 +149,46 @@ class BatchPreparer:
                     tail = torch.zeros(n, k, dtype=value.dtype)
                 batch[name] = torch.cat([value, tail], dim=1)
         batch["pool_mask"] = pool_mask
+        batch["prompt_rows"] = torch.full((n,), prompt_index, dtype=torch.long)
         return batch
+
+
+def _per_token(name: str, value: Any, ids: torch.Tensor) -> bool:
+    """Whether a processor output has one entry per token (ids, masks, token types)."""
+    return torch.is_tensor(value) and value.dim() >= 2 and value.shape[:2] == ids.shape \
+        and not name.startswith(("pixel", "image"))
+
+
+def fuse_batches(batches: list[dict[str, Any]], pad_token_id: int = 0,
+                 share_images: bool = False) -> dict[str, Any]:
+    """One batch holding the rows of ``batches`` in order, left-padded to the longest.
+
+    Per-token tensors are padded (``pad_token_id`` for ids, 0 elsewhere, so padding stays out
+    of attention and pooling); per-image tensors are concatenated, or with ``share_images``
+    taken once from the first batch and marked ``image_repeats`` for the model.
+    """
+    ids = [b["input_ids"] for b in batches]
+    length = max(i.shape[1] for i in ids)
+    fused: dict[str, Any] = {}
+    for name, first in batches[0].items():
+        values = [b[name] for b in batches]
+        if _per_token(name, first, ids[0]) or name == "pool_mask":
+            fill = pad_token_id if name == "input_ids" else 0
+            padded = []
+            for v in values:
+                out = v.new_full((v.shape[0], length, *v.shape[2:]), fill)
+                out[:, length - v.shape[1]:] = v
+                padded.append(out)
+            fused[name] = torch.cat(padded)
+        elif share_images and name.startswith(("pixel", "image")):
+            fused[name] = first
+        elif torch.is_tensor(first):
+            fused[name] = torch.cat(values)
+        else:
+            raise ValueError(f"cannot fuse the processor output {name!r} ({type(first).__name__})")
+    if share_images:
+        fused["image_repeats"] = len(batches)
+    return fused
 
 
 class SemanticEncoder:
@@ -137,6 +205,9 @@ class SemanticEncoder:
         attn_implementation: transformers' attention implementation (``sdpa``, ``eager``...).
         pad_square: pad images to a square of the processor's mean colour before the
             processor; ``None`` follows the recipe.
+        fuse_prompts: run every prompt of a batch of images in one forward pass; ``None``:
+            on for mPLUG-Owl2, whose vision tower then runs once per image for all prompts,
+            off for other families (their vision tower would run once per prompt anyway).
 
     Only the config and processor load here (for fingerprints and plans); :meth:`load` loads
     the weights.
@@ -152,6 +223,7 @@ class SemanticEncoder:
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
         pad_square: bool | None = None,
+        fuse_prompts: bool | None = None,
     ):
         self.identity = identify_mllm(model, revision)
         self.model_id = self.identity.model_id
@@ -182,8 +254,13 @@ class SemanticEncoder:
             check_prompt_order(self.processor, enc.text, enc.prompt, self.model_id,
                                self._image_token_id)
         pad_to = pad_colour(self.processor.image_processor) if self.pad_square else None
-        self.prepare = BatchPreparer(self.processor, self.encodings, pad_to)
+        shared = self.family == MPLUG_OWL2
+        self.fuse_prompts = shared if fuse_prompts is None else bool(fuse_prompts)
+        pad_id = getattr(self.processor.tokenizer, "pad_token_id", None)
+        self.prepare = BatchPreparer(self.processor, self.encodings, pad_to, self.fuse_prompts,
+                                     share_images=shared, pad_token_id=pad_id or 0)
         self.rating_weights = torch.tensor(prompts.rating_weights, dtype=torch.float32)
+        self.rating_ids = torch.tensor([e.rating_ids for e in self.encodings], dtype=torch.long)
 
     def _init_transformers(self) -> None:
         from transformers import AutoConfig, AutoProcessor
@@ -270,25 +347,44 @@ class SemanticEncoder:
                 hf_logging.enable_progress_bar()
 
     @torch.inference_mode()
-    def encode(self, batch: dict[str, torch.Tensor], prompt_index: int
+    def encode(self, batch: dict[str, Any], prompt_index: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward pass: float32 vectors [B, D] and zero-shot scores [B], on the CPU."""
+        """One forward pass: float32 vectors [rows, D] and zero-shot scores [rows], on the CPU."""
         vectors, zero_shot = self.encode_on_device(batch, prompt_index)
         return vectors.cpu(), zero_shot.cpu()
 
     @torch.inference_mode()
-    def encode_on_device(self, batch: dict[str, torch.Tensor], prompt_index: int
+    def encode_all(self, batches: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vectors [images, prompts, D] and zero-shot scores [images, prompts], on the model's
+        device, from what :meth:`BatchPreparer.all_prompts` made (one pass per batch)."""
+        out = [self.encode_on_device(b) for b in batches]
+        vectors = torch.cat([v for v, _ in out])
+        zero_shot = torch.cat([z for _, z in out])
+        n_prompts = len(self.encodings)
+        vectors = vectors.view(n_prompts, -1, vectors.shape[-1]).transpose(0, 1)
+        return vectors, zero_shot.view(n_prompts, -1).t()
+
+    @torch.inference_mode()
+    def encode_on_device(self, batch: dict[str, Any], prompt_index: int | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`encode`, the results left on the model's device.
 
-        Nothing here waits for the device: inputs (pinned by the loader) are copied with
-        ``non_blocking``, so the next batch is queued while this one computes; the caller
-        copies results to the host when it needs them (stage one: once per shard).
+        The batch says which prompt each row holds (``prompt_rows``); ``prompt_index`` serves
+        batches without it. Nothing here waits for the device: inputs (pinned by the loader)
+        are copied with ``non_blocking``, so the next batch is queued while this one computes;
+        the caller copies results to the host when it needs them (stage one: once per shard).
         """
         if self.model is None:
             self.load()
         batch = dict(batch)
         pool_mask = batch.pop("pool_mask").to(self.device, non_blocking=True)
+        rows = batch.pop("prompt_rows", None)
+        if rows is None:
+            rows = torch.full((pool_mask.shape[0],), prompt_index or 0, dtype=torch.long)
+        mask = batch.get("attention_mask")
+        if self.family == MPLUG_OWL2 and mask is not None and mask.device.type == "cpu" \
+                and bool(mask.all()):
+            del batch["attention_mask"]  # no padding: causal attention alone, no mask to check
         inputs = {}
         for k, v in batch.items():
             if torch.is_tensor(v):
@@ -305,9 +401,10 @@ class SemanticEncoder:
         m = pool_mask.to(torch.float32)
         vectors = torch.bmm(m[:, None, :], hidden.float())[:, 0] / m.sum(1, keepdim=True)
         logits = self._head(hidden[:, -1]).float()
-        ids = self.encodings[prompt_index].rating_ids
-        probs = torch.softmax(logits[:, ids], dim=-1)
-        if self.rating_weights.device != probs.device:  # once: a blocking copy syncs
-            self.rating_weights = self.rating_weights.to(probs.device)
+        if self.rating_weights.device != logits.device:  # once: a blocking copy syncs
+            self.rating_weights = self.rating_weights.to(logits.device)
+            self.rating_ids = self.rating_ids.to(logits.device)
+        ids = self.rating_ids[rows.to(logits.device, non_blocking=True)]
+        probs = torch.softmax(logits.gather(1, ids), dim=-1)
         zero_shot = probs @ self.rating_weights
         return vectors, zero_shot

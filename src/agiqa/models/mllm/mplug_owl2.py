@@ -110,6 +110,28 @@ class MplugOwl2Config(LlamaConfig):
         return self.abstractor_settings.num_learnable_queries + 1
 
 
+class ModalityRoute:
+    """Where the text and image tokens of a batch sit, built once per forward pass.
+
+    The tokens of the flattened batch are sorted by modality (text first, stable); each multiway
+    module gathers its rows, runs every branch on its own part and scatters the results back.
+    The part sizes come from shapes the caller knows (the number of visual tokens), so routing
+    never waits for the device; the token count is checked against them asynchronously.
+
+    Args:
+        modality: (batch, length), 0 text, 1 image.
+        image_tokens: how many entries of ``modality`` are 1.
+    """
+
+    def __init__(self, modality: torch.Tensor, image_tokens: int):
+        self.total = modality.numel()
+        self.counts = [self.total - image_tokens, image_tokens]
+        self.single = next((i for i, c in enumerate(self.counts) if c == self.total), None)
+        self.order = None
+        if self.single is None:
+            self.order = torch.argsort(modality.flatten(), stable=True)
+
+
 class MultiwayNetwork(nn.Module):
     """Two copies of a module; a token goes through the copy of its modality (0 text, 1 image)."""
 
@@ -118,12 +140,15 @@ class MultiwayNetwork(nn.Module):
         self.multiway = nn.ModuleList(branches)
         self.out_features = out_features
 
-    def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        out = x.new_empty(*x.shape[:-1], self.out_features)
-        for index, branch in enumerate(self.multiway):
-            chosen = modality == index
-            out[chosen] = branch(x[chosen])
-        return out
+    def forward(self, x: torch.Tensor, route: ModalityRoute) -> torch.Tensor:
+        if route.single is not None:
+            return self.multiway[route.single](x)
+        flat = x.reshape(route.total, x.shape[-1])
+        parts = flat.index_select(0, route.order).split(route.counts)
+        outs = [branch(part) for branch, part in zip(self.multiway, parts, strict=True)]
+        out = flat.new_empty(route.total, self.out_features)
+        out.index_copy_(0, route.order, torch.cat(outs))
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 class ModalityAdaptiveAttention(nn.Module):
@@ -145,12 +170,12 @@ class ModalityAdaptiveAttention(nn.Module):
         self.k_proj, self.v_proj = kv(), kv()
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, width, bias=bias)
 
-    def forward(self, x: torch.Tensor, modality: torch.Tensor,
+    def forward(self, x: torch.Tensor, route: ModalityRoute,
                 rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
         shape = (*x.shape[:-1], -1, self.head_dim)
         q = self.q_proj(x).view(shape).transpose(1, 2)
-        k = self.k_proj(x, modality).view(shape).transpose(1, 2)
-        v = self.v_proj(x, modality).view(shape).transpose(1, 2)
+        k = self.k_proj(x, route).view(shape).transpose(1, 2)
+        v = self.v_proj(x, route).view(shape).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *rope)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -172,10 +197,10 @@ class ModalityAdaptiveDecoderLayer(nn.Module):
             [LlamaRMSNorm(width, eps) for _ in range(2)], width
         )
 
-    def forward(self, x: torch.Tensor, modality: torch.Tensor,
+    def forward(self, x: torch.Tensor, route: ModalityRoute,
                 rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x, modality), modality, rope, mask)
-        return x + self.mlp(self.post_attention_layernorm(x, modality))
+        x = x + self.self_attn(self.input_layernorm(x, route), route, rope, mask)
+        return x + self.mlp(self.post_attention_layernorm(x, route))
 
 
 class MplugOwl2PreTrainedModel(PreTrainedModel):
@@ -201,6 +226,23 @@ class MplugOwl2PreTrainedModel(PreTrainedModel):
             init.normal_(module.vit_eos, std=std)
         elif isinstance(module, AbstractorMultiHeadAttention):
             module.reset_positions()
+
+
+def _check_slots(is_image: torch.Tensor, features: torch.Tensor | None) -> None:
+    """The image slots of ``input_ids`` must take exactly the visual tokens; on an accelerator
+    the check is queued on the device (``torch._assert_async``) rather than waited for."""
+    visual = 0 if features is None else features.shape[0] * features.shape[1]
+    slots = is_image.sum()
+    if is_image.device.type != "cpu":
+        torch._assert_async(slots == visual)
+        return
+    if int(slots) == visual:
+        return
+    if features is None:
+        raise ValueError(f"input_ids hold {int(slots)} image slots but no pixel_values came")
+    raise ValueError(
+        f"input_ids hold {int(slots)} image slots, but {features.shape[0]} image(s) give "
+        f"{visual} visual tokens ({features.shape[1]} each)")
 
 
 def _attention_mask_4d(mask: torch.Tensor) -> torch.Tensor:
@@ -234,30 +276,31 @@ class MplugOwl2Model(MplugOwl2PreTrainedModel):
         dtype = self.vision_model.embeddings.patch_embed.weight.dtype
         return self.visual_abstractor(self.vision_model(pixel_values.to(dtype)))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token embeddings with the visual tokens written at the image slots, and the modality."""
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              image_repeats: int = 1) -> tuple[torch.Tensor, ModalityRoute]:
+        """Token embeddings with the visual tokens written at the image slots, and their route.
+
+        With ``image_repeats=k`` the n images of ``pixel_values`` fill the slots of k·n sequences:
+        image i those of sequences i, n + i, 2n + i, ... (one vision pass serves every prompt).
+        """
         is_image = input_ids == IMAGE_TOKEN_INDEX
         embeds = self.embed_tokens(input_ids.clamp(min=0))
-        slots = int(is_image.sum())
-        if pixel_values is None:
-            if slots:
-                raise ValueError(f"input_ids hold {slots} image slots but no pixel_values came")
-            return embeds, is_image.long()
-        features = self.encode_images(pixel_values).to(embeds.dtype)
-        if slots != features.shape[0] * features.shape[1]:
-            raise ValueError(
-                f"input_ids hold {slots} image slots, but {features.shape[0]} image(s) give "
-                f"{features.shape[0] * features.shape[1]} visual tokens ({features.shape[1]} each)"
-            )
-        features = features.reshape(-1, embeds.shape[-1])
-        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features)
-        return embeds, is_image.long()
+        features = None
+        if pixel_values is not None:
+            features = self.encode_images(pixel_values).to(embeds.dtype)
+            if image_repeats > 1:
+                features = features.repeat(image_repeats, 1, 1)
+        visual = 0 if features is None else features.shape[0] * features.shape[1]
+        _check_slots(is_image, features)
+        if features is not None:
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1),
+                                           features.reshape(-1, embeds.shape[-1]))
+        return embeds, ModalityRoute(is_image, visual)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 output_hidden_states: bool = False, use_cache: bool = False,
-                **kwargs: Any) -> BaseModelOutputWithPast:
+                image_repeats: int = 1, **kwargs: Any) -> BaseModelOutputWithPast:
         """Run the language model over an expanded sequence (see the module docstring).
 
         Args:
@@ -267,9 +310,13 @@ class MplugOwl2Model(MplugOwl2PreTrainedModel):
             position_ids: overrides the positions derived from the mask.
             output_hidden_states: also return the input of every layer and the final normed output.
             use_cache: accepted for interface parity; no cache is kept.
+            image_repeats: sequences per image (see `embed`): several prompts, one vision pass.
             **kwargs: ignored generation arguments.
+
+        Nothing here waits for the device, except the check that a given ``attention_mask``
+        holds padding; pass ``None`` for a batch without padding.
         """
-        hidden, modality = self.embed(input_ids, pixel_values)
+        hidden, route = self.embed(input_ids, pixel_values, image_repeats)
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = _attention_mask_4d(attention_mask)
@@ -282,7 +329,7 @@ class MplugOwl2Model(MplugOwl2PreTrainedModel):
         states = []
         for layer in self.layers:
             states.append(hidden)
-            hidden = layer(hidden, modality, rope, mask)
+            hidden = layer(hidden, route, rope, mask)
         hidden = self.norm(hidden)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden,
