@@ -76,8 +76,9 @@ def test_a_rewritten_image_is_extracted_again_and_json_output(model_dir, photo_f
     second = run("score-folder", folder, "--model", model_dir, "-q", "--out", tmp_path / "b.json")
     assert second.exit_code == 0, second.output
     a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
-    assert set(a) == {"rows", "failures", "summary", "skipped_files"}
+    assert set(a) == {"rows", "failures", "summary", "skipped_files", "changed"}
     assert a["summary"]["computed"] == 1 and b["summary"]["computed"] == 1  # new bytes, new key
+    assert b["changed"] == [] and b["summary"]["changed"] == 0  # a new key, not a changed one
     assert [r["path"] for r in b["rows"]] == ["x.png"] and b["failures"] == {}
     assert a["rows"][0]["zero_shot"] != b["rows"][0]["zero_shot"]
 
@@ -102,6 +103,79 @@ def test_score_folder_reuses_the_vectors_extract_semantics_wrote(model_dir, phot
     verify = run("cache", "verify", cache, "--json")
     report = json.loads(verify.stdout)
     assert report["missing"] == [] and report["changed"] == [] and report["checked"] == len(good)
+
+
+
+def _three_images(photos, folder):
+    folder.mkdir()
+    for name in ("chelsea.png", "coffee.webp", "rocket.bmp"):
+        Image.open(photos / name).convert("RGB").save(folder / f"{name.split('.')[0]}.png")
+    return folder
+
+
+def test_an_image_changed_since_extraction_is_computed_again_with_cache(
+        model_dir, photo_folder, tmp_path, tiny_llava, mllm_forwards):
+    photos, _ = photo_folder
+    folder = _three_images(photos, tmp_path / "imgs")
+    cache = tmp_path / "cache"
+    r = run("extract-semantics", "--model", tiny_llava, "--images", folder, "--out", cache, "-q",
+            "--loader-workers", "0")
+    assert r.exit_code == 0, r.output
+    Image.open(photos / "astronaut.jpg").convert("RGB").save(folder / "coffee.png")
+    mllm_forwards.clear()
+    s = run("score-folder", folder, "--model", model_dir, "--cache", cache, "-q",
+            "--loader-workers", "0", "--out", tmp_path / "s.json")
+    assert s.exit_code == 0, s.output
+    assert "recomputed 1 image(s) that changed since their vectors were cached: coffee.png" \
+        in s.stderr
+    assert mllm_forwards == [1] * P  # the changed image alone went through the MLLM
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["failures"] == {} and data["changed"] == ["coffee.png"]
+    assert data["summary"]["computed"] == 1 and data["summary"]["changed"] == 1
+    assert [row["path"] for row in data["rows"]] == ["chelsea.png", "coffee.png", "rocket.png"]
+    verify = json.loads(run("cache", "verify", cache, "--json").stdout)
+    assert verify["changed"] == [] and verify["missing"] == [] and verify["checked"] == 3
+    # The same scores as from a cache filled with the new image from the start.
+    fresh = run("score-folder", folder, "--model", model_dir, "--cache", tmp_path / "fresh",
+                "-q", "--loader-workers", "0", "--json")
+    expected = {row["path"]: row for row in json.loads(fresh.stdout)["rows"]}
+    for row in data["rows"]:
+        assert abs(row["score"] - expected[row["path"]]["score"]) < 1e-4, row["path"]
+        assert abs(row["zero_shot"] - expected[row["path"]]["zero_shot"]) < 1e-4, row["path"]
+    mllm_forwards.clear()
+    again = json.loads(run("score-folder", folder, "--model", model_dir, "--cache", cache, "-q",
+                           "--loader-workers", "0", "--json").stdout)
+    assert mllm_forwards == [] and again["changed"] == [] and again["summary"]["computed"] == 0
+
+
+def test_a_changed_image_that_breaks_or_changes_again_while_recomputed_fails(
+        model_dir, photo_folder, tmp_path, tiny_llava, monkeypatch):
+    import agiqa.stages.score as score_module
+
+    photos, _ = photo_folder
+    folder = _three_images(photos, tmp_path / "imgs")
+    cache = tmp_path / "cache"
+    assert run("extract-semantics", "--model", tiny_llava, "--images", folder, "--out", cache,
+               "-q", "--loader-workers", "0").exit_code == 0
+    astronaut = Image.open(photos / "astronaut.jpg").convert("RGB")
+    astronaut.save(folder / "coffee.png")
+    astronaut.save(folder / "rocket.png")
+    original = score_module.extract_semantics
+
+    def extract_while_files_change(cfg, source, encoder):
+        assert source.keys == ["coffee.png", "rocket.png"]  # only the changed files
+        (folder / "coffee.png").write_text("not an image any more\n")
+        report = original(cfg, source, encoder)
+        Image.open(photos / "chelsea.png").convert("RGB").save(folder / "rocket.png")
+        return report
+
+    monkeypatch.setattr(score_module, "extract_semantics", extract_while_files_change)
+    scorer = agiqa.Scorer.from_pretrained(model_dir, cache_dir=cache, loader_workers=0)
+    report = scorer.score_folder(folder)
+    assert [row["path"] for row in report.rows] == ["chelsea.png"]
+    assert report.failures["coffee.png"].startswith("not an image")  # its own reason
+    assert report.failures["rocket.png"] == "changed while it was being scored"
+    assert report.changed == ["rocket.png"] and report.computed == 1
 
 
 def test_a_new_cache_is_rooted_at_the_folder_and_batch_size_is_honoured(model_dir, photo_folder,

@@ -46,7 +46,8 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, recursive, device, batch
 
     Stage one runs only for images the cache lacks, with the MLLM of the model's fingerprint
     at the revision it records. A --cache that extract-semantics filled for this folder is
-    reused as it is. Broken files are named with their reason; the exit status is then 2.
+    reused as it is; an image changed since then is computed again. Broken files are named
+    with their reason; the exit status is then 2.
 
     \b
     Examples:
@@ -74,6 +75,10 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, recursive, device, batch
         hi = "-" if summary["max"] is None else f"{summary['max']:.4f}"
         click.echo(f"count {summary['count']}  mean {mean}  min {lo}  max {hi}  "
                    f"failed {summary['failed']}" + (f"  -> {out}" if out else ""))
+    if report.changed:
+        more = f" and {len(report.changed) - 5} more" if len(report.changed) > 5 else ""
+        click.echo(f"recomputed {len(report.changed)} image(s) that changed since their vectors "
+                   "were cached: " + ", ".join(report.changed[:5]) + more, err=True)
     for path, reason in sorted(report.failures.items()):
         click.echo(f"failed: {path}: {reason}", err=True)
     if report.skipped_files:

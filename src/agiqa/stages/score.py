@@ -5,8 +5,9 @@ repository that moved on still gives the vectors the model was trained on. Two k
 
 * a cache with a recorded image root (what ``extract-semantics`` writes, or what a new
   ``--cache DIR`` becomes): keys are paths relative to that root, so ``score-folder DIR --cache
-  C`` reuses exactly what ``extract-semantics --images DIR --out C`` wrote, and ``cache verify``
-  keeps working;
+  C`` reuses exactly what ``extract-semantics --images DIR --out C`` wrote, ``cache verify``
+  keeps working, and a file that changed since extraction is computed again (its vectors
+  replaced, as a rerun of ``extract-semantics`` does) before it is scored;
 * the default per-user cache, ``$AGIQA_HOME/caches/<fingerprint>``, keyed by the sha256 of the
   file bytes (``sha256/<hex>``): the same bytes anywhere are computed once, on every OS, and a
   rewritten image is simply a new key.
@@ -39,7 +40,13 @@ from agiqa.models.mllm import SemanticEncoder
 from agiqa.presets import PromptSet, agiqa_home
 from agiqa.runtime import resolve_device
 from agiqa.stages.predict import predict
-from agiqa.stages.score_io import ScoreReport, content_key, decoded, write_content_shard
+from agiqa.stages.score_io import (
+    ScoreReport,
+    cached_items,
+    content_key,
+    decoded,
+    write_content_shard,
+)
 from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics, semantic_spec_of
 
 __all__ = ["ScoreReport", "Scorer", "agiqa_home"]
@@ -302,24 +309,40 @@ class Scorer:
         keys = self._keys(items, root, report)
         failures = self._fill(items, keys, root, report)
         cache = self._existing_cache()
+        # In a rooted cache, a file whose bytes changed since extraction is computed again.
+        changed: list[tuple[str, Path, str]] | None = None if root is None else []
         for start in range(0, len(items), _CHUNK):
             chunk = [(label, path, key) for (label, path), key in
                      zip(items[start:start + _CHUNK], keys[start:start + _CHUNK], strict=True)
                      if label not in report.failures]
-            ready = []
-            for label, path, key in chunk:
-                if cache is not None and key in cache:
-                    ready.append((label, path, key))
-                else:
-                    why = failures.get(key) or (cache.failures.get(key) if cache else None)
-                    report.failures[label] = why or "no semantic vector"
+            ready = cached_items(cache, chunk, failures, report)
             if ready:
-                self._predict(cache, ready, root is None, report)
+                self._predict(cache, ready, report, changed)
+        if changed:
+            self._recompute(changed, root, report)
+            order = {label: i for i, (label, _) in enumerate(items)}
+            report.rows.sort(key=lambda row: order[row["path"]])
         return report
 
+    def _recompute(self, changed: list[tuple[str, Path, str]], root: Path,
+                   report: ScoreReport) -> None:
+        """Compute again the vectors of files that changed since they were cached (as a rerun
+        of ``extract-semantics`` does: only those files are hashed again), then score them."""
+        extracted = extract_semantics(self._extract_config(),
+                                      ImageSource(root, sorted({k for _, _, k in changed})),
+                                      self.encoder)
+        recomputed = set(extracted.changed) - set(extracted.failures)
+        report.computed += len(recomputed)
+        report.changed += [label for label, _, key in changed if key in recomputed]
+        cache = self._existing_cache()
+        ready = cached_items(cache, changed, dict(extracted.failures), report)
+        if ready:  # a file that changed again meanwhile fails this time
+            self._predict(cache, ready, report, None)
+
     def _predict(self, cache: SemanticCache, ready: list[tuple[str, Path, str]],
-                 content_keyed: bool, report: ScoreReport) -> None:
-        """Score files whose vectors are cached; a file whose bytes no longer match fails."""
+                 report: ScoreReport, changed: list[tuple[str, Path, str]] | None) -> None:
+        """Score files whose vectors are cached. A file whose bytes no longer match the cached
+        ones goes to ``changed`` (to be computed again) if given, else fails."""
         data = cache.read([key for _, _, key in ready])
         kept, pixels = [], []
         for batch in decoded([path for _, path, _ in ready], True, self.batch_size,
@@ -329,10 +352,10 @@ class Scorer:
                 if why is not None:
                     report.failures[label] = why
                 elif sha != data["sha256"][i]:
-                    report.failures[label] = "changed while it was being scored" \
-                        if content_keyed else (
-                            f"changed since its vectors were cached in {self.cache_dir} "
-                            f"(agiqa cache verify {self.cache_dir} lists such files)")
+                    if changed is None:
+                        report.failures[label] = "changed while it was being scored"
+                    else:
+                        changed.append(ready[i])
                 else:
                     kept.append(i)
                     pixels.append(px)

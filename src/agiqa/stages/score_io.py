@@ -19,7 +19,8 @@ from agiqa.data.pixels import resize_pixels
 from agiqa.errors import BadImageError
 from agiqa.fileio import atomic_path, write_json
 
-__all__ = ["CONTENT_KEY_PREFIX", "ScoreReport", "content_key", "decoded", "write_content_shard"]
+__all__ = ["CONTENT_KEY_PREFIX", "ScoreReport", "cached_items", "content_key", "decoded",
+           "write_content_shard"]
 
 CONTENT_KEY_PREFIX = "sha256/"
 
@@ -35,6 +36,8 @@ class ScoreReport:
     failures: dict[str, str] = field(default_factory=dict)
     skipped_files: list[str] = field(default_factory=list)
     computed: int = 0  # images whose vectors were computed by the MLLM in this run
+    # images (named as in rows) computed again because their file changed since it was cached
+    changed: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -43,12 +46,13 @@ class ScoreReport:
     def summary(self) -> dict[str, Any]:
         scores = [r["score"] for r in self.rows]
         return {"count": len(scores), "failed": len(self.failures), "computed": self.computed,
+                "changed": len(self.changed),
                 "mean": sum(scores) / len(scores) if scores else None,
                 "min": min(scores) if scores else None, "max": max(scores) if scores else None}
 
     def to_dict(self) -> dict[str, Any]:
         return {"rows": self.rows, "failures": self.failures, "summary": self.summary(),
-                "skipped_files": self.skipped_files}
+                "skipped_files": self.skipped_files, "changed": self.changed}
 
     def write(self, out: str | os.PathLike) -> None:
         """Write the rows atomically: ``.json`` (rows, failures, summary) or CSV otherwise."""
@@ -87,6 +91,19 @@ def decoded(paths: list[Path], pixels: bool, batch_size: int, workers: int):
                         collate_fn=list)
     yield from loader
 
+
+def cached_items(cache: SemanticCache | None, items: list[tuple[str, Path, str]],
+                 failures: dict[str, str], report: ScoreReport) -> list[tuple[str, Path, str]]:
+    """The ``(label, path, key)`` items whose vectors ``cache`` holds; each other one fails in
+    ``report`` with its reason from ``failures``, else the cache's, else "no semantic vector"."""
+    ready = []
+    for label, path, key in items:
+        if cache is not None and key in cache:
+            ready.append((label, path, key))
+        else:
+            why = failures.get(key) or (cache.failures.get(key) if cache else None)
+            report.failures[label] = why or "no semantic vector"
+    return ready
 
 
 def write_content_shard(cache: SemanticCache,
