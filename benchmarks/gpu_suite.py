@@ -50,7 +50,7 @@ import cache_read  # noqa: E402
 import stage_two  # noqa: E402
 from common import load_average, machine  # noqa: E402
 from official_stage_one import list_photos, official_loop  # noqa: E402
-from stage_one import count_flops, peak_bf16_tflops, write_photos  # noqa: E402
+from stage_one import count_flops_split, peak_bf16_tflops, write_photos  # noqa: E402
 
 # Stage-one models: the SHAPES of agiqa.testing.tiny_mllm, and tiny ones for --smoke.
 STAGE_ONE = ("llava-1.5-7b", "qwen2.5-vl-7b", "mplug-owl2-7b")
@@ -116,11 +116,12 @@ def _timed(device: torch.device, fn) -> tuple[float, Any]:
 
 
 def _agiqa_extract(encoder, photos: Path, keys: list[str], out: Path, batch: int,
-                   workers: int, fmt: str):
+                   workers: int, fmt: str, fuse: bool):
     from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
 
     if out.exists():
         shutil.rmtree(out)
+    encoder.set_fuse_prompts(fuse)
     cfg = ExtractConfig(out=out, batch_size=batch, loader_workers=workers, format=fmt,
                         progress=False, device=str(encoder.device), dtype=encoder.dtype)
     return extract_semantics(cfg, ImageSource(photos, keys), encoder)
@@ -168,24 +169,36 @@ def stage_one(name: str, spec: dict, dtype: str, work: Path, photos: Path, devic
     keys = [p.name for p in paths[:n]]
     # mPLUG-Owl2: a token runs through one of the two multiway key/value projections.
     unused = 2 * spec["layers"] * spec["hidden"] ** 2 if spec["family"] == "mplug-owl2" else 0
-    flops = count_flops(model, processor, paths[: min(n, 16)], unused, encoder.encodings[0])
+    language, vision = count_flops_split(model, processor, paths[: min(n, 16)], unused,
+                                         encoder.encodings[0])
+    flops = language + vision
     row["flops_per_image_prompt"] = float(f"{flops:.4g}")
+    row["vision_flops_per_image"] = float(f"{vision:.4g}")
     peak = peak_bf16_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" \
         else None
-    for label, batch in (("agiqa", 8), ("agiqa_large_batch", big_batch)):
+    default_fuse = encoder.fuse_prompts
+    runs = (("agiqa", 8, default_fuse), ("agiqa_large_batch", big_batch, default_fuse),
+            ("agiqa_large_batch_" + ("separate" if default_fuse else "fused"), big_batch,
+             not default_fuse))
+    for label, batch, fuse in runs:
         _agiqa_extract(encoder, photos, keys[: max(batch, 8)], work / "warm-agiqa", batch,
-                       workers, fmt)
+                       workers, fmt, fuse)
         _reset_peak(device)
-        sec, report = _timed(device, lambda b=batch: _agiqa_extract(
-            encoder, photos, keys, work / f"agiqa-{name}", b, workers, fmt))
+        sec, report = _timed(device, lambda b=batch, f=fuse: _agiqa_extract(
+            encoder, photos, keys, work / f"agiqa-{name}", b, workers, fmt, f))
         # Throughput counts every image run through the model: random weights in float16
         # may overflow, which agiqa records as a failure after the forward passes.
-        r = {"batch_size": batch, "images_per_second": round(len(keys) / sec, 3),
+        r = {"batch_size": batch, "fused_prompts": fuse,
+             "images_per_second": round(len(keys) / sec, 3),
              "forward_passes_per_image": report.forward_passes / len(keys),
+             "model_calls": report.model_calls,
              "seconds": round(sec, 2), "padding_fraction": report.to_dict()["padding_fraction"],
              "failed": len(report.failures), "peak_gib": _peak_gib(device),
              "speedup": round(len(keys) / sec / row["official"]["images_per_second"], 2)}
-        tflops = flops * report.forward_passes / sec / 1e12
+        # FLOPs done: a vision pass per image and prompt, or one per image when shared.
+        vision_passes = report.forward_passes / len(encoder.encodings) \
+            if encoder.prepare.share_images else report.forward_passes
+        tflops = (language * report.forward_passes + vision * vision_passes) / sec / 1e12
         r["achieved_tflops"] = round(tflops, 1)
         if peak:
             r["fraction_of_bf16_peak"] = round(tflops / peak, 3)
@@ -367,11 +380,16 @@ def markdown(r: dict) -> str:
             lines.append(f"| stage one {name} | – | – | – | "
                          f"{row.get('skipped') or row.get('failed')} |")
             continue
-        for run in ("official", "agiqa", "agiqa_large_batch"):
-            x = row.get(run, {})
+        for run in ("official", "agiqa", "agiqa_large_batch", "agiqa_large_batch_fused",
+                    "agiqa_large_batch_separate"):
+            if run not in row:
+                continue
+            x = row[run]
+            how = {True: ", prompts fused", False: ", a pass per prompt"}.get(
+                x.get("fused_prompts"), "")
             lines.append(
                 f"| stage one {name} ({row['dtype']}, {row['images']} images) | {run} batch "
-                f"{x.get('batch_size')} | {_cell(x, 'images_per_second')} | "
+                f"{x.get('batch_size')}{how} | {_cell(x, 'images_per_second')} | "
                 f"{_cell(x, 'speedup', '×') if run != 'official' else '1×'} | "
                 f"{x.get('forward_passes_per_image')} forwards/image of "
                 f"{row['flops_per_image_prompt'] / 1e12:.3g} TFLOP, "

@@ -91,12 +91,22 @@ def forward_flops(model_dir: Path, images: Path, sample: int = 16) -> float:
 
 def count_flops(model, processor, paths: list[Path], unused_parameters: int = 0,
                 encoding=None) -> float:
-    """FLOPs of one forward pass of one image and prompt, averaged over ``paths``:
+    """FLOPs of one forward pass of one image and prompt (see :func:`count_flops_split`)."""
+    return sum(count_flops_split(model, processor, paths, unused_parameters, encoding))
+
+
+def count_flops_split(model, processor, paths: list[Path], unused_parameters: int = 0,
+                      encoding=None) -> tuple[float, float]:
+    """FLOPs of one forward pass of one image and prompt, averaged over ``paths``, as
+    (language model and head, vision tower): the vision part runs once per image when the
+    prompts of an image share it (mPLUG-Owl2 with fused prompts).
+
     2 · parameters · tokens for the language model's layers, 2 · parameters · patches for the
     vision tower (Qwen2-VL's token count follows the image size), and the output head at one
-    position. Attention scores are left out (a few per cent at these lengths), so this is a
-    lower bound. ``unused_parameters``: language-model parameters a token does not run
-    through (mPLUG-Owl2's second set of modality-adaptive keys and values). ``encoding``: the
+    position. Attention scores are left out (a few per cent at these lengths); mPLUG-Owl2's
+    abstractor is counted at the patch count (a slight over-count), so this is an estimate.
+    ``unused_parameters``: language-model parameters a token does not run through
+    (mPLUG-Owl2's second set of modality-adaptive keys and values). ``encoding``: the
     prompt's ``PromptEncoding`` (default: rendered by the processor's chat template)."""
     from agiqa.models.mllm import PromptEncoding
     from agiqa.presets import load_prompts
@@ -113,7 +123,7 @@ def count_flops(model, processor, paths: list[Path], unused_parameters: int = 0,
         encoding = PromptEncoding(processor, prompts.texts[0], prompts.answer_prefix,
                                   prompts.rating_words)
     enc = encoding
-    total = 0.0
+    total, visual = 0.0, 0.0
     for path in paths:
         inputs = processor(images=[Image.open(path).convert("RGB")], text=[enc.text],
                            return_tensors="pt")
@@ -123,8 +133,9 @@ def count_flops(model, processor, paths: list[Path], unused_parameters: int = 0,
         else:  # a fixed-size ViT with a class token (mPLUG-Owl2 keeps its settings apart)
             vc = getattr(cfg, "vision_settings", None) or cfg.vision_config
             patches = (vc.image_size // vc.patch_size) ** 2 + 1
-        total += 2.0 * language * tokens + 2.0 * vision * patches + 2.0 * head
-    return total / len(paths)
+        total += 2.0 * language * tokens + 2.0 * head
+        visual += 2.0 * vision * patches
+    return total / len(paths), visual / len(paths)
 
 
 def peak_bf16_tflops(name: str) -> float | None:

@@ -27,10 +27,15 @@ def test_gpu_suite_smoke_measures_every_part(tmp_path):
         row = result["stage_one"][name]
         assert "failed" not in row, row
         assert row["official"]["forward_passes_per_image"] == 4.0
-        for run in ("agiqa", "agiqa_large_batch"):
+        # mPLUG-Owl2 fuses its prompts by default; the other setting is measured too.
+        other = "agiqa_large_batch_" + ("separate" if name == "mplug-owl2-7b" else "fused")
+        for run in ("agiqa", "agiqa_large_batch", other):
             assert row[run]["forward_passes_per_image"] == 2.0
             assert row[run]["images_per_second"] > 0 and row[run]["failed"] == 0
             assert row[run]["achieved_tflops"] >= 0
+        fused, separate = (row["agiqa_large_batch"], row[other])[::1 if "sep" in other else -1]
+        assert fused["fused_prompts"] and not separate["fused_prompts"]
+        assert 2 * fused["model_calls"] == separate["model_calls"]
         assert row["flops_per_image_prompt"] > 0
         assert f"stage one {name}" in table
     # Stage two: the official loop and agiqa fit, whole processes, with ratios.

@@ -253,14 +253,19 @@ class SemanticEncoder:
         for enc in self.encodings:
             check_prompt_order(self.processor, enc.text, enc.prompt, self.model_id,
                                self._image_token_id)
-        pad_to = pad_colour(self.processor.image_processor) if self.pad_square else None
+        self.set_fuse_prompts(fuse_prompts)
+        self.rating_weights = torch.tensor(prompts.rating_weights, dtype=torch.float32)
+        self.rating_ids = torch.tensor([e.rating_ids for e in self.encodings], dtype=torch.long)
+
+    def set_fuse_prompts(self, fuse: bool | None) -> None:
+        """Run every prompt of a batch in one forward pass, or one pass per prompt (``None``:
+        the family's default, see the class docs); rebuilds :attr:`prepare`."""
         shared = self.family == MPLUG_OWL2
-        self.fuse_prompts = shared if fuse_prompts is None else bool(fuse_prompts)
+        self.fuse_prompts = shared if fuse is None else bool(fuse)
+        pad_to = pad_colour(self.processor.image_processor) if self.pad_square else None
         pad_id = getattr(self.processor.tokenizer, "pad_token_id", None)
         self.prepare = BatchPreparer(self.processor, self.encodings, pad_to, self.fuse_prompts,
                                      share_images=shared, pad_token_id=pad_id or 0)
-        self.rating_weights = torch.tensor(prompts.rating_weights, dtype=torch.float32)
-        self.rating_ids = torch.tensor([e.rating_ids for e in self.encodings], dtype=torch.long)
 
     def _init_transformers(self) -> None:
         from transformers import AutoConfig, AutoProcessor
