@@ -11,8 +11,10 @@ the images in the main thread, and saves one ``.pt`` file per image and prompt.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,35 @@ EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 def list_photos(folder: str | Path) -> list[Path]:
     """The image files under ``folder``, sorted (as the official code walks them)."""
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in EXTS)
+
+
+@contextlib.contextmanager
+def official_multiway(model: Any):
+    """mPLUG-Owl2's modality-adaptive modules as the official code runs them
+    (``mplug_owl2/model/multiway.py``): every module finds the tokens of each branch with
+    ``nonzero``, a host synchronisation per module and branch. No-op for other families."""
+    try:
+        from agiqa.models.mllm.mplug_owl2 import MultiwayNetwork
+    except ImportError:  # an agiqa without the family
+        MultiwayNetwork = ()  # noqa: N806
+    modules = [m for m in model.modules() if isinstance(m, MultiwayNetwork)]
+
+    def forward(self, hidden_states, route):
+        out = hidden_states.new_empty(*hidden_states.shape[:-1], self.out_features)
+        for idx, subway in enumerate(self.multiway):
+            local = route.modality.eq(idx).nonzero(as_tuple=True)
+            hidden = hidden_states[local].unsqueeze(1).contiguous()
+            if hidden.numel():
+                out[local] = subway(hidden).squeeze(1)
+        return out.contiguous()
+
+    for m in modules:
+        m.forward = types.MethodType(forward, m)
+    try:
+        yield
+    finally:
+        for m in modules:
+            del m.forward
 
 
 def official_loop(model: Any, processor: Any, paths: list[Path], out: Path,
@@ -41,6 +72,11 @@ def official_loop(model: Any, processor: Any, paths: list[Path], out: Path,
     device = next(model.parameters()).device
     prompts = load_prompts("paper")
     out.mkdir(parents=True, exist_ok=True)
+    with official_multiway(model):
+        return _loop(model, processor, paths, out, batch_size, texts, prompts, device)
+
+
+def _loop(model, processor, paths, out, batch_size, texts, prompts, device) -> int:
     forwards = 0
     for pi, prompt in enumerate(prompts.texts):
         messages = [{"role": "user", "content": [{"type": "text", "text": prompt},
@@ -77,12 +113,23 @@ def main() -> None:
     t0 = time.perf_counter()
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from agiqa.models.mllm.mplug_owl2 import is_mplug_owl2, load_mplug_owl2
+    from agiqa.presets import load_prompts, load_recipe
+
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    processor = AutoProcessor.from_pretrained(args.model)
+    texts = None
+    if is_mplug_owl2(args.model):  # the official turn of getFeature.py
+        model, processor = load_mplug_owl2(args.model, dtype=dtype)
+        turn, prompts = load_recipe("mplug-owl2-official").turn, load_prompts("paper")
+        texts = [turn.replace("{prompt}", p) + " " + prompts.answer_prefix
+                 for p in prompts.texts]
+    else:
+        processor = AutoProcessor.from_pretrained(args.model)
+        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype)
     processor.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    model = model.to(device).eval()
     paths = list_photos(args.images)
-    forwards = official_loop(model, processor, paths, Path(args.out), args.batch_size)
+    forwards = official_loop(model, processor, paths, Path(args.out), args.batch_size, texts)
     seconds = time.perf_counter() - t0
     print(json.dumps({"images": len(paths), "forward_passes_per_image": forwards / len(paths),
                       "seconds": seconds}))

@@ -7,6 +7,7 @@ bf16 peak.
     python benchmarks/stage_one.py                        # CPU: a forward-dominated small LLaVA
     python benchmarks/stage_one.py --shape llava-1.5-7b   # GPU: 7B-shaped, random bf16 weights
     python benchmarks/stage_one.py --shape qwen2.5-vl-7b  # GPU: dynamic resolution, 7B-shaped
+    python benchmarks/stage_one.py --shape cpu-mplug-owl2 [--fuse-prompts off]  # CPU, mPLUG-Owl2
 """
 
 from __future__ import annotations
@@ -31,6 +32,15 @@ HERE = Path(__file__).resolve().parent
 SHAPES = {
     "cpu": {"family": "llava", "hidden": 768, "layers": 8, "image_size": 96},
     "cpu-qwen": {"family": "qwen2-vl", "hidden": 768, "layers": 8, "image_size": 224},
+    # mPLUG-Owl2's proportions: the vision tower and abstractor cost about half a language pass.
+    "cpu-mplug-owl2": {"family": "mplug-owl2", "hidden": 768, "layers": 8, "image_size": 224,
+                       "patch": 14,
+                       "vision": {"hidden_size": 384, "intermediate_size": 1536,
+                                  "num_hidden_layers": 6, "num_attention_heads": 6},
+                       "abstractor": {"hidden_size": 384, "num_hidden_layers": 2,
+                                      "num_attention_heads": 6, "intermediate_size": 1024},
+                       "text": {"intermediate_size": 2048, "num_attention_heads": 12,
+                                "num_key_value_heads": 12}},
     "llava-1.5-7b": {"family": "llava", "random": "llava-1.5-7b"},
     "qwen2.5-vl-7b": {"family": "qwen2.5-vl", "random": "qwen2.5-vl-7b"},
 }
@@ -54,8 +64,11 @@ def write_photos(folder: Path, n: int) -> None:
 
 def build_model(shape: str, out: Path) -> Path:
     spec = SHAPES[shape]
-    from agiqa.testing.tiny_mllm import build_random_mllm, build_tiny_mllm
+    from agiqa.testing.tiny_mllm import build_random_mllm, build_tiny_mllm, random_mllm_on_device
 
+    if spec["family"] == "mplug-owl2":  # agiqa's own family: built in memory, then saved
+        random_mllm_on_device(spec, out, "cpu", torch.float32).save_pretrained(out)
+        return out
     if "random" in spec:
         return build_random_mllm(spec["random"], out)
 
@@ -151,14 +164,15 @@ def _official(py: str, model: Path, images: Path, out: Path, batch: int) -> dict
     return run
 
 
-def _agiqa(py: str, model: Path, images: Path, cache: Path, batch: int, workers: int) -> dict:
+def _agiqa(py: str, model: Path, images: Path, cache: Path, batch: int, workers: int,
+           extra: list[str]) -> dict:
     if cache.exists():
         import shutil
 
         shutil.rmtree(cache)
     run = run_process([py, "-m", "agiqa", "extract-semantics", "--model", str(model),
                        "--images", str(images), "--out", str(cache), "--batch-size", str(batch),
-                       "--loader-workers", str(workers), "-q", "--json"])
+                       "--loader-workers", str(workers), "-q", "--json", *extra])
     run["report"] = json.loads(run.pop("stdout"))
     run["load_average"] = load_average()
     return run
@@ -172,6 +186,8 @@ def main() -> None:
     ap.add_argument("--loader-workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2,
                     help="Runs of each; the order alternates (official first in odd runs).")
+    ap.add_argument("--fuse-prompts", choices=["default", "on", "off"], default="default",
+                    help="agiqa's --fuse-prompts setting (default: the model's).")
     ap.add_argument("--workdir", default=None, help="Keep the model and images here.")
     ap.add_argument("--out", default=None, help="The JSON result (default results/...).")
     args = ap.parse_args()
@@ -180,11 +196,13 @@ def main() -> None:
         work = Path(args.workdir or tmp)
         model, images = prepare_inputs(work, args.shape, args.images)
         official, ours = [], []
+        extra = {"default": [], "on": ["--fuse-prompts"], "off": ["--no-fuse-prompts"]}[
+            args.fuse_prompts]
         for r in range(args.repeats):
             steps = [lambda: official.append(_official(py, model, images, work / "official-pt",
                                                        args.batch_size)),
                      lambda: ours.append(_agiqa(py, model, images, work / "agiqa-cache",
-                                                args.batch_size, args.loader_workers))]
+                                                args.batch_size, args.loader_workers, extra))]
             for step in (steps if r % 2 == 0 else steps[::-1]):
                 step()
         n = args.images
@@ -207,6 +225,7 @@ def main() -> None:
                       "images_per_second": round(n / statistics.median(our_s), 3),
                       "loop_seconds_each": [o["report"]["seconds"] for o in ours],
                       "forward_passes_per_image": report["forward_passes"] / n,
+                      "model_calls": report["model_calls"], "fuse_prompts": args.fuse_prompts,
                       "padding_fraction": report["padding_fraction"],
                       "loader_workers": args.loader_workers,
                       "cpu_seconds_each": [o["cpu_seconds"] for o in ours],
@@ -225,7 +244,8 @@ def main() -> None:
             if peak:
                 result["agiqa"]["fraction_of_bf16_peak"] = round(
                     flops * report["forward_passes"] / report["seconds"] / (peak * 1e12), 4)
-    write_result(f"stage_one_{args.shape}", result, args.out)
+    suffix = "" if args.fuse_prompts == "default" else f"_fuse_{args.fuse_prompts}"
+    write_result(f"stage_one_{args.shape}{suffix}", result, args.out)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,7 @@ class ModalityRoute:
     """
 
     def __init__(self, modality: torch.Tensor, image_tokens: int):
+        self.modality = modality
         self.total = modality.numel()
         self.counts = [self.total - image_tokens, image_tokens]
         self.single = next((i for i, c in enumerate(self.counts) if c == self.total), None)
