@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from agiqa.cache import check_fresh, open_cache, verify_cache
@@ -255,6 +256,26 @@ def test_changed_image_is_recomputed_and_refused_by_check_fresh(tiny_llava, fill
     assert not np.array_equal(after[1], before[1])
     np.testing.assert_array_equal(after[[0, 2, 3]], before[[0, 2, 3]])
     check_fresh(open_cache(out), keys, root)
+
+
+def test_fit_and_evaluate_inputs_refuse_a_changed_image_reading_each_file_once(filled,
+                                                                                monkeypatch):
+    """Stage two checks the bytes it decodes against the cached sha256 (no second read)."""
+    from agiqa.cache import verify
+    from agiqa.data.datasets import load_dataset
+    from agiqa.stages.predict import inputs_of
+
+    root, keys, out = filled
+    labels = root.parent / "labels.csv"
+    labels.write_text("image,mos\n" + "".join(f"{k},{i}\n" for i, k in enumerate(keys)))
+    ds = load_dataset("csv", root, labels)
+    monkeypatch.setattr(verify, "file_sha256", lambda *a: pytest.fail("hashed apart"))
+    vectors, pixels = inputs_of(ds, keys, open_cache(out), workers=0, progress=False)
+    np.testing.assert_array_equal(vectors.numpy(), open_cache(out).read(keys)["vectors"])
+    assert pixels.shape == (4, 3, 224, 224) and pixels.dtype == torch.uint8
+    Image.fromarray(np.full((24, 32, 3), 200, np.uint8)).save(root / "img2.png")
+    with pytest.raises(StaleVectorsError, match="1 image.*changed.*img2.png"):
+        inputs_of(ds, keys, open_cache(out), workers=0, progress=False)
 
 
 def test_failed_image_is_retried_once_fixed(tiny_llava, tmp_path):

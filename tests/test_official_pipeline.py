@@ -148,3 +148,30 @@ def test_both_prompts_in_one_pass_with_one_vision_pass_per_image(owl2, tmp_path)
         np.testing.assert_allclose(run_["vectors"].astype(np.float32), _official_vectors(),
                                    rtol=2**-10, atol=1e-4)
     np.testing.assert_allclose(got[None]["zero_shot"], got[False]["zero_shot"], atol=1e-5)
+
+
+def test_fused_inputs_read_each_image_once(owl2, monkeypatch):
+    """The fused mPLUG-Owl2 batch comes from one processor call (each image preprocessed once)
+    and equals the per-prompt batches merged row by row."""
+    from PIL import Image
+
+    from agiqa.models.mllm import fuse_batches
+
+    folder, images = owl2
+    enc = SemanticEncoder(str(folder), load_prompts("paper"))
+    imgs = [Image.open(images / name).convert("RGB") for name in META["images"]]
+    seen = []
+    original = type(enc.processor.image_processor).preprocess_one
+    monkeypatch.setattr(type(enc.processor.image_processor), "preprocess_one",
+                        lambda self, im: seen.append(im.size) or original(self, im))
+    (fused,) = enc.prepare.all_prompts(imgs)
+    assert len(seen) == len(imgs) and fused["image_repeats"] == 2
+    merged = fuse_batches([enc.prepare(imgs, 0), enc.prepare(imgs, 1)],
+                          enc.processor.tokenizer.pad_token_id or 0, share_images=True)
+    assert sorted(fused) == sorted(merged)
+    for name, value in fused.items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, merged[name]), name
+        else:
+            assert value == merged[name], name
+    assert fused["prompt_rows"].tolist() == [0] * len(imgs) + [1] * len(imgs)

@@ -275,7 +275,7 @@ def test_out_is_checked_before_any_heavy_work(small_set, tmp_path, monkeypatch):
     def heavy(*a, **k):
         raise AssertionError("decoded or read vectors before checking --out")
 
-    monkeypatch.setattr(fit_module, "decode_pixels", heavy)
+    monkeypatch.setattr(fit_module, "inputs_of", heavy)
     monkeypatch.setattr(SemanticCache, "read", heavy)
     foreign = tmp_path / "photos"
     foreign.mkdir()

@@ -9,16 +9,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
-from agiqa.cache import check_fresh, open_cache
+from agiqa.cache import open_cache
 from agiqa.data.datasets import Dataset
 from agiqa.data.splits import read_split_csv
 from agiqa.errors import CacheMismatchError, ConfigError, DatasetError, MissingVectorsError
 from agiqa.metrics import evaluate
 from agiqa.models.agiqa_net import load_model
 from agiqa.runtime import resolve_device
-from agiqa.stages.predict import decode_pixels, predict
+from agiqa.stages.predict import inputs_of, predict
 
 __all__ = ["check_fingerprint", "evaluate_model"]
 
@@ -62,11 +60,10 @@ def evaluate_model(model_dir: str | os.PathLike, ds: Dataset, cache_dir: str | o
     missing = [k for k in keys if k not in cache]
     if missing:
         raise MissingVectorsError(missing, where=f"cache {cache.path}")
-    check_fresh(cache, keys, ds.root)  # vectors of changed images: refused
     dev = resolve_device(device)
     model.to(dev)
-    vectors = torch.from_numpy(cache.read(keys, ("vectors",))["vectors"])
-    pixels = decode_pixels(ds, keys, workers, progress)
+    # Each file is read once; vectors of an image changed since extraction are refused.
+    vectors, pixels = inputs_of(ds, keys, cache, workers, progress)
     scores = predict(model, pixels, vectors, dev, batch_size, amp)
     mos = {s.key: s.mos for s in ds.samples}
     metrics = evaluate(scores.numpy(), [mos[k] for k in keys])

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from agiqa import runtime as dist
-from agiqa.cache import SemanticCache, check_fresh, open_cache
+from agiqa.cache import SemanticCache, open_cache
 from agiqa.data.datasets import load_dataset
 from agiqa.data.splits import Split, make_split
 from agiqa.errors import ConfigError, DatasetError, MissingVectorsError, TrainingError
@@ -41,7 +41,7 @@ from agiqa.stages.norms import fold_score_norm as _fold_score_norm
 from agiqa.stages.norms import fold_semantic_norm as _fold_semantic_norm
 from agiqa.stages.norms import score_norm as _score_norm
 from agiqa.stages.norms import semantic_norm as _semantic_norm
-from agiqa.stages.predict import decode_pixels, predict
+from agiqa.stages.predict import inputs_of, predict
 from agiqa.stages.rundir import check_out, write_outputs
 from agiqa.stages.trainer import (
     MIN_EVAL_IMAGES,
@@ -188,7 +188,6 @@ def _fit(cfg: FitConfig, device: torch.device) -> FitResult:
     _check_split(split, len(ds), cfg.batch_size)
     cache = open_cache(cfg.cache)
     _check_vectors(cache, split)
-    check_fresh(cache, split.subset("all"), ds.root)  # vectors of changed images: refused
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -234,8 +233,8 @@ def _fit(cfg: FitConfig, device: torch.device) -> FitResult:
 def _inputs(cfg: FitConfig, ds, cache: SemanticCache, split: Split, main: bool):
     """Keys, vectors, decoded pixels and MOS of every image; index tensors of each subset."""
     keys = split.subset("all")
-    vectors = torch.from_numpy(cache.read(keys, ("vectors",))["vectors"])
-    pixels = decode_pixels(ds, keys, cfg.loader_workers, cfg.progress and main)
+    # Each file is read once; vectors of an image changed since extraction are refused.
+    vectors, pixels = inputs_of(ds, keys, cache, cfg.loader_workers, cfg.progress and main)
     index = {k: i for i, k in enumerate(keys)}
     part = {name: torch.tensor([index[k] for k in split.subset(name)]) for name in
             ("train", "val", "test")}

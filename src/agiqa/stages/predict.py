@@ -7,12 +7,14 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from tqdm.auto import tqdm
 
+from agiqa.cache import SemanticCache
 from agiqa.data.datasets import Dataset
 from agiqa.data.images import load_image
 from agiqa.data.pixels import normalize, resize_pixels
+from agiqa.errors import StaleVectorsError
 from agiqa.models.agiqa_net import AgiqaNet
 
-__all__ = ["decode_pixels", "predict"]
+__all__ = ["decode_pixels", "inputs_of", "predict"]
 
 
 class _Decode(TorchDataset):
@@ -22,21 +24,40 @@ class _Decode(TorchDataset):
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        img, _ = load_image(self.ds.path(self.keys[i]), self.keys[i])
-        return resize_pixels(img)
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        img, sha = load_image(self.ds.path(self.keys[i]), self.keys[i])
+        return resize_pixels(img), sha
 
 
-def decode_pixels(ds: Dataset, keys: list[str], workers: int = 2, progress: bool = True
-                  ) -> torch.Tensor:
-    """Decode and resize every image once: uint8 [n, 3, 224, 224]."""
+def decode_pixels(ds: Dataset, keys: list[str], workers: int = 2, progress: bool = True,
+                  with_sha256: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
+    """Decode and resize every image once: uint8 [n, 3, 224, 224] (and, ``with_sha256``, the
+    sha256 of the bytes each was decoded from)."""
     out = torch.empty((len(keys), 3, 224, 224), dtype=torch.uint8)
+    shas: list[str] = []
     loader = DataLoader(_Decode(ds, keys), batch_size=32, num_workers=workers)
     i = 0
-    for batch in tqdm(loader, desc="decode", unit="batch", disable=not progress):
+    for batch, digests in tqdm(loader, desc="decode", unit="batch", disable=not progress):
         out[i : i + len(batch)] = batch
+        shas.extend(digests)
         i += len(batch)
-    return out
+    return (out, shas) if with_sha256 else out
+
+
+def inputs_of(ds: Dataset, keys: list[str], cache: SemanticCache, workers: int = 2,
+              progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached vectors [n, P, D] and decoded pixels of ``keys``, each file read once: the bytes
+    decoded must be those the vectors were computed from, else nothing is returned.
+
+    Raises:
+        StaleVectorsError: naming the images whose file changed since extraction.
+    """
+    data = cache.read(keys, ("vectors", "sha256"))
+    pixels, shas = decode_pixels(ds, keys, workers, progress, with_sha256=True)
+    changed = [k for k, new, old in zip(keys, shas, data["sha256"], strict=True) if new != old]
+    if changed:
+        raise StaleVectorsError(changed, str(cache.path))
+    return torch.from_numpy(data["vectors"]), pixels
 
 
 

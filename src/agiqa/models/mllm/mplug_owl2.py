@@ -21,6 +21,11 @@ Interface used by the MLLM adapter:
 - `model.model(input_ids=, attention_mask=, pixel_values=, use_cache=False).last_hidden_state`:
   the final normed hidden state (the official `hidden_states[-1]`); `model(...)` gives `logits`
   (`logits_to_keep` supported); `model.get_output_embeddings()` is the LM head.
+  `image_repeats=k` lets n images serve k·n sequences (several prompts, one vision pass).
+
+Speed: the modality-adaptive modules route tokens by an index built once per forward pass
+(`ModalityRoute`), never by `nonzero` per module as the official `MultiwayNetwork` does, so a
+forward pass on a GPU never waits for the device (without padding, pass no `attention_mask`).
 """
 
 from __future__ import annotations

@@ -320,15 +320,22 @@ class MplugOwl2Processor:
         return out
 
     def __call__(self, text: str | list[str], images: Image.Image | list[Image.Image] | None = None,
-                 return_tensors: str | None = "pt", padding: bool = True) -> BatchEncoding:
-        """Expanded `input_ids`, `attention_mask` and, with images, `pixel_values`."""
+                 return_tensors: str | None = "pt", padding: bool = True,
+                 image_repeats: int = 1) -> BatchEncoding:
+        """Expanded `input_ids`, `attention_mask` and, with images, `pixel_values`.
+
+        ``image_repeats=k``: the texts hold k markers per image (the model's `image_repeats`:
+        the same images under several prompts); `pixel_values` holds each image once.
+        """
         texts = [text] if isinstance(text, str) else list(text)
         sequences = [self.expand(self.tokenizer_image_token(t)) for t in texts]
         markers = sum(t.count(IMAGE_TOKEN) for t in texts)
         images = [images] if isinstance(images, Image.Image) else list(images or [])
-        if markers != len(images):
+        if markers != len(images) * image_repeats:
+            repeats = f" x {image_repeats}" if image_repeats != 1 else ""
             raise ValueError(
                 f"the texts hold {markers} {IMAGE_TOKEN} markers for {len(images)} images"
+                f"{repeats}"
             )
         batch = self.tokenizer.pad(sequences, padding=padding, return_tensors=return_tensors)
         if images:

@@ -1,0 +1,179 @@
+"""Model inputs of stage one, made on the CPU (in data-loader workers): the rendered prompts
+with their answer prefix and rating tokens, and the batches of every prompt, fused or not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+
+from agiqa.errors import ModelLoadError
+from agiqa.models.mllm.recipe import expand2square, render_prompt_first
+
+__all__ = ["BatchPreparer", "PromptEncoding", "fuse_batches"]
+
+
+class PromptEncoding:
+    """The rendered text of one prompt, the appended answer-prefix ids and the rating ids.
+
+    Args:
+        processor: the model's processor.
+        prompt: the quality prompt.
+        answer_prefix: the text appended for the zero-shot score.
+        rating_words: the rating words whose first tokens are scored.
+        turn: the recipe's turn with ``{prompt}``; ``None`` renders the model's chat template
+            with the prompt before the image.
+        model_id: the model's name, for error messages.
+    """
+
+    def __init__(self, processor: Any, prompt: str, answer_prefix: str, rating_words: list[str],
+                 turn: str | None = None, model_id: str = "the MLLM"):
+        tok = processor.tokenizer
+        self.prompt = prompt
+        if turn is not None:
+            self.text = turn.replace("{prompt}", prompt)
+        else:
+            marker = getattr(processor, "image_token", None)
+            if not marker:
+                raise ModelLoadError(f"{model_id}: the processor names no image token")
+            self.text = render_prompt_first(processor, prompt, marker, model_id)
+        sep = "" if self.text[-1:].isspace() else " "
+        full = self.text + sep + answer_prefix
+
+        def ids(s: str) -> list[int]:
+            return tok(s, add_special_tokens=False)["input_ids"]
+
+        base, with_prefix = ids(self.text), ids(full)
+        if with_prefix[: len(base)] == base:
+            self.suffix_ids = with_prefix[len(base):]
+        else:  # the tokenizer merged across the boundary: tokenize the prefix on its own
+            self.suffix_ids = ids(sep + answer_prefix)
+        self.rating_ids = []
+        for word in rating_words:
+            extended = ids(full + word)
+            first = extended[len(with_prefix)] if extended[: len(with_prefix)] == with_prefix \
+                and len(extended) > len(with_prefix) else ids(word)[0]
+            self.rating_ids.append(first)
+        if len(set(self.rating_ids)) != len(self.rating_ids):
+            raise ModelLoadError(
+                f"rating words {rating_words} share first tokens {self.rating_ids}")
+
+
+class BatchPreparer:
+    """Turns images into model inputs on the CPU; holds the processor but no weights, so
+    data-loader workers can run it (and pickle it) cheaply.
+
+    Args:
+        processor: the model's processor.
+        encodings: one per prompt.
+        pad_to: pad images to a square of this colour first (``None``: as they are).
+        fuse: :meth:`all_prompts` gives one batch holding every prompt (one forward pass).
+        share_images: with ``fuse``, the pixels come once and the model reuses them for every
+            prompt (``image_repeats``), so the vision tower runs once per image.
+        pad_token_id: the id left padding uses when prompts of different length are fused.
+    """
+
+    def __init__(self, processor: Any, encodings: list[PromptEncoding],
+                 pad_to: tuple[int, ...] | None = None, fuse: bool = False,
+                 share_images: bool = False, pad_token_id: int = 0):
+        self.processor = processor
+        self.encodings = encodings
+        self.pad_to = pad_to
+        self.fuse = fuse
+        self.share_images = share_images and fuse
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, images: list[Image.Image], prompt_index: int) -> dict[str, Any]:
+        """Processor output for one prompt and a batch of images, answer prefix appended.
+
+        Adds ``pool_mask`` (1 on the real tokens of the rendered prompt, 0 on padding and on
+        the appended answer prefix) and ``prompt_rows`` (the prompt of each row).
+        """
+        if self.pad_to is not None:
+            images = [expand2square(im, self.pad_to) for im in images]
+        return self._rows(images, [prompt_index])
+
+    def all_prompts(self, images: list[Image.Image]) -> list[dict[str, Any]]:
+        """The inputs of every prompt for ``images``: a batch per prompt, or one fused batch.
+
+        Either way the rows run prompt by prompt: prompt 0 for every image, then prompt 1...
+        With ``share_images`` the processor reads each image once for all prompts.
+        """
+        if self.pad_to is not None:
+            images = [expand2square(im, self.pad_to) for im in images]
+        prompts = list(range(len(self.encodings)))
+        if self.share_images and len({len(e.suffix_ids) for e in self.encodings}) == 1:
+            batch = self._rows(images, prompts, image_repeats=len(prompts))
+            batch["image_repeats"] = len(prompts)
+            return [batch]
+        batches = [self._rows(images, [p]) for p in prompts]
+        if not self.fuse or len(batches) == 1:
+            return batches
+        return [fuse_batches(batches, self.pad_token_id, self.share_images)]
+
+    def _rows(self, images: list[Image.Image], prompts: list[int],
+              **processor_kw: Any) -> dict[str, Any]:
+        """One processor call: the rows of ``prompts`` (each over every image, prompt-major),
+        answer prefixes appended; the prompts' prefixes must have one length."""
+        encs = [self.encodings[p] for p in prompts]
+        n = len(images)
+        batch = self.processor(text=[e.text for e in encs for _ in range(n)], images=images,
+                               return_tensors="pt", padding=True, **processor_kw)
+        batch = dict(batch)
+        ids = batch["input_ids"]
+        rows, k = ids.shape[0], len(encs[0].suffix_ids)
+        suffix = torch.tensor([e.suffix_ids for e in encs], dtype=ids.dtype)
+        suffix = suffix.repeat_interleave(n, dim=0)
+        pool_mask = torch.cat([batch["attention_mask"], torch.zeros(rows, k, dtype=torch.long)],
+                              1)
+        for name, value in list(batch.items()):
+            if _per_token(name, value, ids):
+                if name == "input_ids":
+                    tail = suffix
+                elif name == "attention_mask":
+                    tail = torch.ones(rows, k, dtype=value.dtype)
+                else:
+                    tail = torch.zeros(rows, k, dtype=value.dtype)
+                batch[name] = torch.cat([value, tail], dim=1)
+        batch["pool_mask"] = pool_mask
+        batch["prompt_rows"] = torch.tensor(prompts, dtype=torch.long).repeat_interleave(n)
+        return batch
+
+
+def _per_token(name: str, value: Any, ids: torch.Tensor) -> bool:
+    """Whether a processor output has one entry per token (ids, masks, token types)."""
+    return torch.is_tensor(value) and value.dim() >= 2 and value.shape[:2] == ids.shape \
+        and not name.startswith(("pixel", "image"))
+
+
+def fuse_batches(batches: list[dict[str, Any]], pad_token_id: int = 0,
+                 share_images: bool = False) -> dict[str, Any]:
+    """One batch holding the rows of ``batches`` in order, left-padded to the longest.
+
+    Per-token tensors are padded (``pad_token_id`` for ids, 0 elsewhere, so padding stays out
+    of attention and pooling); per-image tensors are concatenated, or with ``share_images``
+    taken once from the first batch and marked ``image_repeats`` for the model.
+    """
+    ids = [b["input_ids"] for b in batches]
+    length = max(i.shape[1] for i in ids)
+    fused: dict[str, Any] = {}
+    for name, first in batches[0].items():
+        values = [b[name] for b in batches]
+        if _per_token(name, first, ids[0]) or name == "pool_mask":
+            fill = pad_token_id if name == "input_ids" else 0
+            padded = []
+            for v in values:
+                out = v.new_full((v.shape[0], length, *v.shape[2:]), fill)
+                out[:, length - v.shape[1]:] = v
+                padded.append(out)
+            fused[name] = torch.cat(padded)
+        elif share_images and name.startswith(("pixel", "image")):
+            fused[name] = first
+        elif torch.is_tensor(first):
+            fused[name] = torch.cat(values)
+        else:
+            raise ValueError(f"cannot fuse the processor output {name!r} ({type(first).__name__})")
+    if share_images:
+        fused["image_repeats"] = len(batches)
+    return fused
