@@ -79,6 +79,22 @@ def test_clean_folder_exits_0_and_cache_info(tiny_llava, tmp_path):
     assert "prompt       coherence: Evaluate if the image quality" in text
 
 
+def test_fuse_prompts_option_halves_the_model_calls(tiny_llava, tmp_path):
+    from tests.conftest import write_photo_folder
+
+    write_photo_folder(tmp_path / "imgs", with_broken=False)
+    reports = {}
+    for flag in ("--no-fuse-prompts", "--fuse-prompts"):
+        result = run("extract-semantics", "--model", tiny_llava, "--images", tmp_path / "imgs",
+                     "--out", tmp_path / flag, "--batch-size", "4", "--loader-workers", "0",
+                     "--json", flag)
+        assert result.exit_code == 0, result.output
+        reports[flag] = json.loads(result.stdout)
+    separate, fused = reports["--no-fuse-prompts"], reports["--fuse-prompts"]
+    assert separate["forward_passes"] == fused["forward_passes"] == 2 * 11
+    assert separate["model_calls"] == 2 * fused["model_calls"] == 2 * 3
+
+
 def test_cache_verify_names_changed_and_missing_files(tiny_llava, tmp_path):
     from tests.conftest import write_photo_folder
 
