@@ -135,7 +135,7 @@ class ModalityRoute:
         self.single = next((i for i, c in enumerate(self.counts) if c == self.total), None)
         self.order = None
         if self.single is None:
-            self.order = torch.argsort(modality.flatten(), stable=True)
+            self.order = torch.argsort(modality.flatten().to(torch.uint8), stable=True)
 
 
 class MultiwayNetwork(nn.Module):
