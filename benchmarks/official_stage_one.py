@@ -77,6 +77,7 @@ def official_loop(model: Any, processor: Any, paths: list[Path], out: Path,
 
 
 def _loop(model, processor, paths, out, batch_size, texts, prompts, device) -> int:
+    owl2 = getattr(model.config, "model_type", None) == "mplug_owl2"
     forwards = 0
     for pi, prompt in enumerate(prompts.texts):
         messages = [{"role": "user", "content": [{"type": "text", "text": prompt},
@@ -87,7 +88,10 @@ def _loop(model, processor, paths, out, batch_size, texts, prompts, device) -> i
             batch = paths[i : i + batch_size]
             images = [Image.open(p).convert("RGB") for p in batch]
             inputs = processor(images=images, text=[text] * len(images), return_tensors="pt",
-                               padding=True).to(device)
+                               padding=True)
+            if owl2 and bool(inputs["attention_mask"].all()):
+                del inputs["attention_mask"]  # getFeature.py passes none
+            inputs = inputs.to(device)
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
             with torch.no_grad():

@@ -319,12 +319,14 @@ class MplugOwl2Model(MplugOwl2PreTrainedModel):
             image_repeats: sequences per image (see `embed`): several prompts, one vision pass.
             **kwargs: ignored generation arguments.
 
-        Nothing here waits for the device, except the check that a given ``attention_mask``
-        holds padding; pass ``None`` for a batch without padding.
+        Nothing here waits for the device. On an accelerator a given ``attention_mask`` is
+        always applied (finding out whether it holds padding would wait); pass ``None`` for a
+        batch without padding, which then runs the causal kernel without a mask.
         """
         hidden, route = self.embed(input_ids, pixel_values, image_repeats)
         mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and (attention_mask.device.type != "cpu"
+                                           or not bool(attention_mask.all())):
             mask = _attention_mask_4d(attention_mask)
         if position_ids is None:
             if attention_mask is None:
