@@ -208,3 +208,37 @@ def test_one_vision_pass_serves_every_prompt(loaded, images):
         assert float((b[p * n:(p + 1) * n] - official).abs().max()) <= TOLERANCE
     with pytest.raises(ValueError, match=f"{n} image\\(s\\) give {n * 65} visual tokens"):
         _vectors(model, dict(shared, image_repeats=1))
+
+
+def test_a_forward_pass_never_reads_values_back_from_the_device(loaded, images, monkeypatch):
+    """On the meta device no value exists: a forward pass that runs there never waits for the
+    device's data (no ``nonzero``, ``.item()`` or ``bool(tensor)``), so on a GPU it queues
+    without a host synchronisation. The official routing (``nonzero`` per module) cannot."""
+    import copy
+
+    from agiqa.models.mllm.mplug_owl2 import MultiwayNetwork
+
+    model, processor = loaded
+    texts = [META["prompts"][k]["text"] for k in META["prompts"]]
+    n = len(images)
+    batch = processor(text=[t for t in texts for _ in range(n)], images=images, image_repeats=2)
+    assert not bool(batch["attention_mask"].all())  # the shorter prompt is padded
+    meta = copy.deepcopy(model).to("meta")
+    inputs = {k: v.to("meta") for k, v in batch.items()}
+    with torch.no_grad():
+        hidden = meta.model(**inputs, image_repeats=2).last_hidden_state
+        assert hidden.shape == (2 * n, batch["input_ids"].shape[1], model.config.hidden_size)
+        unpadded = processor(text=[texts[0]] * n, images=images)
+        del unpadded["attention_mask"]
+        meta.model(**{k: v.to("meta") for k, v in unpadded.items()})
+
+    def official(self, hidden_states, route):  # mplug_owl2/model/multiway.py
+        out = hidden_states.new_empty(*hidden_states.shape[:-1], self.out_features)
+        for idx, subway in enumerate(self.multiway):
+            local = route.modality.eq(idx).nonzero(as_tuple=True)
+            out[local] = subway(hidden_states[local].unsqueeze(1)).squeeze(1)
+        return out
+
+    monkeypatch.setattr(MultiwayNetwork, "forward", official)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="nonzero"):
+        meta.model(**inputs, image_repeats=2)
