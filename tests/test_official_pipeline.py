@@ -175,3 +175,21 @@ def test_fused_inputs_read_each_image_once(owl2, monkeypatch):
         else:
             assert value == merged[name], name
     assert fused["prompt_rows"].tolist() == [0] * len(imgs) + [1] * len(imgs)
+
+
+def test_a_stage_one_step_reads_nothing_back_from_the_device(owl2):
+    """A whole batch of stage one (inputs moved, both prompts in one pass, pooling, zero-shot
+    score) runs on the meta device, where any read-back of a value fails: on a GPU it queues
+    without waiting, and the results are copied back once per shard."""
+    import copy
+
+    from PIL import Image
+
+    folder, images = owl2
+    enc = SemanticEncoder(str(folder), load_prompts("paper")).load(progress=False)
+    enc.attach(copy.deepcopy(enc.model).to("meta"))
+    enc.device = torch.device("meta")
+    imgs = [Image.open(images / name).convert("RGB") for name in META["images"]]
+    vectors, zero_shot = enc.encode_all(enc.prepare.all_prompts(imgs))
+    assert vectors.device.type == zero_shot.device.type == "meta"
+    assert vectors.shape == (len(imgs), 2, enc.dim) and zero_shot.shape == (len(imgs), 2)
