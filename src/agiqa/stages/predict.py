@@ -29,10 +29,10 @@ class _Decode(TorchDataset):
         return resize_pixels(img), sha
 
 
-def decode_pixels(ds: Dataset, keys: list[str], workers: int = 2, progress: bool = True,
-                  with_sha256: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
-    """Decode and resize every image once: uint8 [n, 3, 224, 224] (and, ``with_sha256``, the
-    sha256 of the bytes each was decoded from)."""
+def decode_pixels(ds: Dataset, keys: list[str], workers: int = 2, progress: bool = True
+                  ) -> tuple[torch.Tensor, list[str]]:
+    """Decode and resize every image once: uint8 [n, 3, 224, 224], and the sha256 of the bytes
+    each was decoded from."""
     out = torch.empty((len(keys), 3, 224, 224), dtype=torch.uint8)
     shas: list[str] = []
     loader = DataLoader(_Decode(ds, keys), batch_size=32, num_workers=workers)
@@ -41,7 +41,7 @@ def decode_pixels(ds: Dataset, keys: list[str], workers: int = 2, progress: bool
         out[i : i + len(batch)] = batch
         shas.extend(digests)
         i += len(batch)
-    return (out, shas) if with_sha256 else out
+    return out, shas
 
 
 def inputs_of(ds: Dataset, keys: list[str], cache: SemanticCache, workers: int = 2,
@@ -53,7 +53,7 @@ def inputs_of(ds: Dataset, keys: list[str], cache: SemanticCache, workers: int =
         StaleVectorsError: naming the images whose file changed since extraction.
     """
     data = cache.read(keys, ("vectors", "sha256"))
-    pixels, shas = decode_pixels(ds, keys, workers, progress, with_sha256=True)
+    pixels, shas = decode_pixels(ds, keys, workers, progress)
     changed = [k for k, new, old in zip(keys, shas, data["sha256"], strict=True) if new != old]
     if changed:
         raise StaleVectorsError(changed, str(cache.path))

@@ -160,7 +160,7 @@ def fuse_batches(batches: list[dict[str, Any]], pad_token_id: int = 0,
     fused: dict[str, Any] = {}
     for name, first in batches[0].items():
         values = [b[name] for b in batches]
-        if _per_token(name, first, ids[0]) or name == "pool_mask":
+        if _per_token(name, first, ids[0]):
             fill = pad_token_id if name == "input_ids" else 0
             padded = []
             for v in values:

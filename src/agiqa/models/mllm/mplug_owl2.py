@@ -129,7 +129,7 @@ class ModalityRoute:
     """
 
     def __init__(self, modality: torch.Tensor, image_tokens: int):
-        self.modality = modality
+        self.modality = modality  # for code that routes by mask, such as the official baseline
         self.total = modality.numel()
         self.counts = [self.total - image_tokens, image_tokens]
         self.single = next((i for i, c in enumerate(self.counts) if c == self.total), None)
@@ -234,16 +234,17 @@ class MplugOwl2PreTrainedModel(PreTrainedModel):
             module.reset_positions()
 
 
-def _check_slots(is_image: torch.Tensor, features: torch.Tensor | None) -> None:
-    """The image slots of ``input_ids`` must take exactly the visual tokens; on an accelerator
-    the check is queued on the device (``torch._assert_async``) rather than waited for."""
+def _check_slots(is_image: torch.Tensor, features: torch.Tensor | None) -> int:
+    """The number of visual tokens, which the image slots of ``input_ids`` must take exactly;
+    on an accelerator the check is queued on the device (``torch._assert_async``) rather than
+    waited for."""
     visual = 0 if features is None else features.shape[0] * features.shape[1]
     slots = is_image.sum()
     if is_image.device.type != "cpu":
         torch._assert_async(slots == visual)
-        return
+        return visual
     if int(slots) == visual:
-        return
+        return visual
     if features is None:
         raise ValueError(f"input_ids hold {int(slots)} image slots but no pixel_values came")
     raise ValueError(
@@ -296,8 +297,7 @@ class MplugOwl2Model(MplugOwl2PreTrainedModel):
             features = self.encode_images(pixel_values).to(embeds.dtype)
             if image_repeats > 1:
                 features = features.repeat(image_repeats, 1, 1)
-        visual = 0 if features is None else features.shape[0] * features.shape[1]
-        _check_slots(is_image, features)
+        visual = _check_slots(is_image, features)
         if features is not None:
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1),
                                            features.reshape(-1, embeds.shape[-1]))
