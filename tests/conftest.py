@@ -37,6 +37,29 @@ def mllm_forwards(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.fixture
+def vision_images(monkeypatch) -> list[int]:
+    """Images per call of each loaded MLLM's vision tower while the test runs (a pre-hook on
+    LLaVA's ``vision_tower`` or Qwen2-VL's ``visual``)."""
+    from transformers import AutoModelForImageTextToText
+
+    calls: list[int] = []
+    original = AutoModelForImageTextToText.from_pretrained.__func__
+
+    def count(_module, args, kwargs):
+        grid = kwargs.get("grid_thw")
+        calls.append(int(grid.shape[0]) if grid is not None else int(args[0].shape[0]))
+
+    def counting(cls, *args, **kwargs):
+        model = original(cls, *args, **kwargs)
+        tower = getattr(model.model, "vision_tower", None) or model.model.visual
+        tower.register_forward_pre_hook(count, with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", classmethod(counting))
+    return calls
+
+
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory) -> Path:
     return build_tiny_mllm("llava", tmp_path_factory.mktemp("tiny-llava"))
@@ -53,7 +76,15 @@ def tiny_mllm(request, tmp_path_factory) -> Path:
         return request.getfixturevalue("tiny_llava")
     if request.param == "qwen2-vl":
         return request.getfixturevalue("tiny_qwen")
-    return build_tiny_mllm("qwen2.5-vl", tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
+    return request.getfixturevalue("tiny_qwen25")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen25(tmp_path_factory) -> Path:
+    """Qwen2.5-VL at up to 112 × 112 px: its vision tower's 4 × 4-patch windows then come in
+    several lengths (a 112 × 84 image has 8 × 6 patches: windows of 16 and of 8)."""
+    return build_tiny_mllm("qwen2.5-vl", tmp_path_factory.mktemp("tiny-qwen2.5-vl"),
+                           image_size=112)
 
 
 def real_photos() -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ import agiqa
 from agiqa.cli import cli
 from tests.test_fit import FIT, graded  # noqa: F401 - the shared fixture
 
-P = 2  # the paper's prompts: one MLLM forward pass per prompt and batch
+P = 2  # the paper's prompts: P rows per image in a forward pass
 
 
 def run(*args):
@@ -92,7 +92,9 @@ def test_score_folder_reuses_the_vectors_extract_semantics_wrote(model_dir, phot
             "-q", "--loader-workers", "0", "--batch-size", "4")
     assert r.exit_code == 2, r.output  # the broken files
     good = sorted(k for k, v in kinds.items() if v == "ok")
-    assert len(mllm_forwards) == P * -(-len(good) // 4) and set(mllm_forwards) <= {4, len(good) % 4}
+    # Both prompts of a batch in one pass (rows prompt-major).
+    assert len(mllm_forwards) == -(-len(good) // 4)
+    assert set(mllm_forwards) <= {P * 4, P * (len(good) % 4)}
     mllm_forwards.clear()
     s = run("score-folder", root, "--model", model_dir, "--cache", cache, "--json",
             "--loader-workers", "0")
@@ -128,7 +130,7 @@ def test_an_image_changed_since_extraction_is_computed_again_with_cache(
     assert s.exit_code == 0, s.output
     assert "recomputed 1 image(s) that changed since their vectors were cached: coffee.png" \
         in s.stderr
-    assert mllm_forwards == [1] * P  # the changed image alone went through the MLLM
+    assert mllm_forwards == [P]  # the changed image alone went through the MLLM
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["failures"] == {} and data["changed"] == ["coffee.png"]
     assert data["summary"]["computed"] == 1 and data["summary"]["changed"] == 1
@@ -186,7 +188,7 @@ def test_a_new_cache_is_rooted_at_the_folder_and_batch_size_is_honoured(model_di
     s = run("score-folder", root, "--model", model_dir, "--cache", cache, "-q", "--json",
             "--batch-size", "3", "--loader-workers", "0")
     assert json.loads(s.stdout)["summary"]["computed"] == len(good)
-    assert len(mllm_forwards) == P * -(-len(good) // 3) and max(mllm_forwards) == 3
+    assert len(mllm_forwards) == -(-len(good) // 3) and max(mllm_forwards) == P * 3
     info = json.loads(run("cache", "info", cache, "--json").stdout)
     assert info["root"] == str(root.resolve()) and info["images"] == len(good)
     assert run("cache", "verify", cache).exit_code == 2  # only the broken files: failed
@@ -195,7 +197,7 @@ def test_a_new_cache_is_rooted_at_the_folder_and_batch_size_is_honoured(model_di
     scorer = agiqa.Scorer.from_pretrained(model_dir, batch_size=2)
     images = [Image.open(root / k) for k in good[:5]]
     assert len(scorer.score(images)) == 5
-    assert mllm_forwards == [2, 2, 2, 2, 1, 1]
+    assert mllm_forwards == [P * 2, P * 2, P * 1]
 
 
 def test_a_cache_of_another_mllm_is_refused(model_dir, photo_folder, tmp_path, tiny_qwen):

@@ -153,8 +153,9 @@ def test_one_forward_pass_per_image_and_prompt(tiny_llava, photo_folder, tmp_pat
     root, kinds = photo_folder
     report = _extract(tiny_llava, root, tmp_path / "c", batch_size=3)
     n_good = sum(v == "ok" for v in kinds.values())
-    # Counted by the model itself: one pass per prompt and batch, every image in one batch.
-    assert sum(mllm_forwards) == 2 * n_good and max(mllm_forwards) == 3
+    # Counted by the model itself: one row per image and prompt, both prompts of a batch of 3
+    # in one pass.
+    assert sum(mllm_forwards) == 2 * n_good and max(mllm_forwards) == 6
     assert report.forward_passes == sum(mllm_forwards)
 
 
@@ -181,10 +182,11 @@ def test_batches_of_similar_size_cut_padding(photo_folder, tmp_path, monkeypatch
 
     qwen = build_tiny_mllm("qwen2-vl", tmp_path / "qwen112", image_size=112)
     root, _ = photo_folder
-    by_size = _extract(qwen, root, tmp_path / "sorted", batch_size=4)
+    # A pass per prompt: the padding measured is that of image sizes alone.
+    by_size = _extract(qwen, root, tmp_path / "sorted", batch_size=4, fuse_prompts=False)
     monkeypatch.setattr(semantics, "_largest_first", lambda root, keys: keys)
-    plain = _extract(qwen, root, tmp_path / "plain", batch_size=4)
-    single = _extract(qwen, root, tmp_path / "single", batch_size=1)
+    plain = _extract(qwen, root, tmp_path / "plain", batch_size=4, fuse_prompts=False)
+    single = _extract(qwen, root, tmp_path / "single", batch_size=1, fuse_prompts=False)
     assert single.padding_tokens == 0 and plain.padding_tokens > 0
     assert by_size.padding_tokens < plain.padding_tokens
     assert by_size.tokens - by_size.padding_tokens == plain.tokens - plain.padding_tokens
@@ -227,19 +229,24 @@ def test_cache_reads_whole_shards_in_place_and_gathers_subsets(fmt, tmp_path):
         open_cache(tmp_path / fmt).read(keys)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen"])
-def test_fused_prompts_equal_one_pass_per_prompt(family, tiny_llava, tiny_qwen, photo_folder,
-                                                 tmp_path, mllm_forwards):
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl", "qwen2.5-vl"])
+def test_fused_prompts_equal_one_pass_per_prompt(family, request, photo_folder, tmp_path,
+                                                 mllm_forwards, vision_images):
     root, _ = photo_folder
-    model = tiny_llava if family == "llava" else tiny_qwen
-    separate = _extract(model, root, tmp_path / "s", batch_size=3)
-    calls_separate = list(mllm_forwards)
+    model = request.getfixturevalue(
+        {"llava": "tiny_llava", "qwen2-vl": "tiny_qwen", "qwen2.5-vl": "tiny_qwen25"}[family])
+    separate = _extract(model, root, tmp_path / "s", batch_size=3, fuse_prompts=False)
+    calls_separate, vision_separate = list(mllm_forwards), list(vision_images)
     mllm_forwards.clear()
-    fused = _extract(model, root, tmp_path / "f", batch_size=3, fuse_prompts=True)
+    vision_images.clear()
+    fused = _extract(model, root, tmp_path / "f", batch_size=3)  # fused by default
     # One pass per batch holding both prompts (rows: prompt-major), half the calls.
     assert sum(mllm_forwards) == sum(calls_separate) == fused.forward_passes
     assert len(mllm_forwards) * 2 == len(calls_separate) == separate.model_calls
     assert max(mllm_forwards) == 6 and fused.model_calls == len(mllm_forwards)
+    # The vision tower runs once per image for both prompts: half the images, half the calls.
+    assert sum(vision_separate) == fused.forward_passes == 2 * sum(vision_images)
+    assert len(vision_images) == len(mllm_forwards) and max(vision_images) == 3
     # The prompts differ in length, so the fused rows of the shorter one are left-padded.
     assert fused.to_dict()["padding_fraction"] > separate.to_dict()["padding_fraction"]
     a, b = open_cache(tmp_path / "s"), open_cache(tmp_path / "f")

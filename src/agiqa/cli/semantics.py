@@ -43,10 +43,9 @@ from agiqa.cli.common import (
 @click.option("--pad-square/--no-pad-square", default=None,
               help="Pad each image to a square of the processor's mean colour before the "
                    "processor  [default: the recipe's: on for mPLUG-Owl2, off otherwise]")
-@click.option("--fuse-prompts/--no-fuse-prompts", default=None,
+@click.option("--fuse-prompts/--no-fuse-prompts", default=True, show_default=True,
               help="Run both prompts of a batch in one forward pass (batch rows: prompts x "
-                   "images)  [default: on for mPLUG-Owl2, whose vision tower then runs once "
-                   "per image; off otherwise]")
+                   "images), the vision tower once per image; the vectors are unchanged")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own code.")
 @click.option("--no-retry-failed", "no_retry_failed", is_flag=True,
               help="Leave images that failed in an earlier run alone (default: try them again).")

@@ -17,6 +17,7 @@ when it moves the image first; the image may be padded to a square first. The an
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -24,6 +25,11 @@ import torch
 from agiqa.errors import ModelLoadError
 from agiqa.models.mllm.inputs import BatchPreparer, PromptEncoding
 from agiqa.models.mllm.recipe import check_prompt_order, identify_mllm, pad_colour
+from agiqa.models.mllm.vision_paths import (
+    grouped_window_attention,
+    supports_grouped_attention,
+    vision_once,
+)
 from agiqa.presets import PromptSet
 from agiqa.runtime import DTYPES, resolve_device, resolve_dtype
 
@@ -46,9 +52,8 @@ class SemanticEncoder:
         attn_implementation: transformers' attention implementation (``sdpa``, ``eager``...).
         pad_square: pad images to a square of the processor's mean colour before the
             processor; ``None`` follows the recipe.
-        fuse_prompts: run every prompt of a batch of images in one forward pass; ``None``:
-            on for mPLUG-Owl2, whose vision tower then runs once per image for all prompts,
-            off for other families (their vision tower would run once per prompt anyway).
+        fuse_prompts: run every prompt of a batch of images in one forward pass, the vision
+            tower once per image for all prompts (``None``: on; see :meth:`set_fuse_prompts`).
 
     Only the config and processor load here (for fingerprints and plans); :meth:`load` loads
     the weights.
@@ -99,14 +104,22 @@ class SemanticEncoder:
         self.rating_ids = torch.tensor([e.rating_ids for e in self.encodings], dtype=torch.long)
 
     def set_fuse_prompts(self, fuse: bool | None) -> None:
-        """Run every prompt of a batch in one forward pass, or one pass per prompt (``None``:
-        the family's default, see the class docs); rebuilds :attr:`prepare`."""
-        shared = self.family == MPLUG_OWL2
-        self.fuse_prompts = shared if fuse is None else bool(fuse)
+        """Run every prompt of a batch in one forward pass, or one pass per prompt; rebuilds
+        :attr:`prepare`.
+
+        Fused, the vision tower runs once per image and its features serve every prompt's rows
+        (mPLUG-Owl2: ``image_repeats``; transformers families: :func:`vision_once`). ``None``
+        means on: the vectors are those of separate passes, and on an H200 fusing was faster for
+        every family measured (LLaVA-1.5, Qwen2.5-VL, mPLUG-Owl2), though chat-template prompts
+        of different lengths leave the shorter one's rows left-padded.
+        """
+        owl = self.family == MPLUG_OWL2
+        self.fuse_prompts = True if fuse is None else bool(fuse)
         pad_to = pad_colour(self.processor.image_processor) if self.pad_square else None
         pad_id = getattr(self.processor.tokenizer, "pad_token_id", None)
         self.prepare = BatchPreparer(self.processor, self.encodings, pad_to, self.fuse_prompts,
-                                     share_images=shared, pad_token_id=pad_id or 0)
+                                     share_images=True, pad_token_id=pad_id or 0,
+                                     processor_repeats=owl)
 
     def _init_transformers(self) -> None:
         from transformers import AutoConfig, AutoProcessor
@@ -171,6 +184,7 @@ class SemanticEncoder:
         self.model = model.eval()
         self._base = getattr(self.model, "model", None)
         self._head = self.model.get_output_embeddings()
+        self._grouped = self.family != MPLUG_OWL2 and supports_grouped_attention(self.model)
         return self
 
     def _load_transformers(self, progress: bool) -> Any:
@@ -225,6 +239,9 @@ class SemanticEncoder:
         batch = dict(batch)
         pool_mask = batch.pop("pool_mask").to(self.device, non_blocking=True)
         rows = batch.pop("prompt_rows", None)
+        repeats = batch.pop("image_repeats", None)
+        if repeats and self.family == MPLUG_OWL2:
+            batch["image_repeats"] = repeats  # the model's own argument
         if rows is None:
             rows = torch.full((pool_mask.shape[0],), prompt_index or 0, dtype=torch.long)
         mask = batch.get("attention_mask")
@@ -238,12 +255,18 @@ class SemanticEncoder:
                 if v.is_floating_point():
                     v = v.to(DTYPES[self.dtype])
             inputs[k] = v
-        if self._base is not None:
-            hidden = self._base(**inputs, use_cache=False).last_hidden_state
-        else:
-            out = self.model(**inputs, output_hidden_states=True, logits_to_keep=1,
-                             use_cache=False)
-            hidden = out.hidden_states[-1]
+        with ExitStack() as stack:
+            if self._grouped:
+                stack.enter_context(grouped_window_attention(self.model))
+            if repeats and self.family != MPLUG_OWL2:
+                base = self._base if self._base is not None else self.model
+                stack.enter_context(vision_once(base, repeats))
+            if self._base is not None:
+                hidden = self._base(**inputs, use_cache=False).last_hidden_state
+            else:
+                out = self.model(**inputs, output_hidden_states=True, logits_to_keep=1,
+                                 use_cache=False)
+                hidden = out.hidden_states[-1]
         m = pool_mask.to(torch.float32)
         vectors = torch.bmm(m[:, None, :], hidden.float())[:, 0] / m.sum(1, keepdim=True)
         logits = self._head(hidden[:, -1]).float()

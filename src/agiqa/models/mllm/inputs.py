@@ -72,17 +72,22 @@ class BatchPreparer:
         share_images: with ``fuse``, the pixels come once and the model reuses them for every
             prompt (``image_repeats``), so the vision tower runs once per image.
         pad_token_id: the id left padding uses when prompts of different length are fused.
+        processor_repeats: the processor itself takes ``image_repeats`` (mPLUG-Owl2's): with
+            ``share_images`` and prompts whose answer prefixes have one length, one processor
+            call then makes the fused batch.
     """
 
     def __init__(self, processor: Any, encodings: list[PromptEncoding],
                  pad_to: tuple[int, ...] | None = None, fuse: bool = False,
-                 share_images: bool = False, pad_token_id: int = 0):
+                 share_images: bool = False, pad_token_id: int = 0,
+                 processor_repeats: bool = False):
         self.processor = processor
         self.encodings = encodings
         self.pad_to = pad_to
         self.fuse = fuse
         self.share_images = share_images and fuse
         self.pad_token_id = pad_token_id
+        self.processor_repeats = processor_repeats
 
     def __call__(self, images: list[Image.Image], prompt_index: int) -> dict[str, Any]:
         """Processor output for one prompt and a batch of images, answer prefix appended.
@@ -98,12 +103,14 @@ class BatchPreparer:
         """The inputs of every prompt for ``images``: a batch per prompt, or one fused batch.
 
         Either way the rows run prompt by prompt: prompt 0 for every image, then prompt 1...
-        With ``share_images`` the processor reads each image once for all prompts.
+        With ``share_images`` the pixels are kept once for all prompts (and a processor that
+        takes ``image_repeats`` reads each image once).
         """
         if self.pad_to is not None:
             images = [expand2square(im, self.pad_to) for im in images]
         prompts = list(range(len(self.encodings)))
-        if self.share_images and len({len(e.suffix_ids) for e in self.encodings}) == 1:
+        if self.share_images and self.processor_repeats \
+                and len({len(e.suffix_ids) for e in self.encodings}) == 1:
             batch = self._rows(images, prompts, image_repeats=len(prompts))
             batch["image_repeats"] = len(prompts)
             return [batch]
@@ -152,8 +159,10 @@ def fuse_batches(batches: list[dict[str, Any]], pad_token_id: int = 0,
     """One batch holding the rows of ``batches`` in order, left-padded to the longest.
 
     Per-token tensors are padded (``pad_token_id`` for ids, 0 elsewhere, so padding stays out
-    of attention and pooling); per-image tensors are concatenated, or with ``share_images``
-    taken once from the first batch and marked ``image_repeats`` for the model.
+    of attention and pooling); per-image tensors are concatenated, except that with
+    ``share_images`` the pixels are taken once from the first batch and the batch is marked
+    ``image_repeats`` for the model (per-image metadata such as ``image_grid_thw`` stays one entry
+    per row: the language side places and positions an image in every row).
     """
     ids = [b["input_ids"] for b in batches]
     length = max(i.shape[1] for i in ids)
@@ -168,7 +177,7 @@ def fuse_batches(batches: list[dict[str, Any]], pad_token_id: int = 0,
                 out[:, length - v.shape[1]:] = v
                 padded.append(out)
             fused[name] = torch.cat(padded)
-        elif share_images and name.startswith(("pixel", "image")):
+        elif share_images and name.startswith("pixel"):
             fused[name] = first
         elif torch.is_tensor(first):
             fused[name] = torch.cat(values)
