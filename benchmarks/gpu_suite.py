@@ -129,26 +129,33 @@ def _agiqa_extract(encoder, photos: Path, keys: list[str], out: Path, batch: int
     return extract_semantics(cfg, ImageSource(photos, keys), encoder)
 
 
-def stage_one(name: str, spec: dict, dtype: str, work: Path, photos: Path, device: torch.device,
-              seconds: float, max_images: int, big_batch: int, workers: int) -> dict:
-    """One model: the official loop, then agiqa at batch 8 and ``big_batch``, same images."""
+def _build(spec: dict, dtype: str, model_dir: Path, device: torch.device, row: dict):
+    """A random model of ``spec`` made on ``device``, and agiqa's encoder attached to it."""
     from agiqa.models.mllm import SemanticEncoder
     from agiqa.presets import load_prompts
-    from agiqa.testing.tiny_mllm import random_mllm_on_device, shape_available
+    from agiqa.testing.tiny_mllm import random_mllm_on_device
 
-    if not shape_available(spec):
-        return {"skipped": f"the {spec['family']} model family is not in this agiqa"}
-    row: dict[str, Any] = {"dtype": dtype}
-    model_dir = work / f"mllm-{name}"
     _reset_peak(device)
-    row["build_seconds"], model = _timed(device, lambda: random_mllm_on_device(
+    seconds, model = _timed(device, lambda: random_mllm_on_device(
         spec, model_dir, device, getattr(torch, dtype)))
-    row["build_seconds"] = round(row["build_seconds"], 1)
+    row["build_seconds"] = round(seconds, 1)
     row["parameters_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
     row["attention"] = getattr(model.config, "_attn_implementation", None)
     # agiqa's encoder renders the prompts; the official loop gets the same texts.
     encoder = SemanticEncoder(str(model_dir), load_prompts("paper"), device=str(device),
                               dtype=dtype).attach(model)
+    return model, encoder
+
+
+def stage_one(name: str, spec: dict, dtype: str, work: Path, photos: Path, device: torch.device,
+              seconds: float, max_images: int, big_batch: int, workers: int) -> dict:
+    """One model: the official loop, then agiqa at batch 8 and ``big_batch``, same images."""
+    from agiqa.testing.tiny_mllm import shape_available
+
+    if not shape_available(spec):
+        return {"skipped": f"the {spec['family']} model family is not in this agiqa"}
+    row: dict[str, Any] = {"dtype": dtype}
+    model, encoder = _build(spec, dtype, work / f"mllm-{name}", device, row)
     processor = encoder.processor
     prefix = encoder.prompts.answer_prefix
     texts = [e.text + ("" if e.text[-1:].isspace() else " ") + prefix
@@ -183,28 +190,9 @@ def stage_one(name: str, spec: dict, dtype: str, work: Path, photos: Path, devic
             ("agiqa_large_batch_" + ("separate" if default_fuse else "fused"), big_batch,
              not default_fuse))
     for label, batch, fuse in runs:
-        _agiqa_extract(encoder, photos, keys[: max(batch, 8)], work / "warm-agiqa", batch,
-                       workers, fmt, fuse)
-        _reset_peak(device)
-        sec, report = _timed(device, lambda b=batch, f=fuse: _agiqa_extract(
-            encoder, photos, keys, work / f"agiqa-{name}", b, workers, fmt, f))
-        # Throughput counts every image run through the model: random weights in float16
-        # may overflow, which agiqa records as a failure after the forward passes.
-        r = {"batch_size": batch, "fused_prompts": fuse,
-             "images_per_second": round(len(keys) / sec, 3),
-             "forward_passes_per_image": report.forward_passes / len(keys),
-             "model_calls": report.model_calls,
-             "seconds": round(sec, 2), "padding_fraction": report.to_dict()["padding_fraction"],
-             "failed": len(report.failures), "peak_gib": _peak_gib(device),
-             "speedup": round(len(keys) / sec / row["official"]["images_per_second"], 2)}
-        # FLOPs done: a vision pass per image and prompt, or one per image when shared.
-        vision_passes = report.forward_passes / len(encoder.encodings) \
-            if encoder.prepare.share_images else report.forward_passes
-        tflops = (language * report.forward_passes + vision * vision_passes) / sec / 1e12
-        r["achieved_tflops"] = round(tflops, 1)
-        if peak:
-            r["fraction_of_bf16_peak"] = round(tflops / peak, 3)
-        row[label] = r
+        row[label] = agiqa_run(encoder, photos, keys, work / f"agiqa-{name}", batch, fuse,
+                               workers, fmt, device, (language, vision), peak,
+                               row["official"]["images_per_second"])
     only = model_only(encoder, paths[:big_batch], device, language, vision, peak)
     only["speedup"] = round(only["images_per_second"] / row["official"]["images_per_second"], 2)
     row["model_only"] = only
@@ -213,6 +201,35 @@ def stage_one(name: str, spec: dict, dtype: str, work: Path, photos: Path, devic
     if peak:
         row["official"]["fraction_of_bf16_peak"] = round(off_tflops / peak, 3)
     return row
+
+
+def agiqa_run(encoder, photos: Path, keys: list[str], out: Path, batch: int, fuse: bool,
+              workers: int, fmt: str, device: torch.device, flops: tuple[float, float],
+              peak: float | None, official_ips: float) -> dict:
+    """One timed ``extract_semantics`` over ``keys`` (after a warm-up run of one batch)."""
+    language, vision = flops
+    _agiqa_extract(encoder, photos, keys[: max(batch, 8)], out.with_name("warm-agiqa"), batch,
+                   workers, fmt, fuse)
+    _reset_peak(device)
+    sec, report = _timed(device, lambda: _agiqa_extract(encoder, photos, keys, out, batch,
+                                                        workers, fmt, fuse))
+    # Throughput counts every image run through the model: random weights in float16
+    # may overflow, which agiqa records as a failure after the forward passes.
+    r = {"batch_size": batch, "fused_prompts": fuse,
+         "images_per_second": round(len(keys) / sec, 3),
+         "forward_passes_per_image": report.forward_passes / len(keys),
+         "model_calls": report.model_calls,
+         "seconds": round(sec, 2), "padding_fraction": report.to_dict()["padding_fraction"],
+         "failed": len(report.failures), "peak_gib": _peak_gib(device),
+         "speedup": round(len(keys) / sec / official_ips, 2)}
+    # FLOPs done: a vision pass per image and prompt, or one per image when shared.
+    vision_passes = report.forward_passes / len(encoder.encodings) \
+        if encoder.prepare.share_images else report.forward_passes
+    tflops = (language * report.forward_passes + vision * vision_passes) / sec / 1e12
+    r["achieved_tflops"] = round(tflops, 1)
+    if peak:
+        r["fraction_of_bf16_peak"] = round(tflops / peak, 3)
+    return r
 
 
 def model_only(encoder, paths: list[Path], device: torch.device, language: float,
