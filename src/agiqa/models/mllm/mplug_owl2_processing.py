@@ -19,6 +19,8 @@ from PIL import Image
 from transformers import BatchEncoding, BatchFeature
 from transformers.utils import cached_file
 
+from agiqa.models.mllm.recipe import expand2square
+
 __all__ = [
     "IMAGE_TOKEN",
     "IMAGE_TOKEN_INDEX",
@@ -179,17 +181,6 @@ class MplugOwl2Tokenizer:
             return BatchEncoding({"input_ids": ids, "attention_mask": [1] * len(ids)},
                                  tensor_type=return_tensors)
         return self.pad([self.encode(t, add_special_tokens) for t in text], padding, return_tensors)
-
-
-def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
-    """Pad to a square, the image centred (the official `expand2square`)."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    result = Image.new(image.mode, (side, side), background)
-    result.paste(image, ((side - width) // 2, (side - height) // 2))
-    return result
 
 
 def _size(value: Any) -> tuple[int, int] | int:

@@ -46,9 +46,7 @@ _PER_IMAGE_ARGS = ("image_grid_thw", "image_sizes")
 def _repeat_features(features: Any, repeats: int) -> Any:
     if torch.is_tensor(features):
         return torch.cat([features] * repeats)
-    if isinstance(features, list):
-        return features * repeats
-    if isinstance(features, tuple):
+    if isinstance(features, (list, tuple)):
         return features * repeats
     raise TypeError(f"cannot repeat image features of type {type(features).__name__}")
 
@@ -135,9 +133,9 @@ def _grouped_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: to
                   **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Attention over packed windows ([1, heads, tokens, dim] with ``cu_seq_lens_q``), one SDPA
     call per window length; returns [1, tokens, heads, dim] as transformers' functions do."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if cu_seq_lens_q is None or query.shape[0] != 1 or attention_mask is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout,
                                       is_causal=kwargs.get("is_causal", False))
