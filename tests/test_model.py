@@ -1,4 +1,4 @@
-"""The model of SPEC §4: official parity, import, forward/backward of every backbone."""
+"""The model of MA-AGIQA: official parity, import, forward/backward of every backbone."""
 
 import numpy as np
 import pytest

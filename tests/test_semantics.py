@@ -1,4 +1,4 @@
-"""Stage one against a direct transformers computation of SPEC §2."""
+"""Stage one against a direct transformers computation of the semantic vectors."""
 
 import json
 
@@ -16,7 +16,7 @@ PROMPTS = load_prompts("paper")
 
 
 def _direct(model_dir, image, prompt):
-    """SPEC §2 straight from transformers: one image, no padding, no answer prefix."""
+    """The semantic vector straight from transformers: one image, no padding, no answer prefix."""
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     messages = [{"role": "user", "content": [{"type": "text", "text": prompt}, {"type": "image"}]}]

@@ -1,4 +1,4 @@
-"""The pixel input of MA-AGIQA (SPEC §4.1): RGB, 224×224 bicubic without antialiasing, uint8.
+"""The pixel input of MA-AGIQA: RGB, 224×224 bicubic without antialiasing, uint8.
 
 The official code resizes with OpenCV ``INTER_CUBIC`` on uint8; torch's bicubic kernel
 (a = -0.75, edge replication) with ``antialias=False``, rounded and clamped to uint8, gives the
@@ -22,7 +22,7 @@ INPUT_SIZE = 224
 
 
 def resize_pixels(img: Image.Image | np.ndarray, size: int = INPUT_SIZE) -> torch.Tensor:
-    """Resize an RGB image to uint8 [3, size, size] exactly as SPEC §4.1."""
+    """Resize an RGB image to uint8 [3, size, size] as the official code does (to within one gray level)."""
     arr = np.asarray(img)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise ValueError(
@@ -33,7 +33,7 @@ def resize_pixels(img: Image.Image | np.ndarray, size: int = INPUT_SIZE) -> torc
 
 
 def read_pixels(path: str | os.PathLike, size: int = INPUT_SIZE) -> torch.Tensor:
-    """Read an image file into the uint8 [3, 224, 224] tensor of SPEC §4.1."""
+    """Read an image file into the uint8 [3, 224, 224] tensor of the official code."""
     img, _ = load_image(path)
     return resize_pixels(img, size)
 

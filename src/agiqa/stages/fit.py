@@ -1,7 +1,7 @@
 """Stage two: train the MANIQA backbone and the MoE head from cached semantic vectors.
 
 Never loads the MLLM. Images are decoded and resized to uint8 224×224 once; every epoch after
-that reads memory. The official protocol is the default (SPEC §4, the official ``main.py``):
+that reads memory. The official protocol is the default (the official ``main.py``):
 the seed-20 70/10/20 split cut at ``int(n·0.7)``/``int(n·0.8)``, Adam 1e-5 / 1e-5, batch 8 with
 the last partial training batch dropped, 30 epochs, MSE, cosine annealing stepped every
 iteration with T_max 50, rotation and vertical flip augmentation, float32, the best epoch by
