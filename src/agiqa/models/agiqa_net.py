@@ -23,8 +23,8 @@ from agiqa.fileio import atomic_path, read_json, write_json
 from agiqa.models.maniqa import ManiqaBackbone
 from agiqa.models.moe import MoEHead
 
-__all__ = ["BACKBONES", "PRETRAINED_TAGS", "AgiqaNet", "ModelConfig", "create_model",
-           "load_model", "resolve_pretrained", "save_model"]
+__all__ = ["BACKBONES", "PRETRAINED_TAGS", "AgiqaNet", "ModelConfig", "ScoreMaps",
+           "create_model", "load_model", "resolve_pretrained", "save_model"]
 
 # The ImageNet weights MA-AGIQA started from: timm 0.5.5's ``vit_base_patch8_224`` loaded the
 # AugReg ImageNet-21k → 1k checkpoint (B_8-i21k-300ep-...-res_224.npz). timm ≥ 1.0 names it
@@ -138,9 +138,41 @@ def _create_vit(cfg: ModelConfig, pretrained: bool, weights_file: str | None) ->
     return vit
 
 
+@dataclass
+class ScoreMaps:
+    """What :meth:`AgiqaNet.forward_maps` returns; maps are [B, grid, grid] (28×28 for
+    ViT-B/8 at 224 px, row-major over the image as the ViT's patches).
+
+    Attributes:
+        score: the model's score [B], the same as ``model(pixels, semantics)``.
+        gates: the expert gate weights [B, P+1], the image expert last (a plain linear gate:
+            they need not be positive nor sum to 1).
+        patch_score: MANIQA's per-patch quality ``f`` (≥ 0).
+        patch_weight: MANIQA's per-patch weight ``w`` (in (0, 1)).
+        maniqa_score: ``sum(f·w) / sum(w)`` per image, the score MANIQA alone defines from the
+            two maps. MA-AGIQA never computes it: its image expert reads ``f·w`` per patch, so
+            this is the backbone's own view, on no calibrated scale.
+        contribution: each patch's additive share of ``score`` through the image expert, with
+            the gates as computed: ``score == contribution.sum((1, 2)) + remainder``.
+        remainder: the part of ``score`` no patch carries (semantic experts and biases).
+    """
+
+    score: torch.Tensor
+    gates: torch.Tensor
+    patch_score: torch.Tensor
+    patch_weight: torch.Tensor
+    maniqa_score: torch.Tensor
+    contribution: torch.Tensor
+    remainder: torch.Tensor
+
+
 class AgiqaNet(nn.Module):
     """``model(pixels, semantics, return_gates=False)``: pixels float [B, 3, 224, 224]
-    (normalised), semantics [B, P, D] → scores [B] (and gates [B, P+1], image expert last)."""
+    (normalised), semantics [B, P, D] → scores [B] (and gates [B, P+1], image expert last).
+
+    ``model.forward_maps(pixels, semantics)`` gives the same score with MANIQA's patch maps and
+    each patch's share of the score (:class:`ScoreMaps`).
+    """
 
     def __init__(self, cfg: ModelConfig, pretrained: bool = False,
                  backbone_weights: str | None = None):
@@ -153,15 +185,33 @@ class AgiqaNet(nn.Module):
         self.head = MoEHead(cfg.num_prompts, cfg.semantic_dim, cfg.grid * cfg.grid, cfg.drop)
         self.agiqa_config: dict[str, Any] = {}
 
-    def forward(self, pixels: torch.Tensor, semantics: torch.Tensor, return_gates: bool = False):
+    @staticmethod
+    def _check_inputs(pixels: torch.Tensor, semantics: torch.Tensor) -> None:
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must have shape [B, 3, H, W], got {list(pixels.shape)}")
         if semantics.shape[0] != pixels.shape[0]:
             raise ValueError(f"pixels hold {pixels.shape[0]} images, semantics "
                              f"{semantics.shape[0]}")
+
+    def forward(self, pixels: torch.Tensor, semantics: torch.Tensor, return_gates: bool = False):
+        self._check_inputs(pixels, semantics)
         key = self.backbone(pixels)
         scores, gates = self.head(key, semantics)
         return (scores, gates) if return_gates else scores
+
+    def forward_maps(self, pixels: torch.Tensor, semantics: torch.Tensor) -> ScoreMaps:
+        """The score with where it comes from: MANIQA's patch maps, the gates, and each patch's
+        share of the score (:class:`ScoreMaps`). Same inputs and score as :meth:`forward`."""
+        self._check_inputs(pixels, semantics)
+        f, w = self.backbone.forward_patches(pixels)
+        scores, gates = self.head(f * w, semantics)
+        contribution = self.head.patch_contributions(f * w, gates)
+        g = self.config.grid
+        return ScoreMaps(score=scores, gates=gates, patch_score=f.unflatten(1, (g, g)),
+                         patch_weight=w.unflatten(1, (g, g)),
+                         maniqa_score=(f * w).sum(1) / w.sum(1),
+                         contribution=contribution.unflatten(1, (g, g)),
+                         remainder=scores - contribution.sum(1))
 
 
 def create_model(backbone: str = "vit_base_patch8_224", num_prompts: int = 2,

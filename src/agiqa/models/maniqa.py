@@ -229,7 +229,12 @@ class ManiqaBackbone(nn.Module):
         )
         return torch.cat(feats, dim=2).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two patch heads: quality ``f`` [B, N] (≥ 0) and weight ``w`` [B, N] (in (0, 1)).
+
+        MANIQA's own image score is ``sum(f·w) / sum(w)``; MA-AGIQA instead passes the
+        per-patch product ``f·w`` (:meth:`forward`) to its image expert.
+        """
         g = self.grid
         x = self.forward_vit(x)
         for tab in self.tablock1:
@@ -240,4 +245,9 @@ class ManiqaBackbone(nn.Module):
             x = tab(x)
         x = self.swintransformer2(self.conv2(x.unflatten(2, (g, g))))
         x = x.flatten(2).transpose(1, 2)  # (B, N, dim2)
-        return (self.fc_score(x) * self.fc_weight(x)).squeeze(-1)
+        return self.fc_score(x).squeeze(-1), self.fc_weight(x).squeeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The key [B, N]: patch quality times patch weight, one value per patch."""
+        f, w = self.forward_patches(x)
+        return f * w

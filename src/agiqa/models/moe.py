@@ -3,6 +3,10 @@
 P semantic experts (one per prompt, ``Dropout(ReLU(Linear(D, N)))``) and one image expert
 (``Linear(N, N)`` on the MANIQA key) are mixed by a plain linear gate over their concatenation
 (no softmax, as in the official code); a linear layer turns the mixture into the score.
+
+With the gates fixed at the values computed, the score is linear in the image expert's input
+(the MANIQA key, one value per patch), so it splits exactly into one additive term per patch
+plus a remainder (the semantic experts and the biases): :meth:`MoEHead.patch_contributions`.
 """
 
 from __future__ import annotations
@@ -40,3 +44,13 @@ class MoEHead(nn.Module):
         gates = self.gating(stacked.flatten(1))
         mixed = (gates.unsqueeze(-1) * stacked).sum(1)
         return self.output(mixed).squeeze(-1), gates
+
+    def patch_contributions(self, key: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Each patch's additive share of the score through the image expert, [B, N].
+
+        ``score = contributions.sum(1) + remainder`` exactly, where the remainder is
+        ``output.bias + Σ_i g_i·(output·e_i) + g_image·(output·image_expert.bias)`` and the
+        gates are those of :meth:`forward` on the same inputs.
+        """
+        u = self.output.weight[0] @ self.image_expert.weight  # [N]: d score / d key at g = 1
+        return gates[:, -1:].to(key.dtype) * u * key
