@@ -1,0 +1,249 @@
+"""HTML reports: a trained run or an evaluation, and a scored folder, each one file.
+
+The page is self-contained (thumbnails, maps and plots embedded as base64, styles and scripts
+inline, a Content-Security-Policy that forbids every network request), so it works offline and
+as an e-mail attachment. Its size is bounded whatever the number of images: a run report shows
+the ``max_images`` test images with the largest absolute error; a score report shows the
+``top_k`` lowest and ``top_k`` highest scores (the histogram and the threshold counts cover
+every image; the full list is the linked CSV).
+
+The patch maps are MANIQA's patch quality and patch weight, and each patch's additive share of
+the final score through the image expert (:class:`agiqa.models.agiqa_net.ScoreMaps`). They are
+computed when the report is made, from the model and the image files, for the shown images only.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agiqa.errors import ConfigError
+from agiqa.fileio import write_text
+from agiqa.stages.report_data import (
+    THUMB_SIZE,
+    ImageRow,
+    RunData,
+    add_zero_shot,
+    encode_maps,
+    read_run,
+    thumbnail,
+)
+
+__all__ = ["PUBLISHED", "ReportResult", "write_run_report", "write_score_report"]
+
+# MA-AGIQA's published figures (ACM MM 2024), for the quality MOS of each data set.
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "agiqa-3k": {"target": "mos_quality", "srcc": 0.8939, "plcc": 0.9273},
+    "aigciqa-20k": {"target": "mos", "srcc": 0.8644, "plcc": 0.9050},
+}
+_SLIDER_STEPS = 200  # threshold positions of the score report's slider
+_HIST_BINS = 40
+_FAILURES_SHOWN = 1000
+_MAP_BATCH = 16
+
+
+@dataclass
+class ReportResult:
+    out: Path
+    images_shown: int
+    images_total: int
+    bytes: int
+
+
+# -- maps and cards ----------------------------------------------------------------------------
+def _maps(model, rows: list[ImageRow]) -> list[dict[str, str]]:
+    """The three patch maps of each row, computed from its file and its recorded gates."""
+    import torch
+
+    from agiqa.data.pixels import normalize, read_pixels
+
+    out: list[dict[str, str]] = []
+    model.eval()
+    for i in range(0, len(rows), _MAP_BATCH):
+        batch = rows[i:i + _MAP_BATCH]
+        x = normalize(torch.stack([read_pixels(r.path) for r in batch]))
+        gates = torch.tensor([r.gates for r in batch], dtype=torch.float32)
+        with torch.no_grad():
+            dev = next(model.parameters()).device
+            f, w = model.backbone.forward_patches(x.to(dev))
+            share = model.head.patch_contributions(f * w, gates.to(dev))
+        g = model.config.grid
+        for j in range(len(batch)):
+            out.append(encode_maps(*(t[j].reshape(g, g).float().cpu().numpy()
+                                     for t in (f, w, share))))
+    return out
+
+
+def _cards(rows: list[ImageRow], gate_names: list[str], model) -> list[dict[str, Any]]:
+    maps = _maps(model, rows) if model is not None else [None] * len(rows)
+    scale = max((abs(g) for r in rows for g in r.gates), default=1.0) or 1.0
+    cards = []
+    for r, m in zip(rows, maps, strict=True):
+        thumb, w, h = thumbnail(r.path)
+        cards.append({
+            "name": r.name, "thumb": thumb, "width": w, "height": h, "maps": m,
+            "score": r.score, "mos": r.mos, "zero_shot": r.zero_shot,
+            "error": None if r.mos is None else r.score - r.mos,
+            "gates": [{"name": n, "value": g, "width": round(100 * abs(g) / scale, 1),
+                       "negative": g < 0} for n, g in zip(gate_names, r.gates, strict=True)],
+        })
+    return cards
+
+
+# -- plots ------------------------------------------------------------------------------------
+def _png_b64(draw) -> str:
+    import base64
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "plot.png"
+        draw(path)
+        return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _run_plots(run: RunData) -> dict[str, str]:
+    from agiqa.stages.plots import plot_history, plot_scatter
+
+    plots = {}
+    pred = np.array([r.score for r in run.rows])
+    mos = np.array([r.mos for r in run.rows])
+    if len(pred) >= 2:
+        title = "" if not run.metrics else \
+            f"SRCC {run.metrics.get('srcc', float('nan')):.4f}  " \
+            f"PLCC {run.metrics.get('plcc', float('nan')):.4f}"
+        plots["scatter"] = _png_b64(lambda p: plot_scatter(pred, mos, p, title=title))
+    if run.history:
+        plots["curves"] = _png_b64(lambda p: plot_history(run.history, p))
+    return plots
+
+
+def _histogram(scores: np.ndarray) -> dict[str, Any]:
+    """Bars of the score histogram and, for each slider position, how many scores reach it."""
+    lo, hi = (float(scores.min()), float(scores.max())) if len(scores) else (0.0, 1.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    counts, edges = np.histogram(scores, bins=_HIST_BINS, range=(lo, hi))
+    top = max(int(counts.max()), 1)
+    bars = [{"x": i, "height": round(100 * int(c) / top, 2), "count": int(c),
+             "lo": float(edges[i]), "hi": float(edges[i + 1])} for i, c in enumerate(counts)]
+    thresholds = np.linspace(lo, hi, _SLIDER_STEPS + 1)
+    ordered = np.sort(scores)
+    passing = len(ordered) - np.searchsorted(ordered, thresholds, side="left")
+    return {"bars": bars, "bins": _HIST_BINS, "lo": lo, "hi": hi,
+            "thresholds": [round(float(t), 6) for t in thresholds],
+            "passing": [int(p) for p in passing]}
+
+
+# -- rendering ---------------------------------------------------------------------------------
+def _render(context: dict[str, Any], out: Path) -> int:
+    import jinja2
+
+    from agiqa import __version__
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    html = env.get_template("report.html.jinja").render(
+        version=__version__, thumb_size=THUMB_SIZE,
+        generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **context)
+    write_text(out, html)
+    return len(html.encode("utf-8"))
+
+
+def _metrics_rows(run: RunData) -> list[dict[str, Any]]:
+    name = run.dataset.get("name")
+    paper = PUBLISHED.get(name or "")
+    if paper and run.dataset.get("target") not in (None, paper["target"]):
+        paper = None
+    rows = []
+    for key, label in (("srcc", "SRCC"), ("plcc", "PLCC"), ("krcc", "KRCC"), ("rmse", "RMSE")):
+        if key in run.metrics:
+            rows.append({"name": label, "value": run.metrics[key],
+                         "paper": paper.get(key) if paper else None})
+    return rows
+
+
+def write_run_report(folder: Path, out: Path | None = None, root: Path | None = None,
+                     cache: Path | None = None, max_images: int = 200, maps: bool = True
+                     ) -> ReportResult:
+    """The report of a run directory (``fit``) or an evaluation folder (``evaluate --out``).
+
+    Args:
+        folder: the run or evaluation folder.
+        out: the HTML file (default ``folder/report.html``).
+        root: the image root, if not where the run records it.
+        cache: the semantic cache for zero-shot scores, if not where the run records it.
+        max_images: the images shown, those with the largest absolute error first.
+        maps: compute the patch maps (needs the model; a ViT-B/8 forward per shown image).
+    """
+    if max_images < 1:
+        raise ConfigError(f"--max-images must be at least 1, got {max_images}")
+    run = read_run(Path(folder), root, cache)
+    out = Path(out) if out else Path(folder) / "report.html"
+    add_zero_shot(run)
+    rows = sorted(run.rows, key=lambda r: -abs(r.score - (r.mos or 0.0)))[:max_images]
+    model = None
+    if maps:
+        from agiqa.models.agiqa_net import load_model
+
+        model = load_model(run.model_dir)
+    gate_names = [*run.prompt_names, "image"]
+    paper = any(m["paper"] is not None for m in _metrics_rows(run))
+    context = {
+        "mode": "run", "title": f"agiqa {run.kind}: {run.folder.name}", "source": str(run.folder),
+        "kind": run.kind, "dataset": run.dataset, "metrics": _metrics_rows(run), "paper": paper,
+        "plots": _run_plots(run), "cards": _cards(rows, gate_names, model),
+        "total": len(run.rows), "notes": run.notes, "gate_names": gate_names,
+        "histogram": None, "failures": [], "failures_total": 0, "csv_href": None,
+        "limit_note": None if len(rows) == len(run.rows) else
+        f"the {len(rows)} of {len(run.rows)} images with the largest absolute error",
+    }
+    size = _render(context, out)
+    return ReportResult(out, len(rows), len(run.rows), size)
+
+
+def write_score_report(rows: list[ImageRow], failures: dict[str, str], out: Path,
+                       model=None, top_k: int = 100, csv_href: str | None = None,
+                       source: str = "", notes: list[str] | None = None) -> ReportResult:
+    """The report of a scored folder: gallery, histogram with a threshold slider, failures.
+
+    Args:
+        rows: the scored images (their ``path`` must point at the files).
+        failures: image → reason for the images not scored.
+        out: the HTML file.
+        model: the model, for the patch maps (None: no maps).
+        top_k: the page shows the ``top_k`` lowest and ``top_k`` highest scores.
+        csv_href: a link (relative to ``out``) to the full list of scores.
+        source: what was scored, as shown in the title.
+        notes: lines shown under the title.
+    """
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {top_k}")
+    ordered = sorted(rows, key=lambda r: r.score)
+    shown = ordered if len(ordered) <= 2 * top_k else ordered[:top_k] + ordered[-top_k:]
+    gate_names = _gate_names(rows)
+    fails = sorted(failures.items())
+    context = {
+        "mode": "scores", "title": f"agiqa scores: {source}", "source": source,
+        "kind": "scores", "dataset": {}, "metrics": [], "paper": False, "plots": {},
+        "cards": _cards(shown, gate_names, model), "total": len(rows),
+        "notes": list(notes or []) + ([] if model is not None else
+                                      ["patch maps not shown (no model given)"]),
+        "gate_names": gate_names,
+        "histogram": _histogram(np.array([r.score for r in rows], dtype=float)),
+        "failures": [{"name": k, "reason": v} for k, v in fails[:_FAILURES_SHOWN]],
+        "failures_total": len(fails), "csv_href": csv_href,
+        "limit_note": None if len(shown) == len(rows) else
+        f"the {top_k} lowest and the {top_k} highest of {len(rows)} scores",
+    }
+    size = _render(context, out)
+    return ReportResult(out, len(shown), len(rows), size)
+
+
+def _gate_names(rows: list[ImageRow]) -> list[str]:
+    n = len(rows[0].gates) if rows else 1
+    return [f"prompt {i + 1}" for i in range(n - 1)] + ["image"]
