@@ -7,7 +7,7 @@ Library code raises :class:`agiqa.errors.AgiqaError`; only the CLI turns errors 
 
 from __future__ import annotations
 
-from agiqa.cli import cache, fit, presets, score, semantics  # noqa: F401 - register commands
+from agiqa.cli import cache, fit, presets, report, score, semantics  # noqa: F401 - register
 from agiqa.cli.common import cli
 
 __all__ = ["cli", "main"]

@@ -171,11 +171,13 @@ def fit_cmd(dataset, root, labels, target, image_column, score_column, cache_dir
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--amp", is_flag=True, help="bf16 autocast of the forward (not the paper's "
               "float32).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for predictions.csv and evaluation.json (what agiqa report reads).")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def evaluate_cmd(model_dir, dataset, root, labels, target, image_column, score_column, cache_dir,
-                 split, device, batch_size, amp, quiet, as_json):
+                 split, device, batch_size, amp, out, quiet, as_json):
     """Evaluate a model: SRCC, PLCC, KRCC, RMSE on a data set (in- or cross-dataset).
 
     \b
@@ -191,7 +193,7 @@ def evaluate_cmd(model_dir, dataset, root, labels, target, image_column, score_c
     ds = dataset_from_options(dataset, root, labels, target, image_column, score_column)
     with _shown_warnings():
         result = evaluate_model(model_dir, ds, cache_dir, split, device, batch_size,
-                                progress=not (quiet or as_json), amp=amp)
+                                progress=not (quiet or as_json), amp=amp, out=out)
     if as_json:
         echo_json(result)
     else:

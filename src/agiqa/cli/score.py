@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,11 @@ from agiqa.cli.common import (
               "fingerprint under $AGIQA_HOME, ~/.cache/agiqa).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the scores to a .csv or .json file.")
+@click.option("--report", "report_html", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Also write an HTML report: gallery, histogram with a threshold "
+              "slider, failures, gates and patch maps.")
+@click.option("--report-top-k", type=click.IntRange(min=1), default=100, show_default=True,
+              help="The report shows the K lowest and K highest scores (and links the CSV).")
 @click.option("--recursive/--no-recursive", default=True, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
@@ -40,8 +46,9 @@ from agiqa.cli.common import (
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print rows and summary as JSON.")
 @handle_errors
-def score_folder_cmd(folder, model_dir, cache_dir, out, recursive, device, batch_size,
-                     loader_workers, revision, trust_remote_code, amp, quiet, as_json):
+def score_folder_cmd(folder, model_dir, cache_dir, out, report_html, report_top_k, recursive,
+                     device, batch_size, loader_workers, revision, trust_remote_code, amp, quiet,
+                     as_json):
     """Score every image of a folder with a trained model.
 
     Stage one runs only for images the cache lacks, with the MLLM of the model's fingerprint
@@ -53,6 +60,7 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, recursive, device, batch
     Examples:
       agiqa score-folder ./generated --model runs/3k --out scores.csv
       agiqa score-folder ./generated --model runs/3k --cache cache/ --json
+      agiqa score-folder ./generated --model runs/3k --out scores.csv --report scores.html
     """
     from agiqa.stages.score import Scorer
 
@@ -63,6 +71,8 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, recursive, device, batch
     report = scorer.score_folder(folder, recursive)
     if out is not None:
         report.write(out)
+    if report_html is not None:
+        _write_report(report, folder, scorer.model, out, report_html, report_top_k, as_json)
     summary = report.summary()
     if as_json:
         echo_json(report.to_dict())
@@ -85,6 +95,24 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, recursive, device, batch
         click.echo(f"skipped {len(report.skipped_files)} file(s) that are not images: "
                    + ", ".join(report.skipped_files[:5]), err=True)
     sys.exit(report.exit_code)
+
+
+def _write_report(report, folder: Path, model, out: Path | None, html: Path, top_k: int,
+                  as_json: bool) -> None:
+    """The HTML report of a scored folder; it links a CSV of every score (``--out`` if that is
+    a CSV, else one written beside the report)."""
+    from agiqa.stages.report import score_rows, write_score_report
+
+    table = out if out is not None and out.suffix == ".csv" else html.with_suffix(".csv")
+    if table != out:
+        report.write(table)
+    rows, gate_names = score_rows(report.rows, folder)
+    href = Path(os.path.relpath(table.resolve(), html.resolve().parent)).as_posix()
+    result = write_score_report(rows, report.failures, html, gate_names, model, top_k,
+                                csv_href=href, source=str(folder))
+    if not as_json:
+        click.echo(f"report: {result.out} ({result.images_shown} of {result.images_total} "
+                   f"images, {result.bytes / 1e6:.2f} MB)", err=True)
 
 
 @cli.command("demo", context_settings=CONTEXT)

@@ -6,6 +6,7 @@ In-dataset (``--split test``: the test keys of the run's own ``split.csv``) or c
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from agiqa.cache import open_cache
 from agiqa.data.datasets import Dataset
 from agiqa.data.splits import read_split_csv
 from agiqa.errors import CacheMismatchError, ConfigError, DatasetError, MissingVectorsError
+from agiqa.fileio import atomic_path, write_json
 from agiqa.metrics import evaluate
 from agiqa.models.agiqa_net import load_model
 from agiqa.runtime import resolve_device
@@ -33,10 +35,14 @@ def check_fingerprint(model_config: dict, cache) -> None:
 
 def evaluate_model(model_dir: str | os.PathLike, ds: Dataset, cache_dir: str | os.PathLike,
                    split: str = "test", device: str = "auto", batch_size: int = 32,
-                   workers: int = 2, progress: bool = True, amp: bool = False) -> dict:
+                   workers: int = 2, progress: bool = True, amp: bool = False,
+                   out: str | os.PathLike | None = None) -> dict:
     """SRCC, PLCC, KRCC, RMSE (and raw PLCC) of a model on a split of ``ds``.
 
-    The forward runs in float32 (the official code) unless ``amp`` (bf16 autocast).
+    The forward runs in float32 (the official code) unless ``amp`` (bf16 autocast). With
+    ``out``, the folder gets ``predictions.csv`` (each image's MOS, score, gates and zero-shot
+    score) and ``evaluation.json`` (the metrics and what was evaluated), which
+    ``agiqa report`` reads.
     """
     model = load_model(model_dir)
     cache = open_cache(cache_dir)
@@ -64,8 +70,39 @@ def evaluate_model(model_dir: str | os.PathLike, ds: Dataset, cache_dir: str | o
     model.to(dev)
     # Each file is read once; vectors of an image changed since extraction are refused.
     vectors, pixels = inputs_of(ds, keys, cache, workers, progress)
-    scores = predict(model, pixels, vectors, dev, batch_size, amp)
+    scores, gates = predict(model, pixels, vectors, dev, batch_size, amp, with_gates=True)
     mos = {s.key: s.mos for s in ds.samples}
     metrics = evaluate(scores.numpy(), [mos[k] for k in keys])
-    return {"model": str(model_dir), "dataset": ds.name, "split": split, "images": len(keys),
-            "amp": amp, **metrics}
+    result = {"model": str(model_dir), "dataset": ds.name, "split": split, "images": len(keys),
+              "amp": amp, **metrics}
+    if out is not None:
+        zero_shot = cache.read(keys, ("zero_shot",))["zero_shot"].mean(1)
+        _write_evaluation(Path(out), model, ds, cache, keys, [mos[k] for k in keys], scores,
+                          gates, zero_shot, result)
+        result["out"] = str(out)
+    return result
+
+
+def _write_evaluation(out: Path, model, ds: Dataset, cache, keys, mos, scores, gates, zero_shot,
+                      result: dict) -> None:
+    from agiqa import __version__
+
+    names = model.agiqa_config.get("prompt_names") or \
+        [f"prompt{i + 1}" for i in range(gates.shape[1] - 1)]
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "predictions.csv") as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["key", "subset", "mos", "score", *[f"gate_{n}" for n in names],
+                        "gate_image", "zero_shot"])
+            for i, k in enumerate(keys):
+                w.writerow([k, result["split"], f"{mos[i]:.6g}", f"{float(scores[i]):.6g}",
+                            *[f"{g:.6g}" for g in gates[i].tolist()], f"{zero_shot[i]:.6g}"])
+    metrics = {k: v for k, v in result.items() if k not in ("model", "dataset", "split",
+                                                             "images", "amp")}
+    write_json(out / "evaluation.json", {
+        "agiqa_version": __version__, "model": str(Path(result["model"]).resolve()),
+        "dataset": {"name": ds.name, "target": ds.target_column, "root": str(ds.root.resolve()),
+                    "labels": str(ds.labels_path) if ds.labels_path else None},
+        "split": result["split"], "cache": str(Path(cache.path).resolve()),
+        "images": result["images"], "amp": result["amp"], "metrics": metrics})

@@ -15,6 +15,7 @@ computed when the report is made, from the model and the image files, for the sh
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,8 @@ from agiqa.stages.report_data import (
     thumbnail,
 )
 
-__all__ = ["PUBLISHED", "ReportResult", "write_run_report", "write_score_report"]
+__all__ = ["PUBLISHED", "ReportResult", "score_rows", "write_run_report",
+           "write_score_file_report", "write_score_report"]
 
 # MA-AGIQA's published figures (ACM MM 2024), for the quality MOS of each data set.
 PUBLISHED: dict[str, dict[str, Any]] = {
@@ -206,15 +208,54 @@ def write_run_report(folder: Path, out: Path | None = None, root: Path | None = 
     return ReportResult(out, len(rows), len(run.rows), size)
 
 
+def score_rows(rows: list[dict[str, Any]], folder: Path) -> tuple[list[ImageRow], list[str]]:
+    """``score-folder``'s rows as report rows (files under ``folder``) and the gate names."""
+    gates = [c for c in (rows[0] if rows else {}) if c.startswith("gate_")] or ["gate_image"]
+    out = [ImageRow(name=r["path"], path=folder / r["path"], score=float(r["score"]),
+                    gates=[float(r[g]) for g in gates], zero_shot=r.get("zero_shot"))
+           for r in rows]
+    return out, [g.removeprefix("gate_") for g in gates]
+
+
+def write_score_file_report(scores: Path, images: Path, out: Path | None = None,
+                            model_dir: Path | None = None, top_k: int = 100) -> ReportResult:
+    """The report of a ``score-folder --out`` file (CSV or JSON) of the images under ``images``.
+
+    Raises:
+        DatasetError: the file is not what score-folder writes, or an image is not there.
+    """
+    from agiqa.errors import DatasetError
+    from agiqa.stages.report_data import read_score_file
+
+    if not images.is_dir():
+        raise ConfigError(f"--images {images}: not a folder (the folder that was scored)")
+    rows, failures, gate_names = read_score_file(scores, images)
+    missing = [r.name for r in rows if not r.path.is_file()]
+    if missing:
+        raise DatasetError(f"{scores}: {len(missing)} scored image(s) not under --images "
+                           f"{images}: {', '.join(repr(m) for m in missing[:3])}")
+    model = None
+    if model_dir is not None:
+        from agiqa.models.agiqa_net import load_model
+
+        model = load_model(model_dir)
+    out = out or scores.with_suffix(".html")
+    href = os.path.relpath(scores.resolve(), out.resolve().parent)
+    return write_score_report(rows, failures, out, gate_names, model, top_k,
+                              csv_href=Path(href).as_posix(), source=str(images))
+
+
 def write_score_report(rows: list[ImageRow], failures: dict[str, str], out: Path,
-                       model=None, top_k: int = 100, csv_href: str | None = None,
-                       source: str = "", notes: list[str] | None = None) -> ReportResult:
+                       gate_names: list[str] | None = None, model=None, top_k: int = 100,
+                       csv_href: str | None = None, source: str = "",
+                       notes: list[str] | None = None) -> ReportResult:
     """The report of a scored folder: gallery, histogram with a threshold slider, failures.
 
     Args:
         rows: the scored images (their ``path`` must point at the files).
         failures: image → reason for the images not scored.
         out: the HTML file.
+        gate_names: the experts' names, the image expert last.
         model: the model, for the patch maps (None: no maps).
         top_k: the page shows the ``top_k`` lowest and ``top_k`` highest scores.
         csv_href: a link (relative to ``out``) to the full list of scores.
@@ -225,7 +266,7 @@ def write_score_report(rows: list[ImageRow], failures: dict[str, str], out: Path
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
     ordered = sorted(rows, key=lambda r: r.score)
     shown = ordered if len(ordered) <= 2 * top_k else ordered[:top_k] + ordered[-top_k:]
-    gate_names = _gate_names(rows)
+    gate_names = gate_names or _gate_names(rows)
     fails = sorted(failures.items())
     context = {
         "mode": "scores", "title": f"agiqa scores: {source}", "source": source,

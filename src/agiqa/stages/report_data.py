@@ -70,13 +70,14 @@ def check_version(where: Path, written_by: Any) -> None:
     """
     from agiqa import __version__
 
+    series = ".".join(__version__.split(".")[:2]) + ".x"
     if not isinstance(written_by, str) or not written_by:
-        raise ConfigError(f"{where}: records no agiqa version; not written by agiqa "
-                          f"{__version__} (run evaluate --out again with this version)")
+        raise ConfigError(f"{where}: records no agiqa version (this agiqa {__version__} reads "
+                          f"files of {series}); evaluate the model again with evaluate --out")
     if _version_tuple(written_by) != _version_tuple(__version__):
-        raise ConfigError(f"{where}: written by agiqa {written_by}, this is agiqa "
-                          f"{__version__}, which reads files of {'.'.join(__version__.split('.')[:2])}"
-                          ".x only (run evaluate --out again with this version)")
+        raise ConfigError(f"{where}: written by agiqa {written_by}, this agiqa {__version__} "
+                          f"reads files of {series}; use agiqa {written_by}, or evaluate the "
+                          "model again with evaluate --out")
 
 
 def _number(text: str, where: str, column: str, allow_empty: bool = False) -> float | None:
@@ -119,6 +120,8 @@ def _check_header(path: Path, header: list[str], first: list[str], prompt_names:
 
 def _rows(path: Path, header: list[str], body: list[list[str]], name_col: str,
           root: Path | None) -> list[ImageRow]:
+    from agiqa.data.images import resolve_key
+
     out: list[ImageRow] = []
     seen: set[str] = set()
     col = {c: i for i, c in enumerate(header)}
@@ -134,7 +137,7 @@ def _rows(path: Path, header: list[str], body: list[list[str]], name_col: str,
             raise DatasetError(f"{where}: {name!r} is listed twice")
         seen.add(name)
         out.append(ImageRow(
-            name=name, path=None if root is None else root / name,
+            name=name, path=None if root is None else resolve_key(root, name, source=where),
             score=_number(cells[col["score"]], where, "score"),
             gates=[_number(cells[col[g]], where, g) for g in gate_cols],
             mos=_number(cells[col["mos"]], where, "mos") if "mos" in col else None,
@@ -143,8 +146,9 @@ def _rows(path: Path, header: list[str], body: list[list[str]], name_col: str,
     return out
 
 
-def read_score_file(path: Path, images: Path | None) -> tuple[list[ImageRow], dict[str, str]]:
-    """Rows (and failures) of a ``score-folder --out`` file, ``.csv`` or ``.json``.
+def read_score_file(path: Path, images: Path | None
+                    ) -> tuple[list[ImageRow], dict[str, str], list[str]]:
+    """Rows, failures and gate names of a ``score-folder --out`` file, ``.csv`` or ``.json``.
 
     Raises:
         DatasetError: the file is not what ``score-folder`` writes (one line: where and why).
@@ -165,8 +169,8 @@ def read_score_file(path: Path, images: Path | None) -> tuple[list[ImageRow], di
             raise DatasetError(f"{path}: not a score-folder JSON file ({e})") from None
     else:
         header, body = _read_csv(path)
-    _check_header(path, header, ["path", "score"], None)
-    return _rows(path, header, body, "path", images), failures
+    names = _check_header(path, header, ["path", "score"], None)
+    return _rows(path, header, body, "path", images), failures, names
 
 
 def _read_json_file(path: Path, what: str) -> dict[str, Any]:
