@@ -132,11 +132,12 @@ def _histogram(scores: np.ndarray) -> dict[str, Any]:
     top = max(int(counts.max()), 1)
     bars = [{"x": i, "height": round(100 * int(c) / top, 2), "count": int(c),
              "lo": float(edges[i]), "hi": float(edges[i + 1])} for i, c in enumerate(counts)]
-    thresholds = np.linspace(lo, hi, _SLIDER_STEPS + 1)
+    # Rounded down to 6 decimals, as the page shows them; the counts are of those values.
+    thresholds = np.floor(np.linspace(lo, hi, _SLIDER_STEPS + 1) * 1e6) / 1e6
     ordered = np.sort(scores)
     passing = len(ordered) - np.searchsorted(ordered, thresholds, side="left")
     return {"bars": bars, "bins": _HIST_BINS, "lo": lo, "hi": hi,
-            "thresholds": [round(float(t), 6) for t in thresholds],
+            "thresholds": [float(t) for t in thresholds],
             "passing": [int(p) for p in passing]}
 
 
