@@ -1,0 +1,117 @@
+"""Both HTML reports in headless Chromium: no console errors, no network, controls that work.
+
+Needs the ``playwright`` package (the ``test`` extra) and a Chromium: ``$AGIQA_CHROMIUM`` (then
+required: the tests fail without it), else ``chromium`` / ``chromium-browser`` /
+``google-chrome`` on the PATH (Debian: ``apt-get install chromium``); skipped with the reason
+otherwise. Playwright drives that browser; it downloads none.
+"""
+
+import os
+import shutil
+
+import pytest
+
+from agiqa.stages.report import score_rows, write_run_report, write_score_report
+from agiqa.testing.report_fixtures import TRICKY_NAME, make_images, make_run, make_score_rows
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    # $AGIQA_CHROMIUM names the browser and makes it required: CI sets it, so the tests fail
+    # there rather than skip.
+    required = os.environ.get("AGIQA_CHROMIUM")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        if required:
+            pytest.fail("AGIQA_CHROMIUM is set but the playwright package is not installed")
+        pytest.skip("the playwright package is not installed (pip install -e '.[test]')")
+    exe = required or _chromium()
+    if exe is None or not os.path.isfile(exe):
+        if required:
+            pytest.fail(f"AGIQA_CHROMIUM={required}: no such file")
+        pytest.skip("no Chromium found (apt-get install chromium, or set AGIQA_CHROMIUM)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+class Page:
+    """A page opened from a file, recording console errors, page errors, dialogs and every
+    request that is not the file itself or inline data."""
+
+    def __init__(self, browser, path, tmp_path):
+        self.errors, self.requests, self.dialogs = [], [], []
+        self.page = browser.new_page(viewport={"width": 1100, "height": 900})
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        self.page.on("request", lambda r: r.url.startswith(("data:", "file:"))
+                     or self.requests.append(r.url))
+        self.page.goto(path.as_uri())
+        self.page.wait_for_load_state("load")
+        self.shot = tmp_path / f"{path.stem}.png"
+
+    def clean(self):
+        assert self.errors == [] and self.requests == [] and self.dialogs == []
+
+    def close(self):
+        self.page.screenshot(path=str(self.shot), full_page=True)
+        assert self.shot.stat().st_size > 10_000
+        self.page.close()
+
+
+def test_run_report_in_chromium(browser, tmp_path):
+    folder = make_run(tmp_path / "run", tmp_path / "images",
+                      names=[TRICKY_NAME] + [f"img_{i}.png" for i in range(7)],
+                      dataset="agiqa-3k", target="mos_quality")
+    out = tmp_path / "run.html"
+    write_run_report(folder, out)
+    page = Page(browser, out, tmp_path)
+    p = page.page
+    assert p.locator("img.thumb").count() == 4
+    assert p.locator("#metrics tr").count() == 5
+    assert p.locator("img.map:visible").count() == 0  # maps only on demand
+    p.locator(".frame").first.click()
+    assert p.locator("img.map:visible").count() == 1
+    p.select_option("#map-kind", "share")
+    assert p.locator("img.map[data-kind=share]:visible").count() == 4
+    assert TRICKY_NAME in p.locator(".name").all_inner_texts()  # shown as text, not markup
+    page.clean()
+    page.close()
+
+
+def test_score_report_in_chromium(browser, tmp_path):
+    rows = make_score_rows(300, seed=1)
+    ordered = sorted(rows, key=lambda r: r["score"])
+    make_images(tmp_path / "images", [r["path"] for r in ordered[:10] + ordered[-10:]])
+    items, gate_names = score_rows(rows, tmp_path / "images")
+    out = tmp_path / "scores.html"
+    write_score_report(items, {TRICKY_NAME: "not an image"}, out, gate_names, top_k=10,
+                       csv_href="scores.csv", source="images")
+    page = Page(browser, out, tmp_path)
+    p = page.page
+    assert p.locator("img.thumb").count() == 20
+    assert p.locator("#pass-count").inner_text() == "300"
+    p.locator("#threshold").fill("100")
+    after = int(p.locator("#pass-count").inner_text())
+    scores = [r["score"] for r in rows]
+    t = float(p.locator("#threshold-value").inner_text())
+    assert 0 < after < 300 and abs(after - sum(s >= t for s in scores)) <= 2
+    assert p.locator("rect.bin.below").count() > 0
+    first = p.locator(".card .name").first.inner_text()
+    assert first == ordered[0]["path"]
+    p.select_option("#order", "best")
+    assert p.locator(".card .name").first.inner_text() == ordered[-1]["path"]
+    assert p.locator("#failures td").first.inner_text() == TRICKY_NAME
+    page.clean()
+    page.close()
