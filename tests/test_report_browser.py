@@ -13,6 +13,7 @@ import pytest
 
 from agiqa.stages.report import score_rows, write_run_report, write_score_report
 from agiqa.testing.report_fixtures import TRICKY_NAME, make_images, make_run, make_score_rows
+from tests.test_fit import graded  # noqa: F401 - the shared fixture
 
 
 def _chromium() -> str | None:
@@ -115,3 +116,43 @@ def test_score_report_in_chromium(browser, tmp_path):
     assert p.locator("#failures td").first.inner_text() == TRICKY_NAME
     page.clean()
     page.close()
+
+
+@pytest.mark.slow
+def test_reports_of_a_trained_run_an_evaluation_and_a_scored_folder(browser, graded, tmp_path):  # noqa: F811
+    """fit → report, evaluate --out → report, score-folder --report: each page opens clean."""
+    from click.testing import CliRunner
+
+    from agiqa.cli import cli
+    from tests.test_fit import FIT
+
+    def run(*args):
+        r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        assert r.exit_code in (0, 2), r.output
+        return r
+
+    root, cache = graded
+    run("fit", *FIT, "--root", root, "--cache", cache, "--out", tmp_path / "run", "--epochs", "1")
+    run("report", tmp_path / "run")
+    run("evaluate", "--model", tmp_path / "run", "--dataset", "csv", "--root", root, "--cache",
+        cache, "--split", "all", "--out", tmp_path / "eval", "-q")
+    run("report", tmp_path / "eval", "--max-images", "12")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for p in sorted(root.glob("*_[03].jpg")):
+        shutil.copy(p, folder / p.name)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    r = run("score-folder", folder, "--model", tmp_path / "run", "--cache", tmp_path / "c",
+            "--report", tmp_path / "scores.html", "-q", "--loader-workers", "0")
+    assert r.exit_code == 2 and (tmp_path / "scores.csv").is_file()
+    n_scored = len(list(folder.glob("*_*.jpg")))
+    for html, thumbs in ((tmp_path / "run" / "report.html", 6),
+                         (tmp_path / "eval" / "report.html", 12),
+                         (tmp_path / "scores.html", n_scored)):
+        page = Page(browser, html, tmp_path)
+        assert page.page.locator("img.thumb").count() == thumbs
+        assert page.page.locator("img.map").count() == 3 * thumbs
+        page.clean()
+        page.close()
+    text = (tmp_path / "eval" / "report.html").read_text()
+    assert "zero-shot –" not in text  # evaluate --out records the zero-shot scores
