@@ -58,35 +58,46 @@ class ReportResult:
 
 
 # -- maps and cards ----------------------------------------------------------------------------
-def _maps(model, rows: list[ImageRow]) -> list[dict[str, str]]:
-    """The three patch maps of each row, computed from its file and its recorded gates."""
+def _decode(rows: list[ImageRow], need_pixels: bool):
+    """Each row's file decoded once: its thumbnail, and the model's 224×224 pixels."""
+    from agiqa.data.images import load_image
+    from agiqa.data.pixels import resize_pixels
+
+    for r in rows:
+        img, _ = load_image(r.path)
+        pixels = resize_pixels(img) if need_pixels else None
+        yield thumbnail(img), pixels
+
+
+def _maps(model, pixels, gates: list[list[float]]) -> list[dict[str, str]]:
+    """The three patch maps of each image, from its uint8 pixels and its recorded gates."""
     import torch
 
-    from agiqa.data.pixels import normalize, read_pixels
+    from agiqa.data.pixels import normalize
 
     out: list[dict[str, str]] = []
     model.eval()
-    for i in range(0, len(rows), _MAP_BATCH):
-        batch = rows[i:i + _MAP_BATCH]
-        x = normalize(torch.stack([read_pixels(r.path) for r in batch]))
-        gates = torch.tensor([r.gates for r in batch], dtype=torch.float32)
+    dev = next(model.parameters()).device
+    g = model.config.grid
+    for i in range(0, len(pixels), _MAP_BATCH):
+        x = normalize(torch.stack(pixels[i:i + _MAP_BATCH])).to(dev)
+        gt = torch.tensor(gates[i:i + _MAP_BATCH], dtype=torch.float32, device=dev)
         with torch.no_grad():
-            dev = next(model.parameters()).device
-            f, w = model.backbone.forward_patches(x.to(dev))
-            share = model.head.patch_contributions(f * w, gates.to(dev))
-        g = model.config.grid
-        for j in range(len(batch)):
+            f, w = model.backbone.forward_patches(x)
+            share = model.head.patch_contributions(f * w, gt)
+        for j in range(len(x)):
             out.append(encode_maps(*(t[j].reshape(g, g).float().cpu().numpy()
                                      for t in (f, w, share))))
     return out
 
 
 def _cards(rows: list[ImageRow], gate_names: list[str], model) -> list[dict[str, Any]]:
-    maps = _maps(model, rows) if model is not None else [None] * len(rows)
+    decoded = list(_decode(rows, model is not None))
+    maps = _maps(model, [p for _, p in decoded], [r.gates for r in rows]) \
+        if model is not None else [None] * len(rows)
     scale = max((abs(g) for r in rows for g in r.gates), default=1.0) or 1.0
     cards = []
-    for r, m in zip(rows, maps, strict=True):
-        thumb, w, h = thumbnail(r.path)
+    for r, m, ((thumb, w, h), _) in zip(rows, maps, decoded, strict=True):
         cards.append({
             "name": r.name, "thumb": thumb, "width": w, "height": h, "maps": m,
             "score": r.score, "mos": r.mos, "zero_shot": r.zero_shot,

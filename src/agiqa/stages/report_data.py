@@ -12,7 +12,6 @@ import base64
 import csv
 import io
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,11 +272,10 @@ def add_zero_shot(data: RunData) -> None:
         r.zero_shot = float(z)
 
 
-def thumbnail(path: os.PathLike) -> tuple[str, int, int]:
-    """A JPEG thumbnail, longer side ``THUMB_SIZE``, as base64 text, with its width and height."""
-    from agiqa.data.images import load_image
-
-    img, _ = load_image(path)
+def thumbnail(img) -> tuple[str, int, int]:
+    """A JPEG thumbnail of a PIL image, longer side ``THUMB_SIZE``, as base64 text, with its
+    width and height."""
+    img = img.copy()
     img.thumbnail((THUMB_SIZE, THUMB_SIZE))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=80)
