@@ -29,10 +29,12 @@ from agiqa.cli.common import CONTEXT, cli, echo_json, handle_errors
               help="Score file: the lowest and the highest K scores shown.")
 @click.option("--maps/--no-maps", default=True, show_default=True,
               help="Compute the patch maps of the shown images (a backbone pass each).")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the patch maps are computed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @handle_errors
 def report_cmd(source, out, root, cache_dir, images, model_dir, max_images, top_k, maps,
-               as_json):
+               device, as_json):
     """One self-contained HTML page of a run, an evaluation or a score file.
 
     SOURCE is a run directory of fit, a folder of evaluate --out, or the --out file (CSV or
@@ -48,13 +50,13 @@ def report_cmd(source, out, root, cache_dir, images, model_dir, max_images, top_
     from agiqa.stages.report import write_run_report, write_score_file_report
 
     if source.is_dir():
-        result = write_run_report(source, out, root, cache_dir, max_images, maps)
+        result = write_run_report(source, out, root, cache_dir, max_images, maps, device)
     else:
         if images is None:
             raise click.UsageError("--images DIR is required with a score file (the folder "
                                    "that was scored)")
         result = write_score_file_report(source, images, out, model_dir if maps else None,
-                                         top_k)
+                                         top_k, device)
     if as_json:
         echo_json({"out": str(result.out), "images_shown": result.images_shown,
                    "images_total": result.images_total, "bytes": result.bytes})

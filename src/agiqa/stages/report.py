@@ -25,6 +25,7 @@ import numpy as np
 
 from agiqa.errors import ConfigError
 from agiqa.fileio import write_text
+from agiqa.runtime import resolve_device
 from agiqa.stages.report_data import (
     THUMB_SIZE,
     ImageRow,
@@ -182,8 +183,8 @@ def _metrics_rows(run: RunData) -> list[dict[str, Any]]:
 
 
 def write_run_report(folder: Path, out: Path | None = None, root: Path | None = None,
-                     cache: Path | None = None, max_images: int = 200, maps: bool = True
-                     ) -> ReportResult:
+                     cache: Path | None = None, max_images: int = 200, maps: bool = True,
+                     device: str = "auto") -> ReportResult:
     """The report of a run directory (``fit``) or an evaluation folder (``evaluate --out``).
 
     Args:
@@ -192,7 +193,8 @@ def write_run_report(folder: Path, out: Path | None = None, root: Path | None = 
         root: the image root, if not where the run records it.
         cache: the semantic cache for zero-shot scores, if not where the run records it.
         max_images: the images shown, those with the largest absolute error first.
-        maps: compute the patch maps (needs the model; a ViT-B/8 forward per shown image).
+        maps: compute the patch maps (needs the model; a backbone forward per shown image).
+        device: where the maps are computed.
     """
     if max_images < 1:
         raise ConfigError(f"--max-images must be at least 1, got {max_images}")
@@ -204,7 +206,7 @@ def write_run_report(folder: Path, out: Path | None = None, root: Path | None = 
     if maps:
         from agiqa.models.agiqa_net import load_model
 
-        model = load_model(run.model_dir)
+        model = load_model(run.model_dir, resolve_device(device))
     gate_names = [*run.prompt_names, "image"]
     paper = any(m["paper"] is not None for m in _metrics_rows(run))
     context = {
@@ -230,7 +232,8 @@ def score_rows(rows: list[dict[str, Any]], folder: Path) -> tuple[list[ImageRow]
 
 
 def write_score_file_report(scores: Path, images: Path, out: Path | None = None,
-                            model_dir: Path | None = None, top_k: int = 100) -> ReportResult:
+                            model_dir: Path | None = None, top_k: int = 100,
+                            device: str = "auto") -> ReportResult:
     """The report of a ``score-folder --out`` file (CSV or JSON) of the images under ``images``.
 
     Raises:
@@ -250,7 +253,7 @@ def write_score_file_report(scores: Path, images: Path, out: Path | None = None,
     if model_dir is not None:
         from agiqa.models.agiqa_net import load_model
 
-        model = load_model(model_dir)
+        model = load_model(model_dir, resolve_device(device))
     out = out or scores.with_suffix(".html")
     href = os.path.relpath(scores.resolve(), out.resolve().parent)
     return write_score_report(rows, failures, out, gate_names, model, top_k,
