@@ -23,7 +23,7 @@ from agiqa.cli.common import CONTEXT, cli, echo_json, handle_errors
               help="The scored folder (needed for a score file).")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="The model that scored a score file, for the patch maps.")
-@click.option("--max-images", type=click.IntRange(min=1), default=200, show_default=True,
+@click.option("--max-images", type=click.IntRange(min=1), default=100, show_default=True,
               help="Run: the images shown, largest absolute error first.")
 @click.option("--top-k", type=click.IntRange(min=1), default=100, show_default=True,
               help="Score file: the lowest and the highest K scores shown.")

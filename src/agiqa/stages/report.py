@@ -183,7 +183,7 @@ def _metrics_rows(run: RunData) -> list[dict[str, Any]]:
 
 
 def write_run_report(folder: Path, out: Path | None = None, root: Path | None = None,
-                     cache: Path | None = None, max_images: int = 200, maps: bool = True,
+                     cache: Path | None = None, max_images: int = 100, maps: bool = True,
                      device: str = "auto") -> ReportResult:
     """The report of a run directory (``fit``) or an evaluation folder (``evaluate --out``).
 
