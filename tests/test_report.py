@@ -204,3 +204,8 @@ def test_a_run_whose_images_moved_names_the_root(tiny_run, tmp_path):
     assert r.exit_code == 1 and "pass --root DIR" in r.output
     r = run("report", moved, "--no-maps", "--root", tiny_run.parent / "images")
     assert r.exit_code == 0, r.output
+
+
+def test_score_folder_report_must_be_html(tmp_path):
+    r = run("score-folder", tmp_path, "--model", tmp_path / "m", "--report", tmp_path / "s.csv")
+    assert r.exit_code == 64 and "--report: " in r.output and "does not end in .html" in r.output

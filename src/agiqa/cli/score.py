@@ -64,6 +64,8 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, report_html, report_top_
     """
     from agiqa.stages.score import Scorer
 
+    if report_html is not None and report_html.suffix.lower() not in (".html", ".htm"):
+        raise click.BadParameter(f"{report_html} does not end in .html", param_hint="--report")
     scorer = Scorer.from_pretrained(model_dir, cache_dir=cache_dir, device=device,
                                     batch_size=batch_size, loader_workers=loader_workers,
                                     progress=not quiet and not as_json, amp=amp,
