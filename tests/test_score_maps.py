@@ -37,18 +37,32 @@ def _official_patches(ref, x, s):
     return score, seen["fc_score"], seen["fc_weight"]
 
 
-def test_maps_match_the_official_forward(official_pair):
+@pytest.fixture(scope="module")
+def outputs(official_pair):
+    """One official forward (with its patch heads' outputs) and agiqa's on the same inputs."""
     ref, model = official_pair
     torch.manual_seed(4)
-    x, s = torch.randn(3, 3, 224, 224), torch.randn(3, 2, 32)
+    x, s = torch.randn(2, 3, 224, 224), torch.randn(2, 2, 32)
     with torch.no_grad():
         score, f, w = _official_patches(ref, x, s)
         maps = model.forward_maps(x, s)
         plain = model(x, s)
+        # The official head's remainder and gates, written out from its own modules.
+        e_a, e_b = ref.fc4096_784_a2(s[:, 0]), ref.fc4096_784_b2(s[:, 1])
+        gate = ref.gating(torch.cat([e_a, e_b, ref.fc784_784(f * w)], dim=1))
+        v = ref.output_fc.weight[0]
+        remainder = (ref.output_fc.bias + gate[:, 0] * (e_a @ v) + gate[:, 1] * (e_b @ v)
+                     + gate[:, 2] * (ref.fc784_784.bias @ v))
+    return {"score": score, "f": f, "w": w, "gate": gate, "remainder": remainder,
+            "maps": maps, "plain": plain}
+
+
+def test_maps_match_the_official_forward(outputs):
+    maps, f, w, score = outputs["maps"], outputs["f"], outputs["w"], outputs["score"]
     assert score.std() > 1e-2
     torch.testing.assert_close(maps.score, score, atol=1e-4, rtol=0)
-    torch.testing.assert_close(maps.score, plain, atol=1e-6, rtol=0)
-    assert maps.patch_score.shape == maps.patch_weight.shape == (3, 28, 28)
+    torch.testing.assert_close(maps.score, outputs["plain"], atol=1e-6, rtol=0)
+    assert maps.patch_score.shape == maps.patch_weight.shape == (2, 28, 28)
     torch.testing.assert_close(maps.patch_score.flatten(1), f, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(maps.patch_weight.flatten(1), w, atol=1e-5, rtol=1e-4)
     # MANIQA's definition of an image score from its two maps.
@@ -57,23 +71,12 @@ def test_maps_match_the_official_forward(official_pair):
     assert (maps.patch_score >= 0).all()
 
 
-def test_patch_contributions_add_up_to_the_score(official_pair):
-    ref, model = official_pair
-    torch.manual_seed(5)
-    x, s = torch.randn(2, 3, 224, 224), torch.randn(2, 2, 32)
-    with torch.no_grad():
-        score, f, w = _official_patches(ref, x, s)
-        maps = model.forward_maps(x, s)
-        # The official head's remainder, written out from its own modules.
-        e_a, e_b = ref.fc4096_784_a2(s[:, 0]), ref.fc4096_784_b2(s[:, 1])
-        gate = ref.gating(torch.cat([e_a, e_b, ref.fc784_784(f * w)], dim=1))
-        v = ref.output_fc.weight[0]
-        remainder = (ref.output_fc.bias + gate[:, 0] * (e_a @ v) + gate[:, 1] * (e_b @ v)
-                     + gate[:, 2] * (ref.fc784_784.bias @ v))
-    torch.testing.assert_close(maps.gates, gate, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(maps.contribution.sum((1, 2)) + maps.remainder, score,
+def test_patch_contributions_add_up_to_the_score(outputs):
+    maps = outputs["maps"]
+    torch.testing.assert_close(maps.gates, outputs["gate"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(maps.contribution.sum((1, 2)) + maps.remainder, outputs["score"],
                                atol=1e-4, rtol=0)
-    torch.testing.assert_close(maps.remainder, remainder, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(maps.remainder, outputs["remainder"], atol=1e-4, rtol=1e-4)
     # The map is not flat: patches carry different shares.
     assert maps.contribution.flatten(1).std(1).min() > 0
 
