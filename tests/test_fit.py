@@ -71,19 +71,19 @@ def test_resume_continues_an_interrupted_run(graded, tmp_path, monkeypatch):
     full = json.loads(run("fit", *args, "--out", tmp_path / "full").stdout)
     from agiqa.stages import fit as fit_module
 
-    original = fit_module._Trainer._train_epoch
+    original = fit_module.Trainer._train_epoch
 
     def interrupted(self, *a):
         if self.epoch == 2:
             raise KeyboardInterrupt  # as if the job were stopped during epoch 2
         return original(self, *a)
 
-    monkeypatch.setattr(fit_module._Trainer, "_train_epoch", interrupted)
+    monkeypatch.setattr(fit_module.Trainer, "_train_epoch", interrupted)
     stopped = run("fit", *args, "--out", tmp_path / "part")
     assert stopped.exit_code == 1 and "Aborted" in stopped.output
     assert (tmp_path / "part" / "checkpoint.pt").is_file()
     assert not (tmp_path / "part" / "model.safetensors").exists()
-    monkeypatch.setattr(fit_module._Trainer, "_train_epoch", original)
+    monkeypatch.setattr(fit_module.Trainer, "_train_epoch", original)
     again = run("fit", *args, "--out", tmp_path / "part")
     assert again.exit_code == 1
     assert "holds an interrupted run (checkpoint.pt); pass --resume" in again.output

@@ -1,5 +1,5 @@
 """The package's imports run one way: cli → pipeline → stages → models / cache / data → presets,
-runtime, errors, fileio, metrics (``agiqa.testing`` sits beside the stages)."""
+runtime, options, errors, fileio, metrics (``agiqa.testing`` sits beside the stages)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import agiqa
 
 PACKAGE = Path(agiqa.__file__).parent
 LAYERS = {"cli": 0, "pipeline": 1, "stages": 2, "testing": 2, "models": 3, "cache": 3, "data": 3,
-          "presets": 4, "runtime": 4, "errors": 4, "fileio": 4, "metrics": 4}
+          "presets": 4, "runtime": 4, "errors": 4, "fileio": 4, "metrics": 4,
+          "options": 4}
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from agiqa.models.agiqa_net import BACKBONES, create_model, load_model
+from agiqa.models.agiqa_net import create_model, load_model
 from agiqa.models.official import import_official
+from agiqa.presets import list_presets
 from agiqa.testing.official_reference import OfficialMAAGIQA
 
 
@@ -13,7 +14,7 @@ class NotTensors:
     """An arbitrary class: loading it would need pickle's code execution."""
 
 
-@pytest.mark.parametrize("backbone", list(BACKBONES))
+@pytest.mark.parametrize("backbone", list_presets("backbones"))
 def test_forward_backward_every_backbone(backbone):
     torch.manual_seed(0)
     model = create_model(backbone, num_prompts=3, semantic_dim=24).train()

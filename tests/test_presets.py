@@ -37,12 +37,24 @@ def test_every_builtin_preset_loads_as_its_dataclass():
     assert load_prompts("paper").names == ["semantic_content", "coherence"]
 
 
-def test_backbone_presets_are_the_architectures_stage_two_builds():
-    from agiqa.models.agiqa_net import BACKBONES
+def test_a_user_backbone_preset_trains_through_fit(tmp_path, monkeypatch):
+    from agiqa.models.agiqa_net import create_model, resolve_pretrained
+    from agiqa.stages.fit import FitConfig
 
-    assert set(list_presets("backbones")) == set(BACKBONES)
-    for name in BACKBONES:
-        assert load_backbone_preset(name).architecture() == BACKBONES[name]
+    home = tmp_path / "home"
+    monkeypatch.setenv("AGIQA_HOME", str(home))
+    (home / "presets" / "backbones").mkdir(parents=True)
+    (home / "presets" / "backbones" / "mine.json").write_text(json.dumps({
+        "timm_name": "vit_base_patch8_224", "feature_blocks": [0, 1], "maniqa_dim": 16,
+        "dim_mlp": 16, "vit_args": {"embed_dim": 16, "depth": 2, "num_heads": 2}}))
+    assert "mine" in list_presets("backbones")
+    assert resolve_pretrained("mine", None) is False  # no "pretrained": random weights
+    FitConfig(dataset="csv", root=".", cache=".", out=".", backbone="mine")
+    model = create_model("mine", num_prompts=2, semantic_dim=8)
+    assert model.config.maniqa_dim == 16 and model.config.feature_blocks == [0, 1]
+    assert model.backbone.vit.embed_dim == 16
+    with pytest.raises(ConfigError, match="unknown backbone preset 'mne'.*did you mean mine"):
+        FitConfig(dataset="csv", root=".", cache=".", out=".", backbone="mne")
 
 
 def test_presets_list_prints_hub_ids_widths_and_score_ranges():

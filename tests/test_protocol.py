@@ -11,6 +11,8 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,11 +100,11 @@ def test_selection_uses_raw_plcc_where_the_fitted_one_disagrees():
 def test_the_paper_vit_tag_is_the_checkpoint_timm_0_5_5_loaded(monkeypatch, tmp_path):
     from timm.models import get_pretrained_cfg
 
-    from agiqa.models import agiqa_net
-    from agiqa.models.agiqa_net import BACKBONES, PAPER_VIT, create_model
+    from agiqa.models.agiqa_net import PAPER_VIT, create_model, pretrained_name
+    from agiqa.presets import load_backbone_preset
 
     assert PAPER_VIT == "vit_base_patch8_224.augreg_in21k_ft_in1k"
-    assert BACKBONES["vit_base_patch8_224"]["timm_name"] == PAPER_VIT
+    assert pretrained_name("vit_base_patch8_224") == PAPER_VIT
     # timm 0.5.5 (vendored by the official repository), default_cfgs['vit_base_patch8_224']:
     url_055 = ("https://storage.googleapis.com/vit_models/augreg/B_8-i21k-300ep-lr_0.001-"
                "aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_224.npz")
@@ -117,10 +119,13 @@ def test_the_paper_vit_tag_is_the_checkpoint_timm_0_5_5_loaded(monkeypatch, tmp_
     monkeypatch.setattr(builder, "load_state_dict_from_hf", unreachable)
     monkeypatch.setattr(builder, "load_state_dict_from_url", unreachable)
     monkeypatch.setattr(builder, "download_cached_file", unreachable)
-    small = dict(BACKBONES["vit_base_patch8_224"], vit_args={"embed_dim": 16, "depth": 1,
-                                                            "num_heads": 2},
+    # A user preset of the same name (in $AGIQA_HOME) makes the paper's ViT small.
+    small = dict(load_backbone_preset("vit_base_patch8_224").architecture(), pretrained=True,
+                 vit_args={"embed_dim": 16, "depth": 1, "num_heads": 2},
                  feature_blocks=[0], maniqa_dim=16, dim_mlp=16)
-    monkeypatch.setitem(agiqa_net.BACKBONES, "vit_base_patch8_224", small)
+    user = Path(os.environ["AGIQA_HOME"]) / "presets" / "backbones"
+    user.mkdir(parents=True)
+    (user / "vit_base_patch8_224.json").write_text(json.dumps(small))
     with pytest.raises(ModelLoadError) as err:
         create_model("vit_base_patch8_224", 2, 8, pretrained=None)
     msg = str(err.value)
@@ -240,14 +245,14 @@ def test_repeats_keep_the_split_and_split_seeds_change_it(small_set, tmp_path):
     from agiqa.stages.fit import FitConfig, _runs
 
     cfg = FitConfig(dataset="csv", root=tmp_path, cache=tmp_path, out=tmp_path / "r")
-    reps = _runs(cfg, 3, 1)
+    reps = _runs(replace(cfg, repeats=3))
     assert [(r.seed, r.split_seed, r.out.name) for _, r in reps] == [
         (20, 20, "seed-20"), (21, 20, "seed-21"), (22, 20, "seed-22")]
-    splits = _runs(cfg, 1, 2)
+    splits = _runs(replace(cfg, split_seeds=2))
     assert [(r.seed, r.split_seed, r.out.name) for _, r in splits] == [
         (20, 20, "split-20"), (21, 21, "split-21")]
     with pytest.raises(ConfigError, match="cannot be combined"):
-        _runs(cfg, 2, 2)
+        replace(cfg, repeats=2, split_seeds=2)
 
     a = tmp_path / "repeats"
     r = run(*fit_args(small_set, a, "--epochs", "1", "--repeats", "2", "--json"))

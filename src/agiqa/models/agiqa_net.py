@@ -22,32 +22,25 @@ from agiqa.errors import CheckpointError, ConfigError, ModelLoadError
 from agiqa.fileio import atomic_path, read_json, write_json
 from agiqa.models.maniqa import ManiqaBackbone
 from agiqa.models.moe import MoEHead
+from agiqa.presets import load_backbone_preset
 
-__all__ = ["BACKBONES", "PRETRAINED_TAGS", "AgiqaNet", "ModelConfig", "ScoreMaps",
-           "create_model", "load_model", "resolve_pretrained", "save_model"]
+__all__ = ["AgiqaNet", "ModelConfig", "ScoreMaps", "backbone_architecture", "create_model",
+           "load_model", "pretrained_name", "resolve_pretrained", "save_model"]
 
 # The ImageNet weights MA-AGIQA started from: timm 0.5.5's ``vit_base_patch8_224`` loaded the
 # AugReg ImageNet-21k → 1k checkpoint (B_8-i21k-300ep-...-res_224.npz). timm ≥ 1.0 names it
 # ``vit_base_patch8_224.augreg_in21k_ft_in1k``; its untagged name now means ``augreg2``.
 PAPER_VIT = "vit_base_patch8_224.augreg_in21k_ft_in1k"
 
-# Backbone presets: the timm model (with its pretrained tag), its overrides, and the MANIQA
-# widths that follow from it.
-BACKBONES: dict[str, dict[str, Any]] = {
-    "vit_base_patch8_224": {
-        "timm_name": PAPER_VIT, "vit_args": {},
-        "feature_blocks": [6, 7, 8, 9], "maniqa_dim": 768, "swin_heads": 4, "dim_mlp": 768,
-    },
-    "tiny": {
-        "timm_name": "vit_base_patch8_224",
-        "vit_args": {"embed_dim": 16, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0},
-        "feature_blocks": [0, 1, 2, 3], "maniqa_dim": 32, "swin_heads": 4, "dim_mlp": 32,
-        "score_bias_init": 0.5,
-    },
-}
+def backbone_architecture(backbone: str) -> dict[str, Any]:
+    """The ``ModelConfig`` fields a backbone preset sets (built-in or ``$AGIQA_HOME``'s)."""
+    return load_backbone_preset(backbone).architecture()
 
-# The published weights of each backbone preset (None: there are none; it starts at random).
-PRETRAINED_TAGS: dict[str, str | None] = {"vit_base_patch8_224": PAPER_VIT, "tiny": None}
+
+def pretrained_name(backbone: str) -> str | None:
+    """The timm name (with tag) of a backbone's published weights; None: it has none."""
+    preset = load_backbone_preset(backbone)
+    return preset.timm_name if preset.pretrained else None
 
 
 @dataclass
@@ -73,11 +66,9 @@ class ModelConfig:
     @classmethod
     def for_backbone(cls, backbone: str, num_prompts: int, semantic_dim: int,
                      drop: float | None = None) -> ModelConfig:
-        if backbone not in BACKBONES:
-            raise ConfigError(f"unknown backbone {backbone!r} (choose from {', '.join(BACKBONES)})")
         extra = {} if drop is None else {"drop": drop}
         return cls(backbone=backbone, num_prompts=num_prompts, semantic_dim=semantic_dim,
-                   **BACKBONES[backbone], **extra)
+                   **backbone_architecture(backbone), **extra)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,9 +82,7 @@ def resolve_pretrained(backbone: str, pretrained: bool | None,
         ConfigError: weights asked for a backbone that has none, or ``--no-pretrained`` with
             ``--backbone-weights``.
     """
-    if backbone not in BACKBONES:
-        raise ConfigError(f"unknown backbone {backbone!r} (choose from {', '.join(BACKBONES)})")
-    if PRETRAINED_TAGS.get(backbone) is None:
+    if pretrained_name(backbone) is None:
         if pretrained or weights_file:
             raise ConfigError(f"backbone {backbone!r} has no published weights (it always starts "
                               "from random weights); drop --pretrained and --backbone-weights")
@@ -220,10 +209,10 @@ def create_model(backbone: str = "vit_base_patch8_224", num_prompts: int = 2,
     """A new MA-AGIQA network.
 
     Args:
-        backbone: a ``BACKBONES`` preset.
+        backbone: a backbone preset (``agiqa presets list --kind backbones``).
         num_prompts: semantic vectors per image.
         semantic_dim: width of a semantic vector.
-        pretrained: start the ViT from ``PRETRAINED_TAGS[backbone]``; None: when it has one.
+        pretrained: start the ViT from ``pretrained_name(backbone)``; None: when it has one.
         backbone_weights: a local file of those weights (offline machines).
         drop: dropout of the MANIQA and MoE layers (None: the paper's 0.1).
     """

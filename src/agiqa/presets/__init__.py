@@ -288,6 +288,7 @@ class BackbonePreset:
     swin_heads: int = 4
     dim_mlp: int = 768
     score_bias_init: float | None = None
+    pretrained: bool = False  # timm_name names published weights the ViT can start from
     description: str = ""
 
     def architecture(self) -> dict[str, Any]:

@@ -11,7 +11,6 @@ raw validation SRCC + Pearson PLCC; then one pass over the whole test split.
 from __future__ import annotations
 
 import errno
-import math
 import random
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -25,17 +24,18 @@ from agiqa import runtime as dist
 from agiqa.cache import SemanticCache, open_cache
 from agiqa.data.datasets import load_dataset
 from agiqa.data.splits import Split, make_split
-from agiqa.errors import ConfigError, DatasetError, MissingVectorsError, TrainingError
+from agiqa.errors import DatasetError, MissingVectorsError, TrainingError
 from agiqa.fileio import write_json, write_text
 from agiqa.metrics import evaluate
 from agiqa.models.agiqa_net import (
-    PRETRAINED_TAGS,
     AgiqaNet,
     create_model,
+    pretrained_name,
     resolve_pretrained,
     save_model,
 )
 from agiqa.runtime import resolve_device
+from agiqa.stages.configs import FitConfig
 from agiqa.stages.norms import SCORE_NORMS, SEMANTIC_NORMS
 from agiqa.stages.norms import fold_score_norm as _fold_score_norm
 from agiqa.stages.norms import fold_semantic_norm as _fold_semantic_norm
@@ -53,76 +53,6 @@ from agiqa.stages.trainer import (
 
 __all__ = ["SCORE_NORMS", "SEMANTIC_NORMS", "FitConfig", "FitResult", "ProtocolWarning",
            "fit_from_cache", "fit_repeats"]
-
-_Trainer = Trainer  # the name older code patches
-
-
-@dataclass
-class FitConfig:
-    """Options of ``agiqa fit``; the defaults are the official protocol.
-
-    ``pretrained`` None starts the ViT from its published weights when the backbone has any
-    (``vit_base_patch8_224``: ``augreg_in21k_ft_in1k``; ``tiny``: none). ``seed`` seeds the
-    training (initialisation, order, augmentation, dropout); ``split_seed`` the shuffle of the
-    split (None: ``seed``). ``dropout`` None is the paper's 0.1.
-    """
-
-    dataset: str
-    root: Path
-    cache: Path
-    out: Path
-    labels: Path | None = None
-    target: str | None = None
-    image_column: str | None = None
-    score_column: str | None = None
-    backbone: str = "vit_base_patch8_224"
-    pretrained: bool | None = None
-    backbone_weights: str | None = None
-    epochs: int = 30
-    batch_size: int = 8
-    lr: float = 1e-5
-    backbone_lr: float | None = None
-    weight_decay: float = 1e-5
-    t_max: int = 50
-    split: str = "paper"
-    seed: int = 20
-    split_seed: int | None = None
-    device: str = "auto"
-    amp: bool = False
-    augment: bool = True
-    dropout: float | None = None
-    score_norm: str = "none"
-    semantic_norm: str = "none"
-    loader_workers: int = 2
-    compile: bool = False
-    eval_batch_size: int = 32
-    resume: bool = False
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        self.root, self.cache, self.out = Path(self.root), Path(self.cache), Path(self.out)
-        for name in ("epochs", "batch_size", "eval_batch_size", "t_max"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, "
-                                  f"got {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
-        for name in ("weight_decay", "backbone_lr"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a number ≥ 0, got {value}")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.amp is None:  # older callers: None meant "the device decides"; now float32
-            self.amp = False
-        if self.score_norm not in SCORE_NORMS:
-            raise ConfigError(f"--score-norm must be one of {', '.join(SCORE_NORMS)}, "
-                              f"got {self.score_norm!r}")
-        if self.semantic_norm not in SEMANTIC_NORMS:
-            raise ConfigError(f"--semantic-norm must be one of {', '.join(SEMANTIC_NORMS)}, "
-                              f"got {self.semantic_norm!r}")
-        resolve_pretrained(self.backbone, self.pretrained, self.backbone_weights)
-
 
 @dataclass
 class FitResult:
@@ -269,7 +199,7 @@ def _finish_run(cfg: FitConfig, device, model: AgiqaNet, trainer: Trainer, ds, c
         "training": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "backbone_weights": {
             "pretrained": pretrained,
-            "timm": PRETRAINED_TAGS.get(cfg.backbone) if pretrained else None,
+            "timm": pretrained_name(cfg.backbone) if pretrained else None,
             "file": str(cfg.backbone_weights) if cfg.backbone_weights else None},
         "processes": dist.world_size(),
         "dataset": {"name": ds.name, "target": ds.target_column, "split": split.method},
@@ -293,30 +223,29 @@ def _param_groups(model: AgiqaNet, cfg: FitConfig) -> list[dict[str, Any]]:
             {"params": list(model.backbone.parameters()), "lr": cfg.backbone_lr}]
 
 
-def _runs(cfg: FitConfig, repeats: int, split_seeds: int) -> list[tuple[str, FitConfig]]:
-    if repeats > 1 and split_seeds > 1:
-        raise ConfigError("--repeats and --split-seeds cannot be combined; choose one")
+def _runs(cfg: FitConfig) -> list[tuple[str, FitConfig]]:
     base = cfg.seed if cfg.split_seed is None else cfg.split_seed
-    if split_seeds > 1:  # N random splits, each trained with its own seed
+    one = {"repeats": 1, "split_seeds": 1}
+    if cfg.split_seeds > 1:  # N random splits, each trained with its own seed
         return [(f"split {base + i}", replace(cfg, seed=cfg.seed + i, split_seed=base + i,
-                                              out=cfg.out / f"split-{base + i}"))
-                for i in range(split_seeds)]
+                                              out=cfg.out / f"split-{base + i}", **one))
+                for i in range(cfg.split_seeds)]
     # the official train_test_num: the same split, the training seed moves on
     return [(f"seed {cfg.seed + i}", replace(cfg, seed=cfg.seed + i, split_seed=base,
-                                             out=cfg.out / f"seed-{cfg.seed + i}"))
-            for i in range(repeats)]
+                                             out=cfg.out / f"seed-{cfg.seed + i}", **one))
+            for i in range(cfg.repeats)]
 
 
-def fit_repeats(cfg: FitConfig, repeats: int = 1, split_seeds: int = 1) -> dict[str, Any]:
+def fit_repeats(cfg: FitConfig) -> dict[str, Any]:
     """Train several times; median and std (``np.std``, as the official code) of the test metrics.
 
-    ``repeats`` N keeps the split (seed ``split_seed``, default ``seed``) and trains on seeds
+    ``cfg.repeats`` N keeps the split (seed ``split_seed``, default ``seed``) and trains on seeds
     ``seed..seed+N-1`` into ``cfg.out/seed-S`` (the official ``train_test_num``);
-    ``split_seeds`` N draws N splits (seeds ``split_seed..+N-1``) into ``cfg.out/split-S``. One
-    run writes the run directory ``cfg.out``; several write a ``summary.json`` beside theirs.
+    ``cfg.split_seeds`` N draws N splits (seeds ``split_seed..+N-1``) into ``cfg.out/split-S``.
+    One run writes the run directory ``cfg.out``; several write a ``summary.json`` beside theirs.
     With ``resume``, finished runs of the series are read back and the others continued.
     """
-    runs = _runs(cfg, repeats, split_seeds)
+    runs = _runs(cfg)
     if len(runs) == 1:
         result = fit_from_cache(cfg)
         return {"out": str(cfg.out), "rows": {"test": result.metrics},
@@ -336,7 +265,7 @@ def fit_repeats(cfg: FitConfig, repeats: int = 1, split_seeds: int = 1) -> dict[
                                                 and cfg.resume))
             rows[name], best[name] = result.metrics, result.best_epoch
     summary = {"out": str(cfg.out), "rows": rows, "best_epoch": best,
-               "repeats": repeats, "split_seeds": split_seeds}
+               "repeats": cfg.repeats, "split_seeds": cfg.split_seeds}
     if not dist.is_main():
         return summary
     names = list(next(iter(rows.values())))

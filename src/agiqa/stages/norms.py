@@ -15,12 +15,11 @@ import torch
 
 from agiqa.errors import DatasetError
 from agiqa.models.agiqa_net import AgiqaNet
+from agiqa.stages.configs import SCORE_NORMS, SEMANTIC_NORMS
 
 __all__ = ["SCORE_NORMS", "SEMANTIC_NORMS", "fold_score_norm", "fold_semantic_norm",
            "score_norm", "semantic_norm"]
 
-SCORE_NORMS = ("none", "zscore")
-SEMANTIC_NORMS = ("none", "zscore")
 
 
 def score_norm(kind: str, train_targets: torch.Tensor) -> dict[str, Any] | None:

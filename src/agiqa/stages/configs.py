@@ -1,0 +1,100 @@
+"""The config dataclasses of the stages: every option of a command, defined once.
+
+Kept free of heavy imports (torch, timm), so that the command line builds its options from them
+without loading a model library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from agiqa.errors import ConfigError
+from agiqa.options import check_options, option
+
+__all__ = ["SCORE_NORMS", "SEMANTIC_NORMS", "FitConfig"]
+
+SCORE_NORMS = ("none", "zscore")
+SEMANTIC_NORMS = ("none", "zscore")
+
+_NOT_PAPER = "(not in the paper)"
+
+
+@dataclass
+class FitConfig:
+    """Options of ``agiqa fit``; the defaults are the official protocol.
+
+    Each field is one option of the command line too (:func:`agiqa.options.option`). The data
+    set fields (``dataset`` … ``score_column``) are the shared ``--dataset`` options.
+    """
+
+    dataset: str = option(help="Data set preset or csv.", cli=False)
+    root: Path = option(help="Image folder.", cli=False)
+    cache: Path = option(help="Semantic cache (stage one).", file_okay=False)
+    out: Path = option(help="The run directory to write.", file_okay=False)
+    labels: Path | None = option(None, cli=False)
+    target: str | None = option(None, cli=False)
+    image_column: str | None = option(None, cli=False)
+    score_column: str | None = option(None, cli=False)
+    backbone: str = option(
+        "vit_base_patch8_224",
+        help="A backbone preset: vit_base_patch8_224 (the paper's), tiny (CPU tests and demos) "
+             "or one of $AGIQA_HOME/presets/backbones.")
+    pretrained: bool | None = option(
+        None, help="Start the ViT from its published ImageNet weights (timm "
+                   "vit_base_patch8_224.augreg_in21k_ft_in1k, the paper's) [default: when the "
+                   "backbone has any; tiny has none].")
+    backbone_weights: str | None = option(
+        None, help="A local file of those weights (offline machines): the hub's "
+                   "model.safetensors or the original AugReg .npz.")
+    epochs: int = option(30, min=1)
+    batch_size: int = option(8, min=1)
+    lr: float = option(1e-5, min=0, min_open=True)
+    backbone_lr: float | None = option(
+        None, min=0, help=f"Learning rate of the ViT and MANIQA layers {_NOT_PAPER} "
+                          "[default: --lr]; 0 freezes them and trains the MoE head only.")
+    weight_decay: float = option(1e-5, min=0)
+    t_max: int = option(50, min=1, help="Cosine annealing half-period in iterations (the "
+                                        "official code: 50, stepped every iteration).")
+    split: str = option("paper", help="paper, files (the data set's split files), "
+                                      "random:0.7,0.1,0.2 or a split.csv.")
+    seed: int = option(20, help="Seed of the training (initialisation, order, augmentation, "
+                                "dropout).")
+    split_seed: int | None = option(None, help="Seed of the split's shuffle [default: --seed; "
+                                               "the paper: 20].")
+    repeats: int = option(1, min=1, help="Train N times on the same split, training seeds "
+                                         "SEED..SEED+N-1 (the official train_test_num); median "
+                                         "and std into summary.json.")
+    split_seeds: int = option(1, min=1, help="Train on N random splits (split seeds "
+                                             "SPLIT_SEED..+N-1, not the paper's); median and std "
+                                             "into summary.json.")
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N.")
+    augment: bool = option(True, help="Rotation/flip augmentation (the paper's).")
+    score_norm: str = option(
+        "none", choices=SCORE_NORMS,
+        help=f"zscore: train on standardised MOS {_NOT_PAPER}; helps short runs and random "
+             "backbones. The saved model still outputs MOS.")
+    semantic_norm: str = option(
+        "none", choices=SEMANTIC_NORMS,
+        help=f"zscore: standardise each semantic dimension during training {_NOT_PAPER}. "
+             "Folded into the model: it still takes raw vectors.")
+    dropout: float | None = option(
+        None, min=0, max=1, max_open=True,
+        help=f"Dropout of the MANIQA and MoE layers {_NOT_PAPER} [default: 0.1, the paper's].")
+    amp: bool = option(False, help="bf16 autocast of training and scoring (not the paper's "
+                                   "float32).")
+    compile: bool = option(False, switch=True, help="Train through torch.compile (first steps "
+                                                    "compile; faster on GPUs).")
+    loader_workers: int = option(2, min=0, help="Background image decoding processes.")
+    eval_batch_size: int = option(32, min=1, help="Batch size of validation and test scoring.")
+    resume: bool = option(False, switch=True, help="Continue an interrupted run in --out.")
+    progress: bool = option(True, cli=False)
+
+    def __post_init__(self) -> None:
+        self.root, self.cache, self.out = Path(self.root), Path(self.cache), Path(self.out)
+        check_options(self)
+        if self.repeats > 1 and self.split_seeds > 1:
+            raise ConfigError("--repeats and --split-seeds cannot be combined; choose one")
+        from agiqa.models.agiqa_net import resolve_pretrained
+
+        resolve_pretrained(self.backbone, self.pretrained, self.backbone_weights)
