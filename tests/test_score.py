@@ -10,6 +10,7 @@ from PIL import Image
 
 import agiqa
 from agiqa.cli import cli
+from agiqa.errors import BadImageError
 from tests.test_fit import FIT, graded  # noqa: F401 - the shared fixture
 
 P = 2  # the paper's prompts: P rows per image in a forward pass
@@ -57,12 +58,22 @@ def test_score_folder_scores_good_images_and_names_broken_ones(model_dir, photo_
     assert sorted(data["failures"]) == ["text_as.jpg", "truncated.jpg", "zero_bytes.png"]
 
     scorer = agiqa.Scorer.from_pretrained(model_dir)
-    api = scorer.score([root / "chelsea.png", Image.open(root / "chelsea.png")])
+    api = scorer.score([root / "chelsea.png", Image.open(root / "chelsea.png"),
+                        root / "truncated.jpg", Image.open(root / "truncated.jpg")])
     cli_score = next(float(x["score"]) for x in rows if x["path"] == "chelsea.png")
     assert abs(api[0]["score"] - cli_score) < 1e-4
     assert abs(api[1]["score"] - cli_score) < 1e-2  # a PIL image takes the same path in memory
-    assert set(api[0]) == {"path", "score", "gate_semantic_content", "gate_coherence",
-                           "gate_image", "zero_shot"}
+    keys = ["path", "score", "gate_semantic_content", "gate_coherence", "gate_image",
+            "zero_shot", "error"]
+    assert all(list(row) == keys for row in api)  # files and in-memory images alike
+    assert api[0]["path"] == str(root / "chelsea.png") and api[1]["path"] is None
+    assert api[0]["error"] is None and api[1]["error"] is None
+    # A bad file is reported in its row, as score-folder reports it, not raised.
+    assert "cannot decode" in api[2]["error"] and api[2]["score"] is None
+    assert api[2]["gate_image"] is None and api[3]["path"] is None
+    assert api[3]["error"].startswith("cannot read the image") and api[3]["score"] is None
+    with pytest.raises(BadImageError, match="truncated.jpg"):
+        scorer.score([root / "chelsea.png", root / "truncated.jpg"], errors="raise")
 
 
 def test_a_rewritten_image_is_extracted_again_and_json_output(model_dir, photo_folder, tmp_path):

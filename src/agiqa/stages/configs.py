@@ -12,7 +12,7 @@ from pathlib import Path
 from agiqa.errors import ConfigError
 from agiqa.options import check_options, option
 
-__all__ = ["SCORE_NORMS", "SEMANTIC_NORMS", "FitConfig"]
+__all__ = ["SCORE_NORMS", "SEMANTIC_NORMS", "EvaluateConfig", "FitConfig", "ScoreConfig"]
 
 SCORE_NORMS = ("none", "zscore")
 SEMANTIC_NORMS = ("none", "zscore")
@@ -98,3 +98,58 @@ class FitConfig:
         from agiqa.models.agiqa_net import resolve_pretrained
 
         resolve_pretrained(self.backbone, self.pretrained, self.backbone_weights)
+
+
+@dataclass
+class EvaluateConfig:
+    """Options of ``agiqa evaluate``: a model on a data set's split, vectors from a cache."""
+
+    model: Path = option(help="Run or model directory.", flag="--model", file_okay=False)
+    dataset: str = option(help="Data set preset or csv.", cli=False)
+    root: Path = option(help="Image folder.", cli=False)
+    cache: Path = option(help="Semantic cache (stage one).", file_okay=False)
+    labels: Path | None = option(None, cli=False)
+    target: str | None = option(None, cli=False)
+    image_column: str | None = option(None, cli=False)
+    score_column: str | None = option(None, cli=False)
+    split: str = option("test", choices=("test", "val", "train", "all"),
+                        help="test: the run's own test split; all: every image "
+                             "(cross-dataset).")
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N.")
+    batch_size: int = option(32, min=1)
+    amp: bool = option(False, switch=True, help="bf16 autocast of the forward (not the paper's "
+                                                "float32).")
+    out: Path | None = option(None, file_okay=False,
+                              help="Folder for predictions.csv and evaluation.json (what "
+                                   "agiqa report reads).")
+    loader_workers: int = option(2, min=0, cli=False)
+    progress: bool = option(True, cli=False)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass
+class ScoreConfig:
+    """Options of ``agiqa score-folder``: every image of a folder scored with a trained model."""
+
+    folder: Path = option(help="The folder of images.", cli=False)
+    model: Path = option(help="A run directory or an imported official checkpoint.",
+                         file_okay=False)
+    cache: Path | None = option(None, file_okay=False,
+                                help="Semantic cache to use and fill (default: one per MLLM "
+                                     "fingerprint under $AGIQA_HOME, ~/.cache/agiqa).")
+    recursive: bool = option(True, help="Walk subfolders.")
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N.")
+    batch_size: int = option(8, min=1)
+    loader_workers: int = option(2, min=0)
+    revision: str | None = option(None, help="MLLM revision to load [default: the one the "
+                                             "model was trained with].")
+    trust_remote_code: bool | None = option(None, help="Allow the MLLM repository's own code "
+                                                       "[default: as the model records].")
+    amp: bool = option(False, switch=True, help="bf16 autocast of the scoring forward (not the "
+                                                "paper's float32).")
+    progress: bool = option(False, cli=False)
+
+    def __post_init__(self) -> None:
+        check_options(self)

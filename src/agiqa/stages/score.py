@@ -375,32 +375,59 @@ class Scorer:
         row["zero_shot"] = float(zero_shot)
         return row
 
-    def score(self, items: list[str | os.PathLike | Image.Image]) -> list[dict[str, Any]]:
-        """Scores of paths or PIL images, in order: dicts with score, gates and zero_shot.
+    def score(self, items: list[str | os.PathLike | Image.Image],
+              errors: str = "report") -> list[dict[str, Any]]:
+        """Scores of paths or PIL images, one row per item, in order.
 
-        PIL images run through the MLLM in batches of ``batch_size``; they are not cached.
-        Raises the file's error for a path that cannot be scored.
+        Every row has the same keys: ``path`` (the path as given, ``None`` for an in-memory
+        image), ``score``, ``gate_<prompt>`` … ``gate_image``, ``zero_shot``, and ``error``:
+        None, or why the item could not be scored (its numbers are then None), as
+        ``score-folder`` reports it. ``errors="raise"`` raises :class:`BadImageError` for the
+        first item that cannot be scored instead. PIL images run through the MLLM in batches of
+        ``batch_size``; they are not cached.
         """
-        out: list[dict[str, Any] | None] = [None] * len(items)
+        if errors not in ("report", "raise"):
+            raise ConfigError(f"errors must be 'report' or 'raise', got {errors!r}")
+        names = [f"gate_{n}" for n in [*self.prompt_names, "image"]]
+        out: list[dict[str, Any]] = [
+            {"path": None if isinstance(x, Image.Image) else str(x), "score": None,
+             **dict.fromkeys(names), "zero_shot": None, "error": None} for x in items]
+
+        def fail(i: int, label: str, reason: str) -> None:
+            if errors == "raise":
+                raise BadImageError(label, reason)
+            out[i]["error"] = reason
+
         paths = [(i, x) for i, x in enumerate(items) if not isinstance(x, Image.Image)]
         if paths:
             report = self.score_paths([p for _, p in paths])
             by_path = {r["path"]: r for r in report.rows}
             for i, p in paths:
-                if str(p) not in by_path:
-                    raise BadImageError(str(p), report.failures.get(str(p), "not scored"))
-                out[i] = by_path[str(p)]
-        images = [(i, x.convert("RGB")) for i, x in enumerate(items) if isinstance(x, Image.Image)]
+                if str(p) in by_path:
+                    out[i].update(by_path[str(p)])
+                else:
+                    fail(i, str(p), report.failures.get(str(p), "not scored"))
+        images = [(i, x) for i, x in enumerate(items) if isinstance(x, Image.Image)]
         for start in range(0, len(images), self.batch_size):
-            batch = images[start:start + self.batch_size]
+            batch = []
+            for i, im in images[start:start + self.batch_size]:
+                try:
+                    batch.append((i, im.convert("RGB")))
+                except (OSError, ValueError) as e:  # a truncated or unreadable image
+                    fail(i, f"image {i} of the list", f"cannot read the image: {e}")
+            if not batch:
+                continue
             vectors, zero_shot, refused = self._encode([im for _, im in batch])
-            for j, reason in refused.items():
-                raise BadImageError(f"image {batch[j][0]} of the list", reason)
-            pixels = torch.stack([resize_pixels(im) for _, im in batch])
-            scores, gates = predict(self.model, pixels, vectors, self.device, 32, self.amp,
-                                    with_gates=True)
-            zs = zero_shot.mean(1)
-            for j, (i, _) in enumerate(batch):
-                out[i] = self._columns(scores[j], gates[j], zs[j])
-        return out  # type: ignore[return-value]
+            for j, reason in sorted(refused.items()):
+                fail(batch[j][0], f"image {batch[j][0]} of the list", reason)
+            keep = [j for j in range(len(batch)) if j not in refused]
+            if not keep:
+                continue
+            pixels = torch.stack([resize_pixels(batch[j][1]) for j in keep])
+            scores, gates = predict(self.model, pixels, vectors[keep], self.device, 32,
+                                    self.amp, with_gates=True)
+            zs = zero_shot[keep].mean(1)
+            for n, j in enumerate(keep):
+                out[batch[j][0]].update(self._columns(scores[n], gates[n], zs[n]))
+        return out
 

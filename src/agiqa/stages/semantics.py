@@ -53,6 +53,12 @@ class ExtractConfig:
     pad_square: bool | None = None
     fuse_prompts: bool | None = None
     progress: bool = True
+    # The images (for agiqa.extract_semantics): a folder, or a data set's label file.
+    images: Path | None = None
+    dataset: str | None = None
+    root: Path | None = None
+    labels: Path | None = None
+    image_column: str | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)

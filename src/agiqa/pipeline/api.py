@@ -1,0 +1,83 @@
+"""The Python API: one function per command, each taking that command's config dataclass.
+
+Every command of the ``agiqa`` tool has a config dataclass whose fields are its options
+(:class:`ExtractConfig`, :class:`FitConfig`, :class:`EvaluateConfig`, :class:`ScoreConfig`).
+Each function takes that config, or its fields as keyword arguments::
+
+    import agiqa
+
+    report = agiqa.extract_semantics(images="imgs/", out="cache/", model="tiny-llava")
+    summary = agiqa.fit(dataset="csv", root="imgs/", labels="imgs/labels.csv", cache="cache/",
+                        out="run/", backbone="tiny", epochs=5)
+    metrics = agiqa.evaluate(model="run/", dataset="csv", root="imgs/",
+                             labels="imgs/labels.csv", cache="cache/")
+    scores = agiqa.score_folder(folder="new/", model="run/")
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from agiqa.data.datasets import load_dataset
+from agiqa.errors import ConfigError
+from agiqa.stages.configs import EvaluateConfig, FitConfig, ScoreConfig
+from agiqa.stages.evaluate import evaluate_model
+from agiqa.stages.fit import fit_repeats
+from agiqa.stages.score import Scorer
+from agiqa.stages.score_io import ScoreReport
+from agiqa.stages.semantics import ExtractConfig, ExtractReport, ImageSource
+from agiqa.stages.semantics import extract_semantics as _extract
+
+__all__ = ["EvaluateConfig", "ExtractConfig", "FitConfig", "ScoreConfig", "evaluate",
+           "extract_semantics", "fit", "score_folder"]
+
+C = TypeVar("C")
+
+
+def _config(cls: type[C], config: C | None, fields: dict[str, Any]) -> C:
+    if config is not None and fields:
+        raise ConfigError(f"give a {cls.__name__} or its fields as keywords, not both")
+    return config if config is not None else cls(**fields)
+
+
+def extract_semantics(config: ExtractConfig | None = None, /, **fields: Any) -> ExtractReport:
+    """Stage one (``agiqa extract-semantics``): fill the cache ``out`` with the semantic
+    vectors of a folder's images (``images``) or of a data set's (``dataset``, ``root``)."""
+    cfg = _config(ExtractConfig, config, fields)
+    if (cfg.images is None) == (cfg.dataset is None):
+        raise ConfigError("give either images (a folder) or dataset and root")
+    if cfg.images is not None:
+        source = ImageSource.from_folder(cfg.images)
+    else:
+        if cfg.root is None:
+            raise ConfigError("root is required with dataset")
+        source = ImageSource.from_dataset(load_dataset(
+            cfg.dataset, cfg.root, cfg.labels, image_column=cfg.image_column,
+            require_scores=False))
+    return _extract(cfg, source)
+
+
+def fit(config: FitConfig | None = None, /, **fields: Any) -> dict[str, Any]:
+    """Stage two (``agiqa fit``): train on cached vectors; the test metrics of each run (and
+    their median and std over ``repeats`` or ``split_seeds`` runs)."""
+    return fit_repeats(_config(FitConfig, config, fields))
+
+
+def evaluate(config: EvaluateConfig | None = None, /, **fields: Any) -> dict[str, Any]:
+    """``agiqa evaluate``: SRCC, PLCC, KRCC and RMSE of a model on a split of a data set."""
+    cfg = _config(EvaluateConfig, config, fields)
+    ds = load_dataset(cfg.dataset, cfg.root, cfg.labels, cfg.target, cfg.image_column,
+                      cfg.score_column)
+    return evaluate_model(cfg.model, ds, cfg.cache, cfg.split, cfg.device, cfg.batch_size,
+                          cfg.loader_workers, cfg.progress, cfg.amp, cfg.out)
+
+
+def score_folder(config: ScoreConfig | None = None, /, **fields: Any) -> ScoreReport:
+    """``agiqa score-folder``: score every image of ``folder`` with the trained ``model``;
+    images that cannot be scored are listed in the report's ``failures``."""
+    cfg = _config(ScoreConfig, config, fields)
+    scorer = Scorer.from_pretrained(cfg.model, cache_dir=cfg.cache, device=cfg.device,
+                                    batch_size=cfg.batch_size, loader_workers=cfg.loader_workers,
+                                    progress=cfg.progress, amp=cfg.amp, revision=cfg.revision,
+                                    trust_remote_code=cfg.trust_remote_code)
+    return scorer.score_folder(cfg.folder, cfg.recursive)
