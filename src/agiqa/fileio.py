@@ -9,13 +9,16 @@ import json
 import os
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from agiqa.errors import ConfigError
+
 __all__ = ["LOCAL_REVISION_PREFIX", "MODEL_FILE_PATTERNS", "agiqa_home", "atomic_path",
-           "current_umask", "folder_content_hash", "read_json", "remove_path",
+           "current_umask", "exclusive_lock", "folder_content_hash", "read_json", "remove_path",
            "remove_stale_temporaries", "temporary_sibling", "write_json", "write_text"]
 
 _HOST = socket.gethostname().replace(".", "_")
@@ -31,7 +34,7 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The owner is in the name, so a later run can remove what a killed one left behind.
-    prefix = f".{path.name}.{_HOST}-{os.getpid()}."
+    prefix = f".{_short(path.name)}.{_HOST}-{os.getpid()}."
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     # mkstemp creates 0600 whatever the umask; a shared cache needs the user's usual mode.
     os.fchmod(fd, 0o666 & ~current_umask())
@@ -73,15 +76,59 @@ def current_umask() -> int:
 
 
 def agiqa_home() -> Path:
-    """The per-user data folder: ``$AGIQA_HOME``, else ``~/.cache/agiqa``."""
-    return Path(os.environ.get("AGIQA_HOME") or Path.home() / ".cache" / "agiqa")
+    """The per-user data folder: ``$AGIQA_HOME``, else ``~/.cache/agiqa``.
+
+    Raises:
+        ConfigError: it exists and is not a folder (naming the setting it came from).
+    """
+    setting = os.environ.get("AGIQA_HOME")
+    home = Path(setting or Path.home() / ".cache" / "agiqa")
+    if home.exists() and not home.is_dir():
+        where = "AGIQA_HOME" if setting else "the default agiqa folder (set AGIQA_HOME)"
+        raise ConfigError(f"{where} {home} is a file, not a folder")
+    return home
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created if absent) for the block.
+
+    The operating system releases it when the process ends, killed or not, so a crashed run
+    leaves no stale lock.
+
+    Raises:
+        ConfigError: another process holds it (``what`` names what is busy).
+    """
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{what} is in use by another agiqa process; wait for it to "
+                              "finish, or choose another folder") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def temporary_sibling(path: str | os.PathLike) -> Path:
     """An unused name beside ``path`` for a temporary file or folder of this process, named so
     that :func:`remove_stale_temporaries` removes it if the process is killed."""
     path = Path(path)
-    return path.parent / f".{path.name}.{_HOST}-{os.getpid()}.{os.urandom(6).hex()}.tmp"
+    return path.parent / f".{_short(path.name)}.{_HOST}-{os.getpid()}.{os.urandom(6).hex()}.tmp"
+
+
+def _short(name: str, limit: int = 120) -> str:
+    """``name`` cut to ``limit`` bytes, so a temporary beside a 255-byte name still fits."""
+    raw = os.fsencode(name)
+    if len(raw) <= limit:
+        return name
+    cut = os.fsdecode(raw[:limit])
+    while cut and "\udc80" <= cut[-1] <= "\udcff":  # a character cut in two
+        cut = cut[:-1]
+    return cut
 
 
 _aside_name = temporary_sibling
@@ -117,9 +164,32 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+JSON_LIMIT = 64 << 20  # bytes: agiqa's own JSON files (manifests, configs) are far smaller
+
+
+def read_json(path: str | os.PathLike, limit: int = JSON_LIMIT) -> Any:
+    """A JSON file agiqa reads (a manifest, a run's config, a preset), refused with a
+    ``ValueError`` unless it is a regular file of at most ``limit`` bytes nested at most a few
+    hundred levels deep: a FIFO would block forever, a huge or deeply nested file would take
+    minutes and gigabytes before failing."""
+    path = Path(path)
+    with open(path, "rb", opener=_open_nonblocking) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"{path} has {st.st_size} bytes, more than the {limit} a JSON "
+                             "file of agiqa may have")
+        data = f.read(limit + 1)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be one of agiqa's JSON files") from None
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    """``open`` that does not wait on a FIFO (the check after it refuses one)."""
+    return os.open(path, flags | os.O_NONBLOCK)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 
 import click
@@ -16,6 +17,19 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 # Exit codes: 0 all fine, 1 error, 2 finished with some images failed, 64 usage error
 # (EX_USAGE of sysexits.h; click's own 2 would read as "some images failed").
 EXIT_OK, EXIT_ERROR, EXIT_IMAGES_FAILED, EXIT_USAGE = 0, 1, 2, 64
+
+
+# Characters that would end a line, move the cursor or drive the terminal, and lone surrogates
+# (the undecodable bytes of a non-UTF-8 file name, which stdout cannot encode).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def printable(text: object) -> str:
+    """``text`` for a line of plain output: control characters escaped as ``\\n``, ``\\x1b``
+    …, so that a file name cannot forge a line or drive the terminal (CSV and JSON output
+    carry names exactly)."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"),
+                            str(text))
 
 
 def handle_errors(fn):

@@ -14,6 +14,7 @@ from agiqa.cli.common import (
     echo_json,
     handle_errors,
     print_metrics_table,
+    printable,
 )
 
 
@@ -81,7 +82,7 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, report_html, report_top_
     else:
         if out is None:
             for r in report.rows:
-                click.echo(f"{r['score']:9.4f}  {r['path']}")
+                click.echo(f"{r['score']:9.4f}  {printable(r['path'])}")
         mean = "-" if summary["mean"] is None else f"{summary['mean']:.4f}"
         lo = "-" if summary["min"] is None else f"{summary['min']:.4f}"
         hi = "-" if summary["max"] is None else f"{summary['max']:.4f}"
@@ -90,12 +91,13 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, report_html, report_top_
     if report.changed:
         more = f" and {len(report.changed) - 5} more" if len(report.changed) > 5 else ""
         click.echo(f"recomputed {len(report.changed)} image(s) that changed since their vectors "
-                   "were cached: " + ", ".join(report.changed[:5]) + more, err=True)
+                   "were cached: " + ", ".join(map(printable, report.changed[:5])) + more,
+                   err=True)
     for path, reason in sorted(report.failures.items()):
-        click.echo(f"failed: {path}: {reason}", err=True)
+        click.echo(f"failed: {printable(path)}: {printable(reason)}", err=True)
     if report.skipped_files:
-        click.echo(f"skipped {len(report.skipped_files)} file(s) that are not images: "
-                   + ", ".join(report.skipped_files[:5]), err=True)
+        click.echo(f"skipped {len(report.skipped_files)} file(s) that are not images (or whose "
+                   "names are not UTF-8): " + ", ".join(map(printable, report.skipped_files[:5])), err=True)
     sys.exit(report.exit_code)
 
 

@@ -14,6 +14,7 @@ from agiqa.cli.common import (
     dataset_options,
     echo_json,
     handle_errors,
+    printable,
 )
 
 
@@ -77,7 +78,7 @@ def extract_semantics_cmd(model, revision, images, dataset, root, labels, target
     if (images is None) == (dataset is None):
         raise click.UsageError("give either --images DIR or --dataset NAME --root DIR")
     if images is not None:
-        source = ImageSource.from_folder(images)
+        source = ImageSource.from_folder(images, exclude=out)
     else:
         ds = dataset_from_options(dataset, root, labels, target, image_column, score_column,
                            require_scores=False)
@@ -110,7 +111,9 @@ def _print_extract_summary(report) -> None:
         click.echo(f"recomputed {len(r.changed)} image(s) whose file changed, retried "
                    f"{len(r.retried)} that failed before", err=True)
     for key, reason in sorted(r.failures.items()):
-        click.echo(f"failed: {key}: {reason}", err=True)
+        click.echo(f"failed: {printable(key)}: {printable(reason)}", err=True)
     if r.skipped_files:
-        shown = ", ".join(r.skipped_files[:5]) + (" ..." if len(r.skipped_files) > 5 else "")
-        click.echo(f"skipped {len(r.skipped_files)} file(s) that are not images: {shown}", err=True)
+        shown = ", ".join(map(printable, r.skipped_files[:5])) + \
+            (" ..." if len(r.skipped_files) > 5 else "")
+        click.echo(f"skipped {len(r.skipped_files)} file(s) that are not images (or whose names "
+                   f"are not UTF-8): {shown}", err=True)

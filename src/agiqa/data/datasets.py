@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from agiqa.data.images import normalize_key, resolve_key
 from agiqa.errors import DatasetError
 from agiqa.presets import DatasetPreset, load_dataset_preset
 
-__all__ = ["Dataset", "Sample", "load_dataset", "read_label_table"]
+__all__ = ["Dataset", "Sample", "load_dataset", "parse_number", "read_label_table"]
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,29 @@ class Dataset:
         return len(self.samples)
 
 
-def read_label_table(path: str | os.PathLike) -> tuple[list[str], list[dict[str, str]]]:
-    """Read a CSV label file (LF or CRLF, optional BOM, quoted fields) into header and rows."""
+# A number in a label file: decimal digits, an optional fraction and exponent. Python's float()
+# also takes "4_987" (as 4987), "nan", "inf" and "infinity": none of them is a score.
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def parse_number(text: str) -> float | None:
+    """``text`` as a finite number by a strict rule (surrounding spaces aside), else None."""
+    text = text.strip()
+    if not _NUMBER.fullmatch(text):
+        return None
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+def read_label_table(path: str | os.PathLike
+                     ) -> tuple[list[str], list[dict[str, str]], list[int]]:
+    """Read a CSV label file (LF or CRLF, optional BOM, quoted fields): its header, its rows
+    and the line each row ends on (blank lines and quoted line breaks counted).
+
+    Raises:
+        DatasetError: no such file, an Excel file, not UTF-8 CSV, a column named twice, or a
+            row with more fields than the header.
+    """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: label file not found")
@@ -59,18 +81,23 @@ def read_label_table(path: str | os.PathLike) -> tuple[list[str], list[dict[str,
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = [h.strip() for h in (reader.fieldnames or [])]
-            rows = []
+            twice = sorted({h for h in header if header.count(h) > 1})
+            if twice:
+                raise DatasetError(f"{path}, line 1: the header names column(s) "
+                                   f"{', '.join(map(repr, twice))} more than once")
+            rows, lines = [], []
             for row in reader:
                 if None in row:  # more fields than the header names
                     raise DatasetError(
                         f"{path}, line {reader.line_num}: {len(header) + len(row[None])} fields, "
                         f"the header names {len(header)}")
                 rows.append({(k or "").strip(): (v or "").strip() for k, v in row.items()})
+                lines.append(reader.line_num)
     except (UnicodeDecodeError, csv.Error) as e:
         raise DatasetError(f"{path}: not a readable CSV file ({e})") from None
     if not header:
         raise DatasetError(f"{path}: empty label file (no header row)")
-    return header, rows
+    return header, rows, lines
 
 
 def _pick(header: list[str], wanted: str | None, candidates: list[str], what: str,
@@ -112,7 +139,7 @@ def load_dataset(
     if not root.is_dir():
         raise DatasetError(f"{root}: image root not found")
     labels_path = Path(labels) if labels else root / preset.labels
-    header, rows = read_label_table(labels_path)
+    header, rows, lines = read_label_table(labels_path)
 
     image_col = _pick(header, image_column, preset.image_columns, "image", labels_path)
     if image_col is None:
@@ -135,7 +162,7 @@ def load_dataset(
 
     samples: list[Sample] = []
     seen: set[str] = set()
-    for line, row in enumerate(rows, start=2):
+    for line, row in zip(lines, rows, strict=True):
         raw_key = row.get(image_col, "")
         if not raw_key:
             raise DatasetError(f"{labels_path}, line {line}: empty image path")
@@ -149,17 +176,11 @@ def load_dataset(
         mos = None
         if score_col is not None:
             raw = row.get(score_col, "")
-            try:
-                mos = float(raw)
-            except ValueError:
-                mos = None
-            if mos is None or not math.isfinite(mos):
-                if require_scores:
-                    raise DatasetError(
-                        f"{labels_path}, line {line}: score {raw!r} in column {score_col!r} "
-                        "is not a number"
-                    )
-                mos = None
+            mos = parse_number(raw)
+            if mos is None and require_scores:
+                raise DatasetError(
+                    f"{labels_path}, line {line}: score {raw!r} in column {score_col!r} is not "
+                    "a finite number (digits, an optional fraction and exponent)")
         samples.append(Sample(key, mos))
     if not samples:
         raise DatasetError(f"{labels_path}: the label file has no rows")

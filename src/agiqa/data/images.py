@@ -37,7 +37,14 @@ __all__ = [
 ]
 
 Image.init()
-IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
+# The formats agiqa decodes: those of the official pipeline's readers (OpenCV's imread, PIL)
+# for photographs and generated images. Others that Pillow knows are not images here: EPS and
+# PS would run Ghostscript, PDF cannot be read, ICNS/ICO/… are no quality-assessment inputs.
+Image.init()
+IMAGE_FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "BMP", "DIB", "WEBP", "TIFF", "GIF",
+                                  "PPM", "JPEG2000", "AVIF") if f in Image.OPEN)
+IMAGE_EXTENSIONS = frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items()
+                             if fmt in IMAGE_FORMATS)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -63,7 +70,7 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             img.load()
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img, name)
@@ -148,25 +155,44 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def list_images(root: str | os.PathLike, recursive: bool = True) -> tuple[list[str], list[str]]:
+def list_images(root: str | os.PathLike, recursive: bool = True,
+                exclude: str | os.PathLike | None = None) -> tuple[list[str], list[str]]:
     """List the image files below ``root`` as sorted keys (relative paths with ``/``).
 
-    Returns ``(image_keys, other_keys)``: files whose extension is an image type, and the
-    remaining files (reported to the user as skipped). Hidden files and folders are ignored.
+    Returns ``(image_keys, other_keys)``: files whose extension is an image type
+    (:data:`IMAGE_EXTENSIONS`), and the remaining files, reported to the user as skipped, among
+    them files whose name is not valid UTF-8 (a key must be text). Hidden files and folders
+    are ignored, and so is ``exclude`` (the output folder, when it lies inside ``root``).
+
+    Linked folders are followed, each real folder once: a link back to a folder already
+    walked (a loop, or a second link to one folder) is not walked again. Links to files, even
+    broken ones, and FIFOs are listed: reading them reports what they are.
     """
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: image folder not found")
+    skip = Path(exclude).resolve() if exclude is not None else None
     images: list[str] = []
     others: list[str] = []
-    pattern = "**/*" if recursive else "*"
-    for path in root.glob(pattern):
-        rel = path.relative_to(root)
-        # Links (even broken ones) and FIFOs are listed: reading them reports what they are.
-        if any(part.startswith(".") for part in rel.parts) or path.is_dir():
+    seen: set[tuple[int, int]] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        here = Path(folder)
+        st = here.stat()
+        if (st.st_dev, st.st_ino) in seen or (skip is not None and here.resolve() == skip):
+            dirs[:] = []
             continue
-        key = rel.as_posix()
-        (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(key)
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        for name in files:
+            if name.startswith("."):
+                continue
+            key = (here / name).relative_to(root).as_posix()
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError:  # undecodable bytes, kept as surrogates by os.fsdecode
+                others.append(key)
+                continue
+            (images if Path(name).suffix.lower() in IMAGE_EXTENSIONS else others).append(key)
     return sorted(images), sorted(others)
 
 

@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from agiqa.data.datasets import Dataset, read_label_table
+from agiqa.data.datasets import Dataset, parse_number, read_label_table
 from agiqa.errors import ConfigError, DatasetError
 from agiqa.fileio import atomic_path
 
@@ -43,7 +43,7 @@ class Split:
 
 
 def read_split_csv(path: str | os.PathLike) -> Split:
-    header, rows = read_label_table(path)
+    header, rows, _ = read_label_table(path)
     if "key" not in header or "subset" not in header:
         raise DatasetError(f"{path}: a split file needs the columns key, subset")
     parts: dict[str, list[str]] = {s: [] for s in SUBSETS}
@@ -71,11 +71,8 @@ def paper_split(n: int, seed: int = 20, ratios=(0.7, 0.1, 0.2)) -> tuple[list[in
 
 
 def parse_ratios(text: str) -> tuple[float, float, float]:
-    try:
-        parts = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        parts = ()
-    if len(parts) != 3 or min(parts) < 0 or abs(sum(parts) - 1) > 1e-6:
+    parts = tuple(parse_number(x) for x in text.split(","))
+    if len(parts) != 3 or None in parts or min(parts) < 0 or abs(sum(parts) - 1) > 1e-6:
         raise ConfigError(f"split ratios must be three numbers summing to 1, got {text!r}")
     return parts  # type: ignore[return-value]
 
@@ -89,7 +86,7 @@ def _file_split(ds: Dataset) -> Split:
     parts = {}
     known = set(ds.keys)
     for subset, fname in preset.split_files.items():
-        _, rows = read_label_table(base / fname)
+        _, rows, _ = read_label_table(base / fname)
         keys = [r.get(column, "") for r in rows]
         unknown = [k for k in keys if k not in known]
         if unknown:

@@ -47,7 +47,7 @@ def extract_semantics(config: ExtractConfig | None = None, /, **fields: Any) -> 
     if (cfg.images is None) == (cfg.dataset is None):
         raise ConfigError("give either images (a folder) or dataset and root")
     if cfg.images is not None:
-        source = ImageSource.from_folder(cfg.images)
+        source = ImageSource.from_folder(cfg.images, exclude=cfg.out)
     else:
         if cfg.root is None:
             raise ConfigError("root is required with dataset")

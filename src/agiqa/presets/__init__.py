@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agiqa.errors import ConfigError
-from agiqa.fileio import agiqa_home
+from agiqa.fileio import agiqa_home, read_json
 
 __all__ = [
     "DEFAULT_MLLM",
@@ -71,7 +71,9 @@ def _preset_files(kind: str) -> dict[str, tuple[Any, bool]]:
                       if p.name.endswith(".json")})
     user = _user_dir(kind)
     if user.is_dir():
-        files.update({p.stem: (p, True) for p in user.glob("*.json")})
+        # Only regular files: a FIFO or a folder named *.json is not a preset (and a FIFO
+        # would block the reader forever).
+        files.update({p.stem: (p, True) for p in user.glob("*.json") if p.is_file()})
     return files
 
 
@@ -101,8 +103,9 @@ def _load(kind: str, name: str) -> dict[str, Any]:
         raise ConfigError(f"unknown {label} preset {name!r} (choose from {', '.join(names)})"
                           + _did_you_mean(name, names))
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        d = read_json(path, limit=1 << 20) if isinstance(path, Path) else \
+            json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ConfigError(f"{label} preset {path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{label} preset {path}: a JSON object is needed")

@@ -42,7 +42,7 @@ from agiqa.stages.norms import fold_semantic_norm as _fold_semantic_norm
 from agiqa.stages.norms import score_norm as _score_norm
 from agiqa.stages.norms import semantic_norm as _semantic_norm
 from agiqa.stages.predict import inputs_of, predict
-from agiqa.stages.rundir import check_out, write_outputs
+from agiqa.stages.rundir import check_out, run_folder, write_outputs
 from agiqa.stages.trainer import (
     MIN_EVAL_IMAGES,
     ProtocolWarning,
@@ -96,10 +96,9 @@ def fit_from_cache(cfg: FitConfig) -> FitResult:
         DatasetError: a split too small for the protocol.
         TrainingError: the loss diverged, or the run directory cannot be written (disk full).
     """
-    check_out(cfg.out, cfg.resume)
     device = resolve_device(cfg.device)
     try:
-        with dist.process_group(device):
+        with run_folder(cfg.out, cfg.resume, dist.is_main()), dist.process_group(device):
             return _fit(cfg, device)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO,
@@ -250,13 +249,13 @@ def fit_repeats(cfg: FitConfig) -> dict[str, Any]:
         result = fit_from_cache(cfg)
         return {"out": str(cfg.out), "rows": {"test": result.metrics},
                 "best_epoch": result.best_epoch}
-    check_out(cfg.out, False)
     for _, run in runs:  # before any work, as one run does
         if not (cfg.resume and (run.out / "model.safetensors").is_file()):
             check_out(run.out, cfg.resume and (run.out / "checkpoint.pt").is_file())
     rows: dict[str, dict[str, float]] = {}
     best: dict[str, int] = {}
-    with dist.process_group(resolve_device(cfg.device)):
+    with run_folder(cfg.out, False, dist.is_main()), \
+            dist.process_group(resolve_device(cfg.device)):
         for name, run in runs:
             if cfg.resume and (run.out / "model.safetensors").is_file():
                 result = _finished(run.out)
@@ -264,15 +263,14 @@ def fit_repeats(cfg: FitConfig) -> dict[str, Any]:
                 result = fit_from_cache(replace(run, resume=(run.out / "checkpoint.pt").is_file()
                                                 and cfg.resume))
             rows[name], best[name] = result.metrics, result.best_epoch
-    summary = {"out": str(cfg.out), "rows": rows, "best_epoch": best,
-               "repeats": cfg.repeats, "split_seeds": cfg.split_seeds}
-    if not dist.is_main():
-        return summary
-    names = list(next(iter(rows.values())))
-    table = np.array([[r[k] for k in names] for r in rows.values()])
-    rows["median"] = dict(zip(names, np.median(table, 0).tolist(), strict=True))
-    rows["std"] = dict(zip(names, table.std(0).tolist(), strict=True))
-    write_json(cfg.out / "summary.json", summary)
+        summary = {"out": str(cfg.out), "rows": rows, "best_epoch": best,
+                   "repeats": cfg.repeats, "split_seeds": cfg.split_seeds}
+        if dist.is_main():
+            names = list(next(iter(rows.values())))
+            table = np.array([[r[k] for k in names] for r in rows.values()])
+            rows["median"] = dict(zip(names, np.median(table, 0).tolist(), strict=True))
+            rows["std"] = dict(zip(names, table.std(0).tolist(), strict=True))
+            write_json(cfg.out / "summary.json", summary)
     return summary
 
 

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from agiqa.data.splits import Split
 from agiqa.errors import ConfigError
-from agiqa.fileio import atomic_path, write_json
+from agiqa.fileio import atomic_path, exclusive_lock, write_json, write_text
 
-__all__ = ["RUN_FILES", "check_out", "write_outputs"]
+__all__ = ["MARKER", "RUN_FILES", "check_out", "run_folder", "write_outputs"]
+
+# agiqa writes only into a run folder it made: it marks it with this file when it creates it,
+# and holds a lock on LOCK while it writes there.
+MARKER = ".agiqa-run"
+LOCK = ".agiqa-run.lock"
 
 # What a run directory holds; ``seed-*``/``split-*`` are the runs of --repeats/--split-seeds.
 RUN_FILES = frozenset({
@@ -21,7 +28,8 @@ RUN_FILES = frozenset({
 
 
 def _is_run_entry(p: Path) -> bool:
-    if p.name in RUN_FILES or (p.name.startswith(".") and p.name.endswith(".tmp")):
+    if p.name in RUN_FILES or p.name in (MARKER, LOCK) or \
+            (p.name.startswith(".") and p.name.endswith(".tmp")):
         return True
     return p.is_dir() and p.name.partition("-")[0] in ("seed", "split")
 
@@ -29,13 +37,19 @@ def _is_run_entry(p: Path) -> bool:
 def check_out(out: Path, resume: bool) -> None:
     """Refuse an ``--out`` that would mix runs or clobber unrelated files; cheap, no writes.
 
-    A new or empty folder, or one that holds only files of a run killed before its first
-    checkpoint, starts a new run. ``checkpoint.pt`` needs ``--resume``; a finished run
-    (``model.safetensors`` without a checkpoint) and any folder holding other files are refused.
+    A new or empty folder, or a run folder agiqa made (marked with ``.agiqa-run``) holding only
+    files of a run killed before its first checkpoint, starts a new run. ``checkpoint.pt``
+    needs ``--resume``; a finished run (``model.safetensors`` without a checkpoint), any folder
+    holding other files, and a non-empty folder agiqa did not mark (whatever its files are
+    named) are refused: agiqa never replaces a file it did not write.
     """
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder")
     entries = sorted(out.iterdir()) if out.is_dir() else []
+    if entries and not (out / MARKER).is_file():
+        shown = ", ".join(p.name for p in entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ConfigError(f"--out {out} is not empty and agiqa did not make it (it holds "
+                          f"{shown}; no {MARKER} file); choose a new or empty folder")
     foreign = [p.name for p in entries if not _is_run_entry(p)]
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
@@ -51,6 +65,27 @@ def check_out(out: Path, resume: bool) -> None:
                           "choose another --out for a new run")
     if resume:
         raise ConfigError(f"--resume: {out / 'checkpoint.pt'} not found (nothing to resume)")
+
+
+@contextlib.contextmanager
+def run_folder(out: Path, resume: bool, main: bool = True) -> Iterator[None]:
+    """Check ``out`` (:func:`check_out`), then create and mark it and hold its lock for the
+    block, so that two processes never write one run folder. Only the ``main`` process (rank 0
+    under torchrun) writes, so only it locks.
+
+    Raises:
+        ConfigError: as :func:`check_out`, or another process is writing ``out``.
+    """
+    check_out(out, resume)
+    if not main:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out / LOCK, f"--out {out}"):
+        check_out(out, resume)  # again, under the lock: another process may have come first
+        if not (out / MARKER).is_file():
+            write_text(out / MARKER, "an agiqa run folder: agiqa writes here\n")
+        yield
 
 
 def write_outputs(out: Path, keys: list[str], split: Split, targets, scores, gates,

@@ -264,7 +264,7 @@ class Scorer:
     def score_folder(self, folder: str | os.PathLike, recursive: bool = True) -> ScoreReport:
         """Score every image of a folder; paths in the report are relative to it, with ``/``."""
         folder = Path(folder)
-        keys, others = list_images(folder, recursive)
+        keys, others = list_images(folder, recursive, exclude=self._cache_dir)
         report = self._score([(k, folder / k) for k in keys], folder)
         report.skipped_files = others
         return report

@@ -77,8 +77,10 @@ class ImageSource:
     skipped: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_folder(cls, root: str | os.PathLike, recursive: bool = True) -> ImageSource:
-        keys, others = list_images(root, recursive)
+    def from_folder(cls, root: str | os.PathLike, recursive: bool = True,
+                    exclude: str | os.PathLike | None = None) -> ImageSource:
+        """The images below ``root``; ``exclude``: a folder not to walk (the output)."""
+        keys, others = list_images(root, recursive, exclude)
         return cls(Path(root), keys, others)
 
     @classmethod
