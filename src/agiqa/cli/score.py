@@ -97,7 +97,8 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, report_html, report_top_
         click.echo(f"failed: {printable(path)}: {printable(reason)}", err=True)
     if report.skipped_files:
         click.echo(f"skipped {len(report.skipped_files)} file(s) that are not images (or whose "
-                   "names are not UTF-8): " + ", ".join(map(printable, report.skipped_files[:5])), err=True)
+                   "names are not UTF-8): " + ", ".join(map(printable, report.skipped_files[:5])),
+                   err=True)
     sys.exit(report.exit_code)
 
 
