@@ -81,10 +81,10 @@ def run_folder(out: Path, resume: bool, main: bool = True) -> Iterator[None]:
         yield
         return
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).is_file():  # out is new or empty (check_out): agiqa makes it a run
+        write_text(out / MARKER, "an agiqa run folder: agiqa writes here\n")
     with exclusive_lock(out / LOCK, f"--out {out}"):
         check_out(out, resume)  # again, under the lock: another process may have come first
-        if not (out / MARKER).is_file():
-            write_text(out / MARKER, "an agiqa run folder: agiqa writes here\n")
         yield
 
 
