@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from agiqa.cli import cli
 from agiqa.cli.common import printable
@@ -177,3 +178,39 @@ def test_a_run_config_nested_a_million_deep_is_refused_quickly(tmp_path):
     r = run("score-folder", tmp_path, "--model", run_dir)
     assert r.exit_code == 1
     assert "config.json: not readable JSON" in r.output and "nested too deeply" in r.output
+
+
+def test_a_worker_index_out_of_range_is_a_usage_error(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    r = run("extract-semantics", "--images", tmp_path / "imgs", "--out", tmp_path / "c",
+            "--workers", "3", "--worker", "5")
+    assert r.exit_code == 64, r.output
+    assert "5 is not a worker index of --workers 3 (0 to 2)" in r.output
+
+
+def test_a_hub_id_that_is_not_here_is_one_quick_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.png")
+    r = run("extract-semantics", "--model", "someone/not-here", "--images", tmp_path / "imgs",
+            "--out", tmp_path / "c")
+    assert r.exit_code == 1, r.output
+    assert r.output.strip().splitlines() == [
+        "Error: MLLM 'someone/not-here' is neither in the local Hugging Face cache nor reachable "
+        "on the hub; download it on a connected machine (huggingface-cli download "
+        "someone/not-here) into this machine's cache, or point --model at a local folder "
+        "holding it"]
+
+
+def test_files_agiqa_writes_have_the_users_usual_mode(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "model.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))  # safetensors recreates it as 0600
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -44,6 +44,10 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
         tmp_path.unlink()
     try:
         yield tmp_path
+        if not is_dir and not tmp_path.is_symlink():
+            # The user's usual mode, whatever the writer did: safetensors, for one, recreates
+            # the file with mode 0600.
+            os.chmod(tmp_path, 0o666 & ~current_umask())
         if is_dir and path.exists():
             # A folder cannot be renamed over a full one: move the old one aside first (the name
             # is absent for an instant; cache shards use versioned names instead, see cache/).

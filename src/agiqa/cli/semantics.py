@@ -75,6 +75,9 @@ def extract_semantics_cmd(model, revision, images, dataset, root, labels, target
     """
     from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
 
+    if workers is not None and worker is not None and worker >= workers:
+        raise click.BadParameter(f"{worker} is not a worker index of --workers {workers} (0 to "
+                                 f"{workers - 1})", param_hint="--worker")
     if (images is None) == (dataset is None):
         raise click.UsageError("give either --images DIR or --dataset NAME --root DIR")
     if images is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import pickle
 import time
 import warnings
 from pathlib import Path
@@ -146,8 +147,11 @@ class Trainer:
             self.model.load_state_dict(ck["model"])
             self.optim.load_state_dict(ck["optim"])
             self.sched.load_state_dict(ck["sched"])
-        except (OSError, RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot resume from it ({e})") from None
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError, EOFError,
+                pickle.UnpicklingError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{path}: not a checkpoint agiqa can resume from "
+                                  f"({type(e).__name__}: {first})") from None
         self.gen.set_state(ck["gen"])
         torch.set_rng_state(ck["torch_rng"])
         self.best_state = ck["best_state"]

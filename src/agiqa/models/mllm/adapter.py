@@ -71,7 +71,7 @@ class SemanticEncoder:
         pad_square: bool | None = None,
         fuse_prompts: bool | None = None,
     ):
-        self.identity = identify_mllm(model, revision)
+        self.identity = identify_mllm(model, revision, require=True)
         self.model_id = self.identity.model_id
         self.recipe = self.identity.recipe
         self.family = MPLUG_OWL2 if self.identity.model_type == MPLUG_OWL2 else "transformers"

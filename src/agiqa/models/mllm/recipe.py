@@ -78,8 +78,9 @@ def _hub_config(model_id: str, revision: str | None) -> tuple[dict[str, Any], st
         return None
     for local_only in (True, False):
         try:
+            # A short timeout: offline, one quick answer beats a minute of retries.
             path = Path(hf_hub_download(model_id, "config.json", revision=revision,
-                                        local_files_only=local_only))
+                                        local_files_only=local_only, etag_timeout=5))
         except Exception:  # noqa: BLE001 - not cached / offline / unknown repository
             continue
         commit = path.parent.name if _COMMIT.match(path.parent.name) else None
@@ -90,13 +91,17 @@ def _hub_config(model_id: str, revision: str | None) -> tuple[dict[str, Any], st
     return None
 
 
-def identify_mllm(model: str, revision: str | None = None, fetch: bool = True) -> MllmIdentity:
+def identify_mllm(model: str, revision: str | None = None, fetch: bool = True,
+                  require: bool = False) -> MllmIdentity:
     """Resolve a preset name, hub id or local folder to its :class:`MllmIdentity`.
 
     Args:
         model: a preset name, hub id or local folder.
         revision: a hub revision; default: the preset's pinned commit, if any.
         fetch: read a hub model's ``config.json`` (from the hub cache, else the network).
+        require: the model is about to be loaded: a hub model that is neither in the local hub
+            cache nor reachable is an error now, in one line, rather than after minutes of
+            retries in the loader.
     """
     model = str(model)
     preset = None
@@ -125,6 +130,12 @@ def identify_mllm(model: str, revision: str | None = None, fetch: bool = True) -
         return MllmIdentity(model, None, revision, local_revision_label(folder), model_type,
                             _text_width(config), recipe_for_model(model_type))
     found = _hub_config(model, revision) if fetch else None
+    if found is None and fetch and require:
+        raise ModelLoadError(
+            f"MLLM {model!r}{f' (revision {revision})' if revision else ''} is neither in the "
+            "local Hugging Face cache nor reachable on the hub; download it on a connected "
+            f"machine (huggingface-cli download {model}) into this machine's cache, or point "
+            "--model at a local folder holding it")
     config, commit = found if found else ({}, None)
     if commit is None and revision and _COMMIT.match(revision):
         commit = revision
