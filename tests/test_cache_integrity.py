@@ -489,6 +489,10 @@ def test_verify_refuses_keys_outside_the_root_and_hashes_nothing_there(tmp_path,
     assert "outside.png" not in "".join(str(p) for p in hashed)
     with pytest.raises(CacheError, match="escapes the image root"):
         check_fresh(open_cache(cache.path), ["../outside.png"], root)
+    for key in ("../outside.png", "/etc/hostname", "a/../../b.png"):
+        with pytest.raises(CacheError, match="absolute or leaves the image root"):
+            cache.write_shard("shard-c", _shard([key], 1))  # refused on write as well
+    assert not cache.has_shard("shard-c")
 
 
 def test_planning_never_deletes_a_damaged_shard_the_run_does(tiny_llava, filled):

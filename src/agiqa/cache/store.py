@@ -271,6 +271,12 @@ class SemanticCache:
                 f"shard vectors have shape {data.vectors.shape[1:]}, the cache needs "
                 f"{self.shape}"
             )
+        escaping = [k for k in [*data.keys, *(k for k, _ in data.failures)]
+                    if not k or k.startswith(("/", "\\")) or os.path.isabs(k)
+                    or ".." in k.replace("\\", "/").split("/")]
+        if escaping:
+            raise CacheError(f"{self.path}: shard {name}: key {escaping[0]!r} is absolute or "
+                             "leaves the image root; keys are paths relative to it")
         try:
             path = publish_shard(self.path, name, data, self.format)
         except OSError as e:
