@@ -1,7 +1,7 @@
 """The semantic-vector cache: shards, manifest, fingerprint, reader and verification."""
 
 from agiqa.cache.fingerprint import CACHE_FORMAT_VERSION, fingerprint_of, semantic_spec
-from agiqa.cache.shards import FORMATS, ShardData, check_shard, read_shard, write_shard
+from agiqa.cache.shards import FORMATS, ShardData
 from agiqa.cache.store import MANIFEST, SemanticCache, open_cache, plan_shards
 from agiqa.cache.verify import VerifyReport, changed_images, check_fresh, verify_cache
 
@@ -14,12 +14,9 @@ __all__ = [
     "VerifyReport",
     "changed_images",
     "check_fresh",
-    "check_shard",
     "fingerprint_of",
     "open_cache",
     "plan_shards",
-    "read_shard",
     "semantic_spec",
     "verify_cache",
-    "write_shard",
 ]

@@ -10,7 +10,9 @@ from agiqa.fileio import LOCAL_REVISION_PREFIX
 
 __all__ = ["CACHE_FORMAT_VERSION", "POOLING", "fingerprint_of", "semantic_spec"]
 
-CACHE_FORMAT_VERSION = 1
+# 2: single-file shards (a Zarr zip or an HDF5 file); 1 kept shards as folders. Part of every
+# fingerprint, so vectors of one format never pass for the other's.
+CACHE_FORMAT_VERSION = 2
 POOLING = "masked_mean_last_hidden_state"
 
 
@@ -26,9 +28,8 @@ def semantic_spec(
 ) -> dict[str, Any]:
     """The canonical description of how the semantic vectors of a cache were computed.
 
-    ``recipe`` (the turn, the padding and the pooling, :meth:`agiqa.presets.Recipe.spec`) is
-    left out when ``None``, so the fingerprints of caches written before it existed stay the
-    same.
+    ``recipe`` is the turn, the padding and the pooling (:meth:`agiqa.presets.Recipe.spec`);
+    ``None`` is recorded as such.
     """
     spec = {
         "model": model,
@@ -40,9 +41,8 @@ def semantic_spec(
         "rating_words": list(rating_words),
         "rating_weights": [float(w) for w in (rating_weights or [5, 4, 3, 2, 1])],
         "format_version": CACHE_FORMAT_VERSION,
+        "recipe": dict(recipe) if recipe is not None else None,
     }
-    if recipe is not None:
-        spec["recipe"] = dict(recipe)
     return spec
 
 

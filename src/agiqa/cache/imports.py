@@ -128,7 +128,7 @@ def import_official_tensors(
     tensor_root, root = Path(tensor_root), Path(root)
     cache = SemanticCache.create(out, semantics, prompt_names, dim, fmt, root=root)
     report = ImportReport(str(out), len(keys))
-    existing = {p.name.split(".")[0] for p in cache.shard_paths()}
+    existing = set(cache.shard_names())
     p = len(prompt_names)
     for name, shard_keys in plan_shards(keys, shard_size):
         if name in existing:

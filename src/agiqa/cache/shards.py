@@ -1,28 +1,36 @@
-"""Shard files: one Zarr group or HDF5 file per shard, written whole and published atomically.
+"""Shard files: one file per shard, written whole and published atomically.
 
-A shard holds ``keys`` (str), ``sha256`` (str, of the file bytes), ``vectors`` float16
+A shard holds ``keys`` (str), ``sha256`` (str, of the image file bytes), ``vectors`` float16
 [n, P, D], ``zero_shot`` float32 [n, P] and the failures of that shard as (key, reason) pairs.
-Arrays are written in one contiguous slice each and read whole: one call per array, never one
-per sample.
+Two formats, each a single file:
 
-Integrity: the shard's metadata, written last, records a checksum of every array (and of the
-failure list); every read checks what it read against it, so a missing chunk (which Zarr would
-serve as zeros, its fill value), a truncated or damaged one, is an error, never data. Small
-arrays carry a CRC-32; the vectors, read at disk speed, carry a position-weighted sum of their
-64-bit words (two sums over 32 KiB blocks and the byte length; about 60 GB/s in numpy, where
-CRC-32 runs at 3): any changed word, a zeroed or moved block, a short read all change it.
+* ``shard-<digest>.zarr.zip``: a Zarr v3 group in a zip file (zarr's ``ZipStore``), every array
+  one uncompressed chunk (written even when all its values are zero), the failures and the
+  checksums in the group's attributes. Any Zarr v3 reader opens it; agiqa reads it with the
+  standard library's ``zipfile``: the small arrays decoded from their chunk, the vectors read
+  straight into the caller's array with one ``readinto``.
+* ``shard-<digest>.h5``: an HDF5 file with the same datasets; failures and checksums are
+  attributes.
 
-Replacement: a shard is written whole beside the old one and then takes its name atomically
-(HDF5: the file is renamed over the old one; Zarr: the name is a symbolic link to a version
-folder, and a new link is renamed over it); the old version is removed only afterwards, so the
-shard's name is never absent. A reader reads one version; if a writer removed it under the
-reader, the reader looks again.
+Integrity: the shard records a checksum of every array (and of the failure list); every read
+checks what it read against it, so a missing chunk, a truncated or damaged one, is an error,
+never data. Small arrays carry a CRC-32; the vectors, read at disk speed, a position-weighted
+sum of their 64-bit words (:mod:`agiqa.cache.checksums`).
+
+Replacement: a shard is written whole to a temporary file beside its name and renamed over it
+with ``os.replace``. The name is never absent, a killed writer leaves the old shard, and a
+reader reads everything from the one file it opened: a writer replacing the shard meanwhile
+never mixes two versions.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
+import struct
+import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,29 +44,24 @@ from agiqa.cache.checksums import (
     text_crc,
     vector_checksum,
 )
-from agiqa.cache.versions import (
-    DATA,
-    link_version,
-    prune_versions,
-    resolve_shard,
-    shard_identity,
-    shard_name,
-    version_names,
-)
 from agiqa.errors import CacheError
-from agiqa.fileio import atomic_path, remove_path, temporary_sibling
+from agiqa.fileio import current_umask, temporary_sibling
 
-__all__ = ["FORMATS", "ShardData", "check_shard", "checksums_of", "named_by_link",
-           "prune_versions", "publish_shard", "read_shard", "read_shard_index", "read_shard_keys",
-           "read_shard_vectors_into", "resolve_shard", "shard_identity", "shard_name",
-           "shard_suffix", "vector_checksum", "version_names", "write_shard"]
+__all__ = ["FORMATS", "ShardData", "ShardReader", "check_shard", "checksums_of", "open_shard",
+           "publish_shard", "read_shard", "read_shard_index", "shard_name", "shard_suffix",
+           "write_shard"]
 
 FORMATS = ("zarr", "hdf5")
-_SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}
+_SUFFIX = {"zarr": ".zarr.zip", "hdf5": ".h5"}
 
 
 def shard_suffix(fmt: str) -> str:
     return _SUFFIX[fmt]
+
+
+def shard_name(path: Path) -> str:
+    """``shard-<digest>`` of ``shard-<digest>.zarr.zip`` or ``shard-<digest>.h5``."""
+    return path.name.split(".")[0]
 
 
 @dataclass
@@ -76,7 +79,6 @@ class ShardData:
             raise ValueError("keys, sha256, vectors and zero_shot must have one row per image")
 
 
-# -- checksums ---------------------------------------------------------------------------------
 def checksums_of(data: ShardData) -> dict[str, str]:
     return {"keys": text_crc(data.keys), "sha256": text_crc(data.sha256),
             "vectors": vector_checksum(data.vectors),
@@ -85,28 +87,34 @@ def checksums_of(data: ShardData) -> dict[str, str]:
 
 
 # -- writing -----------------------------------------------------------------------------------
+def _arrays(data: ShardData) -> list[tuple[str, np.ndarray]]:
+    return [("keys", np.array(data.keys, dtype=str)),
+            ("sha256", np.array(data.sha256, dtype=str)),
+            ("vectors", np.ascontiguousarray(data.vectors, dtype=np.float16)),
+            ("zero_shot", np.ascontiguousarray(data.zero_shot, dtype=np.float32))]
+
+
 def _write_zarr(path: Path, data: ShardData) -> None:
     import zarr
+    from zarr.storage import ZipStore
 
-    g = zarr.open_group(str(path), mode="w")
-    n, p, d = data.vectors.shape
-    rows = max(n, 1)
-    for name, arr, chunks in (
-        ("keys", np.array(data.keys, dtype=str), (rows,)),
-        ("sha256", np.array(data.sha256, dtype=str), (rows,)),
-        ("vectors", data.vectors.astype(np.float16), (rows, p, d)),
-        ("zero_shot", data.zero_shot.astype(np.float32), (rows, p)),
-    ):
-        dtype = str if arr.dtype.kind == "U" else arr.dtype
-        # Hidden-state means are noise to a compressor: store the vectors raw, read at disk speed.
-        # The keys are stored raw too, so the index is read without importing zarr.
-        kw = {"compressors": None} if name in ("vectors", "keys") else {}
-        a = g.create_array(name, shape=arr.shape, dtype=dtype, chunks=chunks, **kw)
-        if n:
-            a[:] = arr
-    # Written last: a shard whose metadata lacks its checksums was never finished.
-    g.attrs.update({"failures": [list(f) for f in data.failures],
-                    "checksums": checksums_of(data)})
+    store = ZipStore(path, mode="w")
+    try:
+        # One write per member: the group's metadata, checksums included, comes first.
+        group = zarr.create_group(store, attributes={
+            "failures": [list(f) for f in data.failures], "checksums": checksums_of(data)})
+        for name, arr in _arrays(data):
+            a = group.create_array(
+                name, shape=arr.shape, dtype=str if arr.dtype.kind == "U" else arr.dtype,
+                chunks=(max(arr.shape[0], 1), *arr.shape[1:]),
+                # Raw chunks: hidden-state means are noise to a compressor, and raw chunks are
+                # read without zarr. Chunks of zeros are written like any other: a chunk that
+                # is absent is damage, never a run of zeros.
+                compressors=None, config={"write_empty_chunks": True})
+            if arr.shape[0]:
+                a[...] = arr
+    finally:
+        store.close()
 
 
 def _write_hdf5(path: Path, data: ShardData) -> None:
@@ -116,265 +124,399 @@ def _write_hdf5(path: Path, data: ShardData) -> None:
     with h5py.File(path, "w") as f:
         f.create_dataset("keys", data=np.array(data.keys, dtype=object), dtype=str_dt)
         f.create_dataset("sha256", data=np.array(data.sha256, dtype=object), dtype=str_dt)
-        f.create_dataset("vectors", data=data.vectors.astype(np.float16))
-        f.create_dataset("zero_shot", data=data.zero_shot.astype(np.float32))
+        f.create_dataset("vectors", data=np.ascontiguousarray(data.vectors, dtype=np.float16))
+        f.create_dataset("zero_shot", data=np.ascontiguousarray(data.zero_shot, np.float32))
         f.attrs["failures"] = json.dumps([list(x) for x in data.failures])
         f.attrs["checksums"] = json.dumps(checksums_of(data))
 
 
-def write_shard(path: str | os.PathLike, data: ShardData, fmt: str) -> None:
-    """Write a shard to a temporary name and rename it into place (atomic)."""
-    with atomic_path(path, is_dir=(fmt == "zarr")) as tmp:
+def write_shard(path: str | os.PathLike, data: ShardData, fmt: str) -> Path:
+    """Write ``data`` as the shard file ``path``: whole to a temporary file beside it, synced,
+    then renamed over ``path`` (atomic: readers see the old shard or the new, never a part)."""
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    try:
         (_write_zarr if fmt == "zarr" else _write_hdf5)(tmp, data)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def publish_shard(folder: Path, name: str, data: ShardData, fmt: str) -> Path:
-    """Write ``data`` as shard ``name``, replacing any older version atomically.
-
-    Never deletes first: the new version is complete beside the old one before the name moves
-    to it, and only then is the old one removed.
-    """
-    link = folder / f"{name}{shard_suffix(fmt)}"
-    tmp = temporary_sibling(link)
-    try:
-        (_write_zarr if fmt == "zarr" else _write_hdf5)(tmp, data)
-        if fmt == "hdf5":
-            os.replace(tmp, link)
-            return link
-        while not link_version(tmp, link, name):
-            # A concurrent writer removed our version before our link landed: write it again.
-            (_write_zarr)(tmp, data)
-    except BaseException:
-        remove_path(tmp)
-        raise
-    return link
+    """Write ``data`` as shard ``name`` of the cache ``folder``, replacing any older one."""
+    return write_shard(folder / f"{name}{shard_suffix(fmt)}", data, fmt)
 
 
 # -- reading -----------------------------------------------------------------------------------
 def _fmt_of(path: Path) -> str:
-    return "zarr" if path.name.endswith((".zarr", f".zarr{DATA}")) else "hdf5"
+    return "zarr" if path.name.endswith(_SUFFIX["zarr"]) else "hdf5"
 
 
-def _decode(items: Any) -> list[str]:
-    return [k.decode() if isinstance(k, bytes) else str(k) for k in items]
-
-
-def _open_meta(path: Path) -> tuple[Any, dict[str, str], list[tuple[str, str]], Any]:
-    """(group or file, checksums, failures, closer) of a shard."""
-    if not path.exists():
-        raise FileNotFoundError(path)
-    if _fmt_of(path) == "zarr":
-        import zarr
-
-        g = zarr.open_group(str(path), mode="r")
-        attrs = g.attrs.asdict()
-        return g, dict(attrs.get("checksums") or {}), \
-            [tuple(f) for f in attrs.get("failures", [])], None
-    import h5py
-
-    f = h5py.File(path, "r")
-    checksums = json.loads(f.attrs.get("checksums", "{}"))
-    return f, checksums, [tuple(x) for x in json.loads(f.attrs.get("failures", "[]"))], f
-
-
-def _damaged(path: Path, e: Exception) -> CacheError:
+def _damaged(path: Path, e: BaseException) -> CacheError:
     return CacheError(f"{path}: unreadable shard ({type(e).__name__}: {e})")
+
+
+def _decode_vlen_utf8(path: Path, what: str, raw: bytes, n: int) -> list[str]:
+    """The ``n`` strings of a Zarr ``vlen-utf8`` chunk: a little-endian uint32 count, then a
+    uint32 length and the UTF-8 bytes of each item."""
+    if len(raw) < 4 or int.from_bytes(raw[:4], "little") != n:
+        raise CacheError(f"{path}: the {what} chunk holds another number of items than {n}")
+    out, at, end = [], 4, len(raw)
+    for _ in range(n):
+        if at + 4 > end:
+            break
+        size = int.from_bytes(raw[at : at + 4], "little")
+        out.append(raw[at + 4 : at + 4 + size].decode("utf-8", "strict"))
+        at += 4 + size
+    if at != end or len(out) != n:
+        raise CacheError(f"{path}: the {what} chunk is truncated or damaged")
+    return out
+
+
+_RAW = [{"name": "bytes", "configuration": {"endian": "little"}}]
+_VLEN = [{"name": "vlen-utf8", "configuration": {}}]
+_KEY_ENCODING = {"name": "default", "configuration": {"separator": "/"}}
+_ZARR_TYPES = {"keys": ("string", _VLEN), "sha256": ("string", _VLEN),
+               "vectors": ("float16", _RAW), "zero_shot": ("float32", _RAW)}
+_SHAPE_TAIL = {"keys": 0, "sha256": 0, "vectors": 2, "zero_shot": 1}
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... name length, extra length
+
+
+class ShardReader:
+    """One shard file, opened once: everything read through it comes from that one version,
+    whatever writers do to the name meanwhile. Use :func:`open_shard`.
+
+    ``identity`` changes whenever the file is replaced. ``shape`` is (P, D) of the vectors,
+    when the caller knows what they must be (the cache's prompts and width): a shard of
+    another shape is refused rather than read.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, int] | None = None):
+        self.path = path
+        self.shape = shape
+        self.identity: object = None
+        self._index: tuple[list[str], list[tuple[str, str]], dict[str, str]] | None = None
+        self._n: int | None = None
+
+    # -- the common part ------------------------------------------------------------------------
+    def index(self) -> tuple[list[str], list[tuple[str, str]], dict[str, str]]:
+        """Keys, failures and recorded checksums (keys and failures checked against them)."""
+        if self._index is None:
+            checksums, failures = self._meta()
+            keys = self._strings("keys")
+            require_checksum(self.path, "keys", checksums, text_crc(keys))
+            require_checksum(self.path, "failures", checksums, failures_crc(failures))
+            self._index = keys, failures, checksums
+            # Cheap (metadata only), and what the manifest's prompt count and width must match.
+            for what in ("vectors", "zero_shot"):
+                self._check_shape(what, self.array_shape(what))
+        return self._index
+
+    def small(self, checksums: dict[str, str]) -> tuple[list[str], np.ndarray]:
+        """The sha256 list and the zero-shot scores [n, P], checked."""
+        sha = self._strings("sha256")
+        zero_shot = self._zero_shot()
+        require_checksum(self.path, "sha256", checksums, text_crc(sha))
+        require_checksum(self.path, "zero_shot", checksums, array_crc(zero_shot, "f4"))
+        return sha, zero_shot
+
+    def vectors_into(self, out: np.ndarray, expected: str | None) -> None:
+        """Read the vectors into ``out`` (float16 [n, P, D], C-contiguous) and check them."""
+        if out.dtype != np.float16 or not out.flags.c_contiguous:
+            raise ValueError("vectors are read into a C-contiguous float16 array")
+        self._vectors_into(out)
+        recorded = {"vectors": expected} if expected else {}
+        require_checksum(self.path, "vectors", recorded, vector_checksum(out))
+
+    def array_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of array ``name`` (``vectors`` or ``zero_shot``), from its metadata."""
+        raise NotImplementedError
+
+    def _check_shape(self, what: str, shape: tuple[int, ...]) -> None:
+        n = len(self._index[0]) if self._index is not None else shape[0]
+        tail = shape[1:]
+        if self.shape is not None:
+            want = {"vectors": tuple(self.shape), "zero_shot": (self.shape[0],)}[what]
+            if tail != want:
+                raise CacheError(
+                    f"{self.path}: the shard's {what} have shape {list(shape)}, the cache's "
+                    f"manifest needs [n, {', '.join(map(str, want))}] ({self.shape[0]} prompt(s) "
+                    f"of width {self.shape[1]}); rerun extract-semantics into a new folder")
+        if shape[0] != n:
+            raise CacheError(f"{self.path}: the shard's {what} have {shape[0]} rows for {n} keys")
+
+    # -- per format -------------------------------------------------------------------------------
+    def _meta(self) -> tuple[dict[str, str], list[tuple[str, str]]]:
+        raise NotImplementedError
+
+    def _strings(self, name: str) -> list[str]:
+        raise NotImplementedError
+
+    def _zero_shot(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _vectors_into(self, out: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _checked_meta(path: Path, checksums: Any, failures: Any
+                  ) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    if not isinstance(checksums, dict) or not isinstance(failures, list) or not all(
+            isinstance(f, list | tuple) and len(f) == 2 for f in failures):
+        raise CacheError(f"{path}: the shard's metadata is damaged (checksums or failures)")
+    return {str(k): str(v) for k, v in checksums.items()}, [(str(k), str(r)) for k, r in failures]
+
+
+class _ZipShard(ShardReader):
+    """A Zarr v3 group in a zip file, read with :mod:`zipfile` (no zarr import): agiqa writes
+    each array as one uncompressed chunk, and only that layout is accepted."""
+
+    def __init__(self, path: Path, shape: tuple[int, int] | None = None):
+        super().__init__(path, shape)
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        try:
+            st = os.fstat(self._file.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise CacheError(f"{path}: not a regular file")
+            self.identity = _identity(st)
+            self._zip = zipfile.ZipFile(self._file)
+            self._members = {i.filename: i for i in self._zip.infolist()}
+        except CacheError:
+            self._file.close()
+            raise
+        except Exception as e:  # noqa: BLE001 - not a zip, cut short
+            self._file.close()
+            raise _damaged(path, e) from None
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _member(self, name: str) -> bytes:
+        info = self._members.get(name)
+        if info is None:
+            raise CacheError(f"{self.path}: the shard lacks {name}")
+        try:
+            return self._zip.read(info)  # CRC-32 checked by zipfile
+        except Exception as e:  # noqa: BLE001
+            raise _damaged(self.path, e) from None
+
+    def _json(self, name: str) -> Any:
+        try:
+            return json.loads(self._member(name))
+        except ValueError as e:
+            raise CacheError(f"{self.path}: damaged {name} ({e})") from None
+
+    def _meta(self) -> tuple[dict[str, str], list[tuple[str, str]]]:
+        group = self._json("zarr.json")
+        if not isinstance(group, dict) or group.get("zarr_format") != 3 \
+                or group.get("node_type") != "group":
+            raise CacheError(f"{self.path}: not a Zarr v3 shard of agiqa")
+        attrs = group.get("attributes") or {}
+        return _checked_meta(self.path, attrs.get("checksums", {}), attrs.get("failures", []))
+
+    def _array(self, name: str) -> tuple[tuple[int, ...], zipfile.ZipInfo | None]:
+        """The shape of array ``name`` and the zip member of its one chunk (None when empty),
+        after checking that it is laid out as agiqa writes it."""
+        meta = self._json(f"{name}/zarr.json")
+        data_type, codecs = _ZARR_TYPES[name]
+        try:
+            shape = tuple(int(s) for s in meta["shape"])
+            chunk = [int(s) for s in meta["chunk_grid"]["configuration"]["chunk_shape"]]
+            ok = (meta.get("zarr_format") == 3 and meta.get("node_type") == "array"
+                  and meta.get("data_type") == data_type and meta.get("codecs") == codecs
+                  and meta["chunk_grid"].get("name") == "regular"
+                  and meta.get("chunk_key_encoding") == _KEY_ENCODING
+                  and not meta.get("storage_transformers")
+                  and len(shape) == 1 + _SHAPE_TAIL[name] and min(shape, default=0) >= 0
+                  and chunk == [max(shape[0], 1), *shape[1:]])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise CacheError(f"{self.path}: array {name} is not laid out as agiqa writes it "
+                             "(one raw chunk); rerun extract-semantics to rebuild the shard")
+        if shape[0] == 0 or 0 in shape:
+            return shape, None
+        key = f"{name}/c/" + "/".join("0" * len(shape))
+        info = self._members.get(key)
+        if info is None:
+            raise CacheError(f"{self.path}: the {name} chunk is missing")
+        return shape, info
+
+    def _strings(self, name: str) -> list[str]:
+        shape, info = self._array(name)
+        if info is None:
+            return []
+        return _decode_vlen_utf8(self.path, name, self._member(info.filename), shape[0])
+
+    def _raw(self, name: str, info: zipfile.ZipInfo, nbytes: int) -> int:
+        """The file offset of the raw bytes of chunk ``info`` (``nbytes`` long)."""
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != nbytes \
+                or info.compress_size != nbytes:
+            raise CacheError(f"{self.path}: the {name} chunk is truncated or damaged "
+                             f"({info.file_size} of {nbytes} bytes)")
+        f = self._file
+        f.seek(info.header_offset)
+        head = f.read(_LOCAL_HEADER.size)
+        if len(head) != _LOCAL_HEADER.size:
+            raise CacheError(f"{self.path}: the {name} chunk is truncated")
+        sig, name_len, extra_len = _LOCAL_HEADER.unpack(head)
+        if sig != b"PK\x03\x04":
+            raise CacheError(f"{self.path}: the {name} chunk is damaged")
+        return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+
+    def _zero_shot(self) -> np.ndarray:
+        shape, info = self._array("zero_shot")
+        self._check_shape("zero_shot", shape)
+        if info is None:
+            return np.empty(shape, np.float32)
+        raw = self._member(info.filename)
+        if len(raw) != 4 * int(np.prod(shape)):
+            raise CacheError(f"{self.path}: the zero_shot chunk is truncated")
+        return np.frombuffer(raw, "<f4").astype(np.float32).reshape(shape)
+
+    def array_shape(self, name: str) -> tuple[int, ...]:
+        return self._array(name)[0]
+
+    def _vectors_into(self, out: np.ndarray) -> None:
+        shape, info = self._array("vectors")
+        self._check_shape("vectors", shape)
+        if shape != out.shape:
+            raise CacheError(f"{self.path}: vectors of shape {list(shape)}, expected "
+                             f"{list(out.shape)}")
+        if info is None:
+            return
+        start = self._raw("vectors", info, out.nbytes)
+        self._file.seek(start)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        if self._file.readinto(view) != out.nbytes:
+            raise CacheError(f"{self.path}: the vectors chunk is truncated")
+        if sys.byteorder != "little":
+            out.byteswap(inplace=True)
+
+
+class _H5Shard(ShardReader):
+    def __init__(self, path: Path, shape: tuple[int, int] | None = None):
+        super().__init__(path, shape)
+        import h5py
+
+        if not path.is_file():  # h5py's own message for a folder or a FIFO is unclear
+            raise FileNotFoundError(path) if not path.exists() else \
+                CacheError(f"{path}: not a regular file")
+        try:
+            self._f = h5py.File(path, "r")
+        except Exception as e:  # noqa: BLE001
+            raise _damaged(path, e) from None
+        try:
+            self.identity = _identity(os.fstat(self._f.id.get_vfd_handle()))
+        except Exception:  # noqa: BLE001 - a driver without a file handle
+            self.identity = _identity(path.stat())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def _read(self, fn: Any) -> Any:
+        try:
+            return fn()
+        except CacheError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any h5py failure is a damaged shard
+            raise _damaged(self.path, e) from None
+
+    def _meta(self) -> tuple[dict[str, str], list[tuple[str, str]]]:
+        def meta() -> tuple[Any, Any]:
+            return (json.loads(self._f.attrs.get("checksums", "{}")),
+                    json.loads(self._f.attrs.get("failures", "[]")))
+
+        checksums, failures = self._read(meta)
+        return _checked_meta(self.path, checksums, failures)
+
+    def _strings(self, name: str) -> list[str]:
+        items = self._read(lambda: self._f[name][:])
+        return [k.decode() if isinstance(k, bytes) else str(k) for k in items]
+
+    def _zero_shot(self) -> np.ndarray:
+        zs = self._read(lambda: np.asarray(self._f["zero_shot"][:], dtype=np.float32))
+        self._check_shape("zero_shot", zs.shape)
+        return zs
+
+    def array_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._read(lambda: self._f[name].shape))
+
+    def _vectors_into(self, out: np.ndarray) -> None:
+        ds = self._read(lambda: self._f["vectors"])
+        self._check_shape("vectors", tuple(ds.shape))
+        if tuple(ds.shape) != out.shape:
+            raise CacheError(f"{self.path}: vectors of shape {list(ds.shape)}, expected "
+                             f"{list(out.shape)}")
+        if out.size:
+            self._read(lambda: ds.read_direct(out) if ds.dtype == out.dtype
+                       else out.__setitem__(Ellipsis, ds[:]))
+
+
+def open_shard(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> ShardReader:
+    """Open a shard file for reading (a context manager). ``shape``: the (P, D) its vectors
+    must have. Raises FileNotFoundError for an absent file, :class:`CacheError` for any other
+    failure."""
+    path = Path(path)
+    if _fmt_of(path) == "zarr":
+        return _ZipShard(path, shape)
+    return _H5Shard(path, shape)
 
 
 def read_shard_index(path: str | os.PathLike
                      ) -> tuple[list[str], list[tuple[str, str]], dict[str, str]]:
     """The keys, failures and recorded checksums of a shard (keys and failures checked)."""
-    path = Path(path)
-    fast = _zarr_raw_index(path) if _fmt_of(path) == "zarr" else None
-    if fast is not None:
-        keys, failures, checksums = fast
-    else:
-        keys, failures, checksums = _read_index(path)
-    require_checksum(path, "keys", checksums, text_crc(keys))
-    require_checksum(path, "failures", checksums, failures_crc(failures))
-    return keys, failures, checksums
+    with _opened(path) as shard:
+        return shard.index()
 
 
-def _read_index(path: Path) -> tuple[list[str], list[tuple[str, str]], dict[str, str]]:
-    closer = None
-    try:
-        g, checksums, failures, closer = _open_meta(path)
-        return _decode(g["keys"][:]), failures, checksums
-    except CacheError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any reader failure means a damaged shard
-        raise _damaged(path, e) from None
-    finally:
-        if closer is not None:
-            closer.close()
-
-
-def read_shard_keys(path: str | os.PathLike) -> tuple[list[str], list[tuple[str, str]]]:
-    """The keys and failures of a shard, checked against its checksums, without its vectors."""
-    keys, failures, _ = read_shard_index(path)
-    return keys, failures
-
-
-def _zarr_raw_index(path: Path
-                    ) -> tuple[list[str], list[tuple[str, str]], dict[str, str]] | None:
-    """Keys, failures and checksums of a Zarr shard whose keys are one uncompressed
-    ``vlen-utf8`` chunk (how agiqa writes them), parsed without importing zarr (whose import
-    costs more than reading a whole cache); None for any other layout, which zarr then reads."""
-    try:
-        group = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
-        meta = json.loads((path / "keys" / "zarr.json").read_text(encoding="utf-8"))
-        n = meta["shape"][0]
-        if (meta.get("zarr_format") != 3 or meta.get("data_type") != "string"
-                or meta.get("codecs") != [{"name": "vlen-utf8", "configuration": {}}]
-                or meta["chunk_grid"]["configuration"]["chunk_shape"] != [max(n, 1)]
-                or meta.get("chunk_key_encoding") != _DEFAULT_KEYS
-                or meta.get("storage_transformers")):
-            return None
-        attrs = group.get("attributes", {})
-        failures = [tuple(f) for f in attrs.get("failures", [])]
-        checksums = dict(attrs.get("checksums") or {})
-        if n == 0:
-            return [], failures, checksums
-        raw = (path / "keys" / "c" / "0").read_bytes()
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return None
-    if len(raw) < 4 or int.from_bytes(raw[:4], "little") != n:
-        return None
-    keys, at = [], 4
-    for _ in range(n):
-        size = int.from_bytes(raw[at : at + 4], "little")
-        keys.append(raw[at + 4 : at + 4 + size].decode("utf-8"))
-        at += 4 + size
-    return (keys, failures, checksums) if at == len(raw) else None
-
-
-def read_shard(path: str | os.PathLike, vectors: bool = True) -> ShardData:
-    """Read a whole shard, every array in one call and checked against its checksum
-    (``vectors=False``: all but the vectors, which :func:`read_shard_vectors_into` then reads
-    straight into the caller's array, checked against ``checksums["vectors"]``)."""
-    path = Path(path)
-    closer = None
-    try:
-        g, checksums, failures, closer = _open_meta(path)
-        zero_shot = np.asarray(g["zero_shot"][:], dtype=np.float32)
-        keys, sha = _decode(g["keys"][:]), _decode(g["sha256"][:])
-        vec = None
+def read_shard(path: str | os.PathLike, vectors: bool = True,
+               shape: tuple[int, int] | None = None) -> ShardData:
+    """Read a whole shard from one open file, every array checked against its checksum
+    (``vectors=False``: all but the vectors, left empty)."""
+    with _opened(path, shape) as shard:
+        keys, failures, checksums = shard.index()
+        sha, zero_shot = shard.small(checksums)
         if vectors:
-            vec = np.empty((len(keys), *g["vectors"].shape[1:]), np.float16)
-    except CacheError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise _damaged(path, e) from None
-    finally:
-        if closer is not None:
-            closer.close()
-    for what, got in (("keys", text_crc(keys)), ("sha256", text_crc(sha)),
-                      ("zero_shot", array_crc(zero_shot, "f4")),
-                      ("failures", failures_crc(failures))):
-        require_checksum(path, what, checksums, got)
-    if vec is not None:
-        read_shard_vectors_into(path, vec, checksums.get("vectors"))
-    return ShardData(keys=keys, sha256=sha, zero_shot=zero_shot, failures=failures,
-                     checksums=checksums,
-                     vectors=vec if vec is not None else np.empty((len(keys), 0, 0), np.float16))
-
-
-_RAW_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}]
-_DEFAULT_KEYS = {"name": "default", "configuration": {"separator": "/"}}
-
-
-def _zarr_single_raw_chunk(array: Path, out: np.ndarray) -> Path | None:
-    """The file of a Zarr v3 array kept as one uncompressed little-endian chunk of exactly
-    ``out``'s shape and type (how agiqa writes vectors), else None. A missing or short chunk
-    file is an error here: Zarr would serve its fill value (zeros) instead."""
-    import sys
-
-    try:
-        meta = json.loads((array / "zarr.json").read_text(encoding="utf-8"))
-        shape = meta["shape"]
-        ok = (meta.get("zarr_format") == 3 and meta.get("codecs") == _RAW_CODECS
-              and meta["chunk_grid"]["configuration"]["chunk_shape"] == shape
-              and meta.get("chunk_key_encoding") == _DEFAULT_KEYS
-              and not meta.get("storage_transformers") and sys.byteorder == "little"
-              and list(out.shape) == shape and np.dtype(meta["data_type"]) == out.dtype)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not ok or out.size == 0:
-        return None
-    chunk = array.joinpath("c", *["0"] * len(shape))
-    if not chunk.is_file():
-        raise CacheError(f"{array.parent}: the vector chunk {chunk.name} is missing")
-    if chunk.stat().st_size != out.nbytes:
-        raise CacheError(f"{array.parent}: the vector chunk is truncated "
-                         f"({chunk.stat().st_size} of {out.nbytes} bytes)")
-    return chunk
-
-
-def _read_whole(chunk: Path, out: np.ndarray) -> None:
-    with open(chunk, "rb", buffering=0) as f:
-        if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
-            raise CacheError(f"{chunk}: truncated vector chunk")
-
-
-def read_shard_vectors_into(path: str | os.PathLike, out: np.ndarray,
-                            expected: str | None = None) -> None:
-    """Read a shard's vectors into ``out`` (float16 [n, P, D]) with no extra copy and check
-    them against the shard's checksum (``expected``, else read from the shard): one
-    ``readinto`` per block of the raw chunk for agiqa's Zarr shards, ``read_direct`` for HDF5."""
-    path = Path(path)
-    try:
-        if expected is None:
-            _, checksums, _, closer = _open_meta(path)
-            if closer is not None:
-                closer.close()
-            expected = checksums.get("vectors")
-        direct = out.flags.c_contiguous and out.dtype == np.float16
-        if _fmt_of(path) == "zarr":
-            chunk = _zarr_single_raw_chunk(path / "vectors", out) if direct else None
-            if chunk is not None:
-                _read_whole(chunk, out)
-            else:
-                import zarr
-
-                out[...] = zarr.open_group(str(path), mode="r")["vectors"][:]
+            vec = np.empty((len(keys), *shard.array_shape("vectors")[1:]), np.float16)
+            shard.vectors_into(vec, checksums.get("vectors"))
         else:
-            import h5py
-
-            with h5py.File(path, "r") as f:
-                ds = f["vectors"]
-                if ds.shape != out.shape:
-                    raise CacheError(f"{path}: vectors of shape {ds.shape}, expected {out.shape}")
-                if direct and ds.dtype == out.dtype and out.size:
-                    ds.read_direct(out)
-                else:
-                    out[...] = ds[:]
-    except CacheError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise _damaged(path, e) from None
-    recorded = {"vectors": expected} if expected else {}
-    require_checksum(path, "vectors", recorded, vector_checksum(out))
+            vec = np.empty((len(keys), 0, 0), np.float16)
+    return ShardData(keys=keys, sha256=sha, vectors=vec, zero_shot=zero_shot,
+                     failures=failures, checksums=checksums)
 
 
-def named_by_link(error: CacheError, path: Path) -> CacheError:
-    """``error`` with the version folder it names replaced by the shard's own name ``path``."""
+def _opened(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> ShardReader:
     try:
-        version = str(resolve_shard(path))
-    except OSError:
-        return error
-    if version == str(path) or version not in str(error):
-        return error
-    return CacheError(str(error).replace(version, str(path)))
-
-
-def check_shard(path: str | os.PathLike) -> str | None:
-    """Read a whole shard (one version) and check every array: None if it is whole, else the
-    reason."""
-    path = Path(path)
-    try:
-        read_shard(resolve_shard(path))
+        return open_shard(path, shape)
+    except FileNotFoundError:
+        raise CacheError(f"{path}: no such shard") from None
     except OSError as e:
-        return f"{path}: unreadable shard ({e})"
+        raise CacheError(f"{path}: unreadable shard ({e.strerror or e})") from None
+
+
+def check_shard(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> str | None:
+    """Read a whole shard and check every array: None if it is whole, else the reason."""
+    try:
+        read_shard(path, shape=shape)
     except CacheError as e:
-        return str(named_by_link(e, path))
+        return str(e)
     return None

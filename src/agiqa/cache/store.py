@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,31 +24,20 @@ from agiqa.cache.manifest import (
 from agiqa.cache.shards import (
     FORMATS,
     ShardData,
-    named_by_link,
-    prune_versions,
+    ShardReader,
+    check_shard,
+    open_shard,
     publish_shard,
     read_shard,
-    read_shard_index,
-    read_shard_keys,
-    read_shard_vectors_into,
-    resolve_shard,
-    shard_identity,
     shard_name,
     shard_suffix,
-    version_names,
 )
 from agiqa.errors import CacheError, CacheMismatchError, ConfigError, MissingVectorsError
-from agiqa.fileio import (
-    remove_stale_temporaries,
-    write_json,
-)
+from agiqa.fileio import remove_path, remove_stale_temporaries, write_json
 
 __all__ = ["MANIFEST", "SemanticCache", "open_cache", "plan_shards"]
 
 READ_FIELDS = ("vectors", "zero_shot", "sha256")
-# A reader that finds the shard it reads replaced under it looks again, for this long at most.
-_READ_PATIENCE_S = 10.0
-_DAMAGED_AFTER_S = 0.5
 
 
 class SemanticCache:
@@ -129,15 +116,7 @@ class SemanticCache:
         if not _writable(path):
             raise CacheError(f"{path}: cannot write the cache (permission denied)")
         remove_stale_temporaries(path)
-        cache.prune_superseded()
         return cache
-
-    def prune_superseded(self) -> int:
-        """Remove Zarr shard versions that a newer one replaced, or that a killed writer left
-        unlinked (see :func:`agiqa.cache.shards.publish_shard`). Returns how many."""
-        if self.format != "zarr":
-            return 0
-        return sum(prune_versions(self.path, name) for name in version_names(self.path))
 
     def require_fingerprint(self, expected: str | None, what: str) -> None:
         """Refuse this cache unless its fingerprint is ``expected`` (what ``what`` needs).
@@ -178,64 +157,83 @@ class SemanticCache:
         return Path(self.manifest["root"]) if self.manifest.get("root") else None
 
     # -- shards -----------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(prompts, width) of every vector of this cache."""
+        return len(self.prompt_names), self.dim
+
     def shard_path(self, name: str) -> Path:
         return self.path / f"{name}{shard_suffix(self.format)}"
 
     def shard_paths(self) -> list[Path]:
-        """Every shard by its name (for Zarr, a link to its current version folder), sorted."""
+        """Every shard file, sorted by name."""
         suffix = shard_suffix(self.format)
         return sorted(p for p in self.path.glob(f"shard-*{suffix}") if not p.name.startswith("."))
 
     def shard_names(self) -> list[str]:
         return [shard_name(p) for p in self.shard_paths()]
 
+    def has_shard(self, name: str) -> bool:
+        """Whether shard ``name`` exists (whole or not: see :meth:`check_shard`)."""
+        return self.shard_path(name).exists()
+
+    def read_shard(self, name: str, vectors: bool = True) -> ShardData:
+        """Shard ``name`` whole, every array checked (``vectors=False``: all but the vectors).
+
+        Raises:
+            CacheError: the shard is absent, damaged or of another shape than the cache's.
+        """
+        return read_shard(self.shard_path(name), vectors, self.shape)
+
+    def shard_keys(self, name: str) -> tuple[list[str], list[tuple[str, str]]]:
+        """The keys and the failures (key, reason) of shard ``name``, checked, without its
+        vectors. Raises :class:`CacheError` as :meth:`read_shard` does."""
+        keys, failures, _ = self._open_index(self.shard_path(name))
+        return keys, failures
+
+    def check_shard(self, name: str) -> str | None:
+        """None if shard ``name`` reads whole and checks out, else the reason (naming it)."""
+        return check_shard(self.shard_path(name), self.shape)
+
+    def discard_damaged_shard(self, name: str) -> bool:
+        """Remove shard ``name`` if it is damaged now (checked again first, so a shard that a
+        writer has just replaced whole is kept). Returns whether it was removed."""
+        path = self.shard_path(name)
+        if not path.exists() or self.check_shard(name) is None:
+            return False
+        remove_path(path)
+        self.refresh()
+        return True
+
     def refresh(self) -> None:
         """Forget the key index, so shards written since by other workers are seen."""
         self._index = None
         self._failures = None
 
-    def _with_retry(self, name: str, fn: Callable[[Path], Any]) -> Any:
-        """``fn(the version shard name shows now)``, looking again while writers replace it
-        under the reader; a version that fails while the shard still shows it is damaged, and
-        its :class:`CacheError` is raised."""
-        deadline = time.monotonic() + _READ_PATIENCE_S
-        attempt = 0
-        stuck_since: float | None = None
-        path = self.shard_path(name)
-        while True:
-            before = shard_identity(path)
-            try:
-                return fn(resolve_shard(path))
-            except CacheError as e:
-                after = shard_identity(path)
-                # Replaced meanwhile, or a link whose version a writer is just replacing.
-                moving = after != before or (path.is_symlink() and not resolve_shard(path).exists())
-                # The same version failing again and again is damaged (a writer may move a
-                # version aside and back for an instant: a few tries tell the two apart).
-                now = time.monotonic()
-                stuck_since = None if moving else (stuck_since or now)
-                if (stuck_since and now - stuck_since >= _DAMAGED_AFTER_S) or now > deadline:
-                    raise named_by_link(e, path) from None
-                attempt += 1
-                time.sleep(min(0.001 * 2 ** attempt, 0.05))
-            except OSError as e:  # the link itself vanished (a legacy folder being replaced)
-                if time.monotonic() > deadline:
-                    raise CacheError(f"{path}: unreadable shard ({e})") from None
-                attempt += 1
-                time.sleep(min(0.001 * 2 ** attempt, 0.05))
+    def _open_index(self, path: Path) -> tuple[list[str], list[tuple[str, str]], dict[str, str]]:
+        try:
+            shard = open_shard(path, self.shape)
+        except FileNotFoundError:
+            raise CacheError(f"{path}: no such shard") from None
+        except OSError as e:
+            raise CacheError(f"{path}: unreadable shard ({e.strerror or e})") from None
+        with shard:
+            keys, failures, checksums = shard.index()
+            self._shard_meta[shard_name(path)] = (shard.identity, keys, checksums)
+        return keys, failures, checksums
 
     def _build_index(self) -> None:
         index: dict[str, str] = {}
         failures: dict[str, str] = {}
         self._shard_meta = {}
-
-        def index_of(path: Path) -> tuple[list[str], list[tuple[str, str]]]:
-            keys, fails, checksums = read_shard_index(path)
-            self._shard_meta[shard_name(path)] = (shard_identity(path), keys, checksums)
-            return keys, fails
-
-        for name in self.shard_names():
-            keys, fails = self._with_retry(name, index_of)
+        for path in self.shard_paths():
+            try:
+                keys, fails, _ = self._open_index(path)
+            except CacheError:
+                if not path.exists():  # removed since the folder was listed
+                    continue
+                raise
+            name = shard_name(path)
             for k in keys:
                 index.setdefault(k, name)
             for k, reason in fails:
@@ -267,11 +265,18 @@ class SemanticCache:
 
     def write_shard(self, name: str, data: ShardData) -> Path:
         """Write one whole shard atomically and record it in the manifest."""
-        if data.vectors.ndim != 3 or data.vectors.shape[1:] != (len(self.prompts), self.dim):
+        if data.vectors.ndim != 3 or data.vectors.shape[1:] != self.shape \
+                or data.zero_shot.shape[1:] != self.shape[:1]:
             raise CacheError(
                 f"shard vectors have shape {data.vectors.shape[1:]}, the cache needs "
-                f"({len(self.prompts)}, {self.dim})"
+                f"{self.shape}"
             )
+        escaping = [k for k in [*data.keys, *(k for k, _ in data.failures)]
+                    if not k or k.startswith(("/", "\\")) or os.path.isabs(k)
+                    or ".." in k.replace("\\", "/").split("/")]
+        if escaping:
+            raise CacheError(f"{self.path}: shard {name}: key {escaping[0]!r} is absolute or "
+                             "leaves the image root; keys are paths relative to it")
         try:
             path = publish_shard(self.path, name, data, self.format)
         except OSError as e:
@@ -290,9 +295,9 @@ class SemanticCache:
         on_disk = set(self.shard_names())
         for name in on_disk - set(known):
             try:
-                keys, fails = read_shard_keys(self.shard_path(name))
+                keys, fails = self.shard_keys(name)
             except CacheError:
-                continue  # damaged or being replaced: its writer records it
+                continue  # damaged: a rerun rebuilds it
             known[name] = {"images": len(keys), "failed": len(fails)}
         self.manifest["shards"] = {k: v for k, v in sorted(known.items()) if k in on_disk}
         self.manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -302,11 +307,13 @@ class SemanticCache:
     def read(self, keys: list[str], fields: tuple[str, ...] = READ_FIELDS
              ) -> dict[str, Any]:
         """Vectors, zero-shot scores and file hashes of ``keys``, in that order, reading each
-        shard once (``fields`` picks which; training needs only ``("vectors",)``).
+        shard file once (``fields`` picks which; training needs only ``("vectors",)``).
 
         Returns ``{"vectors": float16 [n, P, D], "zero_shot": float32 [n, P], "sha256": [n]}``.
-        A whole shard wanted in its own order is read straight into the result.
-        Raises :class:`MissingVectorsError` naming the keys the cache lacks.
+        Every array is checked against the shard's checksums. A whole shard wanted in its own
+        order is read straight into the result.
+        Raises :class:`MissingVectorsError` naming the keys the cache lacks, and
+        :class:`CacheError` naming a damaged shard.
         """
         unknown = set(fields) - set(READ_FIELDS)
         if unknown:
@@ -316,7 +323,7 @@ class SemanticCache:
         missing = [k for k in keys if k not in self._index]
         if missing:
             raise MissingVectorsError(missing, where=f"cache {self.path}")
-        p, d = len(self.prompts), self.dim
+        p, d = self.shape
         out: dict[str, Any] = {}
         if "vectors" in fields:
             out["vectors"] = np.empty((len(keys), p, d), dtype=np.float16)
@@ -328,24 +335,26 @@ class SemanticCache:
         for i, k in enumerate(keys):
             by_shard.setdefault(self._index[k], []).append(i)
         for name, positions in by_shard.items():
-            self._with_retry(name, lambda path, pos=positions: self._read_rows(
-                path, keys, pos, fields, out))
+            path = self.shard_path(name)
+            try:
+                shard = open_shard(path, self.shape)
+            except FileNotFoundError:
+                raise CacheError(f"{path}: no such shard (removed while reading)") from None
+            except OSError as e:
+                raise CacheError(f"{path}: unreadable shard ({e.strerror or e})") from None
+            with shard:
+                self._read_rows(shard, name, keys, positions, fields, out)
         return out
 
-    def _read_rows(self, shard_path: Path, keys: list[str], positions: list[int],
+    def _read_rows(self, shard: ShardReader, name: str, keys: list[str], positions: list[int],
                    fields: tuple[str, ...], out: dict[str, Any]) -> None:
-        """Fill ``out`` at ``positions`` from one shard, every array checked; the shard's keys
-        are read again with its vectors, so a shard replaced since the index was built is read
-        as one consistent version."""
-        if {"zero_shot", "sha256"} & set(fields):
-            meta = read_shard(shard_path, vectors=False)
-            shard_keys, checksums = meta.keys, meta.checksums
-        else:  # training reads vectors only: the keys (to place the rows) are all it needs
-            known = self._shard_meta.get(shard_name(shard_path))
-            if known is not None and known[0] == shard_identity(shard_path):
-                _, shard_keys, checksums = known  # the version the index read: no second read
-            else:
-                shard_keys, _, checksums = read_shard_index(shard_path)
+        """Fill ``out`` at ``positions`` from one open shard file, every array checked. The
+        keys are those of that file (the index's, unless a writer replaced it since)."""
+        known = self._shard_meta.get(name)
+        if known is not None and known[0] == shard.identity:
+            _, shard_keys, checksums = known
+        else:
+            shard_keys, _, checksums = shard.index()
         wanted = [keys[i] for i in positions]
         first = positions[0]
         at: Any = slice(first, first + len(positions)) \
@@ -357,23 +366,25 @@ class SemanticCache:
             row = {k: j for j, k in enumerate(shard_keys)}
             lost = [k for k in wanted if k not in row]
             if lost:
-                raise MissingVectorsError(lost, where=f"shard {shard_path}")
+                raise MissingVectorsError(lost, where=f"shard {shard.path}")
             row_list = [row[k] for k in wanted]
             rows = np.array(row_list)
         if "vectors" in fields:
             expected = checksums.get("vectors")
             if isinstance(rows, slice) and isinstance(at, slice):
                 # The whole shard in its order, into a contiguous block: read it in place.
-                read_shard_vectors_into(shard_path, out["vectors"][at], expected)
+                shard.vectors_into(out["vectors"][at], expected)
             else:
-                whole = np.empty((len(shard_keys), len(self.prompts), self.dim), np.float16)
-                read_shard_vectors_into(shard_path, whole, expected)
+                whole = np.empty((len(shard_keys), *self.shape), np.float16)
+                shard.vectors_into(whole, expected)
                 out["vectors"][at] = whole[rows]
-        if "zero_shot" in fields:
-            out["zero_shot"][at] = meta.zero_shot[rows]
-        if "sha256" in fields:
-            for i, r in zip(positions, row_list, strict=True):
-                out["sha256"][i] = meta.sha256[r]
+        if {"zero_shot", "sha256"} & set(fields):
+            sha, zero_shot = shard.small(checksums)
+            if "zero_shot" in fields:
+                out["zero_shot"][at] = zero_shot[rows]
+            if "sha256" in fields:
+                for i, r in zip(positions, row_list, strict=True):
+                    out["sha256"][i] = sha[r]
 
     def info(self) -> dict[str, Any]:
         """A summary for ``agiqa cache info``."""

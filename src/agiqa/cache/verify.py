@@ -7,10 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agiqa.cache.shards import check_shard, read_shard
 from agiqa.cache.store import SemanticCache
-from agiqa.data.images import file_sha256
-from agiqa.errors import CacheError, StaleVectorsError
+from agiqa.errors import CacheError, DatasetError, StaleVectorsError
 
 __all__ = ["VerifyReport", "changed_images", "check_fresh", "verify_cache"]
 
@@ -35,27 +33,47 @@ class VerifyReport:
                 "damaged": self.damaged}
 
 
+def _image_path(root: Path, key: str, shard: str) -> Path:
+    """The file of cache key ``key`` under ``root``; a key that is absolute or escapes the root
+    (the cache was edited) is refused, never hashed.
+
+    Raises:
+        CacheError: naming the shard and the key.
+    """
+    from agiqa.data.images import resolve_key  # the data package imports torch: only here
+
+    try:
+        return resolve_key(root, key, shard)
+    except DatasetError as e:
+        raise CacheError(f"{e}; the cache is damaged, rerun extract-semantics into a new "
+                         "folder") from None
+
+
 def verify_cache(cache: SemanticCache, root: str | os.PathLike | None = None) -> VerifyReport:
     """Check every shard against its checksums and hash every cached image file under ``root``
-    (default: the root recorded at extraction)."""
+    (default: the root recorded at extraction). A shard with a key that is absolute or escapes
+    the root is reported damaged, and none of its files is hashed."""
     root = Path(root) if root else cache.root
     if root is None:
         raise CacheError(f"{cache.path}: no image root recorded; pass --images ROOT")
+    from agiqa.data.images import file_sha256
+
     report = VerifyReport(root=str(root))
     failures: dict[str, str] = {}
     held: set[str] = set()
-    for shard_path in cache.shard_paths():
+    for name in cache.shard_names():
+        shard_path = str(cache.shard_path(name))
         report.shards += 1
-        reason = check_shard(shard_path)
-        if reason is not None:
-            report.damaged[str(shard_path)] = reason
+        try:
+            shard = cache.read_shard(name)
+            paths = [_image_path(root, key, shard_path) for key in shard.keys]
+        except CacheError as e:
+            report.damaged[shard_path] = str(e)
             continue
-        shard = read_shard(shard_path, vectors=False)
         failures.update(dict(shard.failures))
         held.update(shard.keys)
-        for key, digest in zip(shard.keys, shard.sha256, strict=True):
+        for key, path, digest in zip(shard.keys, paths, shard.sha256, strict=True):
             report.checked += 1
-            path = root / key
             if not path.is_file():
                 report.missing.append(key)
             elif file_sha256(path) != digest:
@@ -69,13 +87,20 @@ def verify_cache(cache: SemanticCache, root: str | os.PathLike | None = None) ->
 def changed_images(cache: SemanticCache, keys: list[str], root: str | os.PathLike
                    ) -> list[str]:
     """The ``keys`` whose file under ``root`` no longer has the sha256 the cache recorded
-    (a missing file counts as changed)."""
+    (a missing file counts as changed).
+
+    Raises:
+        CacheError: a key is absolute or escapes ``root``.
+    """
+    from agiqa.data.images import file_sha256
+
     stored = cache.read(list(keys), ("sha256",))["sha256"]
     root = Path(root)
     changed = []
     for key, digest in zip(keys, stored, strict=True):
+        path = _image_path(root, key, f"cache {cache.path}")
         try:
-            if file_sha256(root / key) != digest:
+            if file_sha256(path) != digest:
                 changed.append(key)
         except OSError:
             changed.append(key)

@@ -4,6 +4,9 @@ Every shard this worker is responsible for is checked before it is trusted: a sh
 its checksums is rebuilt; an image whose file changed since extraction (another sha256) is
 recomputed; an image that failed before is tried again (unless told not to). A shard that needs
 any of that is written again whole, keeping the vectors of its other images.
+
+Planning only reads: a damaged shard of an earlier plan, whose keys cannot be known, is listed
+in :attr:`ResumePlan.discard`, and the run removes it (:func:`discard_damaged`).
 """
 
 from __future__ import annotations
@@ -14,12 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from agiqa.cache import SemanticCache, ShardData, plan_shards
-from agiqa.cache.shards import check_shard, read_shard, read_shard_keys, resolve_shard
 from agiqa.data.images import file_sha256, resolve_key
 from agiqa.errors import AgiqaError, CacheError
-from agiqa.fileio import remove_path
 
-__all__ = ["ResumePlan", "ShardJob", "plan_resume"]
+__all__ = ["ResumePlan", "ShardJob", "discard_damaged", "plan_resume"]
 
 
 @dataclass
@@ -40,6 +41,8 @@ class ResumePlan:
     changed: list[str] = field(default_factory=list)
     retried: list[str] = field(default_factory=list)
     damaged: dict[str, str] = field(default_factory=dict)  # shard -> reason
+    # Damaged shards of earlier plans: their keys are unknown, their images planned anew.
+    discard: list[str] = field(default_factory=list)
 
 
 def _is_fresh(root: Path, key: str, digest: str) -> bool:
@@ -52,16 +55,11 @@ def _is_fresh(root: Path, key: str, digest: str) -> bool:
 def _inspect(cache: SemanticCache, name: str, order: list[str], root: Path, wanted: set[str],
              retry_failed: bool, plan: ResumePlan) -> ShardJob | None:
     """The job that brings shard ``name`` up to date, or None if it already is."""
-    path = cache.shard_path(name)
-    if not path.exists():
-        return ShardJob(name, order, list(order))
-    reason = check_shard(path)
-    if reason is not None:
-        plan.damaged[name] = reason
+    if not cache.has_shard(name):
         return ShardJob(name, order, list(order))
     try:
-        old = read_shard(resolve_shard(path))
-    except (CacheError, OSError) as e:  # replaced since the check: computed again
+        old = cache.read_shard(name)  # every array checked
+    except CacheError as e:
         plan.damaged[name] = str(e)
         return ShardJob(name, order, list(order))
     held = {k: i for i, k in enumerate(old.keys)}
@@ -106,11 +104,11 @@ def plan_resume(cache: SemanticCache | None, keys: list[str], root: Path, shard_
         if name in planned:
             continue
         try:
-            held, fails = read_shard_keys(cache.shard_path(name))
+            held, fails = cache.shard_keys(name)
         except CacheError as e:
-            # Its keys are unknown: drop it (its images of this run are planned anew).
+            # Its keys are unknown: the run discards it, and plans its images anew.
             plan.damaged[name] = str(e)
-            remove_path(cache.shard_path(name))
+            plan.discard.append(name)
             continue
         if wanted & (set(held) | {k for k, _ in fails}):
             elsewhere[name] = held + [k for k, _ in fails]
@@ -130,6 +128,12 @@ def plan_resume(cache: SemanticCache | None, keys: list[str], root: Path, shard_
         if job is not None:
             plan.jobs.append(job)
     return plan
+
+
+def discard_damaged(cache: SemanticCache, plan: ResumePlan) -> None:
+    """Remove the damaged shards of earlier plans that ``plan`` found (those still damaged)."""
+    for name in plan.discard:
+        cache.discard_damaged_shard(name)
 
 
 def merge_rows(kept: ShardData | None, new: ShardData, order: list[str]) -> ShardData:

@@ -24,8 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from agiqa.cache import SemanticCache, fingerprint_of, open_cache
-from agiqa.cache.store import MANIFEST
+from agiqa.cache import MANIFEST, SemanticCache, fingerprint_of, open_cache
 from agiqa.data.images import file_sha256, list_images
 from agiqa.data.pixels import resize_pixels
 from agiqa.errors import (

@@ -113,7 +113,7 @@ def write_content_shard(cache: SemanticCache,
     shas = sorted(unique)
     keys = [content_key(s) for s in shas]
     name = "shard-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
-    if cache.shard_path(name).exists():
+    if cache.has_shard(name):
         return
     vectors = torch.stack([unique[s][0] for s in shas]).to(torch.float16).numpy()
     zero_shot = torch.stack([unique[s][1] for s in shas]).to(torch.float32).numpy()

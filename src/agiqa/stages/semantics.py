@@ -25,7 +25,7 @@ from agiqa.data.images import list_images, load_image, regular_file, resolve_key
 from agiqa.errors import AgiqaError, ConfigError
 from agiqa.models.mllm import BatchPreparer, SemanticEncoder
 from agiqa.presets import DEFAULT_MLLM, DEFAULT_PROMPTS, load_prompts
-from agiqa.stages.resume import ShardJob, merge_rows, plan_resume
+from agiqa.stages.resume import ShardJob, discard_damaged, merge_rows, plan_resume
 
 __all__ = ["ExtractConfig", "ExtractReport", "ImageSource", "extract_semantics", "semantic_spec_of",
            "worker_slot"]
@@ -231,6 +231,7 @@ def extract_semantics(
         encoder.load(progress=cfg.progress)
     if cache is None:
         cache = create()
+    discard_damaged(cache, plan)
     if plan.jobs:
         _run_shards(cfg, cache, encoder, source.root, plan.jobs, report)
     cache.refresh()
