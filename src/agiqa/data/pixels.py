@@ -22,7 +22,8 @@ INPUT_SIZE = 224
 
 
 def resize_pixels(img: Image.Image | np.ndarray, size: int = INPUT_SIZE) -> torch.Tensor:
-    """Resize an RGB image to uint8 [3, size, size] as the official code does (to within one gray level)."""
+    """Resize an RGB image to uint8 [3, size, size] as the official code does (to within one
+    gray level)."""
     arr = np.asarray(img)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise ValueError(

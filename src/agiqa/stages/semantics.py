@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -341,8 +342,12 @@ def _largest_first(root: Path, keys: list[str]) -> list[str]:
 
     def area(key: str) -> int:
         try:
-            # Only regular files are opened: a FIFO would block here forever.
-            with Image.open(regular_file(resolve_key(root, key, "image list"), key)) as im:
+            # Only regular files are opened: a FIFO would block here forever. A bomb's
+            # warning is the loader's to report.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(regular_file(resolve_key(root, key, "image list"), key))
+            with im:
                 return im.size[0] * im.size[1]
         except Exception:  # noqa: BLE001 - reported by the loader with its reason
             return 0
