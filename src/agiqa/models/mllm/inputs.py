@@ -88,6 +88,7 @@ class BatchPreparer:
         self.share_images = share_images and fuse
         self.pad_token_id = pad_token_id
         self.processor_repeats = processor_repeats
+        self._text_rows: dict[tuple, dict[str, Any]] = {}  # uint8 path: text rows by shape
 
     def __call__(self, images: list[Image.Image], prompt_index: int) -> dict[str, Any]:
         """Processor output for one prompt and a batch of images, answer prefix appended.
@@ -156,9 +157,18 @@ class BatchPreparer:
         if pixels is None:
             batch = dict(self.processor(text=texts, images=images, return_tensors="pt",
                                         padding=True, **processor_kw))
-        else:
-            batch = dict(self.processor.text_batch(texts, n, **processor_kw))
-            batch["pixel_values"] = pixels
+        else:  # the text side of n images is the same for every batch of n: made once
+            key = (tuple(prompts), n, tuple(sorted(processor_kw.items())))
+            if key not in self._text_rows:
+                self._text_rows[key] = self._rows_of(
+                    dict(self.processor.text_batch(texts, n, **processor_kw)), prompts, n)
+            return {**self._text_rows[key], "pixel_values": pixels}
+        return self._rows_of(batch, prompts, n)
+
+    def _rows_of(self, batch: dict[str, Any], prompts: list[int], n: int) -> dict[str, Any]:
+        """The processor's rows with the answer prefixes appended, ``pool_mask`` and
+        ``prompt_rows`` added."""
+        encs = [self.encodings[p] for p in prompts]
         ids = batch["input_ids"]
         rows, k = ids.shape[0], len(encs[0].suffix_ids)
         suffix = torch.tensor([e.suffix_ids for e in encs], dtype=ids.dtype)

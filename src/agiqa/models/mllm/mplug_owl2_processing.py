@@ -243,7 +243,8 @@ class MplugOwl2ImageProcessor:
 
     def crop_uint8(self, image: Image.Image) -> np.ndarray:
         """(H, W, 3) uint8: the resized, center-cropped image, before any arithmetic."""
-        array = np.array(self._resize(image.convert("RGB")))
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        array = np.array(self._resize(image))
         crop_h, crop_w = self.crop_size
         height, width = array.shape[:2]
         top, left = (height - crop_h) // 2, (width - crop_w) // 2
