@@ -495,7 +495,7 @@ def markdown(r: dict) -> str:
             else:
                 how = f"{run}: {x.get('setting')}"
                 if "images" in x:
-                    how += f", batch {x['batch_size']}, {x['loader_workers']} loader processes"
+                    how += f", batch {x['batch_size']}, loader processes: {x['loader_workers']}"
             lines.append(
                 f"| stage one {name} ({row['dtype']}, {row['images']} images) | {how} | "
                 f"{_cell(x, 'images_per_second')} | "

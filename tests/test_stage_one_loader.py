@@ -159,3 +159,17 @@ def test_ordered_load_keeps_order_and_runs_in_process_without_workers():
 
 def _square(i):
     return i * i
+
+
+def test_compile_option_compiles_each_repeated_block_once(owl2):
+    """``compile=True`` wraps every decoder layer and vision block in ``torch.compile`` (lazily:
+    nothing compiles until a forward pass), not the modules inside them."""
+    folder, _ = owl2
+    enc = SemanticEncoder(str(folder), load_prompts("paper"), compile=True).load()
+    model = enc.model.model
+    blocks = [*model.layers, *model.vision_model.encoder.layers]
+    assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    inner = model.layers[0].self_attn.k_proj.multiway
+    assert all(m._compiled_call_impl is None for m in inner)
+    plain = SemanticEncoder(str(folder), load_prompts("paper")).load().model.model
+    assert all(b._compiled_call_impl is None for b in plain.layers)
