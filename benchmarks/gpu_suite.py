@@ -1,6 +1,7 @@
 """Every side-by-side comparison of agiqa and the official code on one GPU, in one run.
 
     python benchmarks/gpu_suite.py --out gpu-results          # one H100: under 8 minutes
+    python benchmarks/gpu_suite.py --out gpu-results --parts stage_one --budget 540
     python benchmarks/gpu_suite.py --out /tmp/smoke --smoke   # tiny shapes, CPU, < 2 minutes
 
 Writes ``DIR/gpu_suite.json`` (after every part, so a run cut short keeps what it measured)
@@ -9,11 +10,14 @@ and ``DIR/gpu_suite.md`` (one table). The parts, each on the same device and the
 * stage one on random models of the full 7B shapes (LLaVA-1.5-7B, Qwen2.5-VL-7B, and
   mPLUG-Owl2-7B where its model family is available), their weights created on the GPU
   directly in the presets' dtype (bf16; mPLUG-Owl2 float16): the official loop
-  (``official_stage_one.official_loop``: two forward passes per image and prompt, batch 8)
-  against agiqa's ``extract_semantics`` at batch 8 and at a larger batch. Both run in this
-  process on the same model object after a warm-up batch; reported: images/s, forward passes
-  per image, peak GPU memory, FLOPs per image and the achieved fraction of the device's dense
-  bf16 peak (and of a bf16 matrix product measured here);
+  (``official_stage_one.official_loop``: two forward passes per image and prompt, batch 8,
+  timed on a subset: it has no pipeline to fill) against agiqa's ``extract_semantics``, every
+  agiqa run over ``--stage-one-images`` (2,000) images. The first agiqa row runs at the CLI's
+  defaults (batch 8, prompts fused, loader processes by the CPU count, no compilation); the
+  others are labelled with the option that differs (a larger batch, the other fusing,
+  ``--compile``), and the forward passes alone show what the pipeline costs. Fractions of the
+  dense bf16 peak count useful FLOPs only, the same for both sides: the language model once per
+  image and prompt, the vision tower once per image;
 * stage two: ``agiqa fit`` against the official training loop (``official_stage_two.py``)
   with the paper's ViT-B/8 (random init), float32 at batch 8 on both sides, then agiqa with
   bf16 autocast at a larger batch, and the same with ``--compile``: training images/s and
@@ -118,7 +122,9 @@ def _timed(device: torch.device, fn) -> tuple[float, Any]:
 
 
 def _agiqa_extract(encoder, photos: Path, keys: list[str], out: Path, batch: int,
-                   workers: int, fmt: str, fuse: bool):
+                   workers: int | None, fmt: str, fuse: bool | None):
+    """``extract_semantics`` as the CLI runs it; ``workers=None`` and ``fuse=None`` are the
+    CLI's defaults (loader processes from the CPUs and the device; the family's fusing)."""
     from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
 
     if out.exists():
@@ -148,8 +154,17 @@ def _build(spec: dict, dtype: str, model_dir: Path, device: torch.device, row: d
 
 
 def stage_one(name: str, spec: dict, dtype: str, work: Path, photos: Path, device: torch.device,
-              seconds: float, max_images: int, big_batch: int, workers: int) -> dict:
-    """One model: the official loop, then agiqa at batch 8 and ``big_batch``, same images."""
+              seconds: float, images: int, big_batch: int, workers: int | None,
+              compile_row: bool) -> dict:
+    """One model: the official loop, then agiqa at the CLI's defaults and at labelled other
+    settings, on the same images.
+
+    FLOPs are the useful work of an image, the same figure for both sides: the language model
+    once per prompt and the vision tower once per image (its output does not depend on the
+    prompt). The official loop's redundant passes (two per prompt, each with its own vision
+    pass) earn it nothing, nor do agiqa's padding tokens.
+    """
+    from agiqa.stages.semantics import default_loader_workers
     from agiqa.testing.tiny_mllm import shape_available
 
     if not shape_available(spec):
@@ -160,80 +175,101 @@ def stage_one(name: str, spec: dict, dtype: str, work: Path, photos: Path, devic
     prefix = encoder.prompts.answer_prefix
     texts = [e.text + ("" if e.text[-1:].isspace() else " ") + prefix
              for e in encoder.encodings]
-    paths = list_photos(photos)
+    paths = list_photos(photos)[:images]
     fmt = cache_read.available_formats()[0]
-    # Warm up (kernels, cuBLAS handles), then time one more batch to size the run: the
-    # official loop gets 35 % of this model's seconds, agiqa's three runs share the rest.
+    # Warm up (kernels, cuBLAS handles), then time one more batch to size the official run:
+    # it has no pipeline to fill, so its rate holds on a subset (a quarter of this model's
+    # seconds); every agiqa run covers all ``images``.
     official_loop(model, processor, paths[:8], work / "warm-official", 8, texts)
     t_batch, _ = _timed(device, lambda: official_loop(model, processor, paths[8:16],
                                                       work / "warm-official", 8, texts))
-    n = int(0.35 * seconds / max(t_batch, 1e-3) * 8) // 8 * 8
-    n = max(8, min(max_images, n))
-    row["images"] = n
+    n_off = int(0.25 * seconds / max(t_batch, 1e-3) * 8) // 8 * 8
+    n_off = max(8, min(len(paths), n_off))
+    row["images"] = len(paths)
     t_off, forwards = _timed(device, lambda: official_loop(
-        model, processor, paths[:n], work / f"official-{name}", 8, texts))
-    row["official"] = {"batch_size": 8, "images_per_second": round(n / t_off, 3),
-                       "forward_passes_per_image": forwards / n, "seconds": round(t_off, 2),
-                       "peak_gib": _peak_gib(device)}
-    keys = [p.name for p in paths[:n]]
+        model, processor, paths[:n_off], work / f"official-{name}", 8, texts))
+    row["official"] = {"batch_size": 8, "images": n_off,
+                       "images_per_second": round(n_off / t_off, 3),
+                       "forward_passes_per_image": forwards / n_off,
+                       "seconds": round(t_off, 2), "peak_gib": _peak_gib(device)}
+    keys = [p.name for p in paths]
     # mPLUG-Owl2: a token runs through one of the two multiway key/value projections.
     unused = 2 * spec["layers"] * spec["hidden"] ** 2 if spec["family"] == "mplug-owl2" else 0
-    language, vision = count_flops_split(model, processor, paths[: min(n, 16)], unused,
+    language, vision = count_flops_split(model, processor, paths[:16], unused,
                                          encoder.encodings[0])
-    flops = language + vision
-    row["flops_per_image_prompt"] = float(f"{flops:.4g}")
+    useful = language * len(encoder.encodings) + vision
+    row["flops_per_image_prompt"] = float(f"{language + vision:.4g}")
     row["vision_flops_per_image"] = float(f"{vision:.4g}")
+    row["useful_flops_per_image"] = float(f"{useful:.4g}")
     peak = peak_bf16_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" \
         else None
-    default_fuse = encoder.fuse_prompts
-    runs = (("agiqa", 8, default_fuse), ("agiqa_large_batch", big_batch, default_fuse),
-            ("agiqa_large_batch_" + ("separate" if default_fuse else "fused"), big_batch,
-             not default_fuse))
-    for label, batch, fuse in runs:
-        row[label] = agiqa_run(encoder, photos, keys, work / f"agiqa-{name}", batch, fuse,
-                               workers, fmt, device, (language, vision), peak,
-                               row["official"]["images_per_second"])
-    only = model_only(encoder, paths[:big_batch], device, language, vision, peak)
-    only["speedup"] = round(only["images_per_second"] / row["official"]["images_per_second"], 2)
+    off_ips = row["official"]["images_per_second"]
+    _credit(row["official"], useful, peak)
+    row["official"]["executed_tflops"] = round(
+        (language + vision) * forwards / t_off / 1e12, 1)
+    fused = encoder.fuse_prompts  # the family's default
+    # (label, batch, fuse, compile, what differs from the CLI's defaults); defaults first.
+    runs = [("agiqa", 8, None, False, "CLI defaults"),
+            (f"agiqa_batch_{big_batch}", big_batch, None, False, f"--batch-size {big_batch}"),
+            (f"agiqa_batch_{big_batch}_" + ("separate" if fused else "fused"), big_batch,
+             not fused, False, f"--batch-size {big_batch} "
+             + ("--no-fuse-prompts" if fused else "--fuse-prompts"))]
+    if compile_row:
+        runs.append(("agiqa_compile", 8, None, True, "--compile"))
+    row["default_loader_workers"] = default_loader_workers(device) if workers is None \
+        else workers
+    for label, batch, fuse, compiled, setting in runs:
+        if compiled:
+            from agiqa.models.mllm import compile_blocks
+
+            compile_blocks(model)
+        r = agiqa_run(encoder, photos, keys, work / f"agiqa-{name}", batch, fuse,
+                      workers, fmt, device, useful, peak, off_ips)
+        r["setting"] = setting
+        r["compile"] = compiled
+        row[label] = r
+    row["runs"] = [label for label, *_ in runs]
+    only = model_only(encoder, paths[:big_batch], device, useful, peak)
+    only["speedup"] = round(only["images_per_second"] / off_ips, 2)
+    only["setting"] = f"forward passes alone, batch {big_batch}, inputs prepared"
     row["model_only"] = only
-    off_tflops = flops * forwards / t_off / 1e12
-    row["official"]["achieved_tflops"] = round(off_tflops, 1)
-    if peak:
-        row["official"]["fraction_of_bf16_peak"] = round(off_tflops / peak, 3)
     return row
 
 
-def agiqa_run(encoder, photos: Path, keys: list[str], out: Path, batch: int, fuse: bool,
-              workers: int, fmt: str, device: torch.device, flops: tuple[float, float],
+def _credit(r: dict, useful: float, peak: float | None) -> None:
+    """Useful TFLOP/s and the fraction of the dense bf16 peak from ``r``'s images/s."""
+    tflops = useful * r["images_per_second"] / 1e12
+    r["useful_tflops"] = round(tflops, 2)
+    if peak:
+        r["fraction_of_bf16_peak"] = round(tflops / peak, 3)
+
+
+def agiqa_run(encoder, photos: Path, keys: list[str], out: Path, batch: int, fuse: bool | None,
+              workers: int | None, fmt: str, device: torch.device, useful: float,
               peak: float | None, official_ips: float) -> dict:
-    """One timed ``extract_semantics`` over ``keys`` (after a warm-up run of one batch)."""
-    language, vision = flops
-    _agiqa_extract(encoder, photos, keys[: max(batch, 8)], out.with_name("warm-agiqa"), batch,
-                   workers, fmt, fuse)
+    """One timed ``extract_semantics`` over ``keys`` (after a warm-up run of a few batches),
+    credited with the useful FLOPs of its images."""
+    _agiqa_extract(encoder, photos, keys[: max(4 * batch, 16)], out.with_name("warm-agiqa"),
+                   batch, workers, fmt, fuse)
     _reset_peak(device)
     sec, report = _timed(device, lambda: _agiqa_extract(encoder, photos, keys, out, batch,
                                                         workers, fmt, fuse))
     # Throughput counts every image run through the model: random weights in float16
     # may overflow, which agiqa records as a failure after the forward passes.
-    r = {"batch_size": batch, "fused_prompts": fuse,
+    r = {"batch_size": batch, "fused_prompts": encoder.fuse_prompts,
+         "loader_workers": report.loader_workers, "images": len(keys),
          "images_per_second": round(len(keys) / sec, 3),
          "forward_passes_per_image": report.forward_passes / len(keys),
          "model_calls": report.model_calls,
          "seconds": round(sec, 2), "padding_fraction": report.to_dict()["padding_fraction"],
          "failed": len(report.failures), "peak_gib": _peak_gib(device),
          "speedup": round(len(keys) / sec / official_ips, 2)}
-    # FLOPs done: a vision pass per image and prompt, or one per image when shared.
-    vision_passes = report.forward_passes / len(encoder.encodings) \
-        if encoder.prepare.share_images else report.forward_passes
-    tflops = (language * report.forward_passes + vision * vision_passes) / sec / 1e12
-    r["achieved_tflops"] = round(tflops, 1)
-    if peak:
-        r["fraction_of_bf16_peak"] = round(tflops / peak, 3)
+    _credit(r, useful, peak)
     return r
 
 
-def model_only(encoder, paths: list[Path], device: torch.device, language: float,
-               vision: float, peak: float | None, reps: int = 3) -> dict:
+def model_only(encoder, paths: list[Path], device: torch.device, useful: float,
+               peak: float | None, reps: int = 3) -> dict:
     """The forward passes alone on one prepared batch (family default fusing), timed ``reps``
     times after a warm-up: what the model does when loading, decoding and writing cost nothing.
     The gap to the whole-run rate is the pipeline's."""
@@ -246,13 +282,9 @@ def model_only(encoder, paths: list[Path], device: torch.device, language: float
     sec, _ = _timed(device, lambda: [encoder.encode_all(batches) for _ in range(reps)])
     n = len(images) * reps
     rows = sum(b["input_ids"].shape[0] for b in batches) * reps
-    vision_passes = rows / len(encoder.encodings) if encoder.prepare.share_images else rows
-    tflops = (language * rows + vision * vision_passes) / sec / 1e12
     out = {"batch_size": len(images), "fused_prompts": encoder.fuse_prompts,
-           "images_per_second": round(n / sec, 3), "forward_passes_per_image": rows / n,
-           "achieved_tflops": round(tflops, 1)}
-    if peak:
-        out["fraction_of_bf16_peak"] = round(tflops / peak, 3)
+           "images_per_second": round(n / sec, 3), "forward_passes_per_image": rows / n}
+    _credit(out, useful, peak)
     return out
 
 
@@ -302,7 +334,7 @@ def run_stage_one(args, work: Path, device: torch.device, budget: Budget, result
         try:
             row = stage_one(name, spec, dtype, work, photos, device, 0.8 * seconds,
                             args.stage_one_images, 16 if args.smoke else LARGE_BATCH[name],
-                            args.loader_workers)
+                            None, compile_row=not args.smoke and not args.no_compile)
         except Exception as e:  # noqa: BLE001 - one model's failure must not lose the rest
             row = {"failed": f"{type(e).__name__}: {str(e)[:400]}"}
         if device.type == "cuda":
@@ -357,13 +389,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=None,
                     help="Wall-clock seconds for the whole suite (default 400; smoke 100).")
     ap.add_argument("--parts", default="stage_one,stage_two,cache_reads")
+    ap.add_argument("--stage-one-images", type=int, default=2000,
+                    help="Images of every timed agiqa stage-one run (default 2000).")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="Leave out stage one's --compile rows.")
     args = ap.parse_args(argv)
     args.budget = args.budget or (100.0 if args.smoke else 400.0)
     args.min_part = 3.0 if args.smoke else 20.0
     # Smoke runs exercise the code paths: no process is cut short by the budget there.
     args.process_timeout = 300.0 if args.smoke else None
     args.loader_workers = 1 if args.smoke else min(8, max(1, (os.cpu_count() or 2) // 2))
-    args.stage_one_images = 16 if args.smoke else 384
+    # Every timed agiqa run of stage one covers this many images (fill and fixed costs then
+    # take their true share); smoke runs stay tiny.
+    args.stage_one_images = 16 if args.smoke else args.stage_one_images
     args.stage_two_images = 48 if args.smoke else 400  # validation and test need 4+ images
     args.cache_images = 200 if args.smoke else 14000
     args.dim = 64 if args.smoke else 4096
@@ -379,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         "suite": "gpu_suite", "smoke": args.smoke, "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_seconds": args.budget,
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-        "stage_one": {}}
+        "versions": versions(), "stage_one": {}}
     if device.type == "cuda":
         result["bf16_peak_tflops"] = peak_bf16_tflops(result["device"])
         result["measured_bf16_matmul_tflops"] = matmul_tflops(device)
@@ -408,6 +446,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def versions() -> dict[str, str | None]:
+    """The software the figures depend on: GPU driver, CUDA, torch, transformers, timm."""
+    import importlib.metadata as md
+    import subprocess
+
+    out: dict[str, str | None] = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    for name in ("transformers", "timm", "pillow", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=30)
+        out["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 \
+            and smi.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        out["driver"] = None
+    return out
+
+
 def _cell(row: dict, key: str, unit: str = "") -> str:
     v = row.get(key)
     return "–" if v is None else f"{v}{unit}"
@@ -426,21 +486,24 @@ def markdown(r: dict) -> str:
             lines.append(f"| stage one {name} | – | – | – | "
                          f"{row.get('skipped') or row.get('failed')} |")
             continue
-        for run in ("official", "agiqa", "agiqa_large_batch", "agiqa_large_batch_fused",
-                    "agiqa_large_batch_separate", "model_only"):
+        for run in ("official", *row.get("runs", ()), "model_only"):
             if run not in row:
                 continue
             x = row[run]
-            how = {True: ", prompts fused", False: ", a pass per prompt"}.get(
-                x.get("fused_prompts"), "")
+            if run == "official":
+                how = f"official loop, batch 8, {x['images']} images"
+            else:
+                how = f"{run}: {x.get('setting')}"
+                if "images" in x:
+                    how += f", batch {x['batch_size']}, loader processes: {x['loader_workers']}"
             lines.append(
-                f"| stage one {name} ({row['dtype']}, {row['images']} images) | {run} batch "
-                f"{x.get('batch_size')}{how} | {_cell(x, 'images_per_second')} | "
+                f"| stage one {name} ({row['dtype']}, {row['images']} images) | {how} | "
+                f"{_cell(x, 'images_per_second')} | "
                 f"{_cell(x, 'speedup', '×') if run != 'official' else '1×'} | "
-                f"{x.get('forward_passes_per_image')} forwards/image of "
-                f"{row['flops_per_image_prompt'] / 1e12:.3g} TFLOP, "
-                f"{_cell(x, 'achieved_tflops')} TFLOP/s = "
-                f"{_cell(x, 'fraction_of_bf16_peak')} of peak, peak memory "
+                f"{x.get('forward_passes_per_image')} forwards/image; useful "
+                f"{row['useful_flops_per_image'] / 1e12:.3g} TFLOP/image, "
+                f"{_cell(x, 'useful_tflops')} TFLOP/s = "
+                f"{_cell(x, 'fraction_of_bf16_peak')} of peak; peak memory "
                 f"{_cell(x, 'peak_gib', ' GiB')} |")
     s2 = r.get("stage_two")
     if s2 and "official" in s2:

@@ -8,6 +8,9 @@ bf16 peak.
     python benchmarks/stage_one.py --shape llava-1.5-7b   # GPU: 7B-shaped, random bf16 weights
     python benchmarks/stage_one.py --shape qwen2.5-vl-7b  # GPU: dynamic resolution, 7B-shaped
     python benchmarks/stage_one.py --shape cpu-mplug-owl2 [--fuse-prompts off]  # CPU, mPLUG-Owl2
+
+agiqa runs at the CLI's defaults (loader processes included) unless an option is given;
+``--baseline-src DIR`` adds a third row, the agiqa of another source tree at its defaults.
 """
 
 from __future__ import annotations
@@ -164,15 +167,19 @@ def _official(py: str, model: Path, images: Path, out: Path, batch: int) -> dict
     return run
 
 
-def _agiqa(py: str, model: Path, images: Path, cache: Path, batch: int, workers: int,
-           extra: list[str]) -> dict:
+def _agiqa(py: str, model: Path, images: Path, cache: Path, batch: int, workers: int | None,
+           extra: list[str], src: str | None = None) -> dict:
+    """One whole ``extract-semantics`` process; ``workers=None`` leaves the loader processes
+    at the CLI's default; ``src``: run the agiqa of that source folder instead."""
     if cache.exists():
         import shutil
 
         shutil.rmtree(cache)
+    loader = [] if workers is None else ["--loader-workers", str(workers)]
+    env = {"PYTHONPATH": src} if src else None
     run = run_process([py, "-m", "agiqa", "extract-semantics", "--model", str(model),
                        "--images", str(images), "--out", str(cache), "--batch-size", str(batch),
-                       "--loader-workers", str(workers), "-q", "--json", *extra])
+                       *loader, "-q", "--json", *extra], env=env)
     run["report"] = json.loads(run.pop("stdout"))
     run["load_average"] = load_average()
     return run
@@ -183,7 +190,11 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
     ap.add_argument("--images", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--loader-workers", type=int, default=2)
+    ap.add_argument("--loader-workers", type=int, default=None,
+                    help="agiqa's --loader-workers (default: the CLI's default, as a user runs)")
+    ap.add_argument("--baseline-src", default=None,
+                    help="Also time the agiqa of this source folder (e.g. an earlier commit's "
+                         "src/, from git archive) at its own defaults, alternating with ours.")
     ap.add_argument("--repeats", type=int, default=2,
                     help="Runs of each; the order alternates (official first in odd runs).")
     ap.add_argument("--fuse-prompts", choices=["default", "on", "off"], default="default",
@@ -195,7 +206,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         model, images = prepare_inputs(work, args.shape, args.images)
-        official, ours = [], []
+        official, ours, base = [], [], []
         extra = {"default": [], "on": ["--fuse-prompts"], "off": ["--no-fuse-prompts"]}[
             args.fuse_prompts]
         for r in range(args.repeats):
@@ -203,6 +214,10 @@ def main() -> None:
                                                        args.batch_size)),
                      lambda: ours.append(_agiqa(py, model, images, work / "agiqa-cache",
                                                 args.batch_size, args.loader_workers, extra))]
+            if args.baseline_src:
+                steps.append(lambda: base.append(_agiqa(
+                    py, model, images, work / "baseline-cache", args.batch_size, None, extra,
+                    str(Path(args.baseline_src).resolve()))))
             for step in (steps if r % 2 == 0 else steps[::-1]):
                 step()
         n = args.images
@@ -227,7 +242,9 @@ def main() -> None:
                       "forward_passes_per_image": report["forward_passes"] / n,
                       "model_calls": report["model_calls"], "fuse_prompts": args.fuse_prompts,
                       "padding_fraction": report["padding_fraction"],
-                      "loader_workers": args.loader_workers,
+                      "loader_workers": report.get("loader_workers", args.loader_workers),
+                      "loader_workers_setting": "CLI default" if args.loader_workers is None
+                      else "set by --loader-workers",
                       "cpu_seconds_each": [o["cpu_seconds"] for o in ours],
                       "peak_rss_mib": max(o["peak_rss_mib"] for o in ours),
                       "load_average_each": [o["load_average"] for o in ours]},
@@ -235,6 +252,16 @@ def main() -> None:
             "speedup_each": [round(a / b, 3) for a, b in zip(off_s, our_s, strict=True)],
             "speedup_median": round(statistics.median(off_s) / statistics.median(our_s), 3),
         }
+        if base:
+            base_s = [o["seconds"] for o in base]
+            result["baseline"] = {
+                "src": args.baseline_src, "process_seconds_each": base_s,
+                "process_seconds_median": statistics.median(base_s),
+                "images_per_second": round(n / statistics.median(base_s), 3),
+                "cpu_seconds_each": [o["cpu_seconds"] for o in base],
+                "load_average_each": [o["load_average"] for o in base]}
+            result["against_baseline_median"] = round(
+                statistics.median(base_s) / statistics.median(our_s), 3)
         if torch.cuda.is_available():
             name = torch.cuda.get_device_name(0)
             peak = peak_bf16_tflops(name)

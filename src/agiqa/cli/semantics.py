@@ -54,15 +54,19 @@ from agiqa.cli.common import (
               help="Number of independent workers filling this cache (default: torchrun's).")
 @click.option("--worker", type=click.IntRange(min=0), default=None,
               help="This worker's index, 0 to WORKERS-1 (default: torchrun's RANK).")
-@click.option("--loader-workers", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Background processes decoding and preprocessing images.")
+@click.option("--loader-workers", type=click.IntRange(min=0), default=None,
+              help="Background processes decoding and preprocessing images  [default: "
+                   "min(8, CPUs - 1) on a GPU, min(2, CPUs / 2) on a CPU; the report says]")
+@click.option("--compile/--no-compile", "compile_blocks", default=False, show_default=True,
+              help="torch.compile each block of the language model and vision tower (minutes "
+                   "of compilation first; the vectors are unchanged to float tolerance)")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def extract_semantics_cmd(model, revision, images, dataset, root, labels, target, image_column,
                           score_column, out, fmt, prompts, batch_size, shard_size, device, dtype,
                           pad_square, fuse_prompts, trust_remote_code, no_retry_failed, workers,
-                          worker, loader_workers, quiet, as_json):
+                          worker, loader_workers, compile_blocks, quiet, as_json):
     """Stage one: run the MLLM once per image and prompt; cache the semantic vectors.
 
     \b
@@ -92,7 +96,8 @@ def extract_semantics_cmd(model, revision, images, dataset, root, labels, target
                         trust_remote_code=trust_remote_code,
                         retry_failed=not no_retry_failed,
                         workers=workers, worker=worker,
-                        loader_workers=loader_workers, progress=not quiet)
+                        loader_workers=loader_workers, compile=compile_blocks,
+                        progress=not quiet)
     report = extract_semantics(cfg, source)
     if as_json:
         echo_json(report.to_dict())
@@ -106,7 +111,7 @@ def _print_extract_summary(report) -> None:
     click.echo(
         f"{r.requested} images: {r.computed} computed, {r.reused} already cached, "
         f"{len(r.failures)} failed  ({r.images_per_second:.1f} images/s, worker {r.worker} of "
-        f"{r.workers}) -> {r.cache}"
+        f"{r.workers}, {r.loader_workers} loader process(es)) -> {r.cache}"
     )
     for name, reason in sorted(r.damaged_shards.items()):
         click.echo(f"rebuilt damaged shard {name}: {reason}", err=True)

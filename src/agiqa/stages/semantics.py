@@ -8,15 +8,19 @@ and renamed into place, so a killed run leaves only whole shards and a rerun doe
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import time
+import warnings
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
 from tqdm.auto import tqdm
 
 from agiqa.cache import MANIFEST, SemanticCache, ShardData, semantic_spec
@@ -27,8 +31,8 @@ from agiqa.models.mllm import BatchPreparer, SemanticEncoder
 from agiqa.presets import DEFAULT_MLLM, DEFAULT_PROMPTS, load_prompts
 from agiqa.stages.resume import ShardJob, discard_damaged, merge_rows, plan_resume
 
-__all__ = ["ExtractConfig", "ExtractReport", "ImageSource", "extract_semantics", "semantic_spec_of",
-           "worker_slot"]
+__all__ = ["ExtractConfig", "ExtractReport", "ImageSource", "default_loader_workers",
+           "extract_semantics", "ordered_load", "semantic_spec_of", "worker_slot"]
 
 
 @dataclass
@@ -48,7 +52,8 @@ class ExtractConfig:
     retry_failed: bool = True
     workers: int | None = None
     worker: int | None = None
-    loader_workers: int = 2
+    loader_workers: int | None = None
+    compile: bool = False
     attn_implementation: str | None = None
     pad_square: bool | None = None
     fuse_prompts: bool | None = None
@@ -64,7 +69,7 @@ class ExtractConfig:
         self.out = Path(self.out)
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
-        if self.loader_workers < 0:
+        if self.loader_workers is not None and self.loader_workers < 0:
             raise ConfigError(f"loader workers must be 0 or more, got {self.loader_workers}")
 
 
@@ -107,6 +112,7 @@ class ExtractReport:
     model_calls: int = 0
     tokens: int = 0
     padding_tokens: int = 0
+    loader_workers: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -129,6 +135,7 @@ class ExtractReport:
             "tokens": self.tokens,
             "padding_fraction": round(self.padding_tokens / self.tokens, 4) if self.tokens else 0.0,
             "worker": self.worker, "workers": self.workers,
+            "loader_workers": self.loader_workers,
         }
 
 
@@ -144,34 +151,54 @@ def worker_slot(workers: int | None = None, worker: int | None = None) -> tuple[
     return worker, workers
 
 
-class _Images(TorchDataset):
-    """Decodes one image per item; a broken file becomes a recorded failure, not an exception."""
+def default_loader_workers(device: torch.device | str) -> int:
+    """Loader processes when none are asked for: on a GPU ``min(8, cpus - 1)``, enough to keep
+    it fed at ~20 ms of CPU per large image; on a CPU ``min(2, cpus // 2)``, since the model's
+    own threads need the cores."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpus or 1
+    if torch.device(device).type == "cuda":
+        return max(0, min(8, cpus - 1))
+    return max(0, min(2, cpus // 2))
 
-    def __init__(self, root: Path, keys: list[str]):
-        self.root, self.keys = root, keys
 
-    def __len__(self) -> int:
-        return len(self.keys)
+def _decode(root: Path, key: str):
+    """(image, sha, None) or (None, None, reason): a bad file is a recorded failure."""
+    try:
+        img, sha = load_image(resolve_key(root, key, "image list"), key)
+        return img, sha, None
+    except AgiqaError as e:  # a bad file or a refused path: recorded, never fatal
+        return None, None, getattr(e, "reason", None) or str(e)
 
-    def __getitem__(self, i: int):
-        key = self.keys[i]
+
+class _LoadPixels:
+    """One image -> (key, sha, uint8 pixels, failure reason), in a loader process."""
+
+    def __init__(self, root: Path, prepare: BatchPreparer):
+        self.root, self.prepare = root, prepare
+
+    def __call__(self, key: str):
+        img, sha, reason = _decode(self.root, key)
+        if reason is not None:
+            return key, None, None, reason
         try:
-            img, sha = load_image(resolve_key(self.root, key, "image list"), key)
-            return key, img, sha, None
-        except AgiqaError as e:  # a bad file or a refused path: recorded, never fatal
-            return key, None, None, getattr(e, "reason", None) or str(e)
+            return key, sha, self.prepare.image_item(img), None
+        except Exception as e:  # noqa: BLE001 - one image refused, the run goes on
+            return key, None, None, f"the MLLM's processor refused it ({type(e).__name__}: {e})"
 
 
-class _Collate:
-    """Runs the processor in the loader workers; isolates images the processor refuses."""
+class _LoadBatch:
+    """Keys -> (keys, shas, failures, processor inputs), the processor run in a loader process
+    (model families whose processor is not split into uint8 pixels and a device step)."""
 
-    def __init__(self, prepare: BatchPreparer):
-        self.prepare = prepare
+    def __init__(self, root: Path, prepare: BatchPreparer):
+        self.root, self.prepare = root, prepare
 
     def _inputs(self, images):
         return self.prepare.all_prompts(images)
 
-    def __call__(self, items):
+    def __call__(self, keys: list[str]):
+        items = [(k, *_decode(self.root, k)) for k in keys]
         failures = {k: reason for k, _, _, reason in items if reason is not None}
         good = [(k, img, sha) for k, img, sha, reason in items if reason is None]
         try:
@@ -187,6 +214,76 @@ class _Collate:
             good = kept
             inputs = self._inputs([img for _, img, _ in good]) if good else []
         return [k for k, _, _ in good], [s for _, _, s in good], failures, inputs
+
+
+_TASK = None  # the task function of a loader process, set once when it starts
+
+
+def _start_loader(task) -> None:
+    global _TASK
+    _TASK = task
+    torch.set_num_threads(1)
+
+
+def _run_task(item):
+    return _TASK(item)
+
+
+KILLED = ("its loader process was killed by the operating system while reading it (out of "
+          "memory?)")
+
+
+def _loader_pool(workers: int, task) -> ProcessPoolExecutor:
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_loader,
+                               initargs=(task,))
+
+
+def ordered_load(task, items: list, workers: int, ahead: int, split, died) -> Iterator:
+    """``task(item)`` for each of ``items``, in order, run in ``workers`` processes with up to
+    ``ahead`` items in flight (``workers=0``: in this process).
+
+    A loader process that dies (killed by the operating system, e.g. for memory) takes none
+    of the run with it: the items it may have held are run again one key at a time
+    (``split(item)`` gives the one-key items), each in a process of its own, and a key whose
+    process dies again gives ``died(key_item)``, its failure by name.
+    """
+    if workers == 0:
+        for item in items:
+            yield task(item)
+        return
+    pending: deque = deque()
+    pool = _loader_pool(workers, task)
+    try:
+        at = 0
+        while at < len(items) or pending:
+            while at < len(items) and len(pending) < ahead:
+                pending.append((items[at], pool.submit(_run_task, items[at])))
+                at += 1
+            item, future = pending.popleft()
+            try:
+                yield future.result()
+                continue
+            except BrokenProcessPool:
+                pass
+            pool.shutdown(wait=True, cancel_futures=True)
+            suspects = [(item, future), *pending]
+            pending.clear()
+            for item, future in suspects:
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    yield future.result()
+                    continue
+                for one in split(item):
+                    with _loader_pool(1, task) as alone:
+                        try:
+                            result = alone.submit(_run_task, one).result()
+                        except BrokenProcessPool:
+                            result = died(one)
+                    yield result
+            pool = _loader_pool(workers, task)
+    finally:  # waits for the images in hand at most: no loader outlives the run
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def semantic_spec_of(encoder: SemanticEncoder) -> dict:
@@ -208,7 +305,7 @@ def extract_semantics(
             cfg.model, load_prompts(cfg.prompts), revision=cfg.revision, device=cfg.device,
             dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
             attn_implementation=cfg.attn_implementation, pad_square=cfg.pad_square,
-            fuse_prompts=cfg.fuse_prompts,
+            fuse_prompts=cfg.fuse_prompts, compile=cfg.compile,
         )
     spec = semantic_spec_of(encoder)
 
@@ -227,6 +324,8 @@ def extract_semantics(
                        cfg.retry_failed)
     report.reused, report.changed, report.retried = plan.reused, plan.changed, plan.retried
     report.damaged_shards = plan.damaged
+    report.loader_workers = (default_loader_workers(encoder.device)
+                             if cfg.loader_workers is None else cfg.loader_workers)
     if plan.jobs:
         encoder.load(progress=cfg.progress)
     if cache is None:
@@ -252,8 +351,12 @@ def _largest_first(root: Path, keys: list[str]) -> list[str]:
 
     def area(key: str) -> int:
         try:
-            # Only regular files are opened: a FIFO would block here forever.
-            with Image.open(regular_file(resolve_key(root, key, "image list"), key)) as im:
+            # Only regular files are opened: a FIFO would block here forever. A bomb's
+            # warning is the loader's to report.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(regular_file(resolve_key(root, key, "image list"), key))
+            with im:
                 return im.size[0] * im.size[1]
         except Exception:  # noqa: BLE001 - reported by the loader with its reason
             return 0
@@ -264,26 +367,34 @@ def _largest_first(root: Path, keys: list[str]) -> list[str]:
 
 def _run_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncoder, root: Path,
                 jobs: list[ShardJob], report: ExtractReport) -> None:
+    """Per image, the pixels as uint8, when the model's processor allows it (mPLUG-Owl2): the
+    first batch starts after one image per loader process, the batch is stacked in the main
+    process (in pinned memory for a GPU) and normalised on the device. Otherwise per batch,
+    the processor run in the loader processes."""
+    workers = report.loader_workers
+    prepare = encoder.prepare
+    per_image = prepare.uint8_pixels
     pending = [(job.name, _largest_first(root, job.compute)) for job in jobs]
-    keys = [k for _, shard_keys in pending for k in shard_keys]
-    batches, offset = [], 0
-    for _, shard_keys in pending:
-        for i in range(0, len(shard_keys), cfg.batch_size):
-            end = offset + min(i + cfg.batch_size, len(shard_keys))
-            batches.append(list(range(offset + i, end)))
-        offset += len(shard_keys)
+    batches = [shard_keys[i:i + cfg.batch_size] for _, shard_keys in pending
+               for i in range(0, len(shard_keys), cfg.batch_size)]
+    ahead = max(2 * cfg.batch_size, 4 * workers) if per_image else 4 * max(workers, 1)
+    if per_image:
+        results = ordered_load(_LoadPixels(root, prepare),
+                               [k for b in batches for k in b], workers, ahead,
+                               split=lambda key: [key],
+                               died=lambda key: (key, None, None, KILLED))
+        loaded = _pixel_batches(results, batches, prepare, encoder.device.type == "cuda")
+    else:
+        loaded = ordered_load(_LoadBatch(root, prepare), batches, workers, ahead,
+                              split=lambda keys: [[k] for k in keys],
+                              died=lambda keys: ([], [], {keys[0]: KILLED}, []))
     n_prompts = len(encoder.prompts.texts)
-    loader = DataLoader(
-        _Images(root, keys), batch_sampler=batches, collate_fn=_Collate(encoder.prepare),
-        num_workers=cfg.loader_workers, pin_memory=encoder.device.type == "cuda",
-        prefetch_factor=4 if cfg.loader_workers else None,
-    )
-    bar = tqdm(total=len(keys), unit="img", desc="extract-semantics", disable=not cfg.progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=sum(map(len, batches)), unit="img", desc="extract-semantics",
+               disable=not cfg.progress, dynamic_ncols=True)
     job_iter = iter(jobs)
     job = next(job_iter)
     acc = _ShardAccumulator()
-    for batch_keys, shas, failures, inputs in loader:
+    for batch_keys, shas, failures, inputs in loaded:
         acc.failures.update(failures)
         if batch_keys:
             for batch in inputs:  # counted on the host copies: no wait for the device
@@ -302,6 +413,24 @@ def _run_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncod
             acc = _ShardAccumulator()
             job = next(job_iter, None)
     bar.close()
+
+
+def _pixel_batches(results: Iterator, batches: list[list[str]], prepare: BatchPreparer,
+                   pin: bool) -> Iterator:
+    """Group the per-image results into ``batches`` (keys, shas, failures, inputs): the uint8
+    pixels stacked in one (pinned) tensor, the text side made here."""
+    for keys in batches:
+        got = [next(results) for _ in keys]
+        failures = {k: reason for k, _, _, reason in got if reason is not None}
+        good = [(k, sha, px) for k, sha, px, reason in got if reason is None]
+        inputs = []
+        if good:
+            first = good[0][2]
+            stacked = torch.empty((len(good), *first.shape), dtype=torch.uint8, pin_memory=pin)
+            # numpy's copy: torch's uint8 copy_ into slices is many times slower on a CPU
+            np.stack([px for _, _, px in good], out=stacked.numpy())
+            inputs = prepare.all_prompts_pixels(stacked)
+        yield [k for k, _, _ in good], [s for _, s, _ in good], failures, inputs
 
 
 class _ShardAccumulator:

@@ -33,9 +33,29 @@ from agiqa.models.mllm.vision_paths import (
 from agiqa.presets import PromptSet
 from agiqa.runtime import DTYPES, resolve_device, resolve_dtype
 
-__all__ = ["BatchPreparer", "PromptEncoding", "SemanticEncoder"]
+__all__ = ["BatchPreparer", "PromptEncoding", "SemanticEncoder", "compile_blocks"]
 
 MPLUG_OWL2 = "mplug_owl2"
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """``torch.compile`` every repeated block (the children of each ``ModuleList`` of two or
+    more modules of one class: decoder layers, vision blocks) in place; returns how many.
+
+    Blocks, not the whole model: one compiled graph serves every layer of a stack, the batch
+    shapes that vary (sequence lengths) are marked dynamic after their first change, and the
+    Python around the blocks (routing, pooling) stays as it is."""
+    inside: set[int] = set()  # modules within a block already compiled
+    count = 0
+    for module in model.modules():  # parents before children
+        if id(module) in inside or not isinstance(module, torch.nn.ModuleList) \
+                or len(module) < 2 or len({type(m) for m in module}) != 1:
+            continue
+        for block in module:
+            inside.update(id(m) for m in block.modules())
+            block.compile(dynamic=None)
+            count += 1
+    return count
 
 
 class SemanticEncoder:
@@ -54,6 +74,9 @@ class SemanticEncoder:
             processor; ``None`` follows the recipe.
         fuse_prompts: run every prompt of a batch of images in one forward pass, the vision
             tower once per image for all prompts (``None``: on; see :meth:`set_fuse_prompts`).
+        compile: compile each block of the language model and the vision tower with
+            ``torch.compile`` when the weights are attached (off by default: the compilation
+            costs minutes before the first batch).
 
     Only the config and processor load here (for fingerprints and plans); :meth:`load` loads
     the weights.
@@ -70,7 +93,9 @@ class SemanticEncoder:
         attn_implementation: str | None = None,
         pad_square: bool | None = None,
         fuse_prompts: bool | None = None,
+        compile: bool = False,
     ):
+        self.compile = bool(compile)
         self.identity = identify_mllm(model, revision, require=True)
         self.model_id = self.identity.model_id
         self.recipe = self.identity.recipe
@@ -182,6 +207,8 @@ class SemanticEncoder:
         """Use ``model`` (already on ``self.device``, in ``self.dtype``) instead of loading the
         weights: for models built in memory, e.g. random full-size models for benchmarks."""
         self.model = model.eval()
+        if self.compile:
+            compile_blocks(self.model)
         self._base = getattr(self.model, "model", None)
         self._head = self.model.get_output_embeddings()
         self._grouped = self.family != MPLUG_OWL2 and supports_grouped_attention(self.model)
@@ -252,6 +279,8 @@ class SemanticEncoder:
         for k, v in batch.items():
             if torch.is_tensor(v):
                 v = v.to(self.device, non_blocking=True)
+                if k == "pixel_values" and v.dtype == torch.uint8:
+                    v = self.prepare.normalize(v)  # on the device, bit-identical to the CPU's
                 if v.is_floating_point():
                     v = v.to(DTYPES[self.dtype])
             inputs[k] = v

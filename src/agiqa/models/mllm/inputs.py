@@ -88,6 +88,7 @@ class BatchPreparer:
         self.share_images = share_images and fuse
         self.pad_token_id = pad_token_id
         self.processor_repeats = processor_repeats
+        self._text_rows: dict[tuple, dict[str, Any]] = {}  # uint8 path: text rows by shape
 
     def __call__(self, images: list[Image.Image], prompt_index: int) -> dict[str, Any]:
         """Processor output for one prompt and a batch of images, answer prefix appended.
@@ -99,35 +100,75 @@ class BatchPreparer:
             images = [expand2square(im, self.pad_to) for im in images]
         return self._rows(images, [prompt_index])
 
-    def all_prompts(self, images: list[Image.Image]) -> list[dict[str, Any]]:
+    @property
+    def uint8_pixels(self) -> bool:
+        """Whether the pixels can leave the loader as uint8 and be normalised on the device
+        (:meth:`image_item`, :meth:`all_prompts_pixels`, :meth:`normalize`): the processor's
+        image side is agiqa's own (mPLUG-Owl2), so the split is exact."""
+        return hasattr(self.processor, "text_batch") \
+            and hasattr(self.processor.image_processor, "crop_uint8")
+
+    def image_item(self, image: Image.Image) -> Any:
+        """One image's pixels as the loader hands them over: padded to a square if the recipe
+        says so, resized and cropped, uint8 (H, W, 3)."""
+        if self.pad_to is not None:
+            image = expand2square(image, self.pad_to)
+        return self.processor.image_processor.crop_uint8(image)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (n, H, W, 3) from :meth:`image_item`, on any device -> the processor's float32
+        ``pixel_values``, bit for bit."""
+        return self.processor.image_processor.normalize_uint8(pixels)
+
+    def all_prompts_pixels(self, pixels: torch.Tensor) -> list[dict[str, Any]]:
+        """As :meth:`all_prompts`, from uint8 pixels (n, H, W, 3) stacked from
+        :meth:`image_item`; ``pixel_values`` stays uint8 until the encoder normalises it."""
+        return self.all_prompts(None, pixels)
+
+    def all_prompts(self, images: list[Image.Image] | None,
+                    pixels: torch.Tensor | None = None) -> list[dict[str, Any]]:
         """The inputs of every prompt for ``images``: a batch per prompt, or one fused batch.
 
         Either way the rows run prompt by prompt: prompt 0 for every image, then prompt 1...
         With ``share_images`` the pixels are kept once for all prompts (and a processor that
         takes ``image_repeats`` reads each image once).
         """
-        if self.pad_to is not None:
+        if pixels is None and self.pad_to is not None:
             images = [expand2square(im, self.pad_to) for im in images]
         prompts = list(range(len(self.encodings)))
         if self.share_images and self.processor_repeats \
                 and len({len(e.suffix_ids) for e in self.encodings}) == 1:
-            batch = self._rows(images, prompts, image_repeats=len(prompts))
+            batch = self._rows(images, prompts, pixels, image_repeats=len(prompts))
             batch["image_repeats"] = len(prompts)
             return [batch]
-        batches = [self._rows(images, [p]) for p in prompts]
+        batches = [self._rows(images, [p], pixels) for p in prompts]
         if not self.fuse or len(batches) == 1:
             return batches
         return [fuse_batches(batches, self.pad_token_id, self.share_images)]
 
-    def _rows(self, images: list[Image.Image], prompts: list[int],
-              **processor_kw: Any) -> dict[str, Any]:
+    def _rows(self, images: list[Image.Image] | None, prompts: list[int],
+              pixels: torch.Tensor | None = None, **processor_kw: Any) -> dict[str, Any]:
         """One processor call: the rows of ``prompts`` (each over every image, prompt-major),
-        answer prefixes appended; the prompts' prefixes must have one length."""
+        answer prefixes appended; the prompts' prefixes must have one length. With uint8
+        ``pixels`` only the text is processed."""
         encs = [self.encodings[p] for p in prompts]
-        n = len(images)
-        batch = self.processor(text=[e.text for e in encs for _ in range(n)], images=images,
-                               return_tensors="pt", padding=True, **processor_kw)
-        batch = dict(batch)
+        n = len(images) if pixels is None else pixels.shape[0]
+        texts = [e.text for e in encs for _ in range(n)]
+        if pixels is None:
+            batch = dict(self.processor(text=texts, images=images, return_tensors="pt",
+                                        padding=True, **processor_kw))
+        else:  # the text side of n images is the same for every batch of n: made once
+            key = (tuple(prompts), n, tuple(sorted(processor_kw.items())))
+            if key not in self._text_rows:
+                self._text_rows[key] = self._rows_of(
+                    dict(self.processor.text_batch(texts, n, **processor_kw)), prompts, n)
+            return {**self._text_rows[key], "pixel_values": pixels}
+        return self._rows_of(batch, prompts, n)
+
+    def _rows_of(self, batch: dict[str, Any], prompts: list[int], n: int) -> dict[str, Any]:
+        """The processor's rows with the answer prefixes appended, ``pool_mask`` and
+        ``prompt_rows`` added."""
+        encs = [self.encodings[p] for p in prompts]
         ids = batch["input_ids"]
         rows, k = ids.shape[0], len(encs[0].suffix_ids)
         suffix = torch.tensor([e.suffix_ids for e in encs], dtype=ids.dtype)

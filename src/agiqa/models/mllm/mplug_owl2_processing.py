@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from transformers import BatchEncoding, BatchFeature
 from transformers.utils import cached_file
@@ -240,19 +241,33 @@ class MplugOwl2ImageProcessor:
             height, width = (new_long, new_short) if w <= h else (new_short, new_long)
         return image.resize((width, height), resample=self.resample)
 
-    def preprocess_one(self, image: Image.Image) -> np.ndarray:
-        """(3, H, W) float32 pixel values of one image."""
-        array = np.array(self._resize(image.convert("RGB")))
+    def crop_uint8(self, image: Image.Image) -> np.ndarray:
+        """(H, W, 3) uint8: the resized, center-cropped image, before any arithmetic."""
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        array = np.array(self._resize(image))
         crop_h, crop_w = self.crop_size
         height, width = array.shape[:2]
         top, left = (height - crop_h) // 2, (width - crop_w) // 2
         if top < 0 or left < 0:
             raise ValueError(f"resized image {width}x{height} is smaller than the crop size")
-        array = array[top:top + crop_h, left:left + crop_w]
+        return np.ascontiguousarray(array[top:top + crop_h, left:left + crop_w])
+
+    def preprocess_one(self, image: Image.Image) -> np.ndarray:
+        """(3, H, W) float32 pixel values of one image."""
+        array = self.crop_uint8(image)
         scaled = (array * self.rescale_factor).astype(np.float32)
         mean = np.array(self.image_mean, dtype=np.float32)
         std = np.array(self.image_std, dtype=np.float32)
         return ((scaled - mean) / std).transpose(2, 0, 1)
+
+    def normalize_uint8(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(n, H, W, 3) uint8 from :meth:`crop_uint8` -> (n, 3, H, W) float32 pixel values, on
+        the tensor's device, bit-identical to :meth:`preprocess_one` (rescaled in float64, then
+        normalised in float32, as numpy does it)."""
+        scaled = (pixels.to(torch.float64) * self.rescale_factor).to(torch.float32)
+        mean = torch.tensor(self.image_mean, dtype=torch.float32, device=pixels.device)
+        std = torch.tensor(self.image_std, dtype=torch.float32, device=pixels.device)
+        return ((scaled - mean) / std).permute(0, 3, 1, 2).contiguous()
 
     def __call__(self, images: Image.Image | Sequence[Image.Image],
                  return_tensors: str | None = "pt") -> BatchFeature:
@@ -309,6 +324,17 @@ class MplugOwl2Processor:
         for i in ids:
             out += [i] * self.num_image_tokens if i == IMAGE_TOKEN_INDEX else [i]
         return out
+
+    def text_batch(self, texts: list[str], images: int, image_repeats: int = 1,
+                   return_tensors: str | None = "pt", padding: bool = True) -> BatchEncoding:
+        """As :meth:`__call__` without the pixels: the ids and mask of ``texts`` for ``images``
+        images whose pixels come separately (e.g. as uint8, normalised on the device)."""
+        sequences = [self.expand(self.tokenizer_image_token(t)) for t in texts]
+        markers = sum(t.count(IMAGE_TOKEN) for t in texts)
+        if markers != images * image_repeats:
+            raise ValueError(f"the texts hold {markers} {IMAGE_TOKEN} markers for {images} "
+                             f"images x {image_repeats}")
+        return self.tokenizer.pad(sequences, padding=padding, return_tensors=return_tensors)
 
     def __call__(self, text: str | list[str], images: Image.Image | list[Image.Image] | None = None,
                  return_tensors: str | None = "pt", padding: bool = True,

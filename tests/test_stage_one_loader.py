@@ -1,0 +1,175 @@
+"""Stage one's loader: per-image uint8 pixels normalised on the device, bit for bit; the
+loader-process default; bad files and killed loader processes fail alone, by name; no hang."""
+
+import io
+import os
+import shutil
+import signal
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import agiqa.stages.semantics as semantics
+from agiqa.cache import open_cache
+from agiqa.models.mllm import SemanticEncoder
+from agiqa.models.mllm.mplug_owl2_processing import MplugOwl2ImageProcessor
+from agiqa.presets import load_prompts
+from agiqa.stages.semantics import (
+    KILLED,
+    ExtractConfig,
+    ImageSource,
+    default_loader_workers,
+    extract_semantics,
+    ordered_load,
+)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "mplug_owl2"
+
+
+@pytest.fixture(scope="module")
+def owl2(tmp_path_factory):
+    base = tmp_path_factory.mktemp("owl2")
+    shutil.copytree(FIXTURE / "checkpoint", base / "ckpt")
+    shutil.copytree(FIXTURE / "images", base / "images")
+    return base / "ckpt", base / "images"
+
+
+@pytest.fixture
+def deadline():
+    """Fail a test that would hang instead of hanging the suite."""
+    def hung(*_):
+        raise TimeoutError("the run hung")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(240)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def test_uint8_pixels_normalise_to_the_processors_floats_bit_for_bit():
+    proc = MplugOwl2ImageProcessor()
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+              for h, w in [(500, 700), (460, 460), (900, 452)]]
+    floats = np.stack([proc.preprocess_one(im) for im in images])
+    crops = torch.from_numpy(np.stack([proc.crop_uint8(im) for im in images]))
+    assert crops.dtype == torch.uint8 and crops.shape == (3, 448, 448, 3)
+    got = proc.normalize_uint8(crops)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    assert np.array_equal(got.numpy(), floats)
+
+
+def test_loader_default_follows_the_device(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
+    assert default_loader_workers("cuda") == 8 and default_loader_workers("cpu") == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    assert default_loader_workers("cuda") == 1 and default_loader_workers("cpu") == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0}, raising=False)
+    assert default_loader_workers("cuda") == 0 and default_loader_workers("cpu") == 0
+
+
+def _bomb_png() -> bytes:
+    """A tiny PNG whose header claims 10,000 x 10,000 pixels."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = bytearray(data[12:29])  # type + 13 bytes of IHDR data
+    ihdr[4:12] = struct.pack(">II", 10_000, 10_000)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+def _kill_on_marked(real):
+    def load(path, name=None):
+        if "kill_me" in str(path):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, name)
+    return load
+
+
+def test_per_image_loading_fails_bad_files_and_killed_loaders_alone(owl2, tmp_path,
+                                                                    monkeypatch, deadline):
+    """mPLUG-Owl2 loads per image: a decompression bomb, a truncated file and an image whose
+    loader process is killed each fail by name; the rest equal a clean in-process run."""
+    folder, images = owl2
+    clean = tmp_path / "clean"
+    shutil.copytree(images, clean)
+    dirty = tmp_path / "dirty"
+    shutil.copytree(images, dirty)
+    first = sorted(p for p in clean.iterdir())[0]
+    shutil.copy(first, dirty / f"kill_me{first.suffix}")
+    (dirty / "bomb.png").write_bytes(_bomb_png())
+    whole = first.read_bytes()
+    (dirty / "truncated.jpg").write_bytes(whole[: len(whole) // 2] if first.suffix == ".jpg"
+                                          else b"\xff\xd8\xff\xe0" + b"\0" * 40)
+    monkeypatch.setattr(semantics, "load_image", _kill_on_marked(semantics.load_image))
+    enc = SemanticEncoder(str(folder), load_prompts("paper")).load()
+    assert enc.prepare.uint8_pixels
+    ref = extract_semantics(ExtractConfig(out=tmp_path / "a", model=str(folder), batch_size=2,
+                                          loader_workers=0, progress=False),
+                            ImageSource.from_folder(clean), enc)
+    got = extract_semantics(ExtractConfig(out=tmp_path / "b", model=str(folder), batch_size=2,
+                                          loader_workers=2, progress=False),
+                            ImageSource.from_folder(dirty), enc)
+    assert got.loader_workers == 2 and got.to_dict()["loader_workers"] == 2
+    assert set(got.failures) == {"kill_me" + first.suffix, "bomb.png", "truncated.jpg"}
+    assert got.failures["kill_me" + first.suffix] == KILLED
+    assert "decompression bomb" in got.failures["bomb.png"]
+    assert got.computed == ref.computed + 3
+    keys = sorted(p.name for p in clean.iterdir())
+    a, b = open_cache(tmp_path / "a").read(keys), open_cache(tmp_path / "b").read(keys)
+    np.testing.assert_array_equal(a["vectors"], b["vectors"])
+    # batches differ in size (failed images leave gaps): float32 to the last bits
+    np.testing.assert_allclose(a["zero_shot"], b["zero_shot"], rtol=1e-6)
+
+
+def test_batch_loading_retries_the_batch_of_a_killed_loader(tiny_llava, photo_folder, tmp_path,
+                                                            monkeypatch, deadline):
+    """Families whose processor runs in the loader (per batch): the batch of a killed loader
+    process is run again one image at a time; only the marked image fails."""
+    root, kinds = photo_folder
+    good = sorted(k for k, v in kinds.items() if v == "ok")[:5]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k in good:
+        shutil.copy(root / k, folder / Path(k).name)
+    shutil.copy(root / good[0], folder / ("kill_me" + Path(good[0]).suffix))
+    monkeypatch.setattr(semantics, "load_image", _kill_on_marked(semantics.load_image))
+    cfg = ExtractConfig(out=tmp_path / "c", model=str(tiny_llava), batch_size=3,
+                        loader_workers=1, progress=False)
+    report = extract_semantics(cfg, ImageSource.from_folder(folder))
+    assert report.failures == {"kill_me" + Path(good[0]).suffix: KILLED}
+    assert report.computed == len(good) + 1
+
+
+def test_ordered_load_keeps_order_and_runs_in_process_without_workers():
+    items = list(range(20))
+    assert list(ordered_load(_square, items, 0, 4, lambda i: [i], None)) == \
+        [i * i for i in items]
+    assert list(ordered_load(_square, items, 2, 5, lambda i: [i], None)) == \
+        [i * i for i in items]
+
+
+def _square(i):
+    return i * i
+
+
+def test_compile_option_compiles_each_repeated_block_once(owl2):
+    """``compile=True`` wraps every decoder layer and vision block in ``torch.compile`` (lazily:
+    nothing compiles until a forward pass), not the modules inside them."""
+    folder, _ = owl2
+    enc = SemanticEncoder(str(folder), load_prompts("paper"), compile=True).load()
+    model = enc.model.model
+    blocks = [*model.layers, *model.vision_model.encoder.layers]
+    assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    inner = model.layers[0].self_attn.k_proj.multiway
+    assert all(m._compiled_call_impl is None for m in inner)
+    plain = SemanticEncoder(str(folder), load_prompts("paper")).load().model.model
+    assert all(b._compiled_call_impl is None for b in plain.layers)
