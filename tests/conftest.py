@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -149,3 +153,31 @@ def write_photo_folder(root: Path, with_broken: bool = True) -> dict[str, str]:
 def photo_folder(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("photos")
     return root, write_photo_folder(root)
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """A finished ``agiqa demo --json``: its folder, its JSON report and its wall time."""
+
+    out: Path
+    report: dict[str, Any]
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> DemoRun:
+    """One demo per session (about a minute on two cores), shared by the demo's tests and by the
+    documentation pages that run ``agiqa demo``: its folder holds ``tiny-llava/``, ``images/``
+    (with ``labels.csv``), ``unseen/``, ``cache/``, ``run/`` and ``scores.csv``."""
+    from click.testing import CliRunner
+
+    from agiqa.cli import cli
+
+    out = tmp_path_factory.mktemp("demo-session") / "demo"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AGIQA_HOME", str(tmp_path_factory.mktemp("demo-home")))
+        start = time.perf_counter()
+        r = CliRunner().invoke(cli, ["demo", "--out", str(out), "--json"], catch_exceptions=False)
+        seconds = time.perf_counter() - start
+    assert r.exit_code == 0, r.output
+    return DemoRun(out, json.loads(r.stdout), seconds)

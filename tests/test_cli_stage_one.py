@@ -20,10 +20,20 @@ def run(*args):
 
 
 def test_help_lists_every_command_and_version():
+    import click
+
     result = run("--help")
     assert result.exit_code == 0
-    for cmd in ("extract-semantics", "cache"):
-        assert cmd in result.output
+    listed = {ln.split()[0] for ln in result.output.split("Commands:\n", 1)[1].splitlines()
+              if ln.strip()}
+    assert listed == set(cli.commands)
+    assert {"extract-semantics", "cache", "fit", "evaluate", "import-official", "score-folder",
+            "demo", "presets"} <= listed
+    for name, command in cli.commands.items():
+        subcommands = command.commands if isinstance(command, click.Group) else {None: command}
+        for sub in subcommands:
+            r = run(*[a for a in (name, sub, "--help") if a])
+            assert r.exit_code == 0 and "Usage: " in r.output, (name, sub, r.output)
     assert run("--version").output.strip() == "agiqa, version 0.1.0"
 
 

@@ -440,12 +440,3 @@ def test_rank_0_failing_after_training_stops_every_rank(small_set, tmp_path):
     assert proc.returncode != 0
     assert "injected failure while saving the model" in proc.stderr + proc.stdout
     assert "rank 0 failed after training" in proc.stderr + proc.stdout
-
-
-def test_amp_is_an_opt_in_of_fit_evaluate_and_score_folder():
-    for command in ("fit", "evaluate", "score-folder"):
-        r = run(command, "--help")
-        assert r.exit_code == 0 and "--amp" in r.output, command
-    from agiqa.stages.fit import FitConfig
-
-    assert FitConfig(dataset="csv", root=".", cache=".", out=".").amp is False
