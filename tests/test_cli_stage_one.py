@@ -75,9 +75,7 @@ def test_another_model_into_the_same_cache_is_refused(tiny_llava, tiny_qwen, pho
     assert "fingerprint" in result.output and "model:" in result.output
 
 
-def test_clean_folder_exits_0_and_cache_info(tiny_llava, tmp_path):
-    from tests.conftest import write_photo_folder
-
+def test_clean_folder_exits_0_and_cache_info(tiny_llava, tmp_path, write_photo_folder):
     write_photo_folder(tmp_path / "imgs", with_broken=False)
     result = run("extract-semantics", "--model", tiny_llava, "--images", tmp_path / "imgs",
                  "--out", tmp_path / "c", "--format", "hdf5", "-q")
@@ -89,9 +87,7 @@ def test_clean_folder_exits_0_and_cache_info(tiny_llava, tmp_path):
     assert "prompt       coherence: Evaluate if the image quality" in text
 
 
-def test_fuse_prompts_option_halves_the_model_calls(tiny_llava, tmp_path):
-    from tests.conftest import write_photo_folder
-
+def test_fuse_prompts_option_halves_the_model_calls(tiny_llava, tmp_path, write_photo_folder):
     write_photo_folder(tmp_path / "imgs", with_broken=False)
     reports = {}
     for flag in ("--no-fuse-prompts", "--fuse-prompts"):
@@ -105,9 +101,7 @@ def test_fuse_prompts_option_halves_the_model_calls(tiny_llava, tmp_path):
     assert separate["model_calls"] == 2 * fused["model_calls"] == 2 * 3
 
 
-def test_cache_verify_names_changed_and_missing_files(tiny_llava, tmp_path):
-    from tests.conftest import write_photo_folder
-
+def test_cache_verify_names_changed_and_missing_files(tiny_llava, tmp_path, write_photo_folder):
     root = tmp_path / "imgs"
     write_photo_folder(root, with_broken=False)
     run("extract-semantics", "--model", tiny_llava, "--images", root, "--out", tmp_path / "c", "-q")
@@ -137,9 +131,7 @@ def test_usage_errors(tmp_path):
     assert r.exit_code == 1 and "cannot load MLLM" in r.output
 
 
-def test_dataset_preset_source(tiny_llava, tmp_path):
-    from tests.conftest import write_photo_folder
-
+def test_dataset_preset_source(tiny_llava, tmp_path, write_photo_folder):
     root = tmp_path / "imgs"
     write_photo_folder(root, with_broken=False)
     (root / "labels.csv").write_text("image,mos\r\nchelsea.png,3.5\r\nrocket.bmp,1.0\r\n")
@@ -149,9 +141,7 @@ def test_dataset_preset_source(tiny_llava, tmp_path):
     assert open_cache(tmp_path / "c").keys == ["chelsea.png", "rocket.bmp"]
 
 
-def test_sigkill_midway_then_resume_equals_uninterrupted(tiny_llava, tmp_path):
-    from tests.conftest import write_photo_folder
-
+def test_sigkill_midway_then_resume_equals_uninterrupted(tiny_llava, tmp_path, write_photo_folder):
     root = tmp_path / "imgs"
     for i in range(4):
         write_photo_folder(root / f"set{i}", with_broken=False)
@@ -191,9 +181,7 @@ def test_usage_errors_exit_64_apart_from_failed_images(tmp_path):
     assert proc.returncode == 64 and "Error: No such option" in proc.stderr
 
 
-def _clean_cache(tiny_llava, tmp_path):
-    from tests.conftest import write_photo_folder
-
+def _clean_cache(tiny_llava, tmp_path, write_photo_folder):
     root = tmp_path / "imgs"
     write_photo_folder(root, with_broken=False)
     r = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out",
@@ -202,8 +190,9 @@ def _clean_cache(tiny_llava, tmp_path):
     return root
 
 
-def test_verify_names_a_damaged_shard_and_a_rerun_rebuilds_it(tiny_llava, tmp_path):
-    root = _clean_cache(tiny_llava, tmp_path)
+def test_verify_names_a_damaged_shard_and_a_rerun_rebuilds_it(tiny_llava, tmp_path,
+                                                              write_photo_folder):
+    root = _clean_cache(tiny_llava, tmp_path, write_photo_folder)
     cache = open_cache(tmp_path / "c")
     before = cache.read(cache.keys)["vectors"]
     shard = cache.shard_paths()[1]
@@ -219,8 +208,8 @@ def test_verify_names_a_damaged_shard_and_a_rerun_rebuilds_it(tiny_llava, tmp_pa
     np.testing.assert_array_equal(open_cache(tmp_path / "c").read(cache.keys)["vectors"], before)
 
 
-def test_cache_faults_are_one_error_line(tiny_llava, tmp_path, monkeypatch):
-    root = _clean_cache(tiny_llava, tmp_path)
+def test_cache_faults_are_one_error_line(tiny_llava, tmp_path, monkeypatch, write_photo_folder):
+    root = _clean_cache(tiny_llava, tmp_path, write_photo_folder)
     args = ["extract-semantics", "--model", tiny_llava, "--images", root, "--out",
             tmp_path / "c", "-q"]
     import agiqa.cache.store as store

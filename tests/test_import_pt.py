@@ -12,7 +12,6 @@ from agiqa.cache import open_cache
 from agiqa.cache.imports import official_tensor_name
 from agiqa.cli import cli
 from agiqa.stages.official import official_semantics
-from tests.conftest import real_photos
 
 DIM = 4096  # mPLUG-Owl2's width, as the official tensors have it
 
@@ -34,7 +33,7 @@ def _save(path, obj):
 
 
 @pytest.fixture(scope="module")
-def official(tmp_path_factory):
+def official(tmp_path_factory, real_photos):
     """Images, a label file and the tensors getFeature.py would write, some of them broken."""
     base = tmp_path_factory.mktemp("official")
     root, tensors = base / "images", base / "tensors"

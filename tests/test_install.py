@@ -6,9 +6,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_wheel_ships_every_file_of_the_package(tmp_path):
     # Built from a copy: a build writes build/ and *.egg-info next to the sources.
     shutil.copytree(REPO / "src", tmp_path / "src",

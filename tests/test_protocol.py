@@ -31,7 +31,6 @@ from agiqa.stages.trainer import (
     validation_figures,
     validation_images,
 )
-from tests.test_data import SHARED, needs_shared
 
 
 def run(*args):
@@ -50,15 +49,14 @@ def official_split(label_file, seed=20):
     return [[names[i] for i in part] for part in cut]
 
 
-@needs_shared
 @pytest.mark.parametrize("preset,folder,label_file,sizes", [
     ("agiqa-3k", "agiqa-3k", "data.csv", (2087, 298, 597)),
     ("aigciqa-20k", "aigciqa-20k", "info_train.csv", (9800, 1400, 2800)),
 ])
 def test_paper_split_is_dataset_general_on_the_real_label_files(preset, folder, label_file,
-                                                                 sizes):
-    split = make_split(load_dataset(preset, SHARED / folder), "paper", 20)
-    train, val, test = official_split(SHARED / folder / label_file)
+                                                                 sizes, shared_data):
+    split = make_split(load_dataset(preset, shared_data / folder), "paper", 20)
+    train, val, test = official_split(shared_data / folder / label_file)
     assert (len(split.train), len(split.val), len(split.test)) == sizes
     assert (split.train, split.val, split.test) == (train, val, test)
 
