@@ -170,6 +170,7 @@ def test_hdf5_shard_with_damaged_bytes_is_refused(tiny_llava, tmp_path):
         open_cache(tmp_path / "c").read(keys)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
 def test_replacement_never_leaves_the_shard_absent(tmp_path, fmt):
     """Two writer processes replace one shard over and over while two readers read it: every

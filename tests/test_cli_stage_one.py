@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from agiqa.cache import open_cache
@@ -37,6 +38,7 @@ def test_help_lists_every_command_and_version():
     assert run("--version").output.strip() == "agiqa, version 0.1.0"
 
 
+@pytest.mark.slow
 def test_extract_exits_2_and_names_every_broken_file(tiny_llava, photo_folder, tmp_path):
     root, kinds = photo_folder
     result = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out",
@@ -64,6 +66,7 @@ def test_extract_exits_2_and_names_every_broken_file(tiny_llava, photo_folder, t
     assert skip.exit_code == 2 and report["computed"] == 0 and report["failed"] == 3
 
 
+@pytest.mark.slow
 def test_another_model_into_the_same_cache_is_refused(tiny_llava, tiny_qwen, photo_folder,
                                                       tmp_path):
     root, _ = photo_folder
@@ -75,6 +78,7 @@ def test_another_model_into_the_same_cache_is_refused(tiny_llava, tiny_qwen, pho
     assert "fingerprint" in result.output and "model:" in result.output
 
 
+@pytest.mark.slow
 def test_clean_folder_exits_0_and_cache_info(tiny_llava, tmp_path, write_photo_folder):
     write_photo_folder(tmp_path / "imgs", with_broken=False)
     result = run("extract-semantics", "--model", tiny_llava, "--images", tmp_path / "imgs",
@@ -87,6 +91,7 @@ def test_clean_folder_exits_0_and_cache_info(tiny_llava, tmp_path, write_photo_f
     assert "prompt       coherence: Evaluate if the image quality" in text
 
 
+@pytest.mark.slow
 def test_fuse_prompts_option_halves_the_model_calls(tiny_llava, tmp_path, write_photo_folder):
     write_photo_folder(tmp_path / "imgs", with_broken=False)
     reports = {}
@@ -101,6 +106,7 @@ def test_fuse_prompts_option_halves_the_model_calls(tiny_llava, tmp_path, write_
     assert separate["model_calls"] == 2 * fused["model_calls"] == 2 * 3
 
 
+@pytest.mark.slow
 def test_cache_verify_names_changed_and_missing_files(tiny_llava, tmp_path, write_photo_folder):
     root = tmp_path / "imgs"
     write_photo_folder(root, with_broken=False)
@@ -131,6 +137,7 @@ def test_usage_errors(tmp_path):
     assert r.exit_code == 1 and "cannot load MLLM" in r.output
 
 
+@pytest.mark.slow
 def test_dataset_preset_source(tiny_llava, tmp_path, write_photo_folder):
     root = tmp_path / "imgs"
     write_photo_folder(root, with_broken=False)
@@ -141,6 +148,7 @@ def test_dataset_preset_source(tiny_llava, tmp_path, write_photo_folder):
     assert open_cache(tmp_path / "c").keys == ["chelsea.png", "rocket.bmp"]
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_resume_equals_uninterrupted(tiny_llava, tmp_path, write_photo_folder):
     root = tmp_path / "imgs"
     for i in range(4):
@@ -190,6 +198,7 @@ def _clean_cache(tiny_llava, tmp_path, write_photo_folder):
     return root
 
 
+@pytest.mark.slow
 def test_verify_names_a_damaged_shard_and_a_rerun_rebuilds_it(tiny_llava, tmp_path,
                                                               write_photo_folder):
     root = _clean_cache(tiny_llava, tmp_path, write_photo_folder)
@@ -208,6 +217,7 @@ def test_verify_names_a_damaged_shard_and_a_rerun_rebuilds_it(tiny_llava, tmp_pa
     np.testing.assert_array_equal(open_cache(tmp_path / "c").read(cache.keys)["vectors"], before)
 
 
+@pytest.mark.slow
 def test_cache_faults_are_one_error_line(tiny_llava, tmp_path, monkeypatch, write_photo_folder):
     root = _clean_cache(tiny_llava, tmp_path, write_photo_folder)
     args = ["extract-semantics", "--model", tiny_llava, "--images", root, "--out",
@@ -225,6 +235,7 @@ def test_cache_faults_are_one_error_line(tiny_llava, tmp_path, monkeypatch, writ
     assert "manifest.json: damaged manifest (a JSON object is needed, found list)" in r.output
 
 
+@pytest.mark.slow
 def test_os_errors_are_one_error_line(tiny_llava, tmp_path, monkeypatch):
     import agiqa.cache.store as store
 
@@ -243,6 +254,7 @@ def test_os_errors_are_one_error_line(tiny_llava, tmp_path, monkeypatch):
     assert r.output == f"Error: {tmp_path / 'c' / 'manifest.json'}: No space left on device\n"
 
 
+@pytest.mark.slow
 def test_truncated_weights_exit_1_and_leave_no_manifest(tiny_llava, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_llava, model)

@@ -8,6 +8,9 @@ from click.testing import CliRunner
 
 from agiqa.cli import cli
 
+# Each test trains (or extracts and trains) on a CPU.
+pytestmark = pytest.mark.slow
+
 
 def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)

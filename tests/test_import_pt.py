@@ -78,6 +78,7 @@ def test_official_tensor_names_follow_getfeature():
     assert official_tensor_name("d.JPG", "coherence") is None
 
 
+@pytest.mark.slow
 def test_import_names_every_broken_file_and_fit_reads_the_cache(official, tmp_path):
     root, tensors, good, broken = official
     cache_dir = tmp_path / "cache"
