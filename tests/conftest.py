@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -87,7 +91,7 @@ def tiny_qwen25(tmp_path_factory) -> Path:
                            image_size=112)
 
 
-def real_photos() -> dict[str, np.ndarray]:
+def _real_photos() -> dict[str, np.ndarray]:
     """Real photographs shipped with scikit-image (no download)."""
     import skimage.data as d
 
@@ -101,11 +105,11 @@ def _jpeg_bytes(img: Image.Image, **kw) -> bytes:
     return buf.getvalue()
 
 
-def write_photo_folder(root: Path, with_broken: bool = True) -> dict[str, str]:
+def _write_photo_folder(root: Path, with_broken: bool = True) -> dict[str, str]:
     """Write real photos in many formats and modes (and broken files). Returns key → kind."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "nested" / "deeper").mkdir(parents=True, exist_ok=True)
-    p = real_photos()
+    p = _real_photos()
     astro = Image.fromarray(p["astronaut"]).resize((96, 96))
     cat = Image.fromarray(p["chelsea"]).resize((120, 80))
     coffee = Image.fromarray(p["coffee"]).resize((90, 60))
@@ -148,4 +152,87 @@ def write_photo_folder(root: Path, with_broken: bool = True) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def photo_folder(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("photos")
-    return root, write_photo_folder(root)
+    return root, _write_photo_folder(root)
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """A finished ``agiqa demo --json``: its folder, its JSON report and its wall time."""
+
+    out: Path
+    report: dict[str, Any]
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> DemoRun:
+    """One demo per session (about a minute on two cores), shared by the demo's tests and by the
+    documentation pages that run ``agiqa demo``: its folder holds ``tiny-llava/``, ``images/``
+    (with ``labels.csv``), ``unseen/``, ``cache/``, ``run/`` and ``scores.csv``."""
+    from click.testing import CliRunner
+
+    from agiqa.cli import cli
+
+    out = tmp_path_factory.mktemp("demo-session") / "demo"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AGIQA_HOME", str(tmp_path_factory.mktemp("demo-home")))
+        start = time.perf_counter()
+        r = CliRunner().invoke(cli, ["demo", "--out", str(out), "--json"], catch_exceptions=False)
+        seconds = time.perf_counter() - start
+    assert r.exit_code == 0, r.output
+    return DemoRun(out, json.loads(r.stdout), seconds)
+
+
+@pytest.fixture(scope="session")
+def real_photos():
+    """The function that returns real photographs shipped with scikit-image, by name."""
+    return _real_photos
+
+
+@pytest.fixture(scope="session")
+def write_photo_folder():
+    """The function that writes real photos in many formats and modes (and broken files) into a
+    folder and returns key → kind (``ok``, ``broken``, ``skipped``)."""
+    return _write_photo_folder
+
+
+def _shared_data() -> Path:
+    """The real label files: ``shared/data`` beside the checkout or a folder above it."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "shared" / "data").is_dir():
+            return parent / "shared" / "data"
+    return here.parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The folder of the real data sets' label files; the test is skipped where it is absent."""
+    folder = _shared_data()
+    if not folder.is_dir():
+        pytest.skip(f"no shared/data folder above {Path(__file__).parent}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def graded(tmp_path_factory, tiny_llava):
+    """Real photos blurred in 6 grades; MOS falls with blur. Extracted once per session."""
+    from click.testing import CliRunner
+    from PIL import ImageFilter
+
+    from agiqa.cli import cli
+
+    root = tmp_path_factory.mktemp("graded")
+    rows = ["image,mos"]
+    for name, arr in _real_photos().items():
+        img = Image.fromarray(arr).convert("RGB").resize((160, 120))
+        for b in range(6):
+            img.filter(ImageFilter.GaussianBlur(1.5 * b)).save(root / f"{name}_{b}.jpg", quality=92)
+            rows.append(f"{name}_{b}.jpg,{5 - 0.8 * b:.2f}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    cache = root.parent / f"{root.name}-cache"
+    r = CliRunner().invoke(cli, ["extract-semantics", "--model", str(tiny_llava), "--dataset",
+                                 "csv", "--root", str(root), "--out", str(cache), "-q",
+                                 "--loader-workers", "0"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return root, cache

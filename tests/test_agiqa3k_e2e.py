@@ -6,18 +6,18 @@ import random
 import shutil
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
 from agiqa.cli import cli
-from tests.test_data import SHARED, needs_shared
 
 
-@needs_shared
-def test_extract_and_fit_with_the_paper_split_on_agiqa3k_names(tmp_path, tiny_llava):
+@pytest.mark.slow
+def test_extract_and_fit_with_the_paper_split_on_agiqa3k_names(tmp_path, tiny_llava, shared_data):
     root = tmp_path / "AGIQA-3K"
     root.mkdir()
-    shutil.copy(SHARED / "agiqa-3k" / "data.csv", root / "data.csv")
+    shutil.copy(shared_data / "agiqa-3k" / "data.csv", root / "data.csv")
     with open(root / "data.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     rng = np.random.default_rng(0)

@@ -199,6 +199,7 @@ def _shard(keys, value, p=2, d=8):
                      np.full((n, p), value, np.float32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
 def test_replacement_never_leaves_the_shard_absent(tmp_path, fmt):
     """Two writer processes replace one shard over and over while two readers read it: every

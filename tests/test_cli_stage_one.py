@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from agiqa.cache import open_cache
@@ -20,13 +21,24 @@ def run(*args):
 
 
 def test_help_lists_every_command_and_version():
+    import click
+
     result = run("--help")
     assert result.exit_code == 0
-    for cmd in ("extract-semantics", "cache"):
-        assert cmd in result.output
+    listed = {ln.split()[0] for ln in result.output.split("Commands:\n", 1)[1].splitlines()
+              if ln.strip()}
+    assert listed == set(cli.commands)
+    assert {"extract-semantics", "cache", "fit", "evaluate", "import-official", "score-folder",
+            "demo", "presets"} <= listed
+    for name, command in cli.commands.items():
+        subcommands = command.commands if isinstance(command, click.Group) else {None: command}
+        for sub in subcommands:
+            r = run(*[a for a in (name, sub, "--help") if a])
+            assert r.exit_code == 0 and "Usage: " in r.output, (name, sub, r.output)
     assert run("--version").output.strip() == "agiqa, version 0.1.0"
 
 
+@pytest.mark.slow
 def test_extract_exits_2_and_names_every_broken_file(tiny_llava, photo_folder, tmp_path):
     root, kinds = photo_folder
     result = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out",
@@ -55,6 +67,7 @@ def test_extract_exits_2_and_names_every_broken_file(tiny_llava, photo_folder, t
     assert skip.exit_code == 2 and report["computed"] == 0 and report["failed"] == 3
 
 
+@pytest.mark.slow
 def test_another_model_into_the_same_cache_is_refused(tiny_llava, tiny_qwen, photo_folder,
                                                       tmp_path):
     root, _ = photo_folder
@@ -66,9 +79,8 @@ def test_another_model_into_the_same_cache_is_refused(tiny_llava, tiny_qwen, pho
     assert "fingerprint" in result.output and "model:" in result.output
 
 
-def test_clean_folder_exits_0_and_cache_info(tiny_llava, tmp_path):
-    from tests.conftest import write_photo_folder
-
+@pytest.mark.slow
+def test_clean_folder_exits_0_and_cache_info(tiny_llava, tmp_path, write_photo_folder):
     write_photo_folder(tmp_path / "imgs", with_broken=False)
     result = run("extract-semantics", "--model", tiny_llava, "--images", tmp_path / "imgs",
                  "--out", tmp_path / "c", "--format", "hdf5", "-q")
@@ -80,9 +92,8 @@ def test_clean_folder_exits_0_and_cache_info(tiny_llava, tmp_path):
     assert "prompt       coherence: Evaluate if the image quality" in text
 
 
-def test_fuse_prompts_option_halves_the_model_calls(tiny_llava, tmp_path):
-    from tests.conftest import write_photo_folder
-
+@pytest.mark.slow
+def test_fuse_prompts_option_halves_the_model_calls(tiny_llava, tmp_path, write_photo_folder):
     write_photo_folder(tmp_path / "imgs", with_broken=False)
     reports = {}
     for flag in ("--no-fuse-prompts", "--fuse-prompts"):
@@ -96,9 +107,8 @@ def test_fuse_prompts_option_halves_the_model_calls(tiny_llava, tmp_path):
     assert separate["model_calls"] == 2 * fused["model_calls"] == 2 * 3
 
 
-def test_cache_verify_names_changed_and_missing_files(tiny_llava, tmp_path):
-    from tests.conftest import write_photo_folder
-
+@pytest.mark.slow
+def test_cache_verify_names_changed_and_missing_files(tiny_llava, tmp_path, write_photo_folder):
     root = tmp_path / "imgs"
     write_photo_folder(root, with_broken=False)
     run("extract-semantics", "--model", tiny_llava, "--images", root, "--out", tmp_path / "c", "-q")
@@ -128,9 +138,8 @@ def test_usage_errors(tmp_path):
     assert r.exit_code == 1 and "cannot load MLLM" in r.output
 
 
-def test_dataset_preset_source(tiny_llava, tmp_path):
-    from tests.conftest import write_photo_folder
-
+@pytest.mark.slow
+def test_dataset_preset_source(tiny_llava, tmp_path, write_photo_folder):
     root = tmp_path / "imgs"
     write_photo_folder(root, with_broken=False)
     (root / "labels.csv").write_text("image,mos\r\nchelsea.png,3.5\r\nrocket.bmp,1.0\r\n")
@@ -140,9 +149,8 @@ def test_dataset_preset_source(tiny_llava, tmp_path):
     assert open_cache(tmp_path / "c").keys == ["chelsea.png", "rocket.bmp"]
 
 
-def test_sigkill_midway_then_resume_equals_uninterrupted(tiny_llava, tmp_path):
-    from tests.conftest import write_photo_folder
-
+@pytest.mark.slow
+def test_sigkill_midway_then_resume_equals_uninterrupted(tiny_llava, tmp_path, write_photo_folder):
     root = tmp_path / "imgs"
     for i in range(4):
         write_photo_folder(root / f"set{i}", with_broken=False)
@@ -182,9 +190,7 @@ def test_usage_errors_exit_64_apart_from_failed_images(tmp_path):
     assert proc.returncode == 64 and "Error: No such option" in proc.stderr
 
 
-def _clean_cache(tiny_llava, tmp_path):
-    from tests.conftest import write_photo_folder
-
+def _clean_cache(tiny_llava, tmp_path, write_photo_folder):
     root = tmp_path / "imgs"
     write_photo_folder(root, with_broken=False)
     r = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out",
@@ -193,8 +199,10 @@ def _clean_cache(tiny_llava, tmp_path):
     return root
 
 
-def test_verify_names_a_damaged_shard_and_a_rerun_rebuilds_it(tiny_llava, tmp_path):
-    root = _clean_cache(tiny_llava, tmp_path)
+@pytest.mark.slow
+def test_verify_names_a_damaged_shard_and_a_rerun_rebuilds_it(tiny_llava, tmp_path,
+                                                              write_photo_folder):
+    root = _clean_cache(tiny_llava, tmp_path, write_photo_folder)
     cache = open_cache(tmp_path / "c")
     before = cache.read(cache.keys)["vectors"]
     shard = cache.shard_paths()[1]
@@ -210,8 +218,9 @@ def test_verify_names_a_damaged_shard_and_a_rerun_rebuilds_it(tiny_llava, tmp_pa
     np.testing.assert_array_equal(open_cache(tmp_path / "c").read(cache.keys)["vectors"], before)
 
 
-def test_cache_faults_are_one_error_line(tiny_llava, tmp_path, monkeypatch):
-    root = _clean_cache(tiny_llava, tmp_path)
+@pytest.mark.slow
+def test_cache_faults_are_one_error_line(tiny_llava, tmp_path, monkeypatch, write_photo_folder):
+    root = _clean_cache(tiny_llava, tmp_path, write_photo_folder)
     args = ["extract-semantics", "--model", tiny_llava, "--images", root, "--out",
             tmp_path / "c", "-q"]
     import agiqa.cache.store as store
@@ -227,6 +236,7 @@ def test_cache_faults_are_one_error_line(tiny_llava, tmp_path, monkeypatch):
     assert "manifest.json: damaged manifest (a JSON object is needed, found list)" in r.output
 
 
+@pytest.mark.slow
 def test_os_errors_are_one_error_line(tiny_llava, tmp_path, monkeypatch):
     import agiqa.cache.store as store
 
@@ -245,6 +255,7 @@ def test_os_errors_are_one_error_line(tiny_llava, tmp_path, monkeypatch):
     assert r.output == f"Error: {tmp_path / 'c' / 'manifest.json'}: No space left on device\n"
 
 
+@pytest.mark.slow
 def test_truncated_weights_exit_1_and_leave_no_manifest(tiny_llava, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_llava, model)

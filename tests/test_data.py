@@ -1,7 +1,6 @@
 """Adapters on the real label files, splits, pixels and metrics."""
 
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,45 +12,28 @@ from agiqa.errors import DatasetError
 from agiqa.metrics import evaluate
 
 
-def _shared_data() -> Path:
-    """The real label files: ``shared/data`` beside the checkout or a folder above it."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / "shared" / "data").is_dir():
-            return parent / "shared" / "data"
-    return here.parents[2] / "shared" / "data"
-
-
-SHARED = _shared_data()
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(),
-                                  reason=f"no shared/data folder above {Path(__file__).parent}")
-
-
-@needs_shared
 @pytest.mark.parametrize("name,folder,n,target,first", [
     ("agiqa-3k", "agiqa-3k", 2982, "mos_quality", ("AttnGAN_normal_000.jpg", 0.965602553)),
     ("aigciqa-20k", "aigciqa-20k", 14000, "mos", ("DALLE2_0000.png", 3.6638868235)),
     ("aigciqa2023", "aigciqa2023", 2400, "quality_mos", ("0.png", 60.16417843)),
 ])
-def test_adapters_read_the_real_label_files(name, folder, n, target, first):
-    ds = load_dataset(name, SHARED / folder)
+def test_adapters_read_the_real_label_files(name, folder, n, target, first, shared_data):
+    ds = load_dataset(name, shared_data / folder)
     assert len(ds) == n and ds.target_column == target
     assert (ds.samples[0].key, ds.samples[0].mos) == first
 
 
-@needs_shared
-def test_agiqa3k_alignment_target_and_crlf(tmp_path):
-    ds = load_dataset("agiqa-3k", SHARED / "agiqa-3k", target="mos_align")
+def test_agiqa3k_alignment_target_and_crlf(tmp_path, shared_data):
+    ds = load_dataset("agiqa-3k", shared_data / "agiqa-3k", target="mos_align")
     assert ds.samples[0].mos == pytest.approx(0.40889324)
     crlf = tmp_path / "data.csv"
-    crlf.write_bytes((SHARED / "agiqa-3k/data.csv").read_bytes().replace(b"\n", b"\r\n"))
+    crlf.write_bytes((shared_data / "agiqa-3k/data.csv").read_bytes().replace(b"\n", b"\r\n"))
     ds2 = load_dataset("agiqa-3k", tmp_path)
-    assert ds2.samples == load_dataset("agiqa-3k", SHARED / "agiqa-3k").samples
+    assert ds2.samples == load_dataset("agiqa-3k", shared_data / "agiqa-3k").samples
 
 
-@needs_shared
-def test_paper_split_is_the_official_shuffle():
-    ds = load_dataset("agiqa-3k", SHARED / "agiqa-3k")
+def test_paper_split_is_the_official_shuffle(shared_data):
+    ds = load_dataset("agiqa-3k", shared_data / "agiqa-3k")
     split = make_split(ds, "paper")
     index = list(range(len(ds)))
     random.seed(20)
@@ -75,9 +57,8 @@ def test_random_ratios_cut_where_int_truncates():
     assert (len(tr), len(va), len(te)) == (18, 6, 6)
 
 
-@needs_shared
-def test_split_files_of_agiqa3k():
-    ds = load_dataset("agiqa-3k", SHARED / "agiqa-3k")
+def test_split_files_of_agiqa3k(shared_data):
+    ds = load_dataset("agiqa-3k", shared_data / "agiqa-3k")
     split = make_split(ds, "files")
     assert (len(split.train), len(split.val), len(split.test)) == (1789, 596, 597)
     assert not set(split.train) & set(split.test)

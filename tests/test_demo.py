@@ -1,10 +1,9 @@
 """``agiqa demo``: the whole pipeline offline, through the functions behind the commands."""
 
 import csv
-import json
-import time
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -31,13 +30,9 @@ def test_graded_set_labels_follow_the_damage(tmp_path):
     assert np.abs(np.diff(blurred, axis=1)).mean() < 0.5 * np.abs(np.diff(original, axis=1)).mean()
 
 
-def test_demo_learns_and_says_why_the_numbers_are_no_judgement(tmp_path):
-    out = tmp_path / "demo"
-    start = time.perf_counter()
-    r = CliRunner().invoke(cli, ["demo", "--out", str(out), "--json"], catch_exceptions=False)
-    seconds = time.perf_counter() - start
-    assert r.exit_code == 0, r.output
-    result = json.loads(r.stdout)
+@pytest.mark.slow
+def test_demo_learns_and_says_why_the_numbers_are_no_judgement(demo_run):
+    out, result, seconds = demo_run.out, demo_run.report, demo_run.seconds
     print(f"demo: {seconds:.0f} s, test SRCC {result['metrics']['test']['srcc']:.3f}, "
           f"steps {result['seconds']}")
     assert result["metrics"]["test"]["srcc"] >= 0.6

@@ -5,32 +5,15 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image, ImageFilter
 
 from agiqa.cli import cli
-from tests.conftest import real_photos
+
+# Each test trains (or extracts and trains) on a CPU.
+pytestmark = pytest.mark.slow
 
 
 def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def graded(tmp_path_factory, tiny_llava):
-    """Real photos blurred in 6 grades; MOS falls with blur. Extracted once."""
-    root = tmp_path_factory.mktemp("graded")
-    rows = ["image,mos"]
-    for name, arr in real_photos().items():
-        img = Image.fromarray(arr).convert("RGB").resize((160, 120))
-        for b in range(6):
-            img.filter(ImageFilter.GaussianBlur(1.5 * b)).save(root / f"{name}_{b}.jpg", quality=92)
-            rows.append(f"{name}_{b}.jpg,{5 - 0.8 * b:.2f}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    cache = root.parent / f"{root.name}-cache"
-    r = run("extract-semantics", "--model", tiny_llava, "--dataset", "csv", "--root", root,
-            "--out", cache, "-q", "--loader-workers", "0")
-    assert r.exit_code == 0, r.output
-    return root, cache
 
 
 FIT = ["--dataset", "csv", "--backbone", "tiny", "--no-pretrained", "--batch-size", "6",

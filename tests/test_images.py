@@ -155,6 +155,7 @@ def test_symlinks_followed_to_regular_files_else_named(tmp_path):
     assert list_images(root)[0] == ["dangling.png", "link.png", "loop.png"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader_workers", [0, 1])
 def test_extraction_records_bad_links_and_fifos_and_goes_on(tiny_llava, tmp_path,
                                                             loader_workers):

@@ -12,7 +12,6 @@ from agiqa.cache import open_cache
 from agiqa.cache.imports import official_tensor_name
 from agiqa.cli import cli
 from agiqa.stages.official import official_semantics
-from tests.conftest import real_photos
 
 DIM = 4096  # mPLUG-Owl2's width, as the official tensors have it
 
@@ -34,7 +33,7 @@ def _save(path, obj):
 
 
 @pytest.fixture(scope="module")
-def official(tmp_path_factory):
+def official(tmp_path_factory, real_photos):
     """Images, a label file and the tensors getFeature.py would write, some of them broken."""
     base = tmp_path_factory.mktemp("official")
     root, tensors = base / "images", base / "tensors"
@@ -79,6 +78,7 @@ def test_official_tensor_names_follow_getfeature():
     assert official_tensor_name("d.JPG", "coherence") is None
 
 
+@pytest.mark.slow
 def test_import_names_every_broken_file_and_fit_reads_the_cache(official, tmp_path):
     root, tensors, good, broken = official
     cache_dir = tmp_path / "cache"

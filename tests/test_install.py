@@ -1,4 +1,4 @@
-"""The wheel ships every file of the package; ``.ci/run`` installs it in a fresh venv."""
+"""The wheel ships every file of the package (``.ci/run`` installs it in a fresh venv)."""
 
 import shutil
 import subprocess
@@ -6,9 +6,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_wheel_ships_every_file_of_the_package(tmp_path):
     # Built from a copy: a build writes build/ and *.egg-info next to the sources.
     shutil.copytree(REPO / "src", tmp_path / "src",
@@ -26,16 +29,3 @@ def test_the_wheel_ships_every_file_of_the_package(tmp_path):
     assert {"agiqa/presets/prompts/paper.json", "agiqa/presets/mllms/llava-1.5-7b.json",
             "agiqa/presets/backbones/tiny.json"} <= files
     assert sorted(files - shipped) == []
-
-
-def test_ci_installs_the_wheel_non_editable_and_smoke_tests_it():
-    ci = (REPO / ".ci" / "run").read_text()
-    readme = (REPO / "README.md").read_text()
-    commands = [ln for ln in readme.split("```bash\n", 1)[1].split("```", 1)[0].splitlines() if ln]
-    assert commands == ['python -m pip install -c requirements/constraints.txt -e ".[test]"',
-                        "python -m pytest -q"]
-    for command in commands:
-        assert command in ci
-    for step in ("ruff check .", "python -m venv", "agiqa --help", "agiqa presets list",
-                 "agiqa extract-semantics", "lock.py --check"):
-        assert step in ci, step

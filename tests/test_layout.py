@@ -42,13 +42,12 @@ def test_no_import_runs_up_the_layers():
     assert not upward, "\n".join(upward)
 
 
-def test_benchmarks_import_no_test_module():
-    bench = PACKAGE.parents[1] / "benchmarks"
-    if not bench.is_dir():  # an installed wheel has no benchmarks
-        return
-    for path in bench.glob("*.py"):
+def test_benchmarks_and_tests_import_no_test_module():
+    """Shared fixtures live in tests/conftest.py; no module imports a test module or conftest."""
+    checkout = PACKAGE.parents[1]  # an installed wheel has neither folder: nothing to check
+    for path in [*(checkout / "benchmarks").glob("*.py"), *(checkout / "tests").glob("*.py")]:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
                 [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            assert not any(n == "tests" or n.startswith("tests.") for n in names), path
+            assert not any(n.split(".")[0] in ("tests", "conftest") for n in names), path

@@ -14,6 +14,7 @@ class NotTensors:
     """An arbitrary class: loading it would need pickle's code execution."""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", list_presets("backbones"))
 def test_forward_backward_every_backbone(backbone):
     torch.manual_seed(0)
@@ -28,12 +29,14 @@ def test_forward_backward_every_backbone(backbone):
     assert torch.isfinite(scores).all()
 
 
+@pytest.mark.slow
 def test_vit_runs_only_the_blocks_it_needs():
     model = create_model("vit_base_patch8_224", semantic_dim=8)
     assert len(model.backbone.vit.blocks) == 10  # blocks 10–11 pruned
     assert isinstance(model.backbone.vit.head, torch.nn.Identity)
 
 
+@pytest.mark.slow
 def test_reference_module_has_the_official_keys():
     from pathlib import Path
 
@@ -56,6 +59,7 @@ def official_ckpt(tmp_path_factory):
     return ref, path
 
 
+@pytest.mark.slow
 def test_official_checkpoint_imports_and_scores_the_same(official_ckpt, tmp_path):
     ref, path = official_ckpt
     import_official(path, tmp_path / "m")

@@ -25,6 +25,9 @@ from agiqa.models.mllm.mplug_owl2 import (
     load_mplug_owl2,
 )
 
+# The official mPLUG-Owl2 checkpoint loaded and run on a CPU.
+pytestmark = pytest.mark.slow
+
 FIXTURE = Path(__file__).parent / "fixtures" / "mplug_owl2"
 META = json.loads((FIXTURE / "expected.json").read_text(encoding="utf-8"))
 EXPECTED = dict(np.load(FIXTURE / "expected.npz"))

@@ -19,6 +19,9 @@ from agiqa.presets import load_prompts
 from agiqa.stages.official import official_semantics
 from agiqa.testing.official_reference import OfficialMAAGIQA
 
+# The tiny mPLUG-Owl2 of the official code, run end to end.
+pytestmark = pytest.mark.slow
+
 FIXTURE = Path(__file__).parent / "fixtures" / "mplug_owl2"
 META = json.loads((FIXTURE / "expected.json").read_text(encoding="utf-8"))
 EXPECTED = dict(np.load(FIXTURE / "expected.npz"))

@@ -20,6 +20,9 @@ from agiqa.models.mllm.recipe import check_prompt_order, expand2square, pad_colo
 from agiqa.presets import Recipe, load_prompts, load_recipe, recipe_for_model
 from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
 
+# LLaVA models built and run on a CPU.
+pytestmark = pytest.mark.slow
+
 PROMPTS = load_prompts("paper")
 
 # chat_template.json of llava-hf/llava-1.5-7b-hf (the revision with the `generation` tag), as the

@@ -33,7 +33,6 @@ from agiqa.stages.trainer import (
     validation_figures,
     validation_images,
 )
-from tests.test_data import SHARED, needs_shared
 
 
 def run(*args):
@@ -52,15 +51,14 @@ def official_split(label_file, seed=20):
     return [[names[i] for i in part] for part in cut]
 
 
-@needs_shared
 @pytest.mark.parametrize("preset,folder,label_file,sizes", [
     ("agiqa-3k", "agiqa-3k", "data.csv", (2087, 298, 597)),
     ("aigciqa-20k", "aigciqa-20k", "info_train.csv", (9800, 1400, 2800)),
 ])
 def test_paper_split_is_dataset_general_on_the_real_label_files(preset, folder, label_file,
-                                                                 sizes):
-    split = make_split(load_dataset(preset, SHARED / folder), "paper", 20)
-    train, val, test = official_split(SHARED / folder / label_file)
+                                                                 sizes, shared_data):
+    split = make_split(load_dataset(preset, shared_data / folder), "paper", 20)
+    train, val, test = official_split(shared_data / folder / label_file)
     assert (len(split.train), len(split.val), len(split.test)) == sizes
     assert (split.train, split.val, split.test) == (train, val, test)
 
@@ -97,6 +95,7 @@ def test_selection_uses_raw_plcc_where_the_fitted_one_disagrees():
                          {"epoch": 1, "val_srcc": 0.1, "val_plcc": 0.0}]) == 1
 
 
+@pytest.mark.slow
 def test_the_paper_vit_tag_is_the_checkpoint_timm_0_5_5_loaded(monkeypatch, tmp_path):
     from timm.models import get_pretrained_cfg
 
@@ -180,6 +179,7 @@ def fit_args(small_set, out, *extra):
     return ["fit", *FIT, "--root", root, "--cache", cache, "--out", out, *extra]
 
 
+@pytest.mark.slow
 def test_a_fit_logs_steps_images_and_the_figures_the_selection_used(small_set, tmp_path):
     """Defaults of the official protocol on 50 images: split 35/5/10, batch 4 → 8 steps of 32
     images; validation 4 of 5 (last partial batch dropped); float32; tiny without weights."""
@@ -206,6 +206,7 @@ def test_a_fit_logs_steps_images_and_the_figures_the_selection_used(small_set, t
     assert config["backbone_weights"] == {"pretrained": False, "timm": None, "file": None}
 
 
+@pytest.mark.slow
 def test_evaluate_runs_float32_by_default_and_bf16_with_amp(small_set, tmp_path, monkeypatch):
     root, cache = small_set
     out = tmp_path / "run"
@@ -241,6 +242,7 @@ def _split_of(out):
     return (out / "split.csv").read_text()
 
 
+@pytest.mark.slow
 def test_repeats_keep_the_split_and_split_seeds_change_it(small_set, tmp_path):
     from agiqa.stages.fit import FitConfig, _runs
 
@@ -274,6 +276,7 @@ def test_repeats_keep_the_split_and_split_seeds_change_it(small_set, tmp_path):
 
 
 # -- faults ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_out_is_checked_before_any_heavy_work(small_set, tmp_path, monkeypatch):
     from agiqa.stages import fit as fit_module
 
@@ -299,6 +302,7 @@ def test_out_is_checked_before_any_heavy_work(small_set, tmp_path, monkeypatch):
         assert "pass --resume" not in r.output
 
 
+@pytest.mark.slow
 def test_nothing_is_written_into_out_before_the_model_loads(small_set, tmp_path, monkeypatch):
     from agiqa.stages import fit as fit_module
 
@@ -312,6 +316,7 @@ def test_nothing_is_written_into_out_before_the_model_loads(small_set, tmp_path,
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_small_splits_are_refused_before_training_with_the_counts(small_set, tmp_path):
     r = run(*fit_args(small_set, tmp_path / "r", "--split", "random:0.9,0.06,0.04"))
     assert r.exit_code == 1
@@ -320,6 +325,7 @@ def test_small_splits_are_refused_before_training_with_the_counts(small_set, tmp
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_too_small_for_the_official_batches_falls_back_with_a_warning(small_set, tmp_path):
     r = run(*fit_args(small_set, tmp_path / "r", "--epochs", "1", "--batch-size", "40",
                       "--split", "random:0.7,0.1,0.2"))
@@ -337,6 +343,7 @@ def test_too_small_for_the_official_batches_falls_back_with_a_warning(small_set,
     ("--weight-decay", "-1", "must be a finite number ≥ 0, got -1.0"),
     ("--backbone-lr", "inf", "must be a finite number ≥ 0, got inf"),
 ])
+@pytest.mark.slow
 def test_bad_numbers_are_usage_errors(small_set, tmp_path, option, value, why):
     r = run(*fit_args(small_set, tmp_path / "r", option, value))
     assert r.exit_code == 64  # EX_USAGE: never mistaken for "finished, some images failed"
@@ -344,6 +351,7 @@ def test_bad_numbers_are_usage_errors(small_set, tmp_path, option, value, why):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_killed_checkpoint_write_leaves_nothing_that_breaks_resume(small_set, tmp_path,
                                                                     monkeypatch):
     """A SIGKILL while ``checkpoint.pt`` is written leaves its temporary, and a log row of an
@@ -377,6 +385,7 @@ def test_killed_checkpoint_write_leaves_nothing_that_breaks_resume(small_set, tm
     assert [json.loads(x)["epoch"] for x in log.read_text().splitlines()] == [0, 1]
 
 
+@pytest.mark.slow
 def test_disk_full_while_training_is_one_error_line(small_set, tmp_path, monkeypatch):
     import errno
 
@@ -392,6 +401,7 @@ def test_disk_full_while_training_is_one_error_line(small_set, tmp_path, monkeyp
                                 "(No space left on device)")
 
 
+@pytest.mark.slow
 def test_a_broken_run_config_is_one_error_line(small_set, tmp_path):
     from agiqa.models.agiqa_net import create_model, load_model, save_model
 
@@ -422,6 +432,7 @@ def test_metrics_errors_and_a_logistic_that_does_not_converge():
 
 
 # -- several processes -----------------------------------------------------------------------
+@pytest.mark.slow
 def test_rank_0_failing_after_training_stops_every_rank(small_set, tmp_path):
     """torchrun, 2 CPU processes: rank 0 fails while saving the model; rank 1 must not wait at
     a barrier for ever (the run would hang until the timeout)."""
@@ -445,12 +456,3 @@ def test_rank_0_failing_after_training_stops_every_rank(small_set, tmp_path):
     assert proc.returncode != 0
     assert "injected failure while saving the model" in proc.stderr + proc.stdout
     assert "rank 0 failed after training" in proc.stderr + proc.stdout
-
-
-def test_amp_is_an_opt_in_of_fit_evaluate_and_score_folder():
-    for command in ("fit", "evaluate", "score-folder"):
-        r = run(command, "--help")
-        assert r.exit_code == 0 and "--amp" in r.output, command
-    from agiqa.stages.fit import FitConfig
-
-    assert FitConfig(dataset="csv", root=".", cache=".", out=".").amp is False

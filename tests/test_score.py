@@ -11,8 +11,12 @@ from PIL import Image
 import agiqa
 from agiqa.cli import cli
 from agiqa.errors import BadImageError
-from tests.test_fit import FIT, graded  # noqa: F401 - the shared fixture
 
+# Each test runs the MLLM and a trained model on a CPU.
+pytestmark = pytest.mark.slow
+
+FIT = ["--dataset", "csv", "--backbone", "tiny", "--no-pretrained", "--batch-size", "6",
+       "--split", "random:0.6,0.2,0.2", "--loader-workers", "0", "-q"]
 P = 2  # the paper's prompts: P rows per image in a forward pass
 
 

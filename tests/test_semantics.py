@@ -12,6 +12,9 @@ from agiqa.data.images import load_image
 from agiqa.presets import load_prompts
 from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
 
+# Stage one run on tiny MLLMs, several times per test.
+pytestmark = pytest.mark.slow
+
 PROMPTS = load_prompts("paper")
 
 

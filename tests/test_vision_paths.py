@@ -15,6 +15,9 @@ from agiqa.models.mllm.vision_paths import (
     vision_once,
 )
 
+# Qwen2-VL and LLaVA vision passes compared on a CPU.
+pytestmark = pytest.mark.slow
+
 
 def _load(folder):
     from transformers import AutoModelForImageTextToText, AutoProcessor
