@@ -13,7 +13,6 @@ import pytest
 
 from agiqa.stages.report import score_rows, write_run_report, write_score_report
 from agiqa.testing.report_fixtures import TRICKY_NAME, make_images, make_run, make_score_rows
-from tests.test_fit import graded  # noqa: F401 - the shared fixture
 
 
 def _chromium() -> str | None:
@@ -119,20 +118,20 @@ def test_score_report_in_chromium(browser, tmp_path):
 
 
 @pytest.mark.slow
-def test_reports_of_a_trained_run_an_evaluation_and_a_scored_folder(browser, graded, tmp_path):  # noqa: F811
+def test_reports_of_a_trained_run_an_evaluation_and_a_scored_folder(browser, graded, tmp_path):
     """fit → report, evaluate --out → report, score-folder --report: each page opens clean."""
     from click.testing import CliRunner
 
     from agiqa.cli import cli
-    from tests.test_fit import FIT
-
     def run(*args):
         r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
         assert r.exit_code in (0, 2), r.output
         return r
 
     root, cache = graded
-    run("fit", *FIT, "--root", root, "--cache", cache, "--out", tmp_path / "run", "--epochs", "1")
+    fit = ["--dataset", "csv", "--backbone", "tiny", "--no-pretrained", "--batch-size", "6",
+           "--split", "random:0.6,0.2,0.2", "--loader-workers", "0", "-q"]
+    run("fit", *fit, "--root", root, "--cache", cache, "--out", tmp_path / "run", "--epochs", "1")
     run("report", tmp_path / "run")
     run("evaluate", "--model", tmp_path / "run", "--dataset", "csv", "--root", root, "--cache",
         cache, "--split", "all", "--out", tmp_path / "eval", "-q")
