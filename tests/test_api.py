@@ -53,7 +53,7 @@ def test_each_function_takes_its_config_or_its_fields():
                     (agiqa.evaluate, agiqa.EvaluateConfig),
                     (agiqa.score_folder, agiqa.ScoreConfig)):
         params = list(inspect.signature(fn).parameters.values())
-        assert params[0].name == "config" and params[0].kind is params[0].POSITIONAL_ONLY
+        assert params[0].kind is params[0].POSITIONAL_ONLY
         assert params[1].kind is params[1].VAR_KEYWORD
         assert cfg.__name__ in str(params[0].annotation)
     with pytest.raises(ConfigError, match="--epochs must be ≥ 1"):
@@ -62,3 +62,5 @@ def test_each_function_takes_its_config_or_its_fields():
         agiqa.fit(agiqa.FitConfig(dataset="csv", root=".", cache=".", out="."), epochs=2)
     with pytest.raises(ConfigError, match="either images"):
         agiqa.extract_semantics(out="cache")
+    with pytest.raises(ConfigError, match="images given twice"):
+        agiqa.extract_semantics("a", images="b", out="cache")

@@ -2,20 +2,23 @@
 
 Every command of the ``agiqa`` tool has a config dataclass whose fields are its options
 (:class:`ExtractConfig`, :class:`FitConfig`, :class:`EvaluateConfig`, :class:`ScoreConfig`).
-Each function takes that config, or its fields as keyword arguments::
+Each function takes that config, or its main input as the first argument and the other fields
+as keyword arguments::
 
     import agiqa
 
-    report = agiqa.extract_semantics(images="imgs/", out="cache/", model="tiny-llava")
+    report = agiqa.extract_semantics("imgs/", out="cache/", model="tiny-llava")
     summary = agiqa.fit(dataset="csv", root="imgs/", labels="imgs/labels.csv", cache="cache/",
                         out="run/", backbone="tiny", epochs=5)
-    metrics = agiqa.evaluate(model="run/", dataset="csv", root="imgs/",
-                             labels="imgs/labels.csv", cache="cache/")
-    scores = agiqa.score_folder(folder="new/", model="run/")
+    metrics = agiqa.evaluate("run/", dataset="csv", root="imgs/", labels="imgs/labels.csv",
+                             cache="cache/")
+    scores = agiqa.score_folder("new/", model="run/")
+    agiqa.fit(agiqa.FitConfig(dataset="csv", root="imgs/", cache="cache/", out="run-2/"))
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, TypeVar
 
 from agiqa.data.datasets import load_dataset
@@ -34,16 +37,27 @@ __all__ = ["EvaluateConfig", "ExtractConfig", "FitConfig", "ScoreConfig", "evalu
 C = TypeVar("C")
 
 
-def _config(cls: type[C], config: C | None, fields: dict[str, Any]) -> C:
-    if config is not None and fields:
-        raise ConfigError(f"give a {cls.__name__} or its fields as keywords, not both")
-    return config if config is not None else cls(**fields)
+def _config(cls: type[C], first: Any, name: str | None, fields: dict[str, Any]) -> C:
+    """``first`` as the config itself, or as the field ``name``, with ``fields`` added."""
+    if isinstance(first, cls):
+        if fields:
+            raise ConfigError(f"give a {cls.__name__} or its fields as keywords, not both")
+        return first
+    if first is not None:
+        if name is None:
+            raise ConfigError(f"the first argument must be a {cls.__name__}; give the rest as "
+                              "keywords")
+        if name in fields:
+            raise ConfigError(f"{name} given twice")
+        fields = {name: first, **fields}
+    return cls(**fields)
 
 
-def extract_semantics(config: ExtractConfig | None = None, /, **fields: Any) -> ExtractReport:
+def extract_semantics(images: ExtractConfig | str | os.PathLike | None = None, /,
+                      **fields: Any) -> ExtractReport:
     """Stage one (``agiqa extract-semantics``): fill the cache ``out`` with the semantic
     vectors of a folder's images (``images``) or of a data set's (``dataset``, ``root``)."""
-    cfg = _config(ExtractConfig, config, fields)
+    cfg = _config(ExtractConfig, images, "images", fields)
     if (cfg.images is None) == (cfg.dataset is None):
         raise ConfigError("give either images (a folder) or dataset and root")
     if cfg.images is not None:
@@ -60,22 +74,25 @@ def extract_semantics(config: ExtractConfig | None = None, /, **fields: Any) -> 
 def fit(config: FitConfig | None = None, /, **fields: Any) -> dict[str, Any]:
     """Stage two (``agiqa fit``): train on cached vectors; the test metrics of each run (and
     their median and std over ``repeats`` or ``split_seeds`` runs)."""
-    return fit_repeats(_config(FitConfig, config, fields))
+    return fit_repeats(_config(FitConfig, config, None, fields))
 
 
-def evaluate(config: EvaluateConfig | None = None, /, **fields: Any) -> dict[str, Any]:
-    """``agiqa evaluate``: SRCC, PLCC, KRCC and RMSE of a model on a split of a data set."""
-    cfg = _config(EvaluateConfig, config, fields)
+def evaluate(model: EvaluateConfig | str | os.PathLike | None = None, /,
+             **fields: Any) -> dict[str, Any]:
+    """``agiqa evaluate``: SRCC, PLCC, KRCC and RMSE of a model (a run folder) on a split of a
+    data set, with vectors from ``cache``."""
+    cfg = _config(EvaluateConfig, model, "model", fields)
     ds = load_dataset(cfg.dataset, cfg.root, cfg.labels, cfg.target, cfg.image_column,
                       cfg.score_column)
     return evaluate_model(cfg.model, ds, cfg.cache, cfg.split, cfg.device, cfg.batch_size,
                           cfg.loader_workers, cfg.progress, cfg.amp, cfg.out)
 
 
-def score_folder(config: ScoreConfig | None = None, /, **fields: Any) -> ScoreReport:
+def score_folder(folder: ScoreConfig | str | os.PathLike | None = None, /,
+                 **fields: Any) -> ScoreReport:
     """``agiqa score-folder``: score every image of ``folder`` with the trained ``model``;
     images that cannot be scored are listed in the report's ``failures``."""
-    cfg = _config(ScoreConfig, config, fields)
+    cfg = _config(ScoreConfig, folder, "folder", fields)
     scorer = Scorer.from_pretrained(cfg.model, cache_dir=cfg.cache, device=cfg.device,
                                     batch_size=cfg.batch_size, loader_workers=cfg.loader_workers,
                                     progress=cfg.progress, amp=cfg.amp, revision=cfg.revision,
