@@ -75,7 +75,8 @@ def test_csv_adapter_defaults_and_errors(tmp_path):
     with pytest.raises(DatasetError, match="line 2: image path '../../etc/passwd' escapes"):
         load_dataset("csv", tmp_path, labels=tmp_path / "esc.csv")
     (tmp_path / "nan.csv").write_text("image,mos\na.png,high\n")
-    with pytest.raises(DatasetError, match="line 2: score 'high' in column 'mos' is not a finite number"):
+    with pytest.raises(DatasetError,
+                       match="line 2: score 'high' in column 'mos' is not a finite number"):
         load_dataset("csv", tmp_path, labels=tmp_path / "nan.csv")
 
 
