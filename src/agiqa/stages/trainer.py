@@ -189,7 +189,8 @@ class Trainer:
             pred = predict(self.model, pixels[val], vectors[val], self.device,
                            cfg.eval_batch_size, self.amp)
             figures = validation_figures(pred.numpy(), val_mos)
-            selected = figures["val_score"] > self.best_value
+            selected = select_epoch([*self.history, {"epoch": self.epoch, **figures}]) \
+                == self.epoch
             if selected:
                 self.best_value, self.best_epoch = figures["val_score"], self.epoch
                 self.best_state = _copy_state(self.model)
