@@ -214,3 +214,24 @@ def test_files_agiqa_writes_have_the_users_usual_mode(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", b"\x80\x04K\x01."])
+def test_a_checkpoint_that_is_not_one_is_one_line(tmp_path, content):
+    from types import SimpleNamespace
+
+    import torch
+
+    from agiqa.errors import CheckpointError
+    from agiqa.stages.trainer import Trainer
+
+    (tmp_path / "checkpoint.pt").write_bytes(content)
+    model = torch.nn.Linear(2, 1)
+    optim = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=5)
+    trainer = Trainer(SimpleNamespace(amp=False, compile=False, out=tmp_path), model, optim,
+                      sched, torch.Generator(), torch.device("cpu"))
+    with pytest.raises(CheckpointError) as err:
+        trainer.restore()
+    message = str(err.value)
+    assert "\n" not in message and "not a checkpoint agiqa can resume from" in message
