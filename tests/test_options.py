@@ -79,3 +79,17 @@ def test_every_fit_config_field_is_a_fit_option():
         assert f"--{f.name.replace('_', '-')}" in r.output, f.name
     with pytest.raises(ConfigError, match="--lr must be > 0"):
         FitConfig(dataset="csv", root=".", cache=".", out=".", lr=0)
+
+
+def test_tf32_is_an_opt_in_the_defaults_leave_torch_as_the_official_code():
+    import torch
+
+    from agiqa.runtime import tf32
+
+    assert FitConfig(dataset="csv", root=".", cache=".", out=".").tf32 is False
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with tf32(False):
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    with tf32(True):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before

@@ -93,3 +93,19 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+@contextmanager
+def tf32(enabled: bool):
+    """With ``enabled``, TF32 for CUDA matrix products and convolutions in the block (a 10-bit
+    mantissa for the products, float32 accumulation); otherwise PyTorch's defaults, the
+    official code's: float32 matrix products, cuDNN free to use TF32 for convolutions."""
+    if not enabled:
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

@@ -85,6 +85,8 @@ class FitConfig:
                                    "float32).")
     compile: bool = option(False, switch=True, help="Train through torch.compile (first steps "
                                                     "compile; faster on GPUs).")
+    tf32: bool = option(False, switch=True, help="TF32 matrix products and convolutions on "
+                                                 "CUDA (not the paper's float32).")
     loader_workers: int = option(2, min=0, help="Background image decoding processes.")
     eval_batch_size: int = option(32, min=1, help="Batch size of validation and test scoring.")
     resume: bool = option(False, switch=True, help="Continue an interrupted run in --out.")

@@ -98,7 +98,8 @@ def fit_from_cache(cfg: FitConfig) -> FitResult:
     """
     device = resolve_device(cfg.device)
     try:
-        with run_folder(cfg.out, cfg.resume, dist.is_main()), dist.process_group(device):
+        with run_folder(cfg.out, cfg.resume, dist.is_main()), dist.process_group(device), \
+                dist.tf32(cfg.tf32):
             return _fit(cfg, device)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO,
