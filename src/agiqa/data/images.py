@@ -30,6 +30,7 @@ __all__ = [
     "decode_image",
     "file_sha256",
     "list_images",
+    "read_image_bytes",
     "load_image",
     "normalize_key",
     "regular_file",
@@ -138,6 +139,12 @@ def _read_regular(path: Path, name: str) -> bytes:
             return f.read()
         except OSError as e:
             raise BadImageError(name, f"cannot read: {e.strerror or e}") from None
+
+
+def read_image_bytes(path: str | os.PathLike, name: str | None = None) -> bytes:
+    """The bytes of an image file, refusing what is not a regular file (a FIFO, a folder, a
+    broken link) with :class:`BadImageError` naming ``name``."""
+    return _read_regular(Path(path), name or str(path))
 
 
 def load_image(path: str | os.PathLike, name: str | None = None) -> tuple[Image.Image, str]:

@@ -88,6 +88,8 @@ class FitConfig:
     tf32: bool = option(False, switch=True, help="TF32 matrix products and convolutions on "
                                                  "CUDA (not the paper's float32).")
     loader_workers: int = option(2, min=0, help="Background image decoding processes.")
+    pixel_cache: bool = option(True, help="Keep decoded 224x224 pixels under $AGIQA_HOME/pixels "
+                                          "(147 KiB per image), so later runs decode nothing.")
     eval_batch_size: int = option(32, min=1, help="Batch size of validation and test scoring.")
     resume: bool = option(False, switch=True, help="Continue an interrupted run in --out.")
     progress: bool = option(True, cli=False)

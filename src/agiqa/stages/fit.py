@@ -23,6 +23,7 @@ import torch
 from agiqa import runtime as dist
 from agiqa.cache import SemanticCache, open_cache
 from agiqa.data.datasets import load_dataset
+from agiqa.data.pixel_cache import PixelCache
 from agiqa.data.splits import Split, make_split
 from agiqa.errors import DatasetError, MissingVectorsError, TrainingError
 from agiqa.fileio import write_json, write_text
@@ -164,7 +165,8 @@ def _inputs(cfg: FitConfig, ds, cache: SemanticCache, split: Split, main: bool):
     """Keys, vectors, decoded pixels and MOS of every image; index tensors of each subset."""
     keys = split.subset("all")
     # Each file is read once; vectors of an image changed since extraction are refused.
-    vectors, pixels = inputs_of(ds, keys, cache, cfg.loader_workers, cfg.progress and main)
+    vectors, pixels = inputs_of(ds, keys, cache, cfg.loader_workers, cfg.progress and main,
+                                PixelCache() if cfg.pixel_cache else None)
     index = {k: i for i, k in enumerate(keys)}
     part = {name: torch.tensor([index[k] for k in split.subset(name)]) for name in
             ("train", "val", "test")}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
@@ -9,7 +11,8 @@ from tqdm.auto import tqdm
 
 from agiqa.cache import SemanticCache
 from agiqa.data.datasets import Dataset
-from agiqa.data.images import load_image
+from agiqa.data.images import decode_image, read_image_bytes
+from agiqa.data.pixel_cache import PixelCache
 from agiqa.data.pixels import normalize, resize_pixels
 from agiqa.errors import StaleVectorsError
 from agiqa.models.agiqa_net import AgiqaNet
@@ -18,24 +21,32 @@ __all__ = ["decode_pixels", "inputs_of", "predict"]
 
 
 class _Decode(TorchDataset):
-    def __init__(self, ds: Dataset, keys: list[str]):
-        self.ds, self.keys = ds, keys
+    def __init__(self, ds: Dataset, keys: list[str], pixel_cache: PixelCache | None):
+        self.ds, self.keys, self.pixel_cache = ds, keys, pixel_cache
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        img, sha = load_image(self.ds.path(self.keys[i]), self.keys[i])
-        return resize_pixels(img), sha
+        key = self.keys[i]
+        data = read_image_bytes(self.ds.path(key), key)
+        sha = hashlib.sha256(data).hexdigest()
+        pixels = self.pixel_cache.get(sha) if self.pixel_cache is not None else None
+        if pixels is None:
+            pixels = resize_pixels(decode_image(data, key))
+            if self.pixel_cache is not None:
+                self.pixel_cache.put(sha, pixels)
+        return pixels, sha
 
 
-def decode_pixels(ds: Dataset, keys: list[str], workers: int = 2, progress: bool = True
-                  ) -> tuple[torch.Tensor, list[str]]:
+def decode_pixels(ds: Dataset, keys: list[str], workers: int = 2, progress: bool = True,
+                  pixel_cache: PixelCache | None = None) -> tuple[torch.Tensor, list[str]]:
     """Decode and resize every image once: uint8 [n, 3, 224, 224], and the sha256 of the bytes
-    each was decoded from."""
+    each was decoded from. With a ``pixel_cache``, an image whose bytes it knows is not decoded
+    again, and what is decoded is kept there."""
     out = torch.empty((len(keys), 3, 224, 224), dtype=torch.uint8)
     shas: list[str] = []
-    loader = DataLoader(_Decode(ds, keys), batch_size=32, num_workers=workers)
+    loader = DataLoader(_Decode(ds, keys, pixel_cache), batch_size=32, num_workers=workers)
     i = 0
     for batch, digests in tqdm(loader, desc="decode", unit="batch", disable=not progress):
         out[i : i + len(batch)] = batch
@@ -45,7 +56,8 @@ def decode_pixels(ds: Dataset, keys: list[str], workers: int = 2, progress: bool
 
 
 def inputs_of(ds: Dataset, keys: list[str], cache: SemanticCache, workers: int = 2,
-              progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+              progress: bool = True, pixel_cache: PixelCache | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cached vectors [n, P, D] and decoded pixels of ``keys``, each file read once: the bytes
     decoded must be those the vectors were computed from, else nothing is returned.
 
@@ -53,7 +65,7 @@ def inputs_of(ds: Dataset, keys: list[str], cache: SemanticCache, workers: int =
         StaleVectorsError: naming the images whose file changed since extraction.
     """
     data = cache.read(keys, ("vectors", "sha256"))
-    pixels, shas = decode_pixels(ds, keys, workers, progress)
+    pixels, shas = decode_pixels(ds, keys, workers, progress, pixel_cache)
     changed = [k for k, new, old in zip(keys, shas, data["sha256"], strict=True) if new != old]
     if changed:
         raise StaleVectorsError(changed, str(cache.path))
