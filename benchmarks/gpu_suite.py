@@ -1,7 +1,8 @@
 """Every side-by-side comparison of agiqa and the official code on one GPU, in one run.
 
     python benchmarks/gpu_suite.py --out gpu-results          # one H100: under 8 minutes
-    python benchmarks/gpu_suite.py --out gpu-results --parts stage_one --budget 540
+    python benchmarks/gpu_suite.py --out gpu-results --parts stage_one --budget 540 \
+        --models mplug-owl2-7b,llava-1.5-7b                   # stage one, two models
     python benchmarks/gpu_suite.py --out /tmp/smoke --smoke   # tiny shapes, CPU, < 2 minutes
 
 Writes ``DIR/gpu_suite.json`` (after every part, so a run cut short keeps what it measured)
@@ -155,7 +156,7 @@ def _build(spec: dict, dtype: str, model_dir: Path, device: torch.device, row: d
 
 def stage_one(name: str, spec: dict, dtype: str, work: Path, photos: Path, device: torch.device,
               seconds: float, images: int, big_batch: int, workers: int | None,
-              compile_row: bool) -> dict:
+              compile_row: bool, time_boxed: bool = True) -> dict:
     """One model: the official loop, then agiqa at the CLI's defaults and at labelled other
     settings, on the same images.
 
@@ -169,6 +170,7 @@ def stage_one(name: str, spec: dict, dtype: str, work: Path, photos: Path, devic
 
     if not shape_available(spec):
         return {"skipped": f"the {spec['family']} model family is not in this agiqa"}
+    deadline = time.perf_counter() + seconds
     row: dict[str, Any] = {"dtype": dtype}
     model, encoder = _build(spec, dtype, work / f"mllm-{name}", device, row)
     processor = encoder.processor
@@ -218,7 +220,14 @@ def stage_one(name: str, spec: dict, dtype: str, work: Path, photos: Path, devic
         runs.append(("agiqa_compile", 8, None, True, "--compile"))
     row["default_loader_workers"] = default_loader_workers(device) if workers is None \
         else workers
+    done: list[str] = []
     for label, batch, fuse, compiled, setting in runs:
+        # The CLI-default run always; the others while this model's time lasts (each is
+        # estimated from the default run, compilation at 90 s).
+        if done and time_boxed and time.perf_counter() + row["agiqa"]["seconds"] * 1.3 + \
+                (90 if compiled else 0) > deadline:
+            row[label] = {"skipped": "out of this model's time", "setting": setting}
+            continue
         if compiled:
             from agiqa.models.mllm import compile_blocks
 
@@ -228,7 +237,8 @@ def stage_one(name: str, spec: dict, dtype: str, work: Path, photos: Path, devic
         r["setting"] = setting
         r["compile"] = compiled
         row[label] = r
-    row["runs"] = [label for label, *_ in runs]
+        done.append(label)
+    row["runs"] = done
     only = model_only(encoder, paths[:big_batch], device, useful, peak)
     only["speedup"] = round(only["images_per_second"] / off_ips, 2)
     only["setting"] = f"forward passes alone, batch {big_batch}, inputs prepared"
@@ -321,8 +331,12 @@ def run_stage_one(args, work: Path, device: torch.device, budget: Budget, result
         write_photos(photos, args.stage_one_images)
     else:
         write_generated_sizes(photos, args.stage_one_images)
-    shares = len(STAGE_ONE)
-    for i, name in enumerate(STAGE_ONE):
+    models = args.models.split(",") if args.models else list(STAGE_ONE)
+    unknown = set(models) - set(STAGE_ONE)
+    if unknown:
+        raise SystemExit(f"--models: unknown {sorted(unknown)} (choose from {STAGE_ONE})")
+    shares = len(models)
+    for i, name in enumerate(models):
         spec = SMOKE_SHAPES[name] if args.smoke else SHAPES[name]
         dtype = "float32" if args.smoke else DTYPES[name]
         # This model's share of what is left for stage one, less what the later parts need.
@@ -334,7 +348,8 @@ def run_stage_one(args, work: Path, device: torch.device, budget: Budget, result
         try:
             row = stage_one(name, spec, dtype, work, photos, device, 0.8 * seconds,
                             args.stage_one_images, 16 if args.smoke else LARGE_BATCH[name],
-                            None, compile_row=not args.smoke and not args.no_compile)
+                            None, compile_row=not args.smoke and not args.no_compile,
+                            time_boxed=not args.smoke)
         except Exception as e:  # noqa: BLE001 - one model's failure must not lose the rest
             row = {"failed": f"{type(e).__name__}: {str(e)[:400]}"}
         if device.type == "cuda":
@@ -391,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="stage_one,stage_two,cache_reads")
     ap.add_argument("--stage-one-images", type=int, default=2000,
                     help="Images of every timed agiqa stage-one run (default 2000).")
+    ap.add_argument("--models", default=None,
+                    help="Stage-one models, comma-separated (default: all of "
+                         f"{', '.join(STAGE_ONE)}).")
     ap.add_argument("--no-compile", action="store_true",
                     help="Leave out stage one's --compile rows.")
     args = ap.parse_args(argv)
