@@ -69,9 +69,9 @@ def test_loader_default_follows_the_device(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
     assert default_loader_workers("cuda") == 8 and default_loader_workers("cpu") == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
-    assert default_loader_workers("cuda") == 1 and default_loader_workers("cpu") == 1
+    assert default_loader_workers("cuda") == 1 and default_loader_workers("cpu") == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0}, raising=False)
-    assert default_loader_workers("cuda") == 0 and default_loader_workers("cpu") == 0
+    assert default_loader_workers("cuda") == 0 and default_loader_workers("cpu") == 1
 
 
 def _bomb_png() -> bytes:

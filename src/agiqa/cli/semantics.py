@@ -56,7 +56,7 @@ from agiqa.cli.common import (
               help="This worker's index, 0 to WORKERS-1 (default: torchrun's RANK).")
 @click.option("--loader-workers", type=click.IntRange(min=0), default=None,
               help="Background processes decoding and preprocessing images  [default: "
-                   "min(8, CPUs - 1) on a GPU, min(2, CPUs / 2) on a CPU; the report says]")
+                   "min(8, CPUs - 1) on a GPU, min(2, CPUs) on a CPU; the report says]")
 @click.option("--compile/--no-compile", "compile_blocks", default=False, show_default=True,
               help="torch.compile each block of the language model and vision tower (minutes "
                    "of compilation first; the vectors are unchanged to float tolerance)")
