@@ -26,6 +26,7 @@ from agiqa.stages.configs import FitConfig
 def _shown_warnings():
     """Protocol fallbacks and metric warnings as ``Warning: …`` lines on stderr, every time."""
     from agiqa.metrics import LogisticFitWarning
+    from agiqa.stages.fit import RunFailedWarning
     from agiqa.stages.trainer import ProtocolWarning
 
     def show(message, category, *args, **kwargs):
@@ -34,6 +35,7 @@ def _shown_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("always", ProtocolWarning)
         warnings.simplefilter("always", LogisticFitWarning)
+        warnings.simplefilter("always", RunFailedWarning)
         warnings.showwarning = show
         yield
 

@@ -46,6 +46,7 @@ from agiqa.stages.predict import inputs_of, predict
 from agiqa.stages.rundir import check_out, run_folder, write_outputs
 from agiqa.stages.trainer import (
     MIN_EVAL_IMAGES,
+    DivergedError,
     ProtocolWarning,
     Trainer,
     steps_per_epoch,
@@ -53,7 +54,7 @@ from agiqa.stages.trainer import (
 )
 
 __all__ = ["SCORE_NORMS", "SEMANTIC_NORMS", "FitConfig", "FitResult", "ProtocolWarning",
-           "fit_from_cache", "fit_repeats"]
+           "RunFailedWarning", "fit_from_cache", "fit_repeats"]
 
 @dataclass
 class FitResult:
@@ -257,17 +258,29 @@ def fit_repeats(cfg: FitConfig) -> dict[str, Any]:
             check_out(run.out, cfg.resume and (run.out / "checkpoint.pt").is_file())
     rows: dict[str, dict[str, float]] = {}
     best: dict[str, int] = {}
+    failed: dict[str, dict[str, Any]] = {}
     with run_folder(cfg.out, False, dist.is_main()), \
             dist.process_group(resolve_device(cfg.device)):
         for name, run in runs:
             if cfg.resume and (run.out / "model.safetensors").is_file():
                 result = _finished(run.out)
             else:
-                result = fit_from_cache(replace(run, resume=(run.out / "checkpoint.pt").is_file()
-                                                and cfg.resume))
+                try:
+                    result = fit_from_cache(replace(
+                        run, resume=(run.out / "checkpoint.pt").is_file() and cfg.resume))
+                except DivergedError as e:  # the other runs go on; the summary names this one
+                    failed[name] = {"seed": run.seed, "split_seed": run.split_seed,
+                                    "out": str(run.out), "error": str(e)}
+                    warnings.warn(f"{name} (seed {run.seed}) failed and is left out of the "
+                                  f"summary: {e}", RunFailedWarning, stacklevel=2)
+                    continue
             rows[name], best[name] = result.metrics, result.best_epoch
+        if not rows:
+            raise TrainingError("every run of the series failed; the first: "
+                                f"{next(iter(failed.values()))['error']}")
         summary = {"out": str(cfg.out), "rows": rows, "best_epoch": best,
-                   "repeats": cfg.repeats, "split_seeds": cfg.split_seeds}
+                   "repeats": cfg.repeats, "split_seeds": cfg.split_seeds,
+                   "finished": list(rows), "failed": failed}
         if dist.is_main():
             names = list(next(iter(rows.values())))
             table = np.array([[r[k] for k in names] for r in rows.values()])
@@ -275,6 +288,10 @@ def fit_repeats(cfg: FitConfig) -> dict[str, Any]:
             rows["std"] = dict(zip(names, table.std(0).tolist(), strict=True))
             write_json(cfg.out / "summary.json", summary)
     return summary
+
+
+class RunFailedWarning(UserWarning):
+    """A run of a series diverged; the others went on."""
 
 
 def _finished(out: Path) -> FitResult:

@@ -29,12 +29,16 @@ from agiqa.errors import CheckpointError, TrainingError
 from agiqa.fileio import atomic_path, remove_stale_temporaries, write_text
 from agiqa.stages.predict import predict
 
-__all__ = ["MIN_EVAL_IMAGES", "ProtocolWarning", "Trainer", "select_epoch",
+__all__ = ["MIN_EVAL_IMAGES", "DivergedError", "ProtocolWarning", "Trainer", "select_epoch",
            "steps_per_epoch", "validation_figures", "validation_images"]
 
 
 # Validation and test need this many images: correlations, and the 4 β of the logistic.
 MIN_EVAL_IMAGES = 4
+
+
+class DivergedError(TrainingError):
+    """The loss of a run became NaN or infinite."""
 
 
 class ProtocolWarning(UserWarning):
@@ -235,7 +239,7 @@ class Trainer:
             idx = order[step * batch : (step + 1) * batch]
             batch_err, batch_n = self._step(pixels, vectors, targets, idx)
             if not math.isfinite(batch_err):
-                raise TrainingError(f"the loss became {batch_err / batch_n} at epoch "
+                raise DivergedError(f"the loss became {batch_err / batch_n} at epoch "
                                     f"{self.epoch}, step {step}; lower --lr or check the scores")
             total += batch_err
             n += batch_n

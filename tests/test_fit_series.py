@@ -1,0 +1,39 @@
+"""Series of runs (``--repeats``): a run that diverges is named and the others finish."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from agiqa.cli import cli
+from agiqa.stages import trainer as trainer_module
+
+FIT = ["--dataset", "csv", "--backbone", "tiny", "--no-pretrained", "--batch-size", "6",
+       "--split", "random:0.6,0.2,0.2", "--loader-workers", "0", "-q"]
+
+
+@pytest.mark.slow
+def test_a_diverged_run_leaves_the_others_whole(graded, tmp_path, monkeypatch):
+    root, cache = graded
+    args = [*FIT, "--root", root, "--cache", cache, "--epochs", "2", "--lr", "3e-4", "--json"]
+    solo = CliRunner().invoke(cli, [str(a) for a in ["fit", *args, "--seed", "20",
+                                                     "--out", tmp_path / "solo"]])
+    assert solo.exit_code == 0, solo.output
+    original = trainer_module.Trainer._step
+
+    def nan_for_seed_21(self, *a):
+        err, n = original(self, *a)
+        return (float("nan"), n) if self.cfg.seed == 21 else (err, n)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_step", nan_for_seed_21)
+    r = CliRunner().invoke(cli, [str(a) for a in ["fit", *args, "--repeats", "3",
+                                                  "--out", tmp_path / "series"]])
+    assert r.exit_code == 0, r.output
+    assert "seed 21" in r.stderr and "failed" in r.stderr
+    summary = json.loads((tmp_path / "series" / "summary.json").read_text())
+    assert summary["finished"] == ["seed 20", "seed 22"]
+    assert summary["failed"]["seed 21"]["seed"] == 21
+    assert "nan" in summary["failed"]["seed 21"]["error"]
+    assert (tmp_path / "series" / "seed-22" / "model.safetensors").is_file()
+    alone = json.loads((tmp_path / "solo" / "metrics.json").read_text())["test"]
+    assert abs(summary["rows"]["seed 20"]["srcc"] - alone["srcc"]) < 1e-6
