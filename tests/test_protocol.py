@@ -290,11 +290,13 @@ def test_out_is_checked_before_any_heavy_work(small_set, tmp_path, monkeypatch):
     (foreign / "holiday.jpg").write_bytes(b"x")
     r = run(*fit_args(small_set, foreign, "--epochs", "1"))
     assert r.exit_code == 1
-    assert r.output.strip() == (f"Error: --out {foreign} is not empty and is not an agiqa run "
-                                "(it holds holiday.jpg); choose a new or empty folder")
+    assert r.output.strip() == (f"Error: --out {foreign} is not empty and agiqa did not make it "
+                                "(it holds holiday.jpg; no .agiqa-run file); choose a new or "
+                                "empty folder")
 
     finished = tmp_path / "finished"
     finished.mkdir()
+    (finished / ".agiqa-run").write_text("")  # a run folder agiqa made
     (finished / "model.safetensors").write_bytes(b"x")
     for extra in ([], ["--resume"]):
         r = run(*fit_args(small_set, finished, "--epochs", "1", *extra))

@@ -19,7 +19,8 @@ from typing import Any
 
 from agiqa.errors import ConfigError
 
-__all__ = ["Option", "check_options", "flag_of", "option", "options_of"]
+__all__ = ["Option", "bounds_text", "check_options", "flag_of", "option", "options_of",
+           "violates"]
 
 _KEY = "agiqa_option"
 
@@ -65,6 +66,20 @@ def options_of(cls_or_obj) -> list[tuple[dataclasses.Field, Option]]:
 
 def flag_of(f: dataclasses.Field, opt: Option) -> str:
     return opt.flag or "--" + f.name.replace("_", "-")
+
+
+def bounds_text(opt: Option) -> str:
+    """``≥ 0``, ``> 0 and < 1`` …: the bounds of a number option, in words."""
+    return _bounds(opt)
+
+
+def violates(opt: Option, value: float) -> bool:
+    """Whether a number is out of the option's bounds (or not finite)."""
+    if not math.isfinite(value):
+        return True
+    low_bad = opt.min is not None and (value <= opt.min if opt.min_open else value < opt.min)
+    high_bad = opt.max is not None and (value >= opt.max if opt.max_open else value > opt.max)
+    return low_bad or high_bad
 
 
 def _bounds(opt: Option) -> str:

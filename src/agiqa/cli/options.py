@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from agiqa.options import Option, flag_of, options_of
+from agiqa.options import Option, bounds_text, flag_of, options_of, violates
 
 __all__ = ["config_from", "config_options"]
 
@@ -31,10 +31,18 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def _finite(ctx, param, value):
-    if isinstance(value, float) and not math.isfinite(value):
-        raise click.BadParameter(f"must be a finite number, got {value}")
-    return value
+def _number(opt: Option):
+    """A click callback: a finite float within the option's bounds (NaN and infinity refused),
+    as :func:`agiqa.options.check_options` checks it in Python."""
+
+    def check(ctx, param, value):
+        if value is not None and violates(opt, value):
+            bounds = bounds_text(opt)
+            raise click.BadParameter(f"must be a finite number{' ' + bounds if bounds else ''}, "
+                                     f"got {value}")
+        return value
+
+    return check
 
 
 def _click_option(f: dataclasses.Field, opt: Option, hint: Any) -> Any:
@@ -63,12 +71,8 @@ def _click_option(f: dataclasses.Field, opt: Option, hint: Any) -> Any:
         kw["type"] = click.IntRange(min=None if opt.min is None else math.ceil(opt.min),
                                     max=None if opt.max is None else math.floor(opt.max),
                                     min_open=opt.min_open, max_open=opt.max_open)
-    elif base is float and opt.min is None and opt.max is None:
-        kw["type"], kw["callback"] = float, _finite
     elif base is float:
-        kw["type"] = click.FloatRange(min=opt.min, max=opt.max, min_open=opt.min_open,
-                                      max_open=opt.max_open)
-        kw["callback"] = _finite
+        kw["type"], kw["callback"] = float, _number(opt)
     elif base is Path:
         kw["type"] = click.Path(path_type=Path, file_okay=opt.file_okay, dir_okay=opt.dir_okay)
     else:

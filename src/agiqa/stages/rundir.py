@@ -80,12 +80,23 @@ def run_folder(out: Path, resume: bool, main: bool = True) -> Iterator[None]:
     if not main:
         yield
         return
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     if not (out / MARKER).is_file():  # out is new or empty (check_out): agiqa makes it a run
         write_text(out / MARKER, "an agiqa run folder: agiqa writes here\n")
-    with exclusive_lock(out / LOCK, f"--out {out}"):
-        check_out(out, resume)  # again, under the lock: another process may have come first
-        yield
+    try:
+        with exclusive_lock(out / LOCK, f"--out {out}"):
+            check_out(out, resume)  # again, under the lock: another process may have come first
+            yield
+    except BaseException:
+        # A run that failed before writing anything (a bad split, a model that did not load)
+        # leaves no folder behind it made.
+        if created and {p.name for p in out.iterdir()} <= {MARKER, LOCK}:
+            for name in (LOCK, MARKER):
+                (out / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
 
 
 def write_outputs(out: Path, keys: list[str], split: Split, targets, scores, gates,
