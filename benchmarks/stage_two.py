@@ -9,6 +9,7 @@ AGIQA-3K-sized epoch (2982 images, 70 % trained), peak memory and the speed-ups.
     python benchmarks/stage_two.py                                   # CPU: the tiny backbone
     python benchmarks/stage_two.py --backbone vit_base_patch8_224 \
         --images 2982 --epochs 3 --agiqa-batch-size 32               # GPU: the paper's model
+    python benchmarks/stage_two.py --repeats 4                       # 4 runs together vs solo
 """
 
 from __future__ import annotations
@@ -165,6 +166,69 @@ def _fit(work: Path, root: Path, cache: Path, name: str, backbone: str, epochs: 
             "peak_rss_mib": ours["peak_rss_mib"]}
 
 
+def _series_history(out: Path) -> list[list[dict]]:
+    return [[json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+            for run in sorted(out.glob("seed-*"))]
+
+
+def measure_series(work: Path, backbone: str, images: int, epochs: int, dim: int, workers: int,
+                   repeats: int, concurrent: int | None, solo: bool = True,
+                   timeout: float | None = None) -> dict:
+    """``fit --repeats N`` as one process (runs trained together, ``--concurrent-runs K``;
+    None: agiqa's choice) against N solo ``fit`` processes one after another (training seeds
+    20..20+N-1, the same split), float32 at batch 8: the paper's protocol in each run.
+
+    The pixel cache is off in both, so each solo process decodes as a first run would."""
+    root, features = work / f"images-{images}", work / f"features-{images}"
+    cache = work / f"cache-{images}"
+    if not (root / "labels.csv").is_file():
+        write_dataset(root, features, cache, images, dim)
+    base = [sys.executable, "-m", "agiqa", "fit", "--dataset", "csv", "--root", str(root),
+            "--cache", str(cache), "--backbone", backbone, "--no-pretrained", "--epochs",
+            str(epochs), "--batch-size", "8", "--no-amp", "--loader-workers", str(workers),
+            "--no-pixel-cache", "-q", "--json", "--split-seed", "20"]
+    import shutil
+
+    out = work / f"series-{repeats}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [*base, "--out", str(out), "--seed", "20", "--repeats", str(repeats)]
+    if concurrent is not None:
+        cmd += ["--concurrent-runs", str(concurrent)]
+    together = run_process(cmd, timeout=timeout)
+    summary = json.loads((out / "summary.json").read_text())
+    histories = _series_history(out)
+    # runs trained together share each epoch's wall time: the group's images/s is their sum
+    per_run = steady(histories[0], "train_images_per_second")
+    k = summary["concurrency"]["concurrent_runs"]
+    result: dict = {
+        "backbone": backbone, "images": images, "epochs": epochs, "repeats": repeats,
+        "protocol": "float32, batch 8, each run the paper's loop",
+        "together": {"process_seconds": together["seconds"], "concurrent_runs": k,
+                     "per_run_train_images_per_second": per_run,
+                     "train_images_per_second": round(per_run * k, 2),
+                     "epoch_seconds": steady(histories[0], "seconds"),
+                     "peak_rss_mib": together["peak_rss_mib"],
+                     "concurrency": summary["concurrency"]}}
+    if solo:
+        seconds, rates = [], []
+        for i in range(repeats):
+            one = work / f"solo-{i}"
+            shutil.rmtree(one, ignore_errors=True)
+            proc = run_process([*base, "--out", str(one), "--seed", str(20 + i)],
+                               timeout=timeout)
+            seconds.append(proc["seconds"])
+            history = [json.loads(line) for line in
+                       (one / "train_log.jsonl").read_text().splitlines()]
+            rates.append(steady(history, "train_images_per_second"))
+        result["solo"] = {"processes": repeats, "process_seconds": round(sum(seconds), 2),
+                          "each_process_seconds": seconds,
+                          "train_images_per_second": round(statistics.median(rates), 2)}
+        result["speedup_process"] = round(sum(seconds) / together["seconds"], 2)
+        result["speedup_train_images_per_second"] = round(
+            result["together"]["train_images_per_second"] / statistics.median(rates), 2)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--backbone", default="tiny", choices=["tiny", "vit_base_patch8_224"])
@@ -175,9 +239,20 @@ def main() -> None:
     ap.add_argument("--agiqa-batch-size", type=int, default=8,
                     help="Also time agiqa at this batch size (8 is the paper's).")
     ap.add_argument("--compile", action="store_true", help="Time agiqa with --compile as well.")
+    ap.add_argument("--repeats", type=int, default=0,
+                    help="Instead: `fit --repeats N` in one process (runs trained together) "
+                         "against N solo `fit` processes.")
+    ap.add_argument("--concurrent-runs", type=int, default=None)
     ap.add_argument("--workdir", default=None, help="Keep the images and vectors here.")
     ap.add_argument("--out", default=None, help="The JSON result (default results/...).")
     args = ap.parse_args()
+    if args.repeats:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = measure_series(Path(args.workdir or tmp), args.backbone, args.images,
+                                    args.epochs, args.dim, args.loader_workers, args.repeats,
+                                    args.concurrent_runs)
+        write_result(f"stage_two_repeats_{args.backbone}", result, args.out)
+        return
     runs: list[tuple[str, int, bool | None, bool]] = [("agiqa", 8, None, False)]
     if args.agiqa_batch_size != 8:
         runs.append((f"agiqa_batch{args.agiqa_batch_size}", args.agiqa_batch_size, None, False))

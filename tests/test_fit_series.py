@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from agiqa.cli import cli
+from agiqa.stages import together as together_module
 from agiqa.stages import trainer as trainer_module
 
 FIT = ["--dataset", "csv", "--backbone", "tiny", "--no-pretrained", "--batch-size", "6",
@@ -13,7 +14,8 @@ FIT = ["--dataset", "csv", "--backbone", "tiny", "--no-pretrained", "--batch-siz
 
 
 @pytest.mark.slow
-def test_a_diverged_run_leaves_the_others_whole(graded, tmp_path, monkeypatch):
+@pytest.mark.parametrize("concurrent", ["1", "3"])
+def test_a_diverged_run_leaves_the_others_whole(graded, tmp_path, monkeypatch, concurrent):
     root, cache = graded
     args = [*FIT, "--root", root, "--cache", cache, "--epochs", "2", "--lr", "3e-4", "--json"]
     solo = CliRunner().invoke(cli, [str(a) for a in ["fit", *args, "--seed", "20",
@@ -25,8 +27,18 @@ def test_a_diverged_run_leaves_the_others_whole(graded, tmp_path, monkeypatch):
         err, n = original(self, *a)
         return (float("nan"), n) if self.cfg.seed == 21 else (err, n)
 
+    together_epoch = together_module._Group.epoch
+
+    def nan_for_seed_21_together(self, *a):
+        losses, steps, images, bad = together_epoch(self, *a)
+        bad.update({r: "the loss became nan at epoch 0, step 0" for r, t in
+                    enumerate(self.trainers) if t.cfg.seed == 21})
+        return losses, steps, images, bad
+
     monkeypatch.setattr(trainer_module.Trainer, "_step", nan_for_seed_21)
+    monkeypatch.setattr(together_module._Group, "epoch", nan_for_seed_21_together)
     r = CliRunner().invoke(cli, [str(a) for a in ["fit", *args, "--repeats", "3",
+                                                  "--concurrent-runs", concurrent,
                                                   "--out", tmp_path / "series"]])
     assert r.exit_code == 0, r.output
     assert "seed 21" in r.stderr and "failed" in r.stderr

@@ -63,6 +63,13 @@ def test_gpu_suite_smoke_measures_every_part(tmp_path):
     assert two["official"]["train_images_per_second"] > 0, two
     assert two["agiqa_fast"]["speedup_train_images_per_second"] > 0, two
     assert "stage two tiny" in table
+    # N runs of the paper's protocol trained together, against the official loop.
+    series = result["stage_two_series"]
+    assert series["together"]["concurrent_runs"] == 2, series
+    assert series["together"]["train_images_per_second"] > 0
+    assert series["speedup_train_images_per_second_vs_official"] > 0
+    assert series["ten_repeats_agiqa_3k_hours"]["official"] > 0
+    assert "2 runs together" in table
     # Cache reads: every reader read the same vectors back (checked inside) and was timed.
     reads = result["cache_reads"]
     assert reads["official_torch_load"]["cold_seconds"] > 0

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import trunc_normal_
 from torch import nn
+
+from agiqa.models.noise import Dropout, DropPath
 
 __all__ = ["ManiqaBackbone", "SwinStage", "TABlock"]
 
@@ -29,7 +31,7 @@ class TABlock(nn.Module):
         self.c_k = nn.Linear(dim, dim)
         self.c_v = nn.Linear(dim, dim)
         self.norm_fact = dim**-0.5
-        self.proj_drop = nn.Dropout(drop)
+        self.proj_drop = Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, n = x.shape
@@ -58,7 +60,7 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
+        self.drop = Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
@@ -164,7 +166,7 @@ class SwinStage(nn.Module):
         super().__init__()
         self.scale = scale
         self.resolution = resolution
-        self.dropout = nn.Dropout(drop_rate)
+        self.dropout = Dropout(drop_rate)
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
@@ -208,9 +210,9 @@ class ManiqaBackbone(nn.Module):
         self.conv2 = nn.Conv2d(dim1, dim2, 1, 1, 0)
         self.swintransformer2 = SwinStage(dim2, grid, (2, 2), (swin_heads,) * 2, window_size,
                                           dim_mlp, drop, drop)
-        self.fc_score = nn.Sequential(nn.Linear(dim2, dim2), nn.ReLU(), nn.Dropout(drop),
+        self.fc_score = nn.Sequential(nn.Linear(dim2, dim2), nn.ReLU(), Dropout(drop),
                                       nn.Linear(dim2, 1), nn.ReLU())
-        self.fc_weight = nn.Sequential(nn.Linear(dim2, dim2), nn.ReLU(), nn.Dropout(drop),
+        self.fc_weight = nn.Sequential(nn.Linear(dim2, dim2), nn.ReLU(), Dropout(drop),
                                        nn.Linear(dim2, 1), nn.Sigmoid())
         if score_bias_init is not None:
             # The patch score ends in a ReLU: a narrow head can start with it dead on every

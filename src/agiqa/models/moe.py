@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from agiqa.models.noise import Dropout
+
 __all__ = ["MoEHead"]
 
 
@@ -23,7 +25,7 @@ class MoEHead(nn.Module):
         super().__init__()
         self.num_prompts = num_prompts
         self.semantic_experts = nn.ModuleList(
-            nn.Sequential(nn.Linear(semantic_dim, width), nn.ReLU(), nn.Dropout(drop))
+            nn.Sequential(nn.Linear(semantic_dim, width), nn.ReLU(), Dropout(drop))
             for _ in range(num_prompts)
         )
         self.image_expert = nn.Linear(width, width)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import random
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from agiqa import runtime as dist
 from agiqa.cache import SemanticCache, open_cache
@@ -44,6 +46,7 @@ from agiqa.stages.norms import score_norm as _score_norm
 from agiqa.stages.norms import semantic_norm as _semantic_norm
 from agiqa.stages.predict import inputs_of, predict
 from agiqa.stages.rundir import check_out, run_folder, write_outputs
+from agiqa.stages.together import Concurrency, RunInputs, choose_concurrency, train_together
 from agiqa.stages.trainer import (
     MIN_EVAL_IMAGES,
     DivergedError,
@@ -121,10 +124,7 @@ def _fit(cfg: FitConfig, device: torch.device) -> FitResult:
     cache = open_cache(cfg.cache)
     _check_vectors(cache, split)
 
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    model = create_model(cfg.backbone, len(cache.prompts), cache.dim, cfg.pretrained,
-                         cfg.backbone_weights, cfg.dropout).to(device)
+    model = _new_model(cfg, cache, device)
     optim = torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=cfg.t_max, eta_min=0)
     trainer = Trainer(cfg, model, optim, sched, torch.Generator().manual_seed(cfg.seed), device)
@@ -208,8 +208,9 @@ def _finish_run(cfg: FitConfig, device, model: AgiqaNet, trainer: Trainer, ds, c
         "dataset": {"name": ds.name, "target": ds.target_column, "split": split.method},
     }
     save_model(model, cfg.out, extra)
-    write_outputs(cfg.out, keys, split, targets, scores, gates, cache.prompt_names, metrics,
-                  trainer)
+    order = torch.cat([part["train"], part["val"], part["test"]])  # the split's own order
+    write_outputs(cfg.out, [keys[i] for i in order.tolist()], split, targets[order],
+                  scores[order], gates[order], cache.prompt_names, metrics, trainer)
     (cfg.out / "checkpoint.pt").unlink(missing_ok=True)
     return metrics
 
@@ -249,6 +250,7 @@ def fit_repeats(cfg: FitConfig) -> dict[str, Any]:
     With ``resume``, finished runs of the series are read back and the others continued.
     """
     runs = _runs(cfg)
+    device = resolve_device(cfg.device)
     if len(runs) == 1:
         result = fit_from_cache(cfg)
         return {"out": str(cfg.out), "rows": {"test": result.metrics},
@@ -259,12 +261,31 @@ def fit_repeats(cfg: FitConfig) -> dict[str, Any]:
     rows: dict[str, dict[str, float]] = {}
     best: dict[str, int] = {}
     failed: dict[str, dict[str, Any]] = {}
-    with run_folder(cfg.out, False, dist.is_main()), \
-            dist.process_group(resolve_device(cfg.device)):
+    concurrency: Concurrency | None = None
+    with run_folder(cfg.out, False, dist.is_main()), dist.process_group(device), \
+            dist.tf32(cfg.tf32):
+        done = {name: _finished(run.out) for name, run in runs
+                if cfg.resume and (run.out / "model.safetensors").is_file()}
+        pending = [(name, run) for name, run in runs if name not in done]
+        together = pending and cfg.concurrent_runs != 1 and dist.world_size() == 1 and \
+            not cfg.compile
+        if together:
+            concurrency, results = _series_together(cfg, pending, device)
+            for name, result in results.items():
+                if isinstance(result, DivergedError):
+                    run = dict(pending)[name]
+                    failed[name] = {"seed": run.seed, "split_seed": run.split_seed,
+                                    "out": str(run.out), "error": str(result)}
+                    warnings.warn(f"{name} (seed {run.seed}) failed and is left out of the "
+                                  f"summary: {result}", RunFailedWarning, stacklevel=2)
+                else:
+                    done[name] = result
         for name, run in runs:
-            if cfg.resume and (run.out / "model.safetensors").is_file():
-                result = _finished(run.out)
-            else:
+            if name in failed:
+                continue
+            if name in done:
+                result = done[name]
+            else:  # one at a time: --concurrent-runs 1, --compile, or under torchrun
                 try:
                     result = fit_from_cache(replace(
                         run, resume=(run.out / "checkpoint.pt").is_file() and cfg.resume))
@@ -278,9 +299,12 @@ def fit_repeats(cfg: FitConfig) -> dict[str, Any]:
         if not rows:
             raise TrainingError("every run of the series failed; the first: "
                                 f"{next(iter(failed.values()))['error']}")
+        rows = {name: rows[name] for name, _ in runs if name in rows}
         summary = {"out": str(cfg.out), "rows": rows, "best_epoch": best,
                    "repeats": cfg.repeats, "split_seeds": cfg.split_seeds,
-                   "finished": list(rows), "failed": failed}
+                   "finished": list(rows), "failed": failed,
+                   "concurrency": concurrency.to_dict() if concurrency else
+                   {"concurrent_runs": 1, "requested": cfg.concurrent_runs}}
         if dist.is_main():
             names = list(next(iter(rows.values())))
             table = np.array([[r[k] for k in names] for r in rows.values()])
@@ -288,6 +312,111 @@ def fit_repeats(cfg: FitConfig) -> dict[str, Any]:
             rows["std"] = dict(zip(names, table.std(0).tolist(), strict=True))
             write_json(cfg.out / "summary.json", summary)
     return summary
+
+
+def _series_together(cfg: FitConfig, pending: list[tuple[str, FitConfig]], device: torch.device
+                     ) -> tuple[Concurrency, dict[str, FitResult | DivergedError]]:
+    """Train the pending runs of a series K at a time (:mod:`agiqa.stages.together`), the
+    images decoded once for all of them. Returns K's choice and each run's result or error."""
+    ds = load_dataset(cfg.dataset, cfg.root, cfg.labels, cfg.target, cfg.image_column,
+                      cfg.score_column)
+    splits = [make_split(ds, run.split, run.split_seed) for _, run in pending]
+    for split in splits:
+        _check_split(split, len(ds), cfg.batch_size)
+    cache = open_cache(cfg.cache)
+    _check_vectors(cache, splits[0])
+    keys, vectors, pixels, targets, _ = _inputs(cfg, ds, cache, splits[0], True)
+    index = {k: i for i, k in enumerate(keys)}
+    jobs = []
+    for (name, run), split in zip(pending, splits, strict=True):
+        part = {sub: torch.tensor([index[k] for k in split.subset(sub)], dtype=torch.long)
+                for sub in ("train", "val", "test")}
+        with warnings.catch_warnings():  # warned once by _check_split
+            warnings.simplefilter("ignore", ProtocolWarning)
+            part["val_used"] = part["val"][: validation_images(len(part["val"]), cfg.batch_size)]
+        norm = _score_norm(run.score_norm, targets[part["train"]])
+        sem_norm = _semantic_norm(run.semantic_norm, vectors[part["train"]])
+        inputs = RunInputs(
+            vectors if sem_norm is None else (vectors.float() - sem_norm["mean"]) / sem_norm["std"],
+            targets if norm is None else (targets - norm["mean"]) / norm["std"], part)
+        jobs.append((name, run, split, norm, sem_norm, inputs))
+
+    probe = _new_model(pending[0][1], cache, device)
+    _param_groups(probe, pending[0][1])
+    batch = min(cfg.batch_size, len(jobs[0][5].part["train"]))
+    concurrency, spec = choose_concurrency(cfg.concurrent_runs, len(pending), probe, batch,
+                                           len(cache.prompts), cache.dim, device, cfg.amp)
+    del probe
+    if cfg.progress:
+        tqdm.write(concurrency.describe(len(pending)), file=sys.stderr)
+
+    results: dict[str, FitResult | DivergedError] = {}
+    k = concurrency.runs
+    for start in range(0, len(jobs), k):
+        chunk = jobs[start : start + k]
+        folders, trainers = [], []
+        try:
+            for _name, run, split, *_ in chunk:
+                resume = cfg.resume and (run.out / "checkpoint.pt").is_file()
+                folder = run_folder(run.out, resume, True)
+                folder.__enter__()
+                folders.append(folder)
+                model = _new_model(run, cache, device)
+                optim = torch.optim.Adam(_param_groups(model, run), lr=run.lr,
+                                         weight_decay=run.weight_decay)
+                sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=run.t_max,
+                                                                   eta_min=0)
+                trainer = Trainer(run, model, optim, sched,
+                                  torch.Generator().manual_seed(run.seed), device)
+                if resume:
+                    trainer.restore()
+                else:
+                    run.out.mkdir(parents=True, exist_ok=True)
+                    split.write_csv(run.out / "split.csv")
+                    write_text(run.out / "train_log.jsonl", "")
+                trainers.append(trainer)
+            failed: dict[int, DivergedError] = {}
+            for epoch in sorted({t.epoch for t in trainers}):  # resumed runs at one epoch
+                at = [i for i, t in enumerate(trainers) if t.epoch == epoch]
+                if len(at) == 1:  # alone: the one-run loop itself
+                    inp = chunk[at[0]][5]
+                    try:
+                        trainers[at[0]].train(pixels, inp.vectors, inp.targets, inp.part)
+                    except DivergedError as e:
+                        failed[at[0]] = e
+                    continue
+                got = train_together([trainers[i] for i in at], pixels,
+                                     [chunk[i][5] for i in at], spec)
+                failed.update({at[j]: e for j, e in got.items()})
+            for i, (name, run, split, norm, sem_norm, _) in enumerate(chunk):
+                if i in failed:
+                    results[name] = failed[i]
+                    continue
+                trainer, model = trainers[i], trainers[i].model
+                trainer.finish()
+                if norm is not None:
+                    _fold_score_norm(model, norm)
+                if sem_norm is not None:
+                    _fold_semantic_norm(model, sem_norm)
+                part = chunk[i][5].part
+                metrics = _finish_run(run, device, model, trainer, ds, cache, split, keys,
+                                      pixels, vectors, targets, part, norm, sem_norm)
+                results[name] = FitResult(run.out, metrics, trainer.best_epoch, trainer.history)
+        except BaseException as e:
+            for folder in reversed(folders):
+                folder.__exit__(type(e), e, e.__traceback__)
+            raise
+        for folder in reversed(folders):
+            folder.__exit__(None, None, None)
+    return concurrency, results
+
+
+def _new_model(cfg: FitConfig, cache: SemanticCache, device: torch.device) -> AgiqaNet:
+    """The run's model, initialised from its seed (as :func:`fit_from_cache` does)."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    return create_model(cfg.backbone, len(cache.prompts), cache.dim, cfg.pretrained,
+                        cfg.backbone_weights, cfg.dropout).to(device)
 
 
 class RunFailedWarning(UserWarning):

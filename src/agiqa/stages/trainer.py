@@ -27,6 +27,7 @@ from agiqa import runtime as dist
 from agiqa.data.pixels import normalize
 from agiqa.errors import CheckpointError, TrainingError
 from agiqa.fileio import atomic_path, remove_stale_temporaries, write_text
+from agiqa.models.noise import draw_noise
 from agiqa.stages.predict import predict
 
 __all__ = ["MIN_EVAL_IMAGES", "DivergedError", "ProtocolWarning", "Trainer", "select_epoch",
@@ -126,6 +127,12 @@ class Trainer:
     def __init__(self, cfg, model, optim, sched, gen: torch.Generator, device: torch.device):
         self.cfg, self.model, self.optim, self.sched = cfg, model, optim, sched
         self.gen, self.device, self.amp = gen, device, cfg.amp
+        # Dropout and stochastic-depth masks: the run's own stream, on the device, so that the
+        # run draws the same masks alone or trained together with others (stages.together).
+        self.noise = torch.Generator(device=device).manual_seed(cfg.seed)
+        # Optimiser and schedule state as saved in checkpoint.pt (runs trained together keep
+        # theirs in a stacked optimiser and replace this).
+        self.optim_state = lambda: (self.optim.state_dict(), self.sched.state_dict())
         self.rank, self.world = dist.rank(), dist.world_size()
         self.main = self.rank == 0
         self.train_model = model
@@ -148,6 +155,8 @@ class Trainer:
             remove_stale_temporaries(path.parent)
         try:
             ck = torch.load(path, map_location="cpu", weights_only=True)
+            if "noise" not in ck:
+                raise KeyError("noise")
             self.model.load_state_dict(ck["model"])
             self.optim.load_state_dict(ck["optim"])
             self.sched.load_state_dict(ck["sched"])
@@ -157,6 +166,7 @@ class Trainer:
             raise CheckpointError(f"{path}: not a checkpoint agiqa can resume from "
                                   f"({type(e).__name__}: {first})") from None
         self.gen.set_state(ck["gen"])
+        self.noise.set_state(ck["noise"])
         torch.set_rng_state(ck["torch_rng"])
         self.best_state = ck["best_state"]
         self.epoch, self.best_epoch = ck["epoch"], ck["best_epoch"]
@@ -168,8 +178,9 @@ class Trainer:
     def _checkpoint(self) -> None:
         if not self.main:
             return
-        ck = {"model": self.model.state_dict(), "optim": self.optim.state_dict(),
-              "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
+        optim, sched = self.optim_state()
+        ck = {"model": _copy_state(self.model), "optim": optim, "sched": sched,
+              "gen": self.gen.get_state(), "noise": self.noise.get_state(),
               "torch_rng": torch.get_rng_state(),
               "best_state": self.best_state, "epoch": self.epoch, "best_epoch": self.best_epoch,
               "best_value": self.best_value, "history": json.dumps(self.history)}
@@ -181,37 +192,45 @@ class Trainer:
             code, why = getattr(e, "errno", None), getattr(e, "strerror", None)
             raise OSError(code or errno.EIO, why or f"cannot write ({e})", str(path)) from None
 
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.cfg.epochs
+
     def train(self, pixels, vectors, targets, part: dict[str, torch.Tensor]) -> None:
-        cfg = self.cfg
-        val, val_mos = part["val_used"], targets[part["val_used"]].numpy()
-        while self.epoch < cfg.epochs:
+        while not self.done:
             t0 = time.perf_counter()
             loss, steps, images = self._train_epoch(pixels, vectors, targets, part["train"])
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            train_seconds = time.perf_counter() - t0
-            pred = predict(self.model, pixels[val], vectors[val], self.device,
-                           cfg.eval_batch_size, self.amp)
-            figures = validation_figures(pred.numpy(), val_mos)
-            selected = select_epoch([*self.history, {"epoch": self.epoch, **figures}]) \
-                == self.epoch
-            if selected:
-                self.best_value, self.best_epoch = figures["val_score"], self.epoch
-                self.best_state = _copy_state(self.model)
-            row = {"epoch": self.epoch, "steps": steps, "train_images": images, "loss": loss,
-                   **figures, "val_images": len(val), "selected": bool(selected),
-                   "lr": self.optim.param_groups[0]["lr"],
-                   "seconds": round(time.perf_counter() - t0, 3),
-                   "train_seconds": round(train_seconds, 3),
-                   "train_images_per_second": round(images / train_seconds, 2)}
-            self.history.append(row)
-            if self.main:
-                _append_row(self.log, row)
-            if cfg.progress and self.main:
-                tqdm.write(f"epoch {self.epoch}: loss {loss:.4f}  val SRCC "
-                           f"{figures['val_srcc']:.4f}  PLCC {figures['val_plcc']:.4f}")
-            self.epoch += 1
-            self._checkpoint()
+            self.end_epoch(pixels, vectors, targets, part, loss, steps, images, t0,
+                           time.perf_counter() - t0)
+
+    def end_epoch(self, pixels, vectors, targets, part, loss: float, steps: int, images: int,
+                  t0: float, train_seconds: float) -> None:
+        """Validation, the official selection, the log row and the checkpoint of an epoch."""
+        cfg = self.cfg
+        val = part["val_used"]
+        pred = predict(self.model, pixels[val], vectors[val], self.device, cfg.eval_batch_size,
+                       self.amp)
+        figures = validation_figures(pred.numpy(), targets[val].numpy())
+        selected = select_epoch([*self.history, {"epoch": self.epoch, **figures}]) == self.epoch
+        if selected:
+            self.best_value, self.best_epoch = figures["val_score"], self.epoch
+            self.best_state = _copy_state(self.model)
+        row = {"epoch": self.epoch, "steps": steps, "train_images": images, "loss": loss,
+               **figures, "val_images": len(val), "selected": bool(selected),
+               "lr": self.sched.get_last_lr()[0],
+               "seconds": round(time.perf_counter() - t0, 3),
+               "train_seconds": round(train_seconds, 3),
+               "train_images_per_second": round(images / train_seconds, 2)}
+        self.history.append(row)
+        if self.main:
+            _append_row(self.log, row)
+        if cfg.progress and self.main:
+            tqdm.write(f"epoch {self.epoch}: loss {loss:.4f}  val SRCC "
+                       f"{figures['val_srcc']:.4f}  PLCC {figures['val_plcc']:.4f}")
+        self.epoch += 1
+        self._checkpoint()
 
     def finish(self) -> None:
         """Load the selected epoch's weights (the last epoch's, with a warning, if none)."""
@@ -253,7 +272,8 @@ class Trainer:
         x = normalize(x[mine]).to(self.device, non_blocking=True)
         s = vectors[idx[mine]].to(self.device, torch.float32)
         y = targets[idx[mine]].to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with draw_noise(self.noise), \
+                torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             pred = self.train_model(x, s)
         err = torch.nn.functional.mse_loss(pred.float(), y, reduction="sum")
         # DDP averages gradients over ranks: scale so the result is the global batch mean.
