@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agiqa.testing.tiny_mllm import build_tiny_mllm
+# One torch thread in each test process and in each process a test starts (unless
+# OMP_NUM_THREADS says otherwise): on two shared cores, two OpenMP threads that wait for each
+# other make a tiny training run several times slower, and `pytest -n 2` runs a process per core.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+from agiqa.testing.tiny_mllm import build_tiny_mllm  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)

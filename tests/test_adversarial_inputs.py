@@ -189,8 +189,14 @@ def test_a_worker_index_out_of_range_is_a_usage_error(tmp_path):
 
 
 def test_a_hub_id_that_is_not_here_is_one_quick_line(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    # huggingface_hub reads both when it is first imported, maybe by an earlier test: offline
+    # it answers at once, online it retries for half a minute.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.png")
     r = run("extract-semantics", "--model", "someone/not-here", "--images", tmp_path / "imgs",

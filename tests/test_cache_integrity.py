@@ -34,13 +34,27 @@ def _images(root: Path, n: int = 4) -> list[str]:
     return keys
 
 
+@pytest.fixture(scope="module")
+def _filled_once(tiny_llava, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("filled")
+    keys = _images(folder / "imgs")
+    _extract(tiny_llava, folder / "imgs", folder / "c", shard_size=2)
+    return folder, keys
+
+
 @pytest.fixture
-def filled(tiny_llava, tmp_path):
-    """A folder of 4 images and a zarr cache of 2 shards of 2."""
-    root = tmp_path / "imgs"
-    keys = _images(root)
-    _extract(tiny_llava, root, tmp_path / "c", shard_size=2)
-    return root, keys, tmp_path / "c"
+def filled(_filled_once, tmp_path):
+    """A folder of 4 images and a zarr cache of 2 shards of 2 (a copy of one extraction, its
+    manifest naming the copy's image folder)."""
+    folder, keys = _filled_once
+    root, cache = tmp_path / "imgs", tmp_path / "c"
+    shutil.copytree(folder / "imgs", root)
+    shutil.copytree(folder / "c", cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["root"] == str((folder / "imgs").resolve())
+    manifest["root"] = str(root.resolve())
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    return root, list(keys), cache
 
 
 # -- 1. identity ------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ def test_graded_set_labels_follow_the_damage(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("demo")  # one worker builds the session's demo for all its users
 def test_demo_learns_and_says_why_the_numbers_are_no_judgement(demo_run):
     out, result, seconds = demo_run.out, demo_run.report, demo_run.seconds
     print(f"demo: {seconds:.0f} s, test SRCC {result['metrics']['test']['srcc']:.3f}, "

@@ -95,9 +95,11 @@ def demo_outputs(text: str) -> list[str]:
 
 def _page_param(page: Path):
     text = page.read_text(encoding="utf-8")
-    slow = SLOW in text or bool(demo_outputs(text))
-    return pytest.param(page, id=page.relative_to(REPO).as_posix(),
-                        marks=[pytest.mark.slow] if slow else [])
+    demo = bool(demo_outputs(text))
+    marks = [pytest.mark.slow] if SLOW in text or demo else []
+    if demo:  # `pytest -n 2 --dist loadgroup`: the demo's users share one worker and one demo
+        marks.append(pytest.mark.xdist_group("demo"))
+    return pytest.param(page, id=page.relative_to(REPO).as_posix(), marks=marks)
 
 
 def _shell_env(home: Path) -> dict[str, str]:
