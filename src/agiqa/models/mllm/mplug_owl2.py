@@ -76,6 +76,7 @@ __all__ = [
     "MplugOwl2Processor",
     "MplugOwl2Tokenizer",
     "expand2square",
+    "image_span_of",
     "is_mplug_owl2",
     "load_mplug_owl2",
 ]
@@ -115,27 +116,101 @@ class MplugOwl2Config(LlamaConfig):
         return self.abstractor_settings.num_learnable_queries + 1
 
 
+def image_span_of(input_ids: torch.Tensor) -> tuple[int, int] | None:
+    """Where the image slots of a batch on the host sit when every row holds them as one run at
+    the same columns: ``(start, count)``; ``None`` when the layout differs between rows, a row
+    holds several runs, there are no slots, or the ids are not on the host (reading them there
+    would wait for the device).
+
+    One image per sequence under one prompt template gives such a layout; with left padding,
+    rows of different lengths do not.
+    """
+    if input_ids.device.type != "cpu" or input_ids.dim() != 2 or input_ids.shape[0] == 0:
+        return None
+    is_image = input_ids == IMAGE_TOKEN_INDEX
+    first = is_image[0].nonzero().flatten().tolist()
+    if not first:
+        return None
+    start, count = first[0], len(first)
+    if first[-1] - start + 1 != count or not bool(is_image[:, start:start + count].all()) \
+            or int(is_image.sum()) != count * input_ids.shape[0]:
+        return None
+    return start, count
+
+
 class ModalityRoute:
     """Where the text and image tokens of a batch sit, built once per forward pass.
 
-    The tokens of the flattened batch are sorted by modality (text first, stable); each multiway
-    module gathers its rows, runs every branch on its own part and scatters the results back.
-    The part sizes come from shapes the caller knows (the number of visual tokens), so routing
-    never waits for the device; the token count is checked against them asynchronously.
+    Two ways, both without waiting for the device:
+
+    * by slicing, when the caller says where the image tokens sit (``span``): every row holds
+      them at columns ``[start, start + count)``. The text branch runs on the columns before and
+      after that span, joined along the sequence, and the image branch on the span: no index,
+      no gather or scatter.
+    * otherwise by an index: the tokens of the flattened batch are sorted by modality (text
+      first, stable) once per pass; each multiway module gathers its rows, runs every branch on
+      its own part and scatters the results back.
+
+    Either way each branch sees the same rows in the same order (batch-major, then position),
+    as one contiguous matrix, so the two give bit-identical results. The part sizes come from
+    shapes the caller knows (the number of visual tokens), and the token count is checked
+    against them asynchronously on an accelerator.
 
     Args:
         modality: (batch, length), 0 text, 1 image.
         image_tokens: how many entries of ``modality`` are 1.
+        span: ``(start, count)`` of the image tokens, the same in every row (see
+            :func:`image_span_of`); ``None`` routes by an index.
     """
 
-    def __init__(self, modality: torch.Tensor, image_tokens: int):
+    def __init__(self, modality: torch.Tensor, image_tokens: int,
+                 span: tuple[int, int] | None = None):
         self.modality = modality  # for code that routes by mask, such as the official baseline
         self.total = modality.numel()
         self.counts = [self.total - image_tokens, image_tokens]
         self.single = next((i for i, c in enumerate(self.counts) if c == self.total), None)
         self.order = None
-        if self.single is None:
+        self.span = None
+        if self.single is not None:
+            return
+        if span is not None:
+            start, count = int(span[0]), int(span[1])
+            rows, length = modality.shape
+            if count * rows != image_tokens or start < 0 or start + count > length:
+                raise ValueError(f"an image span of {count} tokens at column {start} does not "
+                                 f"fit {image_tokens} image tokens in {rows} rows of {length}")
+            inside = modality[:, start:start + count].all()
+            if modality.device.type == "cpu":
+                if not bool(inside):
+                    raise ValueError(f"the image tokens are not at columns [{start}, "
+                                     f"{start + count}) in every row")
+            else:
+                torch._assert_async(inside)
+            self.span = (start, count)
+        else:
             self.order = torch.argsort(modality.flatten().to(torch.uint8), stable=True)
+
+    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The text and image rows of ``x`` (batch, length, width), each a contiguous matrix."""
+        width = x.shape[-1]
+        if self.span is not None:
+            start, count = self.span
+            text = torch.cat([x[:, :start], x[:, start + count:]], dim=1)
+            return [text.view(-1, width), x[:, start:start + count].reshape(-1, width)]
+        return list(x.reshape(self.total, width).index_select(0, self.order).split(self.counts))
+
+    def merge(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The inverse of :meth:`split`: (batch, length, width) from the per-modality rows."""
+        rows, length = self.modality.shape
+        width = parts[0].shape[-1]
+        if self.span is not None:
+            start, count = self.span
+            text = parts[0].view(rows, length - count, width)
+            image = parts[1].view(rows, count, width)
+            return torch.cat([text[:, :start], image, text[:, start:]], dim=1)
+        out = parts[0].new_empty(self.total, width)
+        out.index_copy_(0, self.order, torch.cat(parts))
+        return out.view(rows, length, width)
 
 
 class MultiwayNetwork(nn.Module):
@@ -149,12 +224,8 @@ class MultiwayNetwork(nn.Module):
     def forward(self, x: torch.Tensor, route: ModalityRoute) -> torch.Tensor:
         if route.single is not None:
             return self.multiway[route.single](x)
-        flat = x.reshape(route.total, x.shape[-1])
-        parts = flat.index_select(0, route.order).split(route.counts)
-        outs = [branch(part) for branch, part in zip(self.multiway, parts, strict=True)]
-        out = flat.new_empty(route.total, self.out_features)
-        out.index_copy_(0, route.order, torch.cat(outs))
-        return out.view(*x.shape[:-1], self.out_features)
+        parts = route.split(x)
+        return route.merge([branch(p) for branch, p in zip(self.multiway, parts, strict=True)])
 
 
 class ModalityAdaptiveAttention(nn.Module):
@@ -284,29 +355,40 @@ class MplugOwl2Model(MplugOwl2PreTrainedModel):
         return self.visual_abstractor(self.vision_model(pixel_values.to(dtype)))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-              image_repeats: int = 1) -> tuple[torch.Tensor, ModalityRoute]:
+              image_repeats: int = 1, image_span: tuple[int, int] | None = None,
+              image_features: torch.Tensor | None = None) -> tuple[torch.Tensor, ModalityRoute]:
         """Token embeddings with the visual tokens written at the image slots, and their route.
 
         With ``image_repeats=k`` the n images of ``pixel_values`` fill the slots of k·n sequences:
         image i those of sequences i, n + i, 2n + i, ... (one vision pass serves every prompt).
+        ``image_features`` (from :meth:`encode_images`) stand for the images of ``pixel_values``
+        when the vision pass has already run. ``image_span`` says where the slots sit (see
+        :func:`image_span_of`); ids on the host are read for it, ids on a device are not (no
+        wait), and without a span the route is an index.
         """
         is_image = input_ids == IMAGE_TOKEN_INDEX
         embeds = self.embed_tokens(input_ids.clamp(min=0))
-        features = None
-        if pixel_values is not None:
-            features = self.encode_images(pixel_values).to(embeds.dtype)
+        features = image_features
+        if features is None and pixel_values is not None:
+            features = self.encode_images(pixel_values)
+        if features is not None:
+            features = features.to(embeds.dtype)
             if image_repeats > 1:
                 features = features.repeat(image_repeats, 1, 1)
         visual = _check_slots(is_image, features)
         if features is not None:
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1),
                                            features.reshape(-1, embeds.shape[-1]))
-        return embeds, ModalityRoute(is_image, visual)
+        if image_span is None:
+            image_span = image_span_of(input_ids)
+        return embeds, ModalityRoute(is_image, visual, image_span)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 output_hidden_states: bool = False, use_cache: bool = False,
-                image_repeats: int = 1, **kwargs: Any) -> BaseModelOutputWithPast:
+                image_repeats: int = 1, image_span: tuple[int, int] | None = None,
+                image_features: torch.Tensor | None = None,
+                **kwargs: Any) -> BaseModelOutputWithPast:
         """Run the language model over an expanded sequence (see the module docstring).
 
         Args:
@@ -317,13 +399,19 @@ class MplugOwl2Model(MplugOwl2PreTrainedModel):
             output_hidden_states: also return the input of every layer and the final normed output.
             use_cache: accepted for interface parity; no cache is kept.
             image_repeats: sequences per image (see `embed`): several prompts, one vision pass.
+            image_span: ``(start, count)``: every row holds its visual slots at columns
+                ``[start, start + count)``, as :func:`image_span_of` finds on the host ids; the
+                multiway modules then route by slicing. Found here when the ids are on the host.
+            image_features: (images, tokens, hidden) from `encode_images`, in place of
+                ``pixel_values`` (a vision pass that serves several calls).
             **kwargs: ignored generation arguments.
 
         Nothing here waits for the device. On an accelerator a given ``attention_mask`` is
         always applied (finding out whether it holds padding would wait); pass ``None`` for a
         batch without padding, which then runs the causal kernel without a mask.
         """
-        hidden, route = self.embed(input_ids, pixel_values, image_repeats)
+        hidden, route = self.embed(input_ids, pixel_values, image_repeats, image_span,
+                                   image_features)
         mask = None
         if attention_mask is not None and (attention_mask.device.type != "cpu"
                                            or not bool(attention_mask.all())):
