@@ -264,17 +264,41 @@ class SemanticEncoder:
         if self.model is None:
             self.load()
         batch = dict(batch)
-        pool_mask = batch.pop("pool_mask").to(self.device, non_blocking=True)
+        pool_mask = batch.pop("pool_mask")
         rows = batch.pop("prompt_rows", None)
         repeats = batch.pop("image_repeats", None)
-        if repeats and self.family == MPLUG_OWL2:
-            batch["image_repeats"] = repeats  # the model's own argument
         if rows is None:
             rows = torch.full((pool_mask.shape[0],), prompt_index or 0, dtype=torch.long)
-        mask = batch.get("attention_mask")
-        if self.family == MPLUG_OWL2 and mask is not None and mask.device.type == "cpu" \
-                and bool(mask.all()):
-            del batch["attention_mask"]  # no padding: causal attention alone, no mask to check
+        if self.family == MPLUG_OWL2:
+            vectors, last = self._mplug_owl2_pass(batch, pool_mask, repeats or 1)
+        else:
+            inputs = self._to_device(batch)
+            with ExitStack() as stack:
+                if self._grouped:
+                    stack.enter_context(grouped_window_attention(self.model))
+                if repeats:
+                    base = self._base if self._base is not None else self.model
+                    stack.enter_context(vision_once(base, repeats))
+                if self._base is not None:
+                    hidden = self._base(**inputs, use_cache=False).last_hidden_state
+                else:
+                    out = self.model(**inputs, output_hidden_states=True, logits_to_keep=1,
+                                     use_cache=False)
+                    hidden = out.hidden_states[-1]
+            vectors = _mean_pool(pool_mask.to(self.device, non_blocking=True), hidden)
+            last = hidden[:, -1]
+        logits = self._head(last).float()
+        if self.rating_weights.device != logits.device:  # once: a blocking copy syncs
+            self.rating_weights = self.rating_weights.to(logits.device)
+            self.rating_ids = self.rating_ids.to(logits.device)
+        ids = self.rating_ids[rows.to(logits.device, non_blocking=True)]
+        probs = torch.softmax(logits.gather(1, ids), dim=-1)
+        zero_shot = probs @ self.rating_weights
+        return vectors, zero_shot
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch's tensors on the model's device (copied without waiting), uint8 pixels
+        normalised there, floating-point tensors in the model's dtype."""
         inputs = {}
         for k, v in batch.items():
             if torch.is_tensor(v):
@@ -284,25 +308,86 @@ class SemanticEncoder:
                 if v.is_floating_point():
                     v = v.to(DTYPES[self.dtype])
             inputs[k] = v
-        with ExitStack() as stack:
-            if self._grouped:
-                stack.enter_context(grouped_window_attention(self.model))
-            if repeats and self.family != MPLUG_OWL2:
-                base = self._base if self._base is not None else self.model
-                stack.enter_context(vision_once(base, repeats))
-            if self._base is not None:
-                hidden = self._base(**inputs, use_cache=False).last_hidden_state
-            else:
-                out = self.model(**inputs, output_hidden_states=True, logits_to_keep=1,
-                                 use_cache=False)
-                hidden = out.hidden_states[-1]
-        m = pool_mask.to(torch.float32)
-        vectors = torch.bmm(m[:, None, :], hidden.float())[:, 0] / m.sum(1, keepdim=True)
-        logits = self._head(hidden[:, -1]).float()
-        if self.rating_weights.device != logits.device:  # once: a blocking copy syncs
-            self.rating_weights = self.rating_weights.to(logits.device)
-            self.rating_ids = self.rating_ids.to(logits.device)
-        ids = self.rating_ids[rows.to(logits.device, non_blocking=True)]
-        probs = torch.softmax(logits.gather(1, ids), dim=-1)
-        zero_shot = probs @ self.rating_weights
-        return vectors, zero_shot
+        return inputs
+
+    def _mplug_owl2_pass(self, batch: dict[str, Any], pool_mask: torch.Tensor, repeats: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled vectors and last-position states of an mPLUG-Owl2 batch whose ``repeats``
+        blocks of rows share the images (``image_repeats``).
+
+        When each block's rows have one length (one prompt per block), the blocks run grouped
+        by length: a language-model pass per length, its padding columns cut off and no
+        attention mask, all fed by one vision pass. Otherwise one pass over the padded batch.
+        The host copies of the ids and masks say which (nothing waits for the device), and
+        where the image slots sit, so the multiway modules route by slicing when they can.
+        """
+        from agiqa.models.mllm.mplug_owl2 import image_span_of
+
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        host = mask is not None and mask.device.type == "cpu"
+        groups = None
+        if host and set(batch) <= {"input_ids", "attention_mask", "pixel_values"}:
+            groups = length_groups(mask, repeats)
+        if groups is None:
+            if host and bool(mask.all()):
+                del batch["attention_mask"]  # no padding: causal attention alone, no mask
+            inputs = self._to_device(batch)
+            if repeats > 1:
+                inputs["image_repeats"] = repeats
+            hidden = self._base(**inputs, image_span=image_span_of(ids),
+                                use_cache=False).last_hidden_state
+            return _mean_pool(pool_mask.to(self.device, non_blocking=True), hidden), hidden[:, -1]
+        inputs = self._to_device(batch)
+        features = None
+        if inputs.get("pixel_values") is not None:
+            features = self._base.encode_images(inputs["pixel_values"])
+        n = ids.shape[0] // repeats
+        vectors: list[Any] = [None] * repeats
+        last: list[Any] = [None] * repeats
+        for length, blocks in groups:
+            rows = [slice(b * n, (b + 1) * n) for b in blocks]
+            group_ids = torch.cat([ids[r, -length:] for r in rows])
+            group_pool = torch.cat([pool_mask[r, -length:] for r in rows])
+            hidden = self._base(
+                input_ids=group_ids.to(self.device, non_blocking=True),
+                image_features=features, image_repeats=len(blocks),
+                image_span=image_span_of(group_ids), use_cache=False,
+            ).last_hidden_state
+            pooled = _mean_pool(group_pool.to(self.device, non_blocking=True), hidden)
+            for j, b in enumerate(blocks):
+                vectors[b] = pooled[j * n:(j + 1) * n]
+                last[b] = hidden[j * n:(j + 1) * n, -1]
+        return torch.cat(vectors), torch.cat(last)
+
+
+def _mean_pool(pool_mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 mean of ``hidden`` (rows, length, D) over the positions ``pool_mask`` marks."""
+    m = pool_mask.to(torch.float32)
+    return torch.bmm(m[:, None, :], hidden.float())[:, 0] / m.sum(1, keepdim=True)
+
+
+def length_groups(mask: torch.Tensor, blocks: int) -> list[tuple[int, list[int]]] | None:
+    """Blocks of rows that can run without padding, grouped by length.
+
+    ``mask`` (rows, length) on the host, 1 on real tokens, left-padded, holds ``blocks`` equal
+    blocks of consecutive rows (a fused batch: one block per prompt). When every block's rows
+    share one real length, returns ``(length, [block, ...])`` per distinct length, in order of
+    first appearance; ``None`` when the batch holds no padding (one pass needs no mask) or
+    its layout is not that one (right padding, rows of one block of different lengths).
+    """
+    rows, width = mask.shape
+    if blocks < 1 or rows == 0 or rows % blocks:
+        return None
+    lengths = mask.sum(1)
+    if bool((lengths == width).all()) or bool((lengths == 0).any()):
+        return None
+    left_padded = torch.arange(width)[None, :] >= (width - lengths)[:, None]
+    if not torch.equal(mask.bool(), left_padded):
+        return None
+    per_block = lengths.view(blocks, rows // blocks)
+    if not bool((per_block == per_block[:, :1]).all()):
+        return None
+    groups: dict[int, list[int]] = {}
+    for block, length in enumerate(per_block[:, 0].tolist()):
+        groups.setdefault(int(length), []).append(block)
+    return list(groups.items())
