@@ -245,3 +245,138 @@ def test_a_forward_pass_never_reads_values_back_from_the_device(loaded, images, 
     monkeypatch.setattr(MultiwayNetwork, "forward", official)
     with torch.no_grad(), pytest.raises(NotImplementedError, match="nonzero"):
         meta.model(**inputs, image_repeats=2)
+
+
+def _routes(monkeypatch) -> list:
+    """The routes the model builds while the test runs."""
+    from agiqa.models.mllm import mplug_owl2
+
+    built = []
+    original = mplug_owl2.ModalityRoute.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(mplug_owl2.ModalityRoute, "__init__", recording)
+    return built
+
+
+def _by_mask(network, x, modality):
+    """Multiway routing as the official code does it: each branch on its tokens, by mask."""
+    out = x.new_empty(*x.shape[:-1], network.out_features)
+    for idx, branch in enumerate(network.multiway):
+        local = modality.eq(idx).nonzero(as_tuple=True)
+        out[local] = branch(x[local])
+    return out
+
+
+def test_image_span_is_found_on_the_host_only_for_one_run_per_row_at_one_offset():
+    from agiqa.models.mllm.mplug_owl2 import image_span_of
+
+    ids = torch.arange(40).view(4, 10)
+    assert image_span_of(ids) is None  # no image slots
+    ids[:, 3:7] = IMAGE_TOKEN_INDEX
+    assert image_span_of(ids) == (3, 4)
+    assert image_span_of(ids.to("meta")) is None  # not read on a device
+    shifted = ids.clone()
+    shifted[1] = torch.cat([shifted[1, 1:], torch.tensor([0])])  # one row starts a column early
+    assert image_span_of(shifted) is None
+    split = ids.clone()
+    split[2, 5] = 7  # a row with two runs
+    assert image_span_of(split) is None
+    extra = ids.clone()
+    extra[3, 9] = IMAGE_TOKEN_INDEX  # a row with a slot outside the span
+    assert image_span_of(extra) is None
+
+
+def test_a_wrong_image_span_is_refused():
+    from agiqa.models.mllm.mplug_owl2 import ModalityRoute
+
+    modality = torch.zeros(2, 10, dtype=torch.bool)
+    modality[:, 2:6] = True
+    assert ModalityRoute(modality, 8, (2, 4)).span == (2, 4)
+    with pytest.raises(ValueError, match="not at columns"):
+        ModalityRoute(modality, 8, (3, 4))
+    with pytest.raises(ValueError, match="does not fit"):
+        ModalityRoute(modality, 8, (2, 3))
+
+
+@pytest.mark.parametrize("start", [0, 5, 12])
+def test_sliced_routing_equals_index_routing_and_the_official_one_in_every_module(start):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from agiqa.models.mllm.mplug_owl2 import ModalityRoute, MultiwayNetwork
+
+    torch.manual_seed(start)
+    rows, length, count, width = 3, 17, 5, 48
+    modality = torch.zeros(rows, length, dtype=torch.bool)
+    modality[:, start:start + count] = True
+    x = torch.randn(rows, length, width)
+    sliced = ModalityRoute(modality, rows * count, (start, count))
+    indexed = ModalityRoute(modality, rows * count)
+    assert sliced.order is None and indexed.order is not None and indexed.span is None
+    for network in (MultiwayNetwork([torch.nn.Linear(width, 32) for _ in range(2)], 32),
+                    MultiwayNetwork([LlamaRMSNorm(width) for _ in range(2)], width)):
+        for p in network.parameters():
+            torch.nn.init.normal_(p)
+        with torch.no_grad():
+            a, b = network(x, sliced), network(x, indexed)
+            official = _by_mask(network, x, modality)
+        assert a.shape == (rows, length, network.out_features)
+        assert torch.equal(a, b)
+        assert torch.equal(a, official)
+
+
+def test_a_uniform_batch_routes_by_slicing_bit_identical_to_the_index(loaded, images,
+                                                                      monkeypatch):
+    from agiqa.models.mllm import mplug_owl2
+
+    model, processor = loaded
+    batch = processor(text=[META["prompts"]["coherence"]["text"]] * len(images), images=images)
+    span = mplug_owl2.image_span_of(batch["input_ids"])
+    assert span is not None and span[1] == 65
+    routes = _routes(monkeypatch)
+    with torch.no_grad():
+        sliced = model(**batch, output_hidden_states=True)
+        monkeypatch.setattr(mplug_owl2, "image_span_of", lambda ids: None)
+        indexed = model(**batch, output_hidden_states=True)
+    assert [r.span for r in routes] == [span, None]
+    assert routes[0].order is None and routes[1].order is not None
+    assert torch.equal(sliced.logits, indexed.logits)
+    for a, b in zip(sliced.hidden_states, indexed.hidden_states, strict=True):
+        assert torch.equal(a, b)
+    official = torch.from_numpy(EXPECTED["coherence/last_hidden_state"])
+    assert float((sliced.hidden_states[-1] - official).abs().max()) <= TOLERANCE
+
+
+def test_rows_with_the_image_at_different_columns_route_by_the_index(loaded, images,
+                                                                     monkeypatch):
+    """Text after the image that differs in length: left padding puts the image of the
+    shorter row later, so there is no common span; the index route gives the same states as
+    the official routing by mask. (The paper's prompts differ before the image only: padded,
+    their images share columns and route by slicing.)"""
+    from agiqa.models.mllm import mplug_owl2
+
+    model, processor = loaded
+    base = META["prompts"]["coherence"]["text"]
+    batch = processor(text=[base, base + " Describe the image in a few words."],
+                      images=images[:2])
+    assert not bool(batch["attention_mask"].all())
+    assert mplug_owl2.image_span_of(batch["input_ids"]) is None
+    paper = processor(text=[META["prompts"][k]["text"] for k in META["prompts"]],
+                      images=images[:2])
+    assert not bool(paper["attention_mask"].all())
+    assert mplug_owl2.image_span_of(paper["input_ids"]) is not None
+    routes = _routes(monkeypatch)
+    with torch.no_grad():
+        ours = model.model(**batch).last_hidden_state
+    assert len(routes) == 1 and routes[0].span is None and routes[0].order is not None
+
+    def official(self, x, route):
+        return _by_mask(self, x, route.modality)
+
+    monkeypatch.setattr(mplug_owl2.MultiwayNetwork, "forward", official)
+    with torch.no_grad():
+        reference = model.model(**batch).last_hidden_state
+    assert torch.equal(ours, reference)
