@@ -196,3 +196,102 @@ def test_a_stage_one_step_reads_nothing_back_from_the_device(owl2):
     vectors, zero_shot = enc.encode_all(enc.prepare.all_prompts(imgs))
     assert vectors.device.type == zero_shot.device.type == "meta"
     assert vectors.shape == (len(imgs), 2, enc.dim) and zero_shot.shape == (len(imgs), 2)
+
+
+def test_length_groups_of_a_fused_mask():
+    from agiqa.models.mllm.adapter import length_groups
+
+    def mask(*lengths, width=4):
+        return torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
+
+    assert length_groups(mask(2, 2, 4, 4), 2) == [(2, [0]), (4, [1])]
+    assert length_groups(mask(3, 3, 4, 4, 3, 3), 3) == [(3, [0, 2]), (4, [1])]
+    assert length_groups(mask(4, 4, 4, 4), 2) is None  # no padding: one pass without a mask
+    assert length_groups(mask(2, 3, 4, 4), 2) is None  # a block of two lengths
+    assert length_groups(mask(2, 2, 4), 2) is None  # rows not in equal blocks
+    assert length_groups(mask(2, 2, 4, 4).flip(1), 2) is None  # right padding
+    assert length_groups(mask(0, 0, 4, 4), 2) is None  # empty rows
+
+
+def _language_calls(model) -> list:
+    """(ids shape, attention mask) of each language-model call, and the vision tower's images."""
+    calls, vision = [], []
+    hooks = [
+        model.model.register_forward_pre_hook(
+            lambda _m, _args, kw: calls.append((tuple(kw["input_ids"].shape),
+                                                kw.get("attention_mask"))), with_kwargs=True),
+        model.model.vision_model.register_forward_hook(
+            lambda _m, args, _out: vision.append(args[0].shape[0])),
+    ]
+    return calls, vision, hooks
+
+
+def test_fused_prompts_run_by_length_without_padding(owl2, monkeypatch):
+    """The fused batch's prompts differ in length: each runs unpadded and unmasked, fed by one
+    vision pass, and the vectors and scores equal one pass per prompt bit for bit; the padded
+    pass (the fallback) gives them to rounding."""
+    from PIL import Image
+
+    from agiqa.models.mllm import adapter
+
+    folder, images = owl2
+    imgs = [Image.open(images / name).convert("RGB") for name in META["images"]]
+    n = len(imgs)
+    fused = SemanticEncoder(str(folder), load_prompts("paper")).load(progress=False)
+    separate = SemanticEncoder(str(folder), load_prompts("paper"), fuse_prompts=False)
+    separate.attach(fused.model)
+    (batch,) = fused.prepare.all_prompts(imgs)
+    mask = batch["attention_mask"]
+    lengths = [int(mask[0].sum()), int(mask[n].sum())]
+    assert lengths[0] != lengths[1] and max(lengths) == mask.shape[1]
+    calls, vision, hooks = _language_calls(fused.model)
+    try:
+        grouped = fused.encode_all([batch])
+        assert [c[0] for c in calls] == [(n, lengths[0]), (n, lengths[1])]
+        assert all(c[1] is None for c in calls) and vision == [n]
+        calls.clear()
+        one_per_prompt = separate.encode_all(separate.prepare.all_prompts(imgs))
+        assert len(calls) == 2
+        calls.clear()
+        vision.clear()
+        monkeypatch.setattr(adapter, "length_groups", lambda _mask, _blocks: None)
+        padded = fused.encode_all([batch])
+        assert [c[0] for c in calls] == [(2 * n, mask.shape[1])] and vision == [n]
+        assert calls[0][1] is not None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for a, b in zip(grouped, one_per_prompt, strict=True):
+        assert torch.equal(a, b)
+    assert float((grouped[0] - padded[0]).abs().max()) <= 1e-5
+    assert float((grouped[1] - padded[1]).abs().max()) <= 1e-5
+    official = torch.from_numpy(_official_vectors())
+    assert float((grouped[0] - official).abs().max()) <= 1e-4
+
+
+def test_fused_prompts_of_one_length_share_a_pass(owl2):
+    """Three prompts, the first and last of one length: two language-model passes (the equal
+    ones together), one vision pass, the rows back in prompt order."""
+    from PIL import Image
+
+    from agiqa.presets import PromptSet
+
+    folder, images = owl2
+    paper = load_prompts("paper")
+    prompts = PromptSet(names=["a", "b", "c"], texts=[*paper.texts, paper.texts[0]])
+    imgs = [Image.open(images / name).convert("RGB") for name in META["images"][:2]]
+    fused = SemanticEncoder(str(folder), prompts).load(progress=False)
+    separate = SemanticEncoder(str(folder), prompts, fuse_prompts=False)
+    separate.attach(fused.model)
+    calls, vision, hooks = _language_calls(fused.model)
+    try:
+        vectors, zero_shot = fused.encode_all(fused.prepare.all_prompts(imgs))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert [c[0][0] for c in calls] == [4, 2] and vision == [2]
+    expected_v, expected_z = separate.encode_all(separate.prepare.all_prompts(imgs))
+    assert vectors.shape == expected_v.shape == (2, 3, fused.dim)
+    assert float((vectors - expected_v).abs().max()) <= 1e-5
+    assert float((zero_shot - expected_z).abs().max()) <= 1e-5
+    assert float((vectors[:, 0] - vectors[:, 2]).abs().max()) <= 1e-5
