@@ -244,6 +244,8 @@ def test_fused_prompts_run_by_length_without_padding(owl2, monkeypatch):
     mask = batch["attention_mask"]
     lengths = [int(mask[0].sum()), int(mask[n].sum())]
     assert lengths[0] != lengths[1] and max(lengths) == mask.shape[1]
+    assert fused.tokens_run(batch) == (n * sum(lengths), 0)
+    assert separate.tokens_run(separate.prepare(imgs, 0)) == (n * lengths[0], 0)
     calls, vision, hooks = _language_calls(fused.model)
     try:
         grouped = fused.encode_all([batch])

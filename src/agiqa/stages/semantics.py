@@ -398,10 +398,10 @@ def _run_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncod
         acc.failures.update(failures)
         if batch_keys:
             for batch in inputs:  # counted on the host copies: no wait for the device
-                mask = batch["attention_mask"]
-                report.tokens += mask.numel()
-                report.padding_tokens += mask.numel() - int(mask.sum())
-                report.forward_passes += mask.shape[0]
+                tokens, padding = encoder.tokens_run(batch)
+                report.tokens += tokens
+                report.padding_tokens += padding
+                report.forward_passes += batch["attention_mask"].shape[0]
                 report.model_calls += 1
             acc.add(batch_keys, shas, *encoder.encode_all(inputs))
         bar.update(len(batch_keys) + len(failures))

@@ -36,6 +36,7 @@ from agiqa.runtime import DTYPES, resolve_device, resolve_dtype
 __all__ = ["BatchPreparer", "PromptEncoding", "SemanticEncoder", "compile_blocks"]
 
 MPLUG_OWL2 = "mplug_owl2"
+_BATCH_METADATA = ("pool_mask", "prompt_rows", "image_repeats")  # not model inputs
 
 
 def compile_blocks(model: torch.nn.Module) -> int:
@@ -310,6 +311,28 @@ class SemanticEncoder:
             inputs[k] = v
         return inputs
 
+    def tokens_run(self, batch: dict[str, Any]) -> tuple[int, int]:
+        """The tokens the language model runs for ``batch`` (as :meth:`encode_on_device` gets
+        it) and how many of them are padding, counted on the host copies."""
+        mask = batch["attention_mask"]
+        groups = self._length_groups(
+            {k: v for k, v in batch.items() if k not in _BATCH_METADATA},
+            batch.get("image_repeats") or 1)
+        if groups is None:
+            return mask.numel(), mask.numel() - int(mask.sum())
+        rows = mask.shape[0] // (batch.get("image_repeats") or 1)
+        return sum(length * rows * len(blocks) for length, blocks in groups), 0
+
+    def _length_groups(self, batch: dict[str, Any], repeats: int
+                       ) -> list[tuple[int, list[int]]] | None:
+        """How an mPLUG-Owl2 batch (model inputs only) runs grouped by length, or ``None`` for
+        one pass (see :func:`length_groups`)."""
+        mask = batch.get("attention_mask")
+        if self.family != MPLUG_OWL2 or mask is None or mask.device.type != "cpu" \
+                or not set(batch) <= {"input_ids", "attention_mask", "pixel_values"}:
+            return None
+        return length_groups(mask, repeats)
+
     def _mplug_owl2_pass(self, batch: dict[str, Any], pool_mask: torch.Tensor, repeats: int
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled vectors and last-position states of an mPLUG-Owl2 batch whose ``repeats``
@@ -324,12 +347,9 @@ class SemanticEncoder:
         from agiqa.models.mllm.mplug_owl2 import image_span_of
 
         ids, mask = batch["input_ids"], batch.get("attention_mask")
-        host = mask is not None and mask.device.type == "cpu"
-        groups = None
-        if host and set(batch) <= {"input_ids", "attention_mask", "pixel_values"}:
-            groups = length_groups(mask, repeats)
+        groups = self._length_groups(batch, repeats)
         if groups is None:
-            if host and bool(mask.all()):
+            if mask is not None and mask.device.type == "cpu" and bool(mask.all()):
                 del batch["attention_mask"]  # no padding: causal attention alone, no mask
             inputs = self._to_device(batch)
             if repeats > 1:
@@ -337,10 +357,10 @@ class SemanticEncoder:
             hidden = self._base(**inputs, image_span=image_span_of(ids),
                                 use_cache=False).last_hidden_state
             return _mean_pool(pool_mask.to(self.device, non_blocking=True), hidden), hidden[:, -1]
-        inputs = self._to_device(batch)
-        features = None
-        if inputs.get("pixel_values") is not None:
-            features = self._base.encode_images(inputs["pixel_values"])
+        features = None  # one vision pass for every group
+        if batch.get("pixel_values") is not None:
+            pixels = self._to_device({"pixel_values": batch["pixel_values"]})["pixel_values"]
+            features = self._base.encode_images(pixels)
         n = ids.shape[0] // repeats
         vectors: list[Any] = [None] * repeats
         last: list[Any] = [None] * repeats
