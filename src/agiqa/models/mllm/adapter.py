@@ -137,7 +137,9 @@ class SemanticEncoder:
         (mPLUG-Owl2: ``image_repeats``; transformers families: :func:`vision_once`). ``None``
         means on: the vectors are those of separate passes, and on an H200 fusing was faster for
         every family measured (LLaVA-1.5, Qwen2.5-VL, mPLUG-Owl2), though chat-template prompts
-        of different lengths leave the shorter one's rows left-padded.
+        of different lengths leave the shorter one's rows left-padded. mPLUG-Owl2 runs no
+        padding: the language model runs once per prompt length, unpadded, after the one
+        vision pass, and its vectors equal those of separate passes bit for bit.
         """
         owl = self.family == MPLUG_OWL2
         self.fuse_prompts = True if fuse is None else bool(fuse)

@@ -21,11 +21,19 @@ Interface used by the MLLM adapter:
 - `model.model(input_ids=, attention_mask=, pixel_values=, use_cache=False).last_hidden_state`:
   the final normed hidden state (the official `hidden_states[-1]`); `model(...)` gives `logits`
   (`logits_to_keep` supported); `model.get_output_embeddings()` is the LM head.
-  `image_repeats=k` lets n images serve k·n sequences (several prompts, one vision pass).
+  `image_repeats=k` lets n images serve k·n sequences (several prompts, one vision pass);
+  `image_features=` (from `encode_images`) stands for `pixel_values` when one vision pass
+  serves several calls.
 
-Speed: the modality-adaptive modules route tokens by an index built once per forward pass
-(`ModalityRoute`), never by `nonzero` per module as the official `MultiwayNetwork` does, so a
-forward pass on a GPU never waits for the device (without padding, pass no `attention_mask`).
+Speed: the modality-adaptive modules never route tokens by `nonzero` per module, as the official
+`MultiwayNetwork` does, so a forward pass on a GPU never waits for the device (without padding,
+pass no `attention_mask`). When every row holds its visual slots at the same columns (one image
+per sequence under one template; the paper's prompts, left-padded together, too, since they
+differ before the image only), the route slices: the image weights run on those columns, the
+text weights on the columns before and after them; `image_span_of` finds the span on host ids,
+and `image_span=` passes it for ids already on a device. Otherwise an index sorted once per pass
+gathers each modality's tokens and scatters the results back (`ModalityRoute`). Both give every
+branch the same rows in the same order, so their outputs are bit-identical.
 """
 
 from __future__ import annotations
