@@ -215,25 +215,33 @@ def test_compile_trains_through_torch_compile(graded, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["training"]["compile"]
 
 
-def test_blur_graded_real_photos_cpu_fit_reaches_srcc_0_6(tiny_llava, tmp_path):
-    """17 real photographs, 2 crops each, blurred in 6 grades (MOS falls with blur): the random
-    tiny models learn the ranking on a CPU. The recipe (not the paper's defaults): the tiny
-    backbone frozen at its seeded initialisation, the MoE head trained at lr 3e-4 on
-    standardised MOS and vectors for 30 epochs."""
-    from agiqa.pipeline.demo import make_graded_set
+# Sets the CPU recipe was not tuned on: other photographs (five are not in the demo's set),
+# crops, sizes and seeds; 15 photographs × 4 crops × 5 blur grades = 300 images each.
+UNSEEN_SETS = [(3000, (224, 224)), (3001, (200, 150)), (3002, (256, 192)), (3003, (180, 180)),
+               (3004, (240, 160))]
 
-    labels = make_graded_set(tmp_path / "blur", distortions=("blur",), grades=6, crops=2)
-    root, cache = labels.parent, tmp_path / "cache"
-    r = run("extract-semantics", "--model", tiny_llava, "--dataset", "csv", "--root", root,
-            "--labels", labels, "--out", cache, "-q", "--loader-workers", "0")
-    assert r.exit_code == 0, r.output
-    r = run("fit", "--dataset", "csv", "--root", root, "--labels", labels, "--cache", cache,
-            "--out", tmp_path / "run", "--backbone", "tiny", "--no-pretrained",
-            "--split", "random:0.7,0.1,0.2", "--score-norm", "zscore", "--semantic-norm",
-            "zscore", "--t-max", "100000", "--lr", "3e-4", "--backbone-lr", "0", "--epochs", "30",
-            "--no-augment", "--loader-workers", "0", "-q", "--json")
-    assert r.exit_code == 0, r.output
-    test = json.loads(r.stdout)["rows"]["test"]
-    print("blur-graded test metrics", test)
-    assert len(labels.read_text().splitlines()) == 1 + 17 * 2 * 6
-    assert test["srcc"] >= 0.6
+
+@pytest.mark.slow
+def test_the_cpu_recipe_learns_on_blur_graded_sets_it_was_not_tuned_on(tiny_llava, tmp_path):
+    """The demo's CPU recipe (frozen random tiny backbone, MoE head) reaches test SRCC >= 0.6
+    on at least four of five blur-graded sets it never saw."""
+    import numpy as np
+
+    from agiqa import extract_semantics, fit
+    from agiqa.pipeline.demo import CPU_RECIPE, demo_photos, make_graded_set
+
+    names = sorted(demo_photos())
+    srcc = []
+    for seed, size in UNSEEN_SETS:
+        photos = [str(n) for n in np.random.default_rng(seed).choice(names, 15, replace=False)]
+        root = tmp_path / f"set-{seed}"
+        labels = make_graded_set(root, photos=photos, distortions=("blur",), grades=5, crops=4,
+                                 size=size, seed=seed)
+        extract_semantics(dataset="csv", root=root, labels=labels, model=str(tiny_llava),
+                          out=tmp_path / f"cache-{seed}", loader_workers=0, progress=False)
+        result = fit(dataset="csv", root=root, labels=labels, cache=tmp_path / f"cache-{seed}",
+                     out=tmp_path / f"run-{seed}", **CPU_RECIPE, loader_workers=0,
+                     progress=False)
+        srcc.append(result["rows"]["test"]["srcc"])
+    print("CPU recipe, test SRCC on five unseen sets:", [round(x, 3) for x in srcc])
+    assert sum(x >= 0.6 for x in srcc) >= 4, srcc

@@ -22,11 +22,20 @@ from PIL import Image, ImageFilter
 from agiqa.errors import ConfigError
 from agiqa.fileio import atomic_path
 
-__all__ = ["CAVEAT", "DEMO_EPOCHS", "DISTORTIONS", "DemoResult", "demo_photos", "make_graded_set",
-           "run_demo"]
+__all__ = ["CAVEAT", "CPU_RECIPE", "DEMO_EPOCHS", "DISTORTIONS", "DemoResult", "demo_photos",
+           "make_graded_set", "run_demo"]
 
 DISTORTIONS = ("blur", "jpeg", "noise", "shuffle")
-DEMO_EPOCHS = 30
+# The CPU recipe (not the paper's protocol): the random tiny backbone frozen, each image's key
+# computed once and standardised per patch; the MoE head trained at lr 1e-4 on standardised MOS
+# and vectors for 200 epochs, the last one kept (validation splits of a few dozen images are
+# too small to choose an epoch with). It needs a few hundred images: the demo's set has 384.
+CPU_RECIPE: dict[str, Any] = {
+    "backbone": "tiny", "pretrained": False, "backbone_lr": 0.0, "augment": False,
+    "key_norm": "zscore", "score_norm": "zscore", "semantic_norm": "zscore", "lr": 1e-4,
+    "epochs": 200, "t_max": 100_000, "selection": "last", "split": "random:0.7,0.1,0.2",
+}
+DEMO_EPOCHS = CPU_RECIPE["epochs"]
 # Written into the demo's folder: the demo deletes only what a demo created.
 MARKER = ".agiqa-demo"
 CAVEAT = ("The MLLM is a tiny random model and the MOS is synthetic (it falls with the blur "
@@ -41,10 +50,13 @@ def demo_photos() -> dict[str, np.ndarray]:
     photos = {name: getattr(sk, name)() for name in (
         "astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field",
         "immunohistochemistry", "retina", "brick", "grass", "gravel", "moon", "clock", "coins")}
-    photos["motorcycle"] = sk.stereo_motorcycle()[0]
+    left, right = sk.stereo_motorcycle()[:2]
+    photos["motorcycle"] = left
     samples = load_sample_images()
     for path, img in zip(samples.filenames, samples.images, strict=True):
         photos[Path(path).stem] = img
+    # Not in the demo's own set: for sets of other photographs (the recipe's unseen sets).
+    photos.update(cell=sk.cell(), page=sk.page(), text=sk.text(), motorcycle_right=right)
     out = {}
     for name, a in photos.items():
         a = np.asarray(a)
@@ -158,6 +170,10 @@ def _claim(out: Path) -> None:
 
 
 HELD_OUT = "flower"
+# The photographs of the demo's labelled set (the unseen photo and the extra ones left out).
+DEMO_SET = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field",
+            "immunohistochemistry", "retina", "brick", "grass", "gravel", "moon", "clock",
+            "coins", "motorcycle", "china")
 
 
 class _Laps:
@@ -177,13 +193,13 @@ def _prepare(out: Path, seed: int, log) -> tuple[Path, Path, Path]:
     """The tiny MLLM, the blur-graded set and the unseen photograph."""
     from agiqa.testing.tiny_mllm import build_tiny_mllm
 
-    names = [n for n in demo_photos() if n != HELD_OUT]
+    names = list(DEMO_SET)
     log(f"[1/6] tiny MLLM and a blur-graded set of {len(names)} real photographs -> {out}")
     mllm = out / "tiny-llava"
     if not (mllm / "config.json").is_file():
         build_tiny_mllm("llava", mllm)
     images = out / "images"
-    labels = make_graded_set(images, photos=names, distortions=("blur",), grades=6, crops=2,
+    labels = make_graded_set(images, photos=names, distortions=("blur",), grades=6, crops=4,
                              seed=seed)
     make_graded_set(out / "unseen", photos=[HELD_OUT], distortions=("blur",), grades=6,
                     seed=seed + 1)
@@ -193,7 +209,7 @@ def _prepare(out: Path, seed: int, log) -> tuple[Path, Path, Path]:
 
 def _fit(run: Path, images: Path, labels: Path, cache: Path, epochs: int, lr: float,
          progress: bool, log) -> None:
-    """The CPU recipe that learns: frozen random tiny backbone, z-scored MoE head."""
+    """The CPU recipe (:data:`CPU_RECIPE`): frozen random tiny backbone, MoE head trained."""
     from agiqa.stages.fit import FitConfig, fit_repeats
 
     log(f"[3/6] fit (stage two): frozen tiny backbone, MoE head trained, {epochs} epochs")
@@ -205,23 +221,22 @@ def _fit(run: Path, images: Path, labels: Path, cache: Path, epochs: int, lr: fl
     # An interrupted run of this demo starts over (the marker says the demo made it).
     shutil.rmtree(run, ignore_errors=True)
     fit_repeats(FitConfig(dataset="csv", root=images, labels=labels, cache=cache, out=run,
-                          backbone="tiny", pretrained=False, epochs=epochs, lr=lr,
-                          backbone_lr=0.0, augment=False, score_norm="zscore",
-                          semantic_norm="zscore", t_max=100_000, split="random:0.7,0.1,0.2",
-                          seed=20, loader_workers=0, progress=progress))
+                          **{**CPU_RECIPE, "epochs": epochs, "lr": lr}, seed=20,
+                          loader_workers=0, progress=progress))
 
 
-def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = 1e-3, seed: int = 0,
-             progress: bool = True, log=print) -> DemoResult:
+def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = CPU_RECIPE["lr"],
+             seed: int = 0, progress: bool = True, log=print) -> DemoResult:
     """The whole pipeline offline on a CPU, through the functions behind the real commands.
 
     1. builds a tiny LLaVA (random weights, locally trained tokenizer) in ``out/tiny-llava``;
-    2. writes a blur-graded set of real photographs (``out/images``, ``labels.csv``: two crops
-       of each, six grades), holding one photograph out (``out/unseen``);
-    3. ``extract-semantics`` → ``out/cache``; ``fit`` → ``out/run`` with the CPU recipe that
-       learns (the random ``tiny`` backbone frozen, the MoE head trained on z-scored MOS and
-       vectors, ``--lr 1e-3 --t-max 100000``, no augmentation); ``evaluate`` on the validation
-       and test splits; ``score-folder`` on the unseen photo → ``out/scores.csv``.
+    2. writes a blur-graded set of real photographs (``out/images``, ``labels.csv``: four
+       crops of each of 16, six grades), holding one photograph out (``out/unseen``);
+    3. ``extract-semantics`` → ``out/cache``; ``fit`` → ``out/run`` with the CPU recipe
+       (:data:`CPU_RECIPE`: the random ``tiny`` backbone frozen, its keys computed once and
+       standardised, the MoE head trained on z-scored MOS and vectors at lr 1e-4 for 200
+       epochs, the last kept); ``evaluate`` on the validation and test splits;
+       ``score-folder`` on the unseen photo → ``out/scores.csv``.
 
     ``out`` must be new, empty or an earlier demo's folder (it holds a marker file); an earlier
     demo's cache and trained model are reused. The tiny models are random, so the numbers show

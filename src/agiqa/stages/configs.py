@@ -12,10 +12,13 @@ from pathlib import Path
 from agiqa.errors import ConfigError
 from agiqa.options import check_options, option
 
-__all__ = ["SCORE_NORMS", "SEMANTIC_NORMS", "EvaluateConfig", "FitConfig", "ScoreConfig"]
+__all__ = ["KEY_NORMS", "SCORE_NORMS", "SELECTIONS", "SEMANTIC_NORMS", "EvaluateConfig",
+           "FitConfig", "ScoreConfig"]
 
 SCORE_NORMS = ("none", "zscore")
 SEMANTIC_NORMS = ("none", "zscore")
+KEY_NORMS = ("none", "zscore")
+SELECTIONS = ("paper", "last")
 
 _NOT_PAPER = "(not in the paper)"
 
@@ -78,6 +81,15 @@ class FitConfig:
         "none", choices=SEMANTIC_NORMS,
         help=f"zscore: standardise each semantic dimension during training {_NOT_PAPER}. "
              "Folded into the model: it still takes raw vectors.")
+    selection: str = option(
+        "paper", choices=SELECTIONS,
+        help=f"paper: keep the epoch of the best validation SRCC + PLCC; last: keep the last "
+             f"epoch {_NOT_PAPER}, for validation splits too small to choose with.")
+    key_norm: str = option(
+        "none", choices=KEY_NORMS,
+        help=f"zscore: standardise each patch of the backbone's key during training "
+             f"{_NOT_PAPER}; needs a frozen backbone (--backbone-lr 0) and --no-augment. "
+             "Folded into the image expert: the saved model takes images as before.")
     dropout: float | None = option(
         None, min=0, max=1, max_open=True,
         help=f"Dropout of the MANIQA and MoE layers {_NOT_PAPER} [default: 0.1, the paper's].")
@@ -101,6 +113,9 @@ class FitConfig:
     def __post_init__(self) -> None:
         self.root, self.cache, self.out = Path(self.root), Path(self.cache), Path(self.out)
         check_options(self)
+        if self.key_norm != "none" and (self.backbone_lr != 0 or self.augment):
+            raise ConfigError(f"--key-norm {self.key_norm} needs the backbone's keys fixed: "
+                              "add --backbone-lr 0 and --no-augment")
         if self.repeats > 1 and self.split_seeds > 1:
             raise ConfigError("--repeats and --split-seeds cannot be combined; choose one")
         from agiqa.models.agiqa_net import resolve_pretrained

@@ -27,7 +27,7 @@ from agiqa.cache import SemanticCache, open_cache
 from agiqa.data.datasets import load_dataset
 from agiqa.data.pixel_cache import PixelCache
 from agiqa.data.splits import Split, make_split
-from agiqa.errors import DatasetError, MissingVectorsError, TrainingError
+from agiqa.errors import ConfigError, DatasetError, MissingVectorsError, TrainingError
 from agiqa.fileio import write_json, write_text
 from agiqa.metrics import evaluate
 from agiqa.models.agiqa_net import (
@@ -40,11 +40,13 @@ from agiqa.models.agiqa_net import (
 from agiqa.runtime import resolve_device
 from agiqa.stages.configs import FitConfig
 from agiqa.stages.norms import SCORE_NORMS, SEMANTIC_NORMS
+from agiqa.stages.norms import fold_key_norm as _fold_key_norm
 from agiqa.stages.norms import fold_score_norm as _fold_score_norm
 from agiqa.stages.norms import fold_semantic_norm as _fold_semantic_norm
+from agiqa.stages.norms import key_norm as _key_norm
 from agiqa.stages.norms import score_norm as _score_norm
 from agiqa.stages.norms import semantic_norm as _semantic_norm
-from agiqa.stages.predict import inputs_of, predict
+from agiqa.stages.predict import backbone_keys, inputs_of, predict
 from agiqa.stages.rundir import check_out, run_folder, write_outputs
 from agiqa.stages.together import Concurrency, RunInputs, choose_concurrency, train_together
 from agiqa.stages.trainer import (
@@ -52,6 +54,7 @@ from agiqa.stages.trainer import (
     DivergedError,
     ProtocolWarning,
     Trainer,
+    caches_keys,
     steps_per_epoch,
     validation_images,
 )
@@ -124,6 +127,9 @@ def _fit(cfg: FitConfig, device: torch.device) -> FitResult:
     cache = open_cache(cfg.cache)
     _check_vectors(cache, split)
 
+    if cfg.key_norm != "none" and not caches_keys(cfg):
+        raise ConfigError(f"--key-norm {cfg.key_norm} needs each image's backbone key computed "
+                          "once: not under torchrun nor with --compile")
     model = _new_model(cfg, cache, device)
     optim = torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=cfg.t_max, eta_min=0)
@@ -143,12 +149,10 @@ def _fit(cfg: FitConfig, device: torch.device) -> FitResult:
     train_targets = targets if norm is None else (targets - norm["mean"]) / norm["std"]
     train_vectors = vectors if sem_norm is None else \
         (vectors.float() - sem_norm["mean"]) / sem_norm["std"]
+    trainer.keys, k_norm = _run_keys(cfg, model, pixels, part, device)
     trainer.train(pixels, train_vectors, train_targets, part)
     trainer.finish()
-    if norm is not None:
-        _fold_score_norm(model, norm)
-    if sem_norm is not None:
-        _fold_semantic_norm(model, sem_norm)
+    _fold_norms(model, norm, sem_norm, k_norm)
 
     metrics: dict[str, float] = {}
     ok = not main
@@ -160,6 +164,29 @@ def _fit(cfg: FitConfig, device: torch.device) -> FitResult:
     finally:
         _join_ranks(ok, device)
     return FitResult(cfg.out, metrics, trainer.best_epoch, trainer.history)
+
+
+def _run_keys(cfg: FitConfig, model: AgiqaNet, pixels: torch.Tensor,
+              part: dict[str, torch.Tensor], device: torch.device):
+    """A frozen backbone's key of every image, computed once (None when the backbone trains
+    or the pixels change per step), standardised with ``--key-norm``; and that norm."""
+    if not caches_keys(cfg):
+        return None, None
+    keys = backbone_keys(model, pixels, device, cfg.eval_batch_size, cfg.amp)
+    k_norm = _key_norm(cfg.key_norm, keys[part["train"]])
+    if k_norm is not None:
+        keys = (keys - k_norm["mean"]) / k_norm["std"]
+    return keys, k_norm
+
+
+def _fold_norms(model: AgiqaNet, norm, sem_norm, k_norm) -> None:
+    """Fold the training normalisations into the model: it takes raw inputs and gives MOS."""
+    if norm is not None:
+        _fold_score_norm(model, norm)
+    if sem_norm is not None:
+        _fold_semantic_norm(model, sem_norm)
+    if k_norm is not None:
+        _fold_key_norm(model, k_norm)
 
 
 def _inputs(cfg: FitConfig, ds, cache: SemanticCache, split: Split, main: bool):
@@ -199,6 +226,8 @@ def _finish_run(cfg: FitConfig, device, model: AgiqaNet, trainer: Trainer, ds, c
         "prompt_names": cache.prompt_names, "score_norm": norm,
         "semantic_norm": None if sem_norm is None else
         {"kind": cfg.semantic_norm, "folded_into": "head.semantic_experts"},
+        "key_norm": None if cfg.key_norm == "none" else
+        {"kind": cfg.key_norm, "folded_into": "head.image_expert"},
         "training": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "backbone_weights": {
             "pretrained": pretrained,
@@ -345,7 +374,8 @@ def _series_together(cfg: FitConfig, pending: list[tuple[str, FitConfig]], devic
     _param_groups(probe, pending[0][1])
     batch = min(cfg.batch_size, len(jobs[0][5].part["train"]))
     concurrency, spec = choose_concurrency(cfg.concurrent_runs, len(pending), probe, batch,
-                                           len(cache.prompts), cache.dim, device, cfg.amp)
+                                           len(cache.prompts), cache.dim, device, cfg.amp,
+                                           frozen=cfg.backbone_lr == 0)
     del probe
     if cfg.progress:
         tqdm.write(concurrency.describe(len(pending)), file=sys.stderr)
@@ -354,7 +384,7 @@ def _series_together(cfg: FitConfig, pending: list[tuple[str, FitConfig]], devic
     k = concurrency.runs
     for start in range(0, len(jobs), k):
         chunk = jobs[start : start + k]
-        folders, trainers = [], []
+        folders, trainers, k_norms = [], [], []
         try:
             for _name, run, split, *_ in chunk:
                 resume = cfg.resume and (run.out / "checkpoint.pt").is_file()
@@ -374,6 +404,10 @@ def _series_together(cfg: FitConfig, pending: list[tuple[str, FitConfig]], devic
                     run.out.mkdir(parents=True, exist_ok=True)
                     split.write_csv(run.out / "split.csv")
                     write_text(run.out / "train_log.jsonl", "")
+                inputs = chunk[len(trainers)][5]
+                trainer.keys, k_norm = _run_keys(run, model, pixels, inputs.part, device)
+                inputs.keys = trainer.keys
+                k_norms.append(k_norm)
                 trainers.append(trainer)
             failed: dict[int, DivergedError] = {}
             for epoch in sorted({t.epoch for t in trainers}):  # resumed runs at one epoch
@@ -394,10 +428,7 @@ def _series_together(cfg: FitConfig, pending: list[tuple[str, FitConfig]], devic
                     continue
                 trainer, model = trainers[i], trainers[i].model
                 trainer.finish()
-                if norm is not None:
-                    _fold_score_norm(model, norm)
-                if sem_norm is not None:
-                    _fold_semantic_norm(model, sem_norm)
+                _fold_norms(model, norm, sem_norm, k_norms[i])
                 part = chunk[i][5].part
                 metrics = _finish_run(run, device, model, trainer, ds, cache, split, keys,
                                       pixels, vectors, targets, part, norm, sem_norm)

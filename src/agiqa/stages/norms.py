@@ -15,10 +15,10 @@ import torch
 
 from agiqa.errors import DatasetError
 from agiqa.models.agiqa_net import AgiqaNet
-from agiqa.stages.configs import SCORE_NORMS, SEMANTIC_NORMS
+from agiqa.stages.configs import KEY_NORMS, SCORE_NORMS, SEMANTIC_NORMS
 
-__all__ = ["SCORE_NORMS", "SEMANTIC_NORMS", "fold_score_norm", "fold_semantic_norm",
-           "score_norm", "semantic_norm"]
+__all__ = ["KEY_NORMS", "SCORE_NORMS", "SEMANTIC_NORMS", "fold_key_norm", "fold_score_norm",
+           "fold_semantic_norm", "key_norm", "score_norm", "semantic_norm"]
 
 
 
@@ -58,3 +58,17 @@ def fold_semantic_norm(model: AgiqaNet, norm: dict[str, torch.Tensor]) -> None:
         mean, std = norm["mean"][i].to(linear.weight), norm["std"][i].to(linear.weight)
         linear.bias.sub_(linear.weight @ (mean / std))
         linear.weight.div_(std)
+
+
+def key_norm(kind: str, train_keys: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """Per-patch mean and std of the training split's backbone keys (``zscore``), or None."""
+    return semantic_norm(kind, train_keys)
+
+
+@torch.no_grad()
+def fold_key_norm(model: AgiqaNet, norm: dict[str, torch.Tensor]) -> None:
+    """Make the image expert take raw keys: W·(k − μ)/σ + b = (W/σ)·k + (b − W·μ/σ)."""
+    linear = model.head.image_expert
+    mean, std = norm["mean"].to(linear.weight), norm["std"].to(linear.weight)
+    linear.bias.sub_(linear.weight @ (mean / std))
+    linear.weight.div_(std)

@@ -17,7 +17,7 @@ from agiqa.data.pixels import normalize, resize_pixels
 from agiqa.errors import StaleVectorsError
 from agiqa.models.agiqa_net import AgiqaNet
 
-__all__ = ["decode_pixels", "inputs_of", "predict"]
+__all__ = ["backbone_keys", "decode_pixels", "inputs_of", "predict", "predict_keys"]
 
 
 class _Decode(TorchDataset):
@@ -89,3 +89,36 @@ def predict(model: AgiqaNet, pixels: torch.Tensor, vectors: torch.Tensor, device
     scores = torch.cat(scores) if scores else torch.empty(0)
     gates = torch.cat(gates) if gates else torch.empty(0)
     return (scores, gates) if with_gates else scores
+
+
+@torch.no_grad()
+def backbone_keys(model: AgiqaNet, pixels: torch.Tensor, device: torch.device,
+                  batch_size: int = 32, amp: bool = False) -> torch.Tensor:
+    """The MANIQA key [n, tokens] of uint8 pixels [n, 3, 224, 224], the backbone in eval mode
+    (no dropout, no stochastic depth): what a frozen backbone gives an image at every step."""
+    was = model.backbone.training
+    model.backbone.eval()
+    keys = []
+    try:
+        for i in range(0, len(pixels), batch_size):
+            x = normalize(pixels[i : i + batch_size]).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                keys.append(model.backbone(x).float().cpu())
+    finally:
+        model.backbone.train(was)
+    return torch.cat(keys) if keys else torch.empty(0, model.backbone.num_tokens)
+
+
+@torch.no_grad()
+def predict_keys(model: AgiqaNet, keys: torch.Tensor, vectors: torch.Tensor,
+                 device: torch.device, batch_size: int = 32, amp: bool = False) -> torch.Tensor:
+    """Scores from backbone keys [n, tokens] (:func:`backbone_keys`) with vectors [n, P, D]:
+    the head alone, in eval mode; equal to :func:`predict` on the pixels the keys came from."""
+    model.eval()
+    scores = []
+    for i in range(0, len(keys), batch_size):
+        k = keys[i : i + batch_size].to(device)
+        s = vectors[i : i + batch_size].to(device, torch.float32)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            scores.append(model.head(k, s)[0].float().cpu())
+    return torch.cat(scores) if scores else torch.empty(0)

@@ -43,11 +43,13 @@ __all__ = ["Concurrency", "RunInputs", "choose_concurrency", "free_memory", "run
 
 @dataclass
 class RunInputs:
-    """What one run trains on: its (normalised) vectors and targets, its split's indices."""
+    """What one run trains on: its (normalised) vectors and targets, its split's indices, and
+    its backbone keys when they are computed once (a frozen backbone, no augmentation)."""
 
     vectors: torch.Tensor
     targets: torch.Tensor
     part: dict[str, torch.Tensor]
+    keys: torch.Tensor | None = None
 
 
 @dataclass
@@ -94,12 +96,13 @@ def free_memory(device: torch.device) -> int:
 
 
 def run_memory(model: nn.Module, batch: int, num_prompts: int, dim: int,
-               device: torch.device, amp: bool) -> tuple[int, list]:
+               device: torch.device, amp: bool, frozen: bool = False) -> tuple[int, list]:
     """Estimated bytes one more run adds when trained together, and its dropout-mask spec.
 
     Parameters (with gradient and the two Adam moments where trained), the tensors one
     training forward of ``batch`` images keeps for the backward (measured on ``model``,
-    counted twice for the backward's own buffers), the masks, the inputs.
+    counted twice for the backward's own buffers), the masks, the inputs. ``frozen``: the
+    backbone runs in eval mode (``--backbone-lr 0``), drawing no masks.
     """
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() * p.element_size() for p in model.parameters()
@@ -119,6 +122,8 @@ def run_memory(model: nn.Module, batch: int, num_prompts: int, dim: int,
     s = torch.zeros(batch, num_prompts, dim, device=device)
     was = model.training
     model.train()
+    if frozen:
+        model.backbone.eval()
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
                 record_noise() as rec, \
@@ -134,10 +139,10 @@ def run_memory(model: nn.Module, batch: int, num_prompts: int, dim: int,
 
 def choose_concurrency(requested: int | None, pending: int, model: nn.Module, batch: int,
                        num_prompts: int, dim: int, device: torch.device,
-                       amp: bool) -> tuple[Concurrency, list]:
+                       amp: bool, frozen: bool = False) -> tuple[Concurrency, list]:
     """K for ``--concurrent-runs`` (None: as many as fit in 80 % of free memory, at most the
     pending runs); a requested K that does not fit is refused with the estimate."""
-    per_run, spec = run_memory(model, batch, num_prompts, dim, device, amp)
+    per_run, spec = run_memory(model, batch, num_prompts, dim, device, amp, frozen)
     free = free_memory(device)
     fits = max(1, int(0.8 * free // max(per_run, 1)))
     if requested is None:
@@ -175,10 +180,10 @@ def _template(model: nn.Module) -> nn.Module:
 class _Group:
     """K trainers whose parameters, Adam state and schedule are stacked on the device."""
 
-    def __init__(self, trainers: list[Trainer], spec: list):
-        self.trainers, self.spec = trainers, spec
+    def __init__(self, trainers: list[Trainer], spec: list, on_keys: bool = False):
+        self.trainers, self.spec, self.on_keys = trainers, spec, on_keys
         first = trainers[0]
-        self.device, self.cfg = first.device, first.cfg
+        self.device, self.cfg, self.frozen = first.device, first.cfg, first.frozen
         self.template = _template(first.model)
         k = len(trainers)
         named = [dict(t.model.named_parameters()) for t in trainers]
@@ -190,6 +195,9 @@ class _Group:
                 named[r][name].data = stacked.detach()[r]
         self.buffers = {name: torch.stack([dict(t.model.named_buffers())[name] for t in trainers])
                         for name, _ in first.model.named_buffers()}
+        # On keys, the steps run the head alone: its own tensors, the same stacked storage.
+        self.head_params = {n[5:]: p for n, p in self.params.items() if n.startswith("head.")}
+        self.head_buffers = {n[5:]: b for n, b in self.buffers.items() if n.startswith("head.")}
         name_of = {id(p): n for n, p in named[0].items()}
         groups = []
         for g in first.optim.param_groups:
@@ -236,7 +244,10 @@ class _Group:
 
     def _loss(self, params, buffers, x, s, y, masks):
         with replay_noise(masks):
-            pred = functional_call(self.template, (params, buffers), (x, s))
+            if self.on_keys:
+                pred = functional_call(self.template.head, (params, buffers), (x, s))[0]
+            else:
+                pred = functional_call(self.template, (params, buffers), (x, s))
         return F.mse_loss(pred.float(), y, reduction="sum")
 
     def epoch(self, pixels: torch.Tensor, inputs: list[RunInputs]
@@ -244,6 +255,8 @@ class _Group:
         """One epoch of every run: mean losses, steps, images per run, failures by index."""
         cfg, dev, k = self.cfg, self.device, len(self.trainers)
         self.template.train()
+        if self.frozen:
+            self.template.backbone.eval()
         orders = [inp.part["train"][torch.randperm(len(inp.part["train"]), generator=t.gen)]
                   for t, inp in zip(self.trainers, inputs, strict=True)]
         n = len(orders[0])
@@ -255,6 +268,11 @@ class _Group:
             xs, ss, ys = [], [], []
             for t, inp, order in zip(self.trainers, inputs, orders, strict=True):
                 idx = order[step * batch : (step + 1) * batch]
+                if self.on_keys:
+                    xs.append(inp.keys[idx])
+                    ss.append(inp.vectors[idx])
+                    ys.append(inp.targets[idx])
+                    continue
                 x = pixels[idx]
                 if cfg.augment:
                     x = _augment(x, t.gen)
@@ -266,8 +284,10 @@ class _Group:
             y = torch.stack(ys).to(dev)
             drawn = [draw_masks(self.spec, t.noise, dev) for t in self.trainers]
             masks = [torch.stack(m) for m in zip(*drawn, strict=True)] if self.spec else []
+            params, buffers = ((self.head_params, self.head_buffers) if self.on_keys else
+                               (self.params, self.buffers))
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                errs = batched(self.params, self.buffers, x, s, y, masks)
+                errs = batched(params, buffers, x, s, y, masks)
             self.optim.zero_grad(set_to_none=True)
             (errs.sum() / batch).backward()  # each run: its own batch-mean gradient
             self.optim.step()  # a diverged run's slice takes NaN; it is stopped below
@@ -292,7 +312,8 @@ def train_together(trainers: list[Trainer], pixels: torch.Tensor, inputs: list[R
     failed: dict[int, DivergedError] = {}
     active = [i for i, t in enumerate(trainers) if not t.done]
     while active:
-        group = _Group([trainers[i] for i in active], spec)
+        group = _Group([trainers[i] for i in active], spec,
+                       on_keys=all(inputs[i].keys is not None for i in active))
         stopped = False
         while not stopped and not all(trainers[i].done for i in active):
             t0 = time.perf_counter()

@@ -28,10 +28,11 @@ from agiqa.data.pixels import normalize
 from agiqa.errors import CheckpointError, TrainingError
 from agiqa.fileio import atomic_path, remove_stale_temporaries, write_text
 from agiqa.models.noise import draw_noise
-from agiqa.stages.predict import predict
+from agiqa.stages.predict import predict, predict_keys
 
-__all__ = ["MIN_EVAL_IMAGES", "DivergedError", "ProtocolWarning", "Trainer", "select_epoch",
-           "steps_per_epoch", "validation_figures", "validation_images"]
+__all__ = ["CHECKPOINT_SECONDS", "MIN_EVAL_IMAGES", "DivergedError", "ProtocolWarning", "Trainer",
+           "caches_keys", "select_epoch", "steps_per_epoch", "validation_figures",
+           "validation_images"]
 
 
 # Validation and test need this many images: correlations, and the 4 β of the logistic.
@@ -44,6 +45,10 @@ class DivergedError(TrainingError):
 
 class ProtocolWarning(UserWarning):
     """An official protocol rule could not apply as written; the message says what was done."""
+
+
+# At most this long between two checkpoints of a run (its first and last epoch: always).
+CHECKPOINT_SECONDS = 30.0
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -143,6 +148,12 @@ class Trainer:
             self.train_model = DistributedDataParallel(model, device_ids=ids)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
+        # --backbone-lr 0: the ViT and MANIQA layers are frozen and run in eval mode (no
+        # dropout, no stochastic depth). With ``keys`` set (:func:`caches_keys`), each image's
+        # backbone key was computed once and the steps run the head alone.
+        self.frozen = cfg.backbone_lr == 0
+        self.keys: torch.Tensor | None = None
+        self._checkpointed = time.monotonic()
         self.epoch, self.best_epoch, self.best_value = 0, -1, 0.0
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[dict[str, Any]] = []
@@ -185,6 +196,7 @@ class Trainer:
               "best_state": self.best_state, "epoch": self.epoch, "best_epoch": self.best_epoch,
               "best_value": self.best_value, "history": json.dumps(self.history)}
         path = Path(self.cfg.out) / "checkpoint.pt"
+        self._checkpointed = time.monotonic()
         try:
             with atomic_path(path) as tmp:
                 torch.save(ck, tmp)
@@ -210,10 +222,18 @@ class Trainer:
         """Validation, the official selection, the log row and the checkpoint of an epoch."""
         cfg = self.cfg
         val = part["val_used"]
-        pred = predict(self.model, pixels[val], vectors[val], self.device, cfg.eval_batch_size,
-                       self.amp)
+        if self.keys is None:
+            pred = predict(self.model, pixels[val], vectors[val], self.device,
+                           cfg.eval_batch_size, self.amp)
+        else:
+            pred = predict_keys(self.model, self.keys[val], vectors[val], self.device,
+                                cfg.eval_batch_size, self.amp)
         figures = validation_figures(pred.numpy(), targets[val].numpy())
-        selected = select_epoch([*self.history, {"epoch": self.epoch, **figures}]) == self.epoch
+        if cfg.selection == "last":  # validated and logged, but the last epoch is kept
+            selected = self.epoch == cfg.epochs - 1
+        else:
+            selected = select_epoch([*self.history, {"epoch": self.epoch, **figures}]) == \
+                self.epoch
         if selected:
             self.best_value, self.best_epoch = figures["val_score"], self.epoch
             self.best_state = _copy_state(self.model)
@@ -230,7 +250,11 @@ class Trainer:
             tqdm.write(f"epoch {self.epoch}: loss {loss:.4f}  val SRCC "
                        f"{figures['val_srcc']:.4f}  PLCC {figures['val_plcc']:.4f}")
         self.epoch += 1
-        self._checkpoint()
+        # The first and last epochs always, others once CHECKPOINT_SECONDS have passed: a short
+        # epoch (a head on cached keys: milliseconds) must not spend its time writing state.
+        if self.epoch == 1 or self.done or \
+                time.monotonic() - self._checkpointed >= CHECKPOINT_SECONDS:
+            self._checkpoint()
 
     def finish(self) -> None:
         """Load the selected epoch's weights (the last epoch's, with a warning, if none)."""
@@ -248,6 +272,8 @@ class Trainer:
         optimisation. Returns (mean loss, optimiser steps, training images)."""
         cfg, model = self.cfg, self.train_model
         model.train()
+        if self.frozen:
+            self.model.backbone.eval()
         order = train_idx[torch.randperm(len(train_idx), generator=self.gen)]
         batch = min(cfg.batch_size, len(order))
         steps = len(order) // batch
@@ -265,16 +291,21 @@ class Trainer:
         return total / max(n, 1), steps, steps * batch
 
     def _step(self, pixels, vectors, targets, idx) -> tuple[float, float]:
-        x = pixels[idx]
-        if self.cfg.augment:
-            x = _augment(x, self.gen)
         mine = slice(self.rank, None, self.world) if len(idx) >= self.world else slice(None)
-        x = normalize(x[mine]).to(self.device, non_blocking=True)
+        if self.keys is None:
+            x = pixels[idx]
+            if self.cfg.augment:
+                x = _augment(x, self.gen)
+            x = normalize(x[mine]).to(self.device, non_blocking=True)
+            forward = self.train_model
+        else:
+            x = self.keys[idx[mine]].to(self.device, non_blocking=True)
+            forward = self._head
         s = vectors[idx[mine]].to(self.device, torch.float32)
         y = targets[idx[mine]].to(self.device)
         with draw_noise(self.noise), \
                 torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            pred = self.train_model(x, s)
+            pred = forward(x, s)
         err = torch.nn.functional.mse_loss(pred.float(), y, reduction="sum")
         # DDP averages gradients over ranks: scale so the result is the global batch mean.
         share = self.world / len(idx) if len(idx) >= self.world else 1.0 / len(idx)
@@ -286,3 +317,12 @@ class Trainer:
             self.sched.step()
         return batch_err, batch_n
 
+    def _head(self, keys: torch.Tensor, semantics: torch.Tensor) -> torch.Tensor:
+        return self.model.head(keys, semantics)[0]
+
+
+def caches_keys(cfg) -> bool:
+    """Whether a run's backbone keys are computed once per image: the backbone is frozen
+    (``--backbone-lr 0``), the pixels never change (``--no-augment``), one process, no compile."""
+    return (cfg.backbone_lr == 0 and not cfg.augment and not cfg.compile
+            and dist.world_size() == 1)

@@ -1,0 +1,116 @@
+"""A frozen backbone (``--backbone-lr 0``): eval mode, each image's key computed once, the
+per-patch key standardisation (``--key-norm``) and the last-epoch selection."""
+
+import csv
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from agiqa.cli import cli
+from agiqa.errors import ConfigError
+from agiqa.models.agiqa_net import create_model
+from agiqa.models.maniqa import ManiqaBackbone
+from agiqa.stages import fit as fit_module
+from agiqa.stages.configs import FitConfig
+from agiqa.stages.norms import fold_key_norm, key_norm
+
+FROZEN = ["--dataset", "csv", "--backbone", "tiny", "--no-pretrained", "--batch-size", "6",
+          "--split", "random:0.6,0.2,0.2", "--loader-workers", "0", "-q", "--backbone-lr", "0",
+          "--no-augment", "--epochs", "3", "--lr", "1e-4", "--score-norm", "zscore",
+          "--semantic-norm", "zscore"]
+
+
+def _predictions(folder):
+    with open(folder / "predictions.csv", newline="", encoding="utf-8") as f:
+        return {r["key"]: float(r["score"]) for r in csv.DictReader(f)}
+
+
+def _count_backbone_images(monkeypatch) -> list[int]:
+    seen: list[int] = []
+    original = ManiqaBackbone.forward
+
+    def counted(self, x):
+        seen.append(x.shape[0])
+        return original(self, x)
+
+    monkeypatch.setattr(ManiqaBackbone, "forward", counted)
+    return seen
+
+
+def test_keys_computed_once_equal_the_frozen_backbone_run_every_step(graded, tmp_path,
+                                                                    monkeypatch):
+    """The head trained on keys computed once equals the head trained with the frozen backbone
+    run (in eval mode) at every step; the backbone sees each image twice (its key, and the
+    final scoring), not once per epoch."""
+    root, cache = graded
+    n = len((root / "labels.csv").read_text().splitlines()) - 1
+    args = [str(a) for a in ["fit", *FROZEN, "--root", root, "--cache", cache]]
+    seen = _count_backbone_images(monkeypatch)
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "keys")])
+    assert r.exit_code == 0, r.output
+    assert sum(seen) == 2 * n
+
+    seen.clear()
+    monkeypatch.setattr(fit_module, "caches_keys", lambda cfg: False)
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "steps")])
+    assert r.exit_code == 0, r.output
+    assert sum(seen) > 3 * n  # every epoch ran the backbone
+    a, b = _predictions(tmp_path / "keys"), _predictions(tmp_path / "steps")
+    assert a.keys() == b.keys()
+    assert max(abs(a[k] - b[k]) for k in a) < 1e-4
+    ma = json.loads((tmp_path / "keys" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "steps" / "metrics.json").read_text())
+    assert ma["best_epoch"] == mb["best_epoch"]
+
+
+def test_the_key_norm_folds_into_the_image_expert():
+    torch.manual_seed(0)
+    model = create_model("tiny", 2, 16).eval()
+    keys = torch.rand(12, model.backbone.num_tokens) * 0.1 + 0.3
+    sem = torch.randn(12, 2, 16)
+    norm = key_norm("zscore", keys[:8])
+    with torch.no_grad():
+        before = model.head((keys - norm["mean"]) / norm["std"], sem)[0]
+        fold_key_norm(model, norm)
+        after = model.head(keys, sem)[0]
+    assert (before - after).abs().max() < 1e-4 * before.abs().max()
+    assert key_norm("none", keys) is None
+
+
+def test_the_key_norm_needs_fixed_keys(tmp_path):
+    base = dict(dataset="csv", root=tmp_path, cache=tmp_path, out=tmp_path / "o",
+                key_norm="zscore")
+    with pytest.raises(ConfigError, match="--backbone-lr 0 and --no-augment"):
+        FitConfig(**base, backbone_lr=0.0)  # augmentation on: keys change every step
+    with pytest.raises(ConfigError, match="--backbone-lr 0 and --no-augment"):
+        FitConfig(**base, augment=False)  # the backbone trains
+    FitConfig(**base, backbone_lr=0.0, augment=False)
+    r = CliRunner().invoke(cli, ["fit", "--dataset", "csv", "--root", str(tmp_path), "--cache",
+                                 str(tmp_path), "--out", str(tmp_path / "o"), "--key-norm",
+                                 "zscore"])
+    assert r.exit_code == 1 and "--key-norm zscore needs" in r.output
+
+
+def test_last_epoch_selection_and_runs_on_keys_trained_together(graded, tmp_path):
+    """--selection last keeps the last epoch; runs on keys trained together equal the same
+    run alone."""
+    root, cache = graded
+    args = [str(a) for a in ["fit", *FROZEN, "--root", root, "--cache", cache, "--key-norm",
+                             "zscore", "--selection", "last", "--split-seed", "20"]]
+    solo = CliRunner().invoke(cli, [*args, "--seed", "21", "--out", str(tmp_path / "solo")])
+    assert solo.exit_code == 0, solo.output
+    series = CliRunner().invoke(cli, [*args, "--seed", "20", "--repeats", "2",
+                                      "--concurrent-runs", "2", "--out", str(tmp_path / "s")])
+    assert series.exit_code == 0, series.output
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["concurrency"]["concurrent_runs"] == 2
+    assert summary["best_epoch"] == {"seed 20": 2, "seed 21": 2}
+    a, b = _predictions(tmp_path / "s" / "seed-21"), _predictions(tmp_path / "solo")
+    assert max(abs(a[k] - b[k]) for k in a) < 1e-4
+    config = json.loads((tmp_path / "solo" / "config.json").read_text())
+    assert config["key_norm"] == {"kind": "zscore", "folded_into": "head.image_expert"}
+    rows = (tmp_path / "solo" / "train_log.jsonl").read_text().splitlines()
+    log = [json.loads(x) for x in rows]
+    assert [row["selected"] for row in log] == [False, False, True]
