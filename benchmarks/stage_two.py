@@ -10,6 +10,7 @@ AGIQA-3K-sized epoch (2982 images, 70 % trained), peak memory and the speed-ups.
     python benchmarks/stage_two.py --backbone vit_base_patch8_224 \
         --images 2982 --epochs 3 --agiqa-batch-size 32               # GPU: the paper's model
     python benchmarks/stage_two.py --repeats 4                       # 4 runs together vs solo
+    python benchmarks/stage_two.py --repeats 4 --recipe cpu --epochs 200   # the CPU recipe
 """
 
 from __future__ import annotations
@@ -171,14 +172,23 @@ def _series_history(out: Path) -> list[list[dict]]:
             for run in sorted(out.glob("seed-*"))]
 
 
+# The CPU recipe's fit options (agiqa.pipeline.demo.CPU_RECIPE), not the paper's protocol.
+CPU_RECIPE_ARGS = ["--backbone-lr", "0", "--no-augment", "--key-norm", "zscore", "--score-norm",
+                   "zscore", "--semantic-norm", "zscore", "--lr", "1e-4", "--t-max", "100000",
+                   "--selection", "last"]
+
+
 def measure_series(work: Path, backbone: str, images: int, epochs: int, dim: int, workers: int,
                    repeats: int, concurrent: int | None, solo: bool = True,
-                   timeout: float | None = None) -> dict:
+                   timeout: float | None = None, recipe: str = "paper") -> dict:
     """``fit --repeats N`` as one process (runs trained together, ``--concurrent-runs K``;
     None: agiqa's choice) against N solo ``fit`` processes one after another (training seeds
-    20..20+N-1, the same split), float32 at batch 8: the paper's protocol in each run.
+    20..20+N-1, the same split), float32 at batch 8: the paper's protocol in each run, or with
+    ``recipe="cpu"`` the CPU recipe (a frozen backbone; not the paper's protocol).
 
-    The pixel cache is off in both, so each solo process decodes as a first run would."""
+    Both sides run at the defaults, the pixel cache included, each from an empty one: the
+    series decodes every image once, the first solo process too, and the later solo processes
+    read what it kept (what a user running them one after another gets)."""
     root, features = work / f"images-{images}", work / f"features-{images}"
     cache = work / f"cache-{images}"
     if not (root / "labels.csv").is_file():
@@ -186,7 +196,10 @@ def measure_series(work: Path, backbone: str, images: int, epochs: int, dim: int
     base = [sys.executable, "-m", "agiqa", "fit", "--dataset", "csv", "--root", str(root),
             "--cache", str(cache), "--backbone", backbone, "--no-pretrained", "--epochs",
             str(epochs), "--batch-size", "8", "--no-amp", "--loader-workers", str(workers),
-            "--no-pixel-cache", "-q", "--json", "--split-seed", "20"]
+            "-q", "--json", "--split-seed", "20"]
+    if recipe == "cpu":
+        base += CPU_RECIPE_ARGS
+    homes = {side: work / f"home-{side}-{recipe}" for side in ("series", "solo")}
     import shutil
 
     out = work / f"series-{repeats}"
@@ -194,7 +207,8 @@ def measure_series(work: Path, backbone: str, images: int, epochs: int, dim: int
     cmd = [*base, "--out", str(out), "--seed", "20", "--repeats", str(repeats)]
     if concurrent is not None:
         cmd += ["--concurrent-runs", str(concurrent)]
-    together = run_process(cmd, timeout=timeout)
+    shutil.rmtree(homes["series"], ignore_errors=True)
+    together = run_process(cmd, env={"AGIQA_HOME": str(homes["series"])}, timeout=timeout)
     summary = json.loads((out / "summary.json").read_text())
     histories = _series_history(out)
     # runs trained together share each epoch's wall time: the group's images/s is their sum
@@ -202,7 +216,10 @@ def measure_series(work: Path, backbone: str, images: int, epochs: int, dim: int
     k = summary["concurrency"]["concurrent_runs"]
     result: dict = {
         "backbone": backbone, "images": images, "epochs": epochs, "repeats": repeats,
-        "protocol": "float32, batch 8, each run the paper's loop",
+        "protocol": ("float32, batch 8, each run the paper's loop" if recipe == "paper" else
+                     "the CPU recipe (frozen backbone, keys computed once; not the paper's "
+                     "protocol): " + " ".join(CPU_RECIPE_ARGS)),
+        "pixel_cache": "on (the default), empty at the start of each side",
         "together": {"process_seconds": together["seconds"], "concurrent_runs": k,
                      "per_run_train_images_per_second": per_run,
                      "train_images_per_second": round(per_run * k, 2),
@@ -211,11 +228,12 @@ def measure_series(work: Path, backbone: str, images: int, epochs: int, dim: int
                      "concurrency": summary["concurrency"]}}
     if solo:
         seconds, rates = [], []
+        shutil.rmtree(homes["solo"], ignore_errors=True)
         for i in range(repeats):
             one = work / f"solo-{i}"
             shutil.rmtree(one, ignore_errors=True)
             proc = run_process([*base, "--out", str(one), "--seed", str(20 + i)],
-                               timeout=timeout)
+                               env={"AGIQA_HOME": str(homes["solo"])}, timeout=timeout)
             seconds.append(proc["seconds"])
             history = [json.loads(line) for line in
                        (one / "train_log.jsonl").read_text().splitlines()]
@@ -243,6 +261,8 @@ def main() -> None:
                     help="Instead: `fit --repeats N` in one process (runs trained together) "
                          "against N solo `fit` processes.")
     ap.add_argument("--concurrent-runs", type=int, default=None)
+    ap.add_argument("--recipe", default="paper", choices=["paper", "cpu"],
+                    help="With --repeats: the paper's protocol, or the CPU recipe (labelled).")
     ap.add_argument("--workdir", default=None, help="Keep the images and vectors here.")
     ap.add_argument("--out", default=None, help="The JSON result (default results/...).")
     args = ap.parse_args()
@@ -250,8 +270,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             result = measure_series(Path(args.workdir or tmp), args.backbone, args.images,
                                     args.epochs, args.dim, args.loader_workers, args.repeats,
-                                    args.concurrent_runs)
-        write_result(f"stage_two_repeats_{args.backbone}", result, args.out)
+                                    args.concurrent_runs, recipe=args.recipe)
+        suffix = "" if args.recipe == "paper" else f"_{args.recipe}_recipe"
+        write_result(f"stage_two_repeats_{args.backbone}{suffix}", result, args.out)
         return
     runs: list[tuple[str, int, bool | None, bool]] = [("agiqa", 8, None, False)]
     if args.agiqa_batch_size != 8:

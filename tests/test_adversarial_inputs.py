@@ -235,8 +235,8 @@ def test_a_checkpoint_that_is_not_one_is_one_line(tmp_path, content):
     model = torch.nn.Linear(2, 1)
     optim = torch.optim.Adam(model.parameters())
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=5)
-    trainer = Trainer(SimpleNamespace(amp=False, compile=False, out=tmp_path, seed=0), model, optim,
-                      sched, torch.Generator(), torch.device("cpu"))
+    cfg = SimpleNamespace(amp=False, compile=False, out=tmp_path, seed=0, backbone_lr=None)
+    trainer = Trainer(cfg, model, optim, sched, torch.Generator(), torch.device("cpu"))
     with pytest.raises(CheckpointError) as err:
         trainer.restore()
     message = str(err.value)

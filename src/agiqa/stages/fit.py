@@ -46,7 +46,7 @@ from agiqa.stages.norms import fold_semantic_norm as _fold_semantic_norm
 from agiqa.stages.norms import key_norm as _key_norm
 from agiqa.stages.norms import score_norm as _score_norm
 from agiqa.stages.norms import semantic_norm as _semantic_norm
-from agiqa.stages.predict import backbone_keys, inputs_of, predict
+from agiqa.stages.predict import backbone_keys, inputs_of, predict, predict_keys
 from agiqa.stages.rundir import check_out, run_folder, write_outputs
 from agiqa.stages.together import Concurrency, RunInputs, choose_concurrency, train_together
 from agiqa.stages.trainer import (
@@ -159,7 +159,7 @@ def _fit(cfg: FitConfig, device: torch.device) -> FitResult:
     try:
         if main:  # rank 0 scores the test split and writes the run directory
             metrics = _finish_run(cfg, device, model, trainer, ds, cache, split, keys, pixels,
-                                  vectors, targets, part, norm, sem_norm)
+                                  vectors, targets, part, norm, sem_norm, k_norm)
             ok = True
     finally:
         _join_ranks(ok, device)
@@ -175,6 +175,7 @@ def _run_keys(cfg: FitConfig, model: AgiqaNet, pixels: torch.Tensor,
     keys = backbone_keys(model, pixels, device, cfg.eval_batch_size, cfg.amp)
     k_norm = _key_norm(cfg.key_norm, keys[part["train"]])
     if k_norm is not None:
+        k_norm["raw"] = keys  # the final scoring reads them, through the folded model
         keys = (keys - k_norm["mean"]) / k_norm["std"]
     return keys, k_norm
 
@@ -216,8 +217,15 @@ def _join_ranks(ok: bool, device: torch.device) -> None:
 
 
 def _finish_run(cfg: FitConfig, device, model: AgiqaNet, trainer: Trainer, ds, cache, split,
-                keys, pixels, vectors, targets, part, norm, sem_norm) -> dict[str, float]:
-    scores, gates = predict(model, pixels, vectors, device, cfg.eval_batch_size, cfg.amp, True)
+                keys, pixels, vectors, targets, part, norm, sem_norm,
+                k_norm=None) -> dict[str, float]:
+    if trainer.keys is None:
+        scores, gates = predict(model, pixels, vectors, device, cfg.eval_batch_size, cfg.amp,
+                                True)
+    else:  # the frozen backbone's keys, as computed once: the head alone, the saved weights
+        raw = trainer.keys if k_norm is None else k_norm.pop("raw")
+        scores, gates = predict_keys(model, raw, vectors, device, cfg.eval_batch_size, cfg.amp,
+                                     True)
     test = part["test"]
     metrics = evaluate(scores[test].numpy(), targets[test].numpy())
     pretrained = resolve_pretrained(cfg.backbone, cfg.pretrained, cfg.backbone_weights)
@@ -431,7 +439,8 @@ def _series_together(cfg: FitConfig, pending: list[tuple[str, FitConfig]], devic
                 _fold_norms(model, norm, sem_norm, k_norms[i])
                 part = chunk[i][5].part
                 metrics = _finish_run(run, device, model, trainer, ds, cache, split, keys,
-                                      pixels, vectors, targets, part, norm, sem_norm)
+                                      pixels, vectors, targets, part, norm, sem_norm,
+                                      k_norms[i])
                 results[name] = FitResult(run.out, metrics, trainer.best_epoch, trainer.history)
         except BaseException as e:
             for folder in reversed(folders):

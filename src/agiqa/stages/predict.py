@@ -111,14 +111,20 @@ def backbone_keys(model: AgiqaNet, pixels: torch.Tensor, device: torch.device,
 
 @torch.no_grad()
 def predict_keys(model: AgiqaNet, keys: torch.Tensor, vectors: torch.Tensor,
-                 device: torch.device, batch_size: int = 32, amp: bool = False) -> torch.Tensor:
-    """Scores from backbone keys [n, tokens] (:func:`backbone_keys`) with vectors [n, P, D]:
-    the head alone, in eval mode; equal to :func:`predict` on the pixels the keys came from."""
+                 device: torch.device, batch_size: int = 32, amp: bool = False,
+                 with_gates: bool = False):
+    """Scores (and gates) from backbone keys [n, tokens] (:func:`backbone_keys`) with vectors
+    [n, P, D]: the head alone, in eval mode; equal to :func:`predict` on the pixels the keys
+    came from, to float rounding."""
     model.eval()
-    scores = []
+    scores, gates = [], []
     for i in range(0, len(keys), batch_size):
         k = keys[i : i + batch_size].to(device)
         s = vectors[i : i + batch_size].to(device, torch.float32)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            scores.append(model.head(k, s)[0].float().cpu())
-    return torch.cat(scores) if scores else torch.empty(0)
+            y, g = model.head(k, s)
+        scores.append(y.float().cpu())
+        gates.append(g.float().cpu())
+    scores = torch.cat(scores) if scores else torch.empty(0)
+    gates = torch.cat(gates) if gates else torch.empty(0)
+    return (scores, gates) if with_gates else scores
