@@ -394,7 +394,8 @@ def run_stage_two(args, work: Path, budget: Budget, result: dict) -> None:
     try:
         series = stage_two.measure_series(
             work / "stage-two", backbone, args.stage_two_images, 1 if args.smoke else 2,
-            args.dim, args.loader_workers, n, None, solo=False,
+            # on the GPU agiqa's own choice; the CPU smoke asks for all n (a CPU's default is 1)
+            args.dim, args.loader_workers, n, n if args.smoke else None, solo=False,
             timeout=args.process_timeout or max(left - 5, 30))
         official = result["stage_two"].get("official", {})
         if official.get("train_images_per_second"):

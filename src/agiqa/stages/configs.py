@@ -101,8 +101,8 @@ class FitConfig:
                                                  "CUDA (not the paper's float32).")
     concurrent_runs: int | None = option(
         None, min=1, help="Runs of --repeats/--split-seeds trained at once, as one batched "
-                          "computation; 1 trains them one after another [default: as many as "
-                          "fit in the device's free memory].")
+                          "computation; 1 trains them one after another [default: on a GPU as "
+                          "many as fit in its free memory; on a CPU 1].")
     loader_workers: int = option(2, min=0, help="Background image decoding processes.")
     pixel_cache: bool = option(True, help="Keep decoded 224x224 pixels under $AGIQA_HOME/pixels "
                                           "(147 KiB per image), so later runs decode nothing.")
