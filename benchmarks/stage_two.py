@@ -174,8 +174,8 @@ def _series_history(out: Path) -> list[list[dict]]:
 
 # The CPU recipe's fit options (agiqa.pipeline.demo.CPU_RECIPE), not the paper's protocol.
 CPU_RECIPE_ARGS = ["--backbone-lr", "0", "--no-augment", "--key-norm", "zscore", "--score-norm",
-                   "zscore", "--semantic-norm", "zscore", "--lr", "1e-4", "--t-max", "100000",
-                   "--selection", "last"]
+                   "zscore", "--semantic-norm", "zscore", "--lr", "3e-4", "--batch-size", "32",
+                   "--t-max", "100000", "--selection", "last"]
 
 
 def measure_series(work: Path, backbone: str, images: int, epochs: int, dim: int, workers: int,
@@ -184,7 +184,7 @@ def measure_series(work: Path, backbone: str, images: int, epochs: int, dim: int
     """``fit --repeats N`` as one process (runs trained together, ``--concurrent-runs K``;
     None: agiqa's choice) against N solo ``fit`` processes one after another (training seeds
     20..20+N-1, the same split), float32 at batch 8: the paper's protocol in each run, or with
-    ``recipe="cpu"`` the CPU recipe (a frozen backbone; not the paper's protocol).
+    ``recipe="cpu"`` the CPU recipe (a frozen backbone, batch 32; not the paper's protocol).
 
     Both sides run at the defaults, the pixel cache included, each from an empty one: the
     series decodes every image once, the first solo process too, and the later solo processes

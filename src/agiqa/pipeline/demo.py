@@ -27,13 +27,15 @@ __all__ = ["CAVEAT", "CPU_RECIPE", "DEMO_EPOCHS", "DISTORTIONS", "DemoResult", "
 
 DISTORTIONS = ("blur", "jpeg", "noise", "shuffle")
 # The CPU recipe (not the paper's protocol): the random tiny backbone frozen, each image's key
-# computed once and standardised per patch; the MoE head trained at lr 1e-4 on standardised MOS
-# and vectors for 200 epochs, the last one kept (validation splits of a few dozen images are
-# too small to choose an epoch with). It needs a few hundred images: the demo's set has 384.
+# computed once and standardised per patch; the MoE head trained at batch 32 and lr 3e-4 on
+# standardised MOS and vectors for 200 epochs, the last one kept (validation splits of a few
+# dozen images are too small to choose an epoch with). It needs a few hundred images: the demo's
+# set has 384.
 CPU_RECIPE: dict[str, Any] = {
     "backbone": "tiny", "pretrained": False, "backbone_lr": 0.0, "augment": False,
-    "key_norm": "zscore", "score_norm": "zscore", "semantic_norm": "zscore", "lr": 1e-4,
-    "epochs": 200, "t_max": 100_000, "selection": "last", "split": "random:0.7,0.1,0.2",
+    "key_norm": "zscore", "score_norm": "zscore", "semantic_norm": "zscore", "lr": 3e-4,
+    "batch_size": 32, "epochs": 200, "t_max": 100_000, "selection": "last",
+    "split": "random:0.7,0.1,0.2",
 }
 DEMO_EPOCHS = CPU_RECIPE["epochs"]
 # Written into the demo's folder: the demo deletes only what a demo created.
@@ -234,8 +236,8 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = CPU_
        crops of each of 16, six grades), holding one photograph out (``out/unseen``);
     3. ``extract-semantics`` → ``out/cache``; ``fit`` → ``out/run`` with the CPU recipe
        (:data:`CPU_RECIPE`: the random ``tiny`` backbone frozen, its keys computed once and
-       standardised, the MoE head trained on z-scored MOS and vectors at lr 1e-4 for 200
-       epochs, the last kept); ``evaluate`` on the validation and test splits;
+       standardised, the MoE head trained on z-scored MOS and vectors at batch 32 and lr 3e-4
+       for 200 epochs, the last kept); ``evaluate`` on the validation and test splits;
        ``score-folder`` on the unseen photo → ``out/scores.csv``.
 
     ``out`` must be new, empty or an earlier demo's folder (it holds a marker file); an earlier
