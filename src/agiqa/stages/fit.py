@@ -105,6 +105,9 @@ def fit_from_cache(cfg: FitConfig) -> FitResult:
         TrainingError: the loss diverged, or the run directory cannot be written (disk full).
     """
     device = resolve_device(cfg.device)
+    if cfg.key_norm != "none" and not caches_keys(cfg):  # before the run folder is made
+        raise ConfigError(f"--key-norm {cfg.key_norm} needs each image's backbone key computed "
+                          "once: not under torchrun nor with --compile")
     try:
         with run_folder(cfg.out, cfg.resume, dist.is_main()), dist.process_group(device), \
                 dist.tf32(cfg.tf32):
@@ -127,9 +130,6 @@ def _fit(cfg: FitConfig, device: torch.device) -> FitResult:
     cache = open_cache(cfg.cache)
     _check_vectors(cache, split)
 
-    if cfg.key_norm != "none" and not caches_keys(cfg):
-        raise ConfigError(f"--key-norm {cfg.key_norm} needs each image's backbone key computed "
-                          "once: not under torchrun nor with --compile")
     model = _new_model(cfg, cache, device)
     optim = torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=cfg.t_max, eta_min=0)
@@ -149,7 +149,7 @@ def _fit(cfg: FitConfig, device: torch.device) -> FitResult:
     train_targets = targets if norm is None else (targets - norm["mean"]) / norm["std"]
     train_vectors = vectors if sem_norm is None else \
         (vectors.float() - sem_norm["mean"]) / sem_norm["std"]
-    trainer.keys, k_norm = _run_keys(cfg, model, pixels, part, device)
+    trainer.keys, k_norm, raw_keys = _run_keys(cfg, model, pixels, part, device)
     trainer.train(pixels, train_vectors, train_targets, part)
     trainer.finish()
     _fold_norms(model, norm, sem_norm, k_norm)
@@ -159,7 +159,7 @@ def _fit(cfg: FitConfig, device: torch.device) -> FitResult:
     try:
         if main:  # rank 0 scores the test split and writes the run directory
             metrics = _finish_run(cfg, device, model, trainer, ds, cache, split, keys, pixels,
-                                  vectors, targets, part, norm, sem_norm, k_norm)
+                                  vectors, targets, part, norm, sem_norm, raw_keys)
             ok = True
     finally:
         _join_ranks(ok, device)
@@ -168,16 +168,15 @@ def _fit(cfg: FitConfig, device: torch.device) -> FitResult:
 
 def _run_keys(cfg: FitConfig, model: AgiqaNet, pixels: torch.Tensor,
               part: dict[str, torch.Tensor], device: torch.device):
-    """A frozen backbone's key of every image, computed once (None when the backbone trains
-    or the pixels change per step), standardised with ``--key-norm``; and that norm."""
+    """A frozen backbone's key of every image, computed once (all None when the backbone
+    trains or the pixels change per step): the keys training reads (standardised with
+    ``--key-norm``), that norm, and the raw keys the final scoring reads (the norm folded)."""
     if not caches_keys(cfg):
-        return None, None
-    keys = backbone_keys(model, pixels, device, cfg.eval_batch_size, cfg.amp)
-    k_norm = _key_norm(cfg.key_norm, keys[part["train"]])
-    if k_norm is not None:
-        k_norm["raw"] = keys  # the final scoring reads them, through the folded model
-        keys = (keys - k_norm["mean"]) / k_norm["std"]
-    return keys, k_norm
+        return None, None, None
+    raw = backbone_keys(model, pixels, device, cfg.eval_batch_size, cfg.amp)
+    k_norm = _key_norm(cfg.key_norm, raw[part["train"]])
+    keys = raw if k_norm is None else (raw - k_norm["mean"]) / k_norm["std"]
+    return keys, k_norm, raw
 
 
 def _fold_norms(model: AgiqaNet, norm, sem_norm, k_norm) -> None:
@@ -218,14 +217,13 @@ def _join_ranks(ok: bool, device: torch.device) -> None:
 
 def _finish_run(cfg: FitConfig, device, model: AgiqaNet, trainer: Trainer, ds, cache, split,
                 keys, pixels, vectors, targets, part, norm, sem_norm,
-                k_norm=None) -> dict[str, float]:
-    if trainer.keys is None:
+                raw_keys=None) -> dict[str, float]:
+    if raw_keys is None:
         scores, gates = predict(model, pixels, vectors, device, cfg.eval_batch_size, cfg.amp,
                                 True)
     else:  # the frozen backbone's keys, as computed once: the head alone, the saved weights
-        raw = trainer.keys if k_norm is None else k_norm.pop("raw")
-        scores, gates = predict_keys(model, raw, vectors, device, cfg.eval_batch_size, cfg.amp,
-                                     True)
+        scores, gates = predict_keys(model, raw_keys, vectors, device, cfg.eval_batch_size,
+                                     cfg.amp, True)
     test = part["test"]
     metrics = evaluate(scores[test].numpy(), targets[test].numpy())
     pretrained = resolve_pretrained(cfg.backbone, cfg.pretrained, cfg.backbone_weights)
@@ -392,7 +390,7 @@ def _series_together(cfg: FitConfig, pending: list[tuple[str, FitConfig]], devic
     k = concurrency.runs
     for start in range(0, len(jobs), k):
         chunk = jobs[start : start + k]
-        folders, trainers, k_norms = [], [], []
+        folders, trainers, run_keys = [], [], []
         try:
             for _name, run, split, *_ in chunk:
                 resume = cfg.resume and (run.out / "checkpoint.pt").is_file()
@@ -413,9 +411,9 @@ def _series_together(cfg: FitConfig, pending: list[tuple[str, FitConfig]], devic
                     split.write_csv(run.out / "split.csv")
                     write_text(run.out / "train_log.jsonl", "")
                 inputs = chunk[len(trainers)][5]
-                trainer.keys, k_norm = _run_keys(run, model, pixels, inputs.part, device)
+                trainer.keys, k_norm, raw = _run_keys(run, model, pixels, inputs.part, device)
                 inputs.keys = trainer.keys
-                k_norms.append(k_norm)
+                run_keys.append((k_norm, raw))
                 trainers.append(trainer)
             failed: dict[int, DivergedError] = {}
             for epoch in sorted({t.epoch for t in trainers}):  # resumed runs at one epoch
@@ -436,11 +434,11 @@ def _series_together(cfg: FitConfig, pending: list[tuple[str, FitConfig]], devic
                     continue
                 trainer, model = trainers[i], trainers[i].model
                 trainer.finish()
-                _fold_norms(model, norm, sem_norm, k_norms[i])
+                k_norm, raw = run_keys[i]
+                _fold_norms(model, norm, sem_norm, k_norm)
                 part = chunk[i][5].part
                 metrics = _finish_run(run, device, model, trainer, ds, cache, split, keys,
-                                      pixels, vectors, targets, part, norm, sem_norm,
-                                      k_norms[i])
+                                      pixels, vectors, targets, part, norm, sem_norm, raw)
                 results[name] = FitResult(run.out, metrics, trainer.best_epoch, trainer.history)
         except BaseException as e:
             for folder in reversed(folders):

@@ -277,13 +277,11 @@ class _Group:
                 idx = order[step * batch : (step + 1) * batch]
                 if self.on_keys:
                     xs.append(inp.keys[idx])
-                    ss.append(inp.vectors[idx])
-                    ys.append(inp.targets[idx])
-                    continue
-                x = pixels[idx]
-                if cfg.augment:
-                    x = _augment(x, t.gen)
-                xs.append(normalize(x))
+                else:
+                    x = pixels[idx]
+                    if cfg.augment:
+                        x = _augment(x, t.gen)
+                    xs.append(normalize(x))
                 ss.append(inp.vectors[idx])
                 ys.append(inp.targets[idx])
             x = torch.stack(xs).to(dev, non_blocking=True)
