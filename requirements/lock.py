@@ -2,11 +2,13 @@
 
     python requirements/lock.py                  # resolve afresh, rewrite constraints.txt
     pip freeze | python requirements/lock.py --check requirements/constraints.txt
+    python requirements/lock.py --check requirements/constraints.txt --report report.json
 
 Regenerating resolves ``.[test]`` in a throwaway virtual environment with ``pip install
 --dry-run --report``, keeping the versions already pinned (delete a line to let that package
-move), and writes every package of the resolution. ``--check`` reads ``pip freeze`` output and
-fails when a package is missing from the lock or installed at another version.
+move), and writes every package of the resolution. ``--check`` reads ``pip freeze`` output (or, with
+``--report``, what ``pip install --dry-run --report`` would install) and fails when a package is
+missing from the lock or at another version.
 """
 
 from __future__ import annotations
@@ -75,13 +77,23 @@ def regenerate(lock_file: Path) -> None:
     print(f"{len(pins)} packages pinned in {lock_file}")
 
 
+def report_lines(report: Path) -> list[str]:
+    """``name==version`` of every package a ``pip install --dry-run --report`` would install."""
+    return [f"{i['metadata']['name']}=={i['metadata']['version']}"
+            for i in json.loads(report.read_text())["install"]]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", type=Path, metavar="LOCK",
                         help="Check `pip freeze` output on standard input against LOCK.")
+    parser.add_argument("--report", type=Path, metavar="JSON",
+                        help="With --check: check the packages of a `pip install --dry-run "
+                             "--report JSON` instead of standard input.")
     args = parser.parse_args()
     if args.check:
-        return check(args.check, sys.stdin.read().splitlines())
+        lines = report_lines(args.report) if args.report else sys.stdin.read().splitlines()
+        return check(args.check, lines)
     regenerate(HERE / "constraints.txt")
     return 0
 

@@ -26,6 +26,12 @@ from agiqa.testing.tiny_mllm import build_tiny_mllm  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first, otherwise in file order: ``pytest -n 2`` hands tests out in this
+    order, so the long ones start early and the short ones even out the workers' ends."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     """User state (the default score cache) lives under AGIQA_HOME: point it at tmp_path."""

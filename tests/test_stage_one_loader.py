@@ -65,6 +65,47 @@ def test_uint8_pixels_normalise_to_the_processors_floats_bit_for_bit():
     assert np.array_equal(got.numpy(), floats)
 
 
+def test_llava_pixels_leave_the_loader_as_uint8_and_equal_the_processors(tiny_llava, photo_folder,
+                                                                       tmp_path, monkeypatch):
+    """LLaVA's CLIP processor splits exactly: resize and crop on uint8 in the loader, one
+    rescale-and-normalise after the transfer. Its pixels, and the vectors the whole run
+    writes, equal those of the processor run whole on each batch, bit for bit."""
+    root, kinds = photo_folder
+    enc = SemanticEncoder(str(tiny_llava), load_prompts("paper")).load()
+    prep = enc.prepare
+    assert prep.uint8_pixels
+    good = sorted(k for k, v in kinds.items() if v == "ok")[:6]
+    images = [Image.open(root / k).convert("RGB") for k in good]
+    items = [prep.image_item(im) for im in images]
+    assert all(i.dtype == np.uint8 and i.shape[0] == 3 for i in items)
+    whole = prep.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(prep.normalize(torch.from_numpy(np.stack(items))), whole)
+    split = prep.all_prompts_pixels(torch.from_numpy(np.stack(items)))
+    ref = prep.all_prompts(images)
+    assert len(split) == len(ref) == 1 and split[0]["pixel_values"].dtype == torch.uint8
+    assert set(split[0]) == set(ref[0])
+    for name, value in ref[0].items():
+        if name != "pixel_values":
+            same = torch.equal(split[0][name], value) if torch.is_tensor(value) \
+                else split[0][name] == value
+            assert same, name
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k in good:
+        shutil.copy(root / k, folder / Path(k).name)
+    cfg = ExtractConfig(out=tmp_path / "split", model=str(tiny_llava), batch_size=4,
+                        loader_workers=0, progress=False)
+    extract_semantics(cfg, ImageSource.from_folder(folder), enc)
+    monkeypatch.setattr(type(prep), "uint8_pixels", property(lambda self: False))
+    cfg = ExtractConfig(out=tmp_path / "batch", model=str(tiny_llava), batch_size=4,
+                        loader_workers=0, progress=False)
+    extract_semantics(cfg, ImageSource.from_folder(folder), enc)
+    keys = sorted(p.name for p in folder.iterdir())
+    a, b = open_cache(tmp_path / "split").read(keys), open_cache(tmp_path / "batch").read(keys)
+    np.testing.assert_array_equal(a["vectors"], b["vectors"])
+    np.testing.assert_array_equal(a["zero_shot"], b["zero_shot"])
+
+
 def test_loader_default_follows_the_device(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)), raising=False)
     assert default_loader_workers("cuda") == 8 and default_loader_workers("cpu") == 2
@@ -130,10 +171,10 @@ def test_per_image_loading_fails_bad_files_and_killed_loaders_alone(owl2, tmp_pa
     np.testing.assert_allclose(a["zero_shot"], b["zero_shot"], rtol=1e-6)
 
 
-def test_batch_loading_retries_the_batch_of_a_killed_loader(tiny_llava, photo_folder, tmp_path,
+def test_batch_loading_retries_the_batch_of_a_killed_loader(tiny_qwen, photo_folder, tmp_path,
                                                             monkeypatch, deadline):
-    """Families whose processor runs in the loader (per batch): the batch of a killed loader
-    process is run again one image at a time; only the marked image fails."""
+    """Families whose processor runs in the loader (per batch, Qwen2-VL): the batch of a killed
+    loader process is run again one image at a time; only the marked image fails."""
     root, kinds = photo_folder
     good = sorted(k for k, v in kinds.items() if v == "ok")[:5]
     folder = tmp_path / "imgs"
@@ -142,8 +183,9 @@ def test_batch_loading_retries_the_batch_of_a_killed_loader(tiny_llava, photo_fo
         shutil.copy(root / k, folder / Path(k).name)
     shutil.copy(root / good[0], folder / ("kill_me" + Path(good[0]).suffix))
     monkeypatch.setattr(semantics, "load_image", _kill_on_marked(semantics.load_image))
-    cfg = ExtractConfig(out=tmp_path / "c", model=str(tiny_llava), batch_size=3,
+    cfg = ExtractConfig(out=tmp_path / "c", model=str(tiny_qwen), batch_size=3,
                         loader_workers=1, progress=False)
+    assert not SemanticEncoder(str(tiny_qwen), load_prompts("paper")).prepare.uint8_pixels
     report = extract_semantics(cfg, ImageSource.from_folder(folder))
     assert report.failures == {"kill_me" + Path(good[0]).suffix: KILLED}
     assert report.computed == len(good) + 1

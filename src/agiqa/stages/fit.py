@@ -55,6 +55,7 @@ from agiqa.stages.trainer import (
     ProtocolWarning,
     Trainer,
     caches_keys,
+    new_adam,
     steps_per_epoch,
     validation_images,
 )
@@ -131,7 +132,7 @@ def _fit(cfg: FitConfig, device: torch.device) -> FitResult:
     _check_vectors(cache, split)
 
     model = _new_model(cfg, cache, device)
-    optim = torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optim = new_adam(_param_groups(model, cfg), cfg.lr, cfg.weight_decay, device)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=cfg.t_max, eta_min=0)
     trainer = Trainer(cfg, model, optim, sched, torch.Generator().manual_seed(cfg.seed), device)
 
@@ -398,8 +399,7 @@ def _series_together(cfg: FitConfig, pending: list[tuple[str, FitConfig]], devic
                 folder.__enter__()
                 folders.append(folder)
                 model = _new_model(run, cache, device)
-                optim = torch.optim.Adam(_param_groups(model, run), lr=run.lr,
-                                         weight_decay=run.weight_decay)
+                optim = new_adam(_param_groups(model, run), run.lr, run.weight_decay, device)
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=run.t_max,
                                                                    eta_min=0)
                 trainer = Trainer(run, model, optim, sched,

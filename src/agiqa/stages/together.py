@@ -35,7 +35,7 @@ from torch.func import functional_call, vmap
 from agiqa.data.pixels import normalize
 from agiqa.errors import ConfigError
 from agiqa.models.noise import draw_masks, record_noise, replay_noise
-from agiqa.stages.trainer import DivergedError, Trainer, _augment
+from agiqa.stages.trainer import DivergedError, Trainer, _augment, new_adam
 
 __all__ = ["Concurrency", "RunInputs", "choose_concurrency", "free_memory", "run_memory",
            "train_together"]
@@ -210,8 +210,7 @@ class _Group:
         for g in first.optim.param_groups:
             groups.append({**{key: v for key, v in g.items() if key != "params"},
                            "params": [self.params[name_of[id(p)]] for p in g["params"]]})
-        self.optim = torch.optim.Adam(groups, lr=first.cfg.lr,
-                                      weight_decay=first.cfg.weight_decay)
+        self.optim = new_adam(groups, first.cfg.lr, first.cfg.weight_decay, self.device)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.optim, T_max=first.cfg.t_max,
                                                                 eta_min=0)
         states = [t.optim.state_dict() for t in trainers]

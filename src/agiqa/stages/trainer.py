@@ -101,6 +101,15 @@ def select_epoch(rows: list[dict[str, Any]]) -> int | None:
     return epoch
 
 
+def new_adam(groups, lr: float, weight_decay: float, device: torch.device
+             ) -> torch.optim.Adam:
+    """The official Adam (L2 weight decay, no amsgrad) with its fused kernel where the device
+    has one: one pass over each parameter instead of a dozen, the same update to float rounding.
+    """
+    return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay,
+                            fused=device.type in ("cpu", "cuda"))
+
+
 def _augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Per image: p=0.7 rotate by 90/180/270°, then p=0.7 flip the H axis (vertical flip)."""
     out = []

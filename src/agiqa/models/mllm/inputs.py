@@ -89,6 +89,7 @@ class BatchPreparer:
         self.pad_token_id = pad_token_id
         self.processor_repeats = processor_repeats
         self._text_rows: dict[tuple, dict[str, Any]] = {}  # uint8 path: text rows by shape
+        self._split: str | None = None  # "owl", "torchvision" or "" (none): see uint8_pixels
 
     def __call__(self, images: list[Image.Image], prompt_index: int) -> dict[str, Any]:
         """Processor output for one prompt and a batch of images, answer prefix appended.
@@ -103,22 +104,39 @@ class BatchPreparer:
     @property
     def uint8_pixels(self) -> bool:
         """Whether the pixels can leave the loader as uint8 and be normalised on the device
-        (:meth:`image_item`, :meth:`all_prompts_pixels`, :meth:`normalize`): the processor's
-        image side is agiqa's own (mPLUG-Owl2), so the split is exact."""
-        return hasattr(self.processor, "text_batch") \
-            and hasattr(self.processor.image_processor, "crop_uint8")
+        (:meth:`image_item`, :meth:`all_prompts_pixels`, :meth:`normalize`), the split exact:
+        the image side is agiqa's own (mPLUG-Owl2), or a Hugging Face image processor whose
+        pipeline is the torchvision backend's standard one (resize and crop on uint8, then one
+        rescale-and-normalise) with a fixed output size (LLaVA's CLIP processor)."""
+        if self._split is None:
+            self._split = _split_kind(self.processor)
+        return self._split != ""
 
     def image_item(self, image: Image.Image) -> Any:
         """One image's pixels as the loader hands them over: padded to a square if the recipe
-        says so, resized and cropped, uint8 (H, W, 3)."""
+        says so, resized and cropped, uint8: (H, W, 3) for mPLUG-Owl2, (3, H, W) otherwise."""
         if self.pad_to is not None:
             image = expand2square(image, self.pad_to)
-        return self.processor.image_processor.crop_uint8(image)
+        ip = self.processor.image_processor
+        if not self.uint8_pixels:
+            raise ValueError("this processor's pixels cannot be split into uint8 and a device step")
+        if self._split == "owl":
+            return ip.crop_uint8(image)
+        pixels = ip(images=[image], do_rescale=False, do_normalize=False,
+                    return_tensors="pt")["pixel_values"][0]
+        if pixels.dtype != torch.uint8:
+            raise ValueError(f"the image processor gave {pixels.dtype} pixels before "
+                             "normalisation, not uint8")
+        return pixels.numpy()
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (n, H, W, 3) from :meth:`image_item`, on any device -> the processor's float32
-        ``pixel_values``, bit for bit."""
-        return self.processor.image_processor.normalize_uint8(pixels)
+        """uint8 pixels stacked from :meth:`image_item`, on any device -> the processor's
+        float32 ``pixel_values`` (n, 3, H, W), bit for bit on a CPU."""
+        ip = self.processor.image_processor
+        if self._split == "owl":
+            return ip.normalize_uint8(pixels)
+        return ip.rescale_and_normalize(pixels, ip.do_rescale, ip.rescale_factor,
+                                        ip.do_normalize, ip.image_mean, ip.image_std)
 
     def all_prompts_pixels(self, pixels: torch.Tensor) -> list[dict[str, Any]]:
         """As :meth:`all_prompts`, from uint8 pixels (n, H, W, 3) stacked from
@@ -160,8 +178,14 @@ class BatchPreparer:
         else:  # the text side of n images is the same for every batch of n: made once
             key = (tuple(prompts), n, tuple(sorted(processor_kw.items())))
             if key not in self._text_rows:
-                self._text_rows[key] = self._rows_of(
-                    dict(self.processor.text_batch(texts, n, **processor_kw)), prompts, n)
+                if self._split == "owl":
+                    batch = dict(self.processor.text_batch(texts, n, **processor_kw))
+                else:  # the text rows of a fixed-size image do not depend on its pixels
+                    batch = dict(self.processor(text=texts, images=_blank_images(
+                        self.processor.image_processor, n), return_tensors="pt", padding=True,
+                        **processor_kw))
+                    del batch["pixel_values"]
+                self._text_rows[key] = self._rows_of(batch, prompts, n)
             return {**self._text_rows[key], "pixel_values": pixels}
         return self._rows_of(batch, prompts, n)
 
@@ -187,6 +211,38 @@ class BatchPreparer:
         batch["pool_mask"] = pool_mask
         batch["prompt_rows"] = torch.tensor(prompts, dtype=torch.long).repeat_interleave(n)
         return batch
+
+
+# What a processor with the standard torchvision pipeline may return besides the pixels: the
+# text rows alone (nothing else that depends on an image's size or content).
+_TEXT_KEYS = {"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"}
+
+
+def _blank_images(ip: Any, n: int) -> list[Image.Image]:
+    size = ip.crop_size
+    return [Image.new("RGB", (size.width, size.height)) for _ in range(n)]
+
+
+def _split_kind(processor: Any) -> str:
+    """``"owl"``, ``"torchvision"`` or ``""``: how :class:`BatchPreparer` splits the pixels."""
+    ip = getattr(processor, "image_processor", None)
+    if hasattr(processor, "text_batch") and hasattr(ip, "crop_uint8"):
+        return "owl"
+    try:
+        from transformers.image_processing_backends import TorchvisionBackend
+    except ImportError:
+        return ""
+    if not isinstance(ip, TorchvisionBackend) \
+            or type(ip)._preprocess is not TorchvisionBackend._preprocess \
+            or not getattr(ip, "do_center_crop", False) or getattr(ip, "do_pad", False) \
+            or getattr(ip, "crop_size", None) is None or not ip.crop_size.height:
+        return ""
+    token = getattr(processor, "image_token", None)
+    if not token:
+        return ""
+    probe = dict(processor(text=[f"{token} ."], images=_blank_images(ip, 1),
+                           return_tensors="pt", padding=True))
+    return "torchvision" if set(probe) - {"pixel_values"} <= _TEXT_KEYS else ""
 
 
 def _per_token(name: str, value: Any, ids: torch.Tensor) -> bool:
