@@ -108,9 +108,14 @@ class BatchPreparer:
         the image side is agiqa's own (mPLUG-Owl2), or a Hugging Face image processor whose
         pipeline is the torchvision backend's standard one (resize and crop on uint8, then one
         rescale-and-normalise) with a fixed output size (LLaVA's CLIP processor)."""
+        return self._kind != ""
+
+    @property
+    def _kind(self) -> str:
+        """``_split_kind`` of the processor, worked out once (a probe of the processor)."""
         if self._split is None:
             self._split = _split_kind(self.processor)
-        return self._split != ""
+        return self._split
 
     def image_item(self, image: Image.Image) -> Any:
         """One image's pixels as the loader hands them over: padded to a square if the recipe
@@ -120,7 +125,7 @@ class BatchPreparer:
         ip = self.processor.image_processor
         if not self.uint8_pixels:
             raise ValueError("this processor's pixels cannot be split into uint8 and a device step")
-        if self._split == "owl":
+        if self._kind == "owl":
             return ip.crop_uint8(image)
         pixels = ip(images=[image], do_rescale=False, do_normalize=False,
                     return_tensors="pt")["pixel_values"][0]
@@ -133,13 +138,13 @@ class BatchPreparer:
         """uint8 pixels stacked from :meth:`image_item`, on any device -> the processor's
         float32 ``pixel_values`` (n, 3, H, W), bit for bit on a CPU."""
         ip = self.processor.image_processor
-        if self._split == "owl":
+        if self._kind == "owl":
             return ip.normalize_uint8(pixels)
         return ip.rescale_and_normalize(pixels, ip.do_rescale, ip.rescale_factor,
                                         ip.do_normalize, ip.image_mean, ip.image_std)
 
     def all_prompts_pixels(self, pixels: torch.Tensor) -> list[dict[str, Any]]:
-        """As :meth:`all_prompts`, from uint8 pixels (n, H, W, 3) stacked from
+        """As :meth:`all_prompts`, from uint8 pixels stacked from
         :meth:`image_item`; ``pixel_values`` stays uint8 until the encoder normalises it."""
         return self.all_prompts(None, pixels)
 
@@ -178,7 +183,7 @@ class BatchPreparer:
         else:  # the text side of n images is the same for every batch of n: made once
             key = (tuple(prompts), n, tuple(sorted(processor_kw.items())))
             if key not in self._text_rows:
-                if self._split == "owl":
+                if self._kind == "owl":
                     batch = dict(self.processor.text_batch(texts, n, **processor_kw))
                 else:  # the text rows of a fixed-size image do not depend on its pixels
                     batch = dict(self.processor(text=texts, images=_blank_images(
