@@ -65,22 +65,32 @@ def test_uint8_pixels_normalise_to_the_processors_floats_bit_for_bit():
     assert np.array_equal(got.numpy(), floats)
 
 
-def test_llava_pixels_leave_the_loader_as_uint8_and_equal_the_processors(tiny_llava, photo_folder,
-                                                                       tmp_path, monkeypatch):
-    """LLaVA's CLIP processor splits exactly: resize and crop on uint8 in the loader, one
-    rescale-and-normalise after the transfer. Its pixels, and the vectors the whole run
-    writes, equal those of the processor run whole on each batch, bit for bit."""
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_qwen25"])
+def test_hf_pixels_leave_the_loader_as_uint8_and_equal_the_processors(family, request,
+                                                                      photo_folder, tmp_path,
+                                                                      monkeypatch):
+    """LLaVA's CLIP processor and Qwen2.5-VL's patch processor split exactly: resize (and crop,
+    or cut into patches) on uint8 in the loader, one rescale-and-normalise after the transfer.
+    Their pixels, the text rows, and the vectors the whole run writes equal those of the
+    processor run whole on each batch, bit for bit."""
+    model = request.getfixturevalue(family)
     root, kinds = photo_folder
-    enc = SemanticEncoder(str(tiny_llava), load_prompts("paper")).load()
+    enc = SemanticEncoder(str(model), load_prompts("paper")).load()
     prep = enc.prepare
     assert prep.uint8_pixels
     good = sorted(k for k, v in kinds.items() if v == "ok")[:6]
     images = [Image.open(root / k).convert("RGB") for k in good]
     items = [prep.image_item(im) for im in images]
-    assert all(i.dtype == np.uint8 and i.shape[0] == 3 for i in items)
-    whole = prep.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    assert torch.equal(prep.normalize(torch.from_numpy(np.stack(items))), whole)
-    split = prep.all_prompts_pixels(torch.from_numpy(np.stack(items)))
+    arrays = [i[0] if isinstance(i, tuple) else i for i in items]
+    assert all(a.dtype == np.uint8 and a.shape[-3] == 3 for a in arrays)
+    whole = prep.processor.image_processor(images=images, return_tensors="pt")
+    pixels = prep.batch_pixels(items)
+    assert pixels["pixel_values"].dtype == torch.uint8
+    if family == "tiny_qwen25":  # one frame of each patch crosses: a quarter of the floats'
+        assert len({tuple(g) for g in pixels["image_grid_thw"].tolist()}) > 1
+        assert pixels["pixel_values"].numel() * 8 == whole["pixel_values"].numel() * 4
+    assert torch.equal(prep.normalize(pixels["pixel_values"]), whole["pixel_values"])
+    split = prep.all_prompts_pixels(pixels)
     ref = prep.all_prompts(images)
     assert len(split) == len(ref) == 1 and split[0]["pixel_values"].dtype == torch.uint8
     assert set(split[0]) == set(ref[0])
@@ -93,11 +103,11 @@ def test_llava_pixels_leave_the_loader_as_uint8_and_equal_the_processors(tiny_ll
     folder.mkdir()
     for k in good:
         shutil.copy(root / k, folder / Path(k).name)
-    cfg = ExtractConfig(out=tmp_path / "split", model=str(tiny_llava), batch_size=4,
+    cfg = ExtractConfig(out=tmp_path / "split", model=str(model), batch_size=4,
                         loader_workers=0, progress=False)
     extract_semantics(cfg, ImageSource.from_folder(folder), enc)
     monkeypatch.setattr(type(prep), "uint8_pixels", property(lambda self: False))
-    cfg = ExtractConfig(out=tmp_path / "batch", model=str(tiny_llava), batch_size=4,
+    cfg = ExtractConfig(out=tmp_path / "batch", model=str(model), batch_size=4,
                         loader_workers=0, progress=False)
     extract_semantics(cfg, ImageSource.from_folder(folder), enc)
     keys = sorted(p.name for p in folder.iterdir())
@@ -173,8 +183,9 @@ def test_per_image_loading_fails_bad_files_and_killed_loaders_alone(owl2, tmp_pa
 
 def test_batch_loading_retries_the_batch_of_a_killed_loader(tiny_qwen, photo_folder, tmp_path,
                                                             monkeypatch, deadline):
-    """Families whose processor runs in the loader (per batch, Qwen2-VL): the batch of a killed
-    loader process is run again one image at a time; only the marked image fails."""
+    """A processor that runs whole in the loader (per batch; any processor whose pixels are
+    not split): the batch of a killed loader process is run again one image at a time; only
+    the marked image fails."""
     root, kinds = photo_folder
     good = sorted(k for k, v in kinds.items() if v == "ok")[:5]
     folder = tmp_path / "imgs"
@@ -185,8 +196,10 @@ def test_batch_loading_retries_the_batch_of_a_killed_loader(tiny_qwen, photo_fol
     monkeypatch.setattr(semantics, "load_image", _kill_on_marked(semantics.load_image))
     cfg = ExtractConfig(out=tmp_path / "c", model=str(tiny_qwen), batch_size=3,
                         loader_workers=1, progress=False)
-    assert not SemanticEncoder(str(tiny_qwen), load_prompts("paper")).prepare.uint8_pixels
-    report = extract_semantics(cfg, ImageSource.from_folder(folder))
+    enc = SemanticEncoder(str(tiny_qwen), load_prompts("paper"))
+    assert enc.prepare.uint8_pixels
+    monkeypatch.setattr(type(enc.prepare), "uint8_pixels", property(lambda self: False))
+    report = extract_semantics(cfg, ImageSource.from_folder(folder), enc)
     assert report.failures == {"kill_me" + Path(good[0]).suffix: KILLED}
     assert report.computed == len(good) + 1
 

@@ -367,8 +367,8 @@ def _largest_first(root: Path, keys: list[str]) -> list[str]:
 
 def _run_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncoder, root: Path,
                 jobs: list[ShardJob], report: ExtractReport) -> None:
-    """Per image, the pixels as uint8, when the model's processor allows it (mPLUG-Owl2): the
-    first batch starts after one image per loader process, the batch is stacked in the main
+    """Per image, the pixels as uint8, when the model's processor allows it (mPLUG-Owl2,
+    LLaVA, Qwen2-VL and Qwen2.5-VL): the first batch starts after one image per loader process, the batch is stacked in the main
     process (in pinned memory for a GPU) and normalised on the device. Otherwise per batch,
     the processor run in the loader processes."""
     workers = report.loader_workers
@@ -425,11 +425,8 @@ def _pixel_batches(results: Iterator, batches: list[list[str]], prepare: BatchPr
         good = [(k, sha, px) for k, sha, px, reason in got if reason is None]
         inputs = []
         if good:
-            first = good[0][2]
-            stacked = torch.empty((len(good), *first.shape), dtype=torch.uint8, pin_memory=pin)
-            # numpy's copy: torch's uint8 copy_ into slices is many times slower on a CPU
-            np.stack([px for _, _, px in good], out=stacked.numpy())
-            inputs = prepare.all_prompts_pixels(stacked)
+            inputs = prepare.all_prompts_pixels(
+                prepare.batch_pixels([px for _, _, px in good], pin))
         yield [k for k, _, _ in good], [s for _, s, _ in good], failures, inputs
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -89,7 +90,7 @@ class BatchPreparer:
         self.pad_token_id = pad_token_id
         self.processor_repeats = processor_repeats
         self._text_rows: dict[tuple, dict[str, Any]] = {}  # uint8 path: text rows by shape
-        self._split: str | None = None  # "owl", "torchvision" or "" (none): see uint8_pixels
+        self._split: str | None = None  # "owl", "torchvision", "patches" or "": uint8_pixels
 
     def __call__(self, images: list[Image.Image], prompt_index: int) -> dict[str, Any]:
         """Processor output for one prompt and a batch of images, answer prefix appended.
@@ -105,9 +106,11 @@ class BatchPreparer:
     def uint8_pixels(self) -> bool:
         """Whether the pixels can leave the loader as uint8 and be normalised on the device
         (:meth:`image_item`, :meth:`all_prompts_pixels`, :meth:`normalize`), the split exact:
-        the image side is agiqa's own (mPLUG-Owl2), or a Hugging Face image processor whose
+        the image side is agiqa's own (mPLUG-Owl2); or a Hugging Face image processor whose
         pipeline is the torchvision backend's standard one (resize and crop on uint8, then one
-        rescale-and-normalise) with a fixed output size (LLaVA's CLIP processor)."""
+        rescale-and-normalise) with a fixed output size (LLaVA's CLIP processor); or Qwen2-VL's
+        (resize on uint8, then rescale-and-normalise, then cut into patches: the patches are
+        cut on uint8 in the loader, one frame of each, and normalised after the transfer)."""
         return self._kind != ""
 
     @property
@@ -119,7 +122,9 @@ class BatchPreparer:
 
     def image_item(self, image: Image.Image) -> Any:
         """One image's pixels as the loader hands them over: padded to a square if the recipe
-        says so, resized and cropped, uint8: (H, W, 3) for mPLUG-Owl2, (3, H, W) otherwise."""
+        says so, resized and cropped, uint8: (H, W, 3) for mPLUG-Owl2, (3, H, W) for a fixed
+        crop; for Qwen2-VL's patches, ``(patches, grid)``: the (n, 3, p, p) first frame of each
+        patch (the frames of an image's patch are copies) and its ``image_grid_thw`` row."""
         if self.pad_to is not None:
             image = expand2square(image, self.pad_to)
         ip = self.processor.image_processor
@@ -127,29 +132,60 @@ class BatchPreparer:
             raise ValueError("this processor's pixels cannot be split into uint8 and a device step")
         if self._kind == "owl":
             return ip.crop_uint8(image)
-        pixels = ip(images=[image], do_rescale=False, do_normalize=False,
-                    return_tensors="pt")["pixel_values"][0]
+        out = ip(images=[image], do_rescale=False, do_normalize=False, return_tensors="pt")
+        pixels = out["pixel_values"]
         if pixels.dtype != torch.uint8:
             raise ValueError(f"the image processor gave {pixels.dtype} pixels before "
                              "normalisation, not uint8")
-        return pixels.numpy()
+        if self._kind != "patches":
+            return pixels[0].numpy()
+        t, p = ip.temporal_patch_size, ip.patch_size
+        frames = pixels.view(pixels.shape[0], -1, t, p, p)
+        if not bool((frames == frames[:, :, :1]).all()):
+            raise ValueError("the image processor's patch frames differ")
+        return frames[:, :, 0].contiguous().numpy(), out["image_grid_thw"][0].numpy()
+
+    def batch_pixels(self, items: list[Any], pin: bool = False) -> dict[str, torch.Tensor]:
+        """Items of :meth:`image_item` -> the batch's pixel inputs: uint8 ``pixel_values`` in
+        one tensor (pinned with ``pin``, for a copy to a GPU that does not wait), stacked, or
+        for patches concatenated with their ``image_grid_thw``."""
+        # numpy's copy: torch's uint8 copy_ into slices is many times slower on a CPU
+        if self._kind == "patches":
+            arrays = [a for a, _ in items]
+            out = torch.empty((sum(len(a) for a in arrays), *arrays[0].shape[1:]),
+                              dtype=torch.uint8, pin_memory=pin)
+            np.concatenate(arrays, out=out.numpy())
+            grid = torch.from_numpy(np.stack([g for _, g in items]).astype(np.int64))
+            return {"pixel_values": out, "image_grid_thw": grid}
+        out = torch.empty((len(items), *items[0].shape), dtype=torch.uint8, pin_memory=pin)
+        np.stack(items, out=out.numpy())
+        return {"pixel_values": out}
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels stacked from :meth:`image_item`, on any device -> the processor's
-        float32 ``pixel_values`` (n, 3, H, W), bit for bit on a CPU."""
+        """uint8 ``pixel_values`` of :meth:`batch_pixels`, on any device -> the processor's
+        float32 ``pixel_values``, bit for bit on a CPU: (n, 3, H, W), or for patches the
+        processor's (n, 3 * frames * p * p) rows."""
         ip = self.processor.image_processor
         if self._kind == "owl":
             return ip.normalize_uint8(pixels)
-        return ip.rescale_and_normalize(pixels, ip.do_rescale, ip.rescale_factor,
-                                        ip.do_normalize, ip.image_mean, ip.image_std)
+        out = ip.rescale_and_normalize(pixels, ip.do_rescale, ip.rescale_factor,
+                                       ip.do_normalize, ip.image_mean, ip.image_std)
+        if self._kind == "patches":  # every frame of a patch is the image: elementwise, exact
+            t = ip.temporal_patch_size
+            out = out.unsqueeze(2).expand(-1, -1, t, -1, -1).reshape(out.shape[0], -1)
+        return out
 
-    def all_prompts_pixels(self, pixels: torch.Tensor) -> list[dict[str, Any]]:
-        """As :meth:`all_prompts`, from uint8 pixels stacked from
-        :meth:`image_item`; ``pixel_values`` stays uint8 until the encoder normalises it."""
+    def all_prompts_pixels(self, pixels: dict[str, torch.Tensor] | torch.Tensor
+                           ) -> list[dict[str, Any]]:
+        """As :meth:`all_prompts`, from the pixel inputs of :meth:`batch_pixels` (or a tensor
+        of stacked uint8 pixels); ``pixel_values`` stays uint8 until the encoder normalises
+        it."""
+        if torch.is_tensor(pixels):
+            pixels = {"pixel_values": pixels}
         return self.all_prompts(None, pixels)
 
     def all_prompts(self, images: list[Image.Image] | None,
-                    pixels: torch.Tensor | None = None) -> list[dict[str, Any]]:
+                    pixels: dict[str, torch.Tensor] | None = None) -> list[dict[str, Any]]:
         """The inputs of every prompt for ``images``: a batch per prompt, or one fused batch.
 
         Either way the rows run prompt by prompt: prompt 0 for every image, then prompt 1...
@@ -170,29 +206,43 @@ class BatchPreparer:
         return [fuse_batches(batches, self.pad_token_id, self.share_images)]
 
     def _rows(self, images: list[Image.Image] | None, prompts: list[int],
-              pixels: torch.Tensor | None = None, **processor_kw: Any) -> dict[str, Any]:
+              pixels: dict[str, torch.Tensor] | None = None, **processor_kw: Any
+              ) -> dict[str, Any]:
         """One processor call: the rows of ``prompts`` (each over every image, prompt-major),
-        answer prefixes appended; the prompts' prefixes must have one length. With uint8
-        ``pixels`` only the text is processed."""
+        answer prefixes appended; the prompts' prefixes must have one length. With the uint8
+        ``pixels`` of :meth:`batch_pixels` only the text is processed."""
         encs = [self.encodings[p] for p in prompts]
-        n = len(images) if pixels is None else pixels.shape[0]
+        if pixels is None:
+            n = len(images)
+        else:
+            grid = pixels.get("image_grid_thw")
+            n = pixels["pixel_values"].shape[0] if grid is None else grid.shape[0]
         texts = [e.text for e in encs for _ in range(n)]
         if pixels is None:
             batch = dict(self.processor(text=texts, images=images, return_tensors="pt",
                                         padding=True, **processor_kw))
-        else:  # the text side of n images is the same for every batch of n: made once
-            key = (tuple(prompts), n, tuple(sorted(processor_kw.items())))
-            if key not in self._text_rows:
-                if self._kind == "owl":
-                    batch = dict(self.processor.text_batch(texts, n, **processor_kw))
-                else:  # the text rows of a fixed-size image do not depend on its pixels
-                    batch = dict(self.processor(text=texts, images=_blank_images(
-                        self.processor.image_processor, n), return_tensors="pt", padding=True,
-                        **processor_kw))
-                    del batch["pixel_values"]
-                self._text_rows[key] = self._rows_of(batch, prompts, n)
-            return {**self._text_rows[key], "pixel_values": pixels}
-        return self._rows_of(batch, prompts, n)
+            return self._rows_of(batch, prompts, n)
+        # the text side of n images depends on their patch grids alone (none: a fixed crop)
+        sizes = () if grid is None else tuple(map(tuple, grid.tolist()))
+        key = (tuple(prompts), n, sizes, tuple(sorted(processor_kw.items())))
+        if key not in self._text_rows:
+            if self._kind == "owl":
+                batch = dict(self.processor.text_batch(texts, n, **processor_kw))
+            elif self._kind == "patches":  # the processor's own expansion of the image tokens
+                marks = [self.processor.replace_image_token({"image_grid_thw": grid}, i)
+                         for i in range(n)] * len(prompts)
+                texts, _ = self.processor.get_text_with_replacements(list(texts), marks)
+                batch = dict(self.processor(text=texts, return_tensors="pt", padding=True,
+                                            **processor_kw))
+            else:  # the processor's own text rows for blank images of the crop size
+                batch = dict(self.processor(text=texts, images=_blank_images(
+                    self.processor.image_processor, n), return_tensors="pt", padding=True,
+                    **processor_kw))
+                del batch["pixel_values"]
+            if len(self._text_rows) >= 256:  # sizes vary: keep the memory bounded
+                self._text_rows.clear()
+            self._text_rows[key] = self._rows_of(batch, prompts, n)
+        return {**self._text_rows[key], **pixels}
 
     def _rows_of(self, batch: dict[str, Any], prompts: list[int], n: int) -> dict[str, Any]:
         """The processor's rows with the answer prefixes appended, ``pool_mask`` and
@@ -229,25 +279,37 @@ def _blank_images(ip: Any, n: int) -> list[Image.Image]:
 
 
 def _split_kind(processor: Any) -> str:
-    """``"owl"``, ``"torchvision"`` or ``""``: how :class:`BatchPreparer` splits the pixels."""
+    """``"owl"``, ``"torchvision"``, ``"patches"`` or ``""``: how :class:`BatchPreparer`
+    splits the pixels (see :attr:`BatchPreparer.uint8_pixels`)."""
     ip = getattr(processor, "image_processor", None)
     if hasattr(processor, "text_batch") and hasattr(ip, "crop_uint8"):
         return "owl"
     try:
         from transformers.image_processing_backends import TorchvisionBackend
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     except ImportError:
         return ""
     if not isinstance(ip, TorchvisionBackend) \
-            or type(ip)._preprocess is not TorchvisionBackend._preprocess \
-            or not getattr(ip, "do_center_crop", False) or getattr(ip, "do_pad", False) \
-            or getattr(ip, "crop_size", None) is None or not ip.crop_size.height:
+            or type(ip).rescale_and_normalize is not TorchvisionBackend.rescale_and_normalize:
         return ""
     token = getattr(processor, "image_token", None)
     if not token:
         return ""
-    probe = dict(processor(text=[f"{token} ."], images=_blank_images(ip, 1),
-                           return_tensors="pt", padding=True))
-    return "torchvision" if set(probe) - {"pixel_values"} <= _TEXT_KEYS else ""
+    if isinstance(ip, Qwen2VLImageProcessor):  # resize, normalise, then cut into patches
+        if type(ip)._preprocess is not Qwen2VLImageProcessor._preprocess \
+                or type(ip).patchify is not Qwen2VLImageProcessor.patchify \
+                or not hasattr(processor, "replace_image_token") \
+                or not hasattr(processor, "get_text_with_replacements"):
+            return ""
+        kind, blank, image_keys = "patches", [Image.new("RGB", (56, 56))], {"image_grid_thw"}
+    else:
+        if type(ip)._preprocess is not TorchvisionBackend._preprocess \
+                or not getattr(ip, "do_center_crop", False) or getattr(ip, "do_pad", False) \
+                or getattr(ip, "crop_size", None) is None or not ip.crop_size.height:
+            return ""
+        kind, blank, image_keys = "torchvision", _blank_images(ip, 1), set()
+    probe = dict(processor(text=[f"{token} ."], images=blank, return_tensors="pt", padding=True))
+    return kind if set(probe) - {"pixel_values"} - image_keys <= _TEXT_KEYS else ""
 
 
 def _per_token(name: str, value: Any, ids: torch.Tensor) -> bool:
