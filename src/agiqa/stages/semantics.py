@@ -368,9 +368,10 @@ def _largest_first(root: Path, keys: list[str]) -> list[str]:
 def _run_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncoder, root: Path,
                 jobs: list[ShardJob], report: ExtractReport) -> None:
     """Per image, the pixels as uint8, when the model's processor allows it (mPLUG-Owl2,
-    LLaVA, Qwen2-VL and Qwen2.5-VL): the first batch starts after one image per loader process, the batch is stacked in the main
-    process (in pinned memory for a GPU) and normalised on the device. Otherwise per batch,
-    the processor run in the loader processes."""
+    LLaVA, Qwen2-VL and Qwen2.5-VL): the first batch starts after one image per loader
+    process, the batch is stacked in the main process (in pinned memory for a GPU) and
+    normalised on the device. Otherwise per batch, the processor run in the loader
+    processes."""
     workers = report.loader_workers
     prepare = encoder.prepare
     per_image = prepare.uint8_pixels
