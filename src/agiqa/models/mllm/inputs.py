@@ -175,13 +175,9 @@ class BatchPreparer:
             out = out.unsqueeze(2).expand(-1, -1, t, -1, -1).reshape(out.shape[0], -1)
         return out
 
-    def all_prompts_pixels(self, pixels: dict[str, torch.Tensor] | torch.Tensor
-                           ) -> list[dict[str, Any]]:
-        """As :meth:`all_prompts`, from the pixel inputs of :meth:`batch_pixels` (or a tensor
-        of stacked uint8 pixels); ``pixel_values`` stays uint8 until the encoder normalises
-        it."""
-        if torch.is_tensor(pixels):
-            pixels = {"pixel_values": pixels}
+    def all_prompts_pixels(self, pixels: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        """As :meth:`all_prompts`, from the pixel inputs of :meth:`batch_pixels`;
+        ``pixel_values`` stays uint8 until the encoder normalises it."""
         return self.all_prompts(None, pixels)
 
     def all_prompts(self, images: list[Image.Image] | None,
