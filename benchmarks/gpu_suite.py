@@ -58,7 +58,7 @@ from common import load_average, machine  # noqa: E402
 from official_stage_one import list_photos, official_loop  # noqa: E402
 from stage_one import count_flops_split, peak_bf16_tflops, write_photos  # noqa: E402
 
-# Stage-one models: the SHAPES of agiqa.testing.tiny_mllm, and tiny ones for --smoke.
+# Stage-one models: the SHAPES of agiqa.models.mllm.tiny, and tiny ones for --smoke.
 STAGE_ONE = ("llava-1.5-7b", "qwen2.5-vl-7b", "mplug-owl2-7b")
 SMOKE_SHAPES = {
     "llava-1.5-7b": {"family": "llava", "hidden": 64, "layers": 2, "image_size": 32},
@@ -127,7 +127,7 @@ def _agiqa_extract(encoder, photos: Path, keys: list[str], out: Path, batch: int
                    workers: int | None, fmt: str, fuse: bool | None):
     """``extract_semantics`` as the CLI runs it; ``workers=None`` and ``fuse=None`` are the
     CLI's defaults (loader processes from the CPUs and the device; the family's fusing)."""
-    from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
+    from agiqa.stages.extraction.extract import ExtractConfig, ImageSource, extract_semantics
 
     if out.exists():
         shutil.rmtree(out)
@@ -140,8 +140,8 @@ def _agiqa_extract(encoder, photos: Path, keys: list[str], out: Path, batch: int
 def _build(spec: dict, dtype: str, model_dir: Path, device: torch.device, row: dict):
     """A random model of ``spec`` made on ``device``, and agiqa's encoder attached to it."""
     from agiqa.models.mllm import SemanticEncoder
+    from agiqa.models.mllm.tiny import random_mllm_on_device
     from agiqa.presets import load_prompts
-    from agiqa.testing.tiny_mllm import random_mllm_on_device
 
     _reset_peak(device)
     seconds, model = _timed(device, lambda: random_mllm_on_device(
@@ -166,8 +166,8 @@ def stage_one(name: str, spec: dict, dtype: str, work: Path, photos: Path, devic
     prompt). The official loop's redundant passes (two per prompt, each with its own vision
     pass) earn it nothing, nor do agiqa's padding tokens.
     """
-    from agiqa.stages.semantics import default_loader_workers
-    from agiqa.testing.tiny_mllm import shape_available
+    from agiqa.models.mllm.tiny import shape_available
+    from agiqa.stages.extraction.extract import default_loader_workers
 
     if not shape_available(spec):
         return {"skipped": f"the {spec['family']} model family is not in this agiqa"}
@@ -325,7 +325,7 @@ def write_generated_sizes(folder: Path, n: int) -> None:
 
 def run_stage_one(args, work: Path, device: torch.device, budget: Budget, result: dict,
                   save) -> None:
-    from agiqa.testing.tiny_mllm import SHAPES
+    from agiqa.models.mllm.tiny import SHAPES
 
     photos = work / "photos"
     if args.smoke:

@@ -2,7 +2,7 @@
 
 Builds ``--rows`` score rows (score-folder's columns), writes the images the page shows (the
 ``--top-k`` lowest and highest; the others are never read by the report) as ``--image-size``
-square JPEGs of smooth noise, and times :func:`agiqa.stages.report.write_score_report` with the
+square JPEGs of smooth noise, and times :func:`agiqa.report.html.write_score_report` with the
 patch maps of a random model of ``--backbone`` (``tiny``, or ``vit_base_patch8_224`` for the
 paper's backbone: random weights, the same cost). Records the page size, the time, and the
 time of the same page without maps.
@@ -24,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from agiqa.models.agiqa_net import create_model  # noqa: E402
-from agiqa.stages.report import score_rows, write_score_report  # noqa: E402
+from agiqa.report.html import score_rows, write_score_report  # noqa: E402
 from agiqa.testing.report_fixtures import make_score_rows  # noqa: E402
 from common import write_result  # noqa: E402
 

@@ -67,7 +67,7 @@ def write_photos(folder: Path, n: int) -> None:
 
 def build_model(shape: str, out: Path) -> Path:
     spec = SHAPES[shape]
-    from agiqa.testing.tiny_mllm import build_random_mllm, build_tiny_mllm, random_mllm_on_device
+    from agiqa.models.mllm.tiny import build_random_mllm, build_tiny_mllm, random_mllm_on_device
 
     if spec["family"] == "mplug-owl2":  # agiqa's own family: built in memory, then saved
         random_mllm_on_device(spec, out, "cpu", torch.float32).save_pretrained(out)

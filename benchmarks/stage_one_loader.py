@@ -54,7 +54,7 @@ def previous_path(root: Path, batches: list[list[str]], prepare, workers: int) -
     """The previous loader: one batch per worker, float32 out of the processor."""
     from torch.utils.data import DataLoader
 
-    from agiqa.stages.semantics import _LoadBatch
+    from agiqa.stages.extraction.extract import _LoadBatch
 
     task = _LoadBatch(root, prepare)
     loader = DataLoader(batches, batch_size=None, collate_fn=task, num_workers=workers,
@@ -68,7 +68,7 @@ def previous_path(root: Path, batches: list[list[str]], prepare, workers: int) -
 
 def current_path(root: Path, batches: list[list[str]], prepare, workers: int) -> int:
     """Today's loader: one image per task, uint8 out, stacked in the main process."""
-    from agiqa.stages.semantics import KILLED, _LoadPixels, _pixel_batches, ordered_load
+    from agiqa.stages.extraction.extract import KILLED, _LoadPixels, _pixel_batches, ordered_load
 
     keys = [k for b in batches for k in b]
     results = ordered_load(_LoadPixels(root, prepare), keys, workers,

@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from agiqa.testing.tiny_mllm import build_tiny_mllm  # noqa: E402
+from agiqa.models.mllm.tiny import build_tiny_mllm  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 

@@ -229,7 +229,7 @@ def test_a_checkpoint_that_is_not_one_is_one_line(tmp_path, content):
     import torch
 
     from agiqa.errors import CheckpointError
-    from agiqa.stages.trainer import Trainer
+    from agiqa.stages.training.trainer import Trainer
 
     (tmp_path / "checkpoint.pt").write_bytes(content)
     model = torch.nn.Linear(2, 1)

@@ -14,7 +14,7 @@ from PIL import Image
 from agiqa.cache import check_fresh, open_cache, verify_cache
 from agiqa.cache.shards import ShardData
 from agiqa.errors import CacheError, CacheMismatchError, ModelLoadError, StaleVectorsError
-from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
+from agiqa.stages.extraction.extract import ExtractConfig, ImageSource, extract_semantics
 
 
 def _extract(model_dir, root, out, **kw):
@@ -511,7 +511,7 @@ def test_verify_refuses_keys_outside_the_root_and_hashes_nothing_there(tmp_path,
 
 
 def test_planning_never_deletes_a_damaged_shard_the_run_does(tiny_llava, filled):
-    from agiqa.stages.resume import plan_resume
+    from agiqa.stages.extraction.resume import plan_resume
 
     root, keys, out = filled
     cache = open_cache(out)

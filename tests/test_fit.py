@@ -52,7 +52,7 @@ def test_resume_continues_an_interrupted_run(graded, tmp_path, monkeypatch):
     root, cache = graded
     args = [*FIT, "--root", root, "--cache", cache, "--lr", "3e-4", "--epochs", "3", "--json"]
     full = json.loads(run("fit", *args, "--out", tmp_path / "full").stdout)
-    from agiqa.stages import fit as fit_module
+    from agiqa.stages.training import fit as fit_module
 
     original = fit_module.Trainer._train_epoch
 
@@ -150,7 +150,7 @@ def test_score_and_semantic_normalisation_fold_into_the_model():
     import torch
 
     from agiqa.models.agiqa_net import create_model
-    from agiqa.stages.fit import (
+    from agiqa.stages.training.fit import (
         _fold_score_norm,
         _fold_semantic_norm,
         _score_norm,

@@ -6,8 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from agiqa.cli import cli
-from agiqa.stages import together as together_module
-from agiqa.stages import trainer as trainer_module
+from agiqa.stages.training import together as together_module
+from agiqa.stages.training import trainer as trainer_module
 
 FIT = ["--dataset", "csv", "--backbone", "tiny", "--no-pretrained", "--batch-size", "6",
        "--split", "random:0.6,0.2,0.2", "--loader-workers", "0", "-q"]

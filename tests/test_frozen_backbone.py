@@ -12,9 +12,9 @@ from agiqa.cli import cli
 from agiqa.errors import ConfigError
 from agiqa.models.agiqa_net import create_model
 from agiqa.models.maniqa import ManiqaBackbone
-from agiqa.stages import fit as fit_module
 from agiqa.stages.configs import FitConfig
-from agiqa.stages.norms import fold_key_norm, key_norm
+from agiqa.stages.training import fit as fit_module
+from agiqa.stages.training.norms import fold_key_norm, key_norm
 
 FROZEN = ["--dataset", "csv", "--backbone", "tiny", "--no-pretrained", "--batch-size", "6",
           "--split", "random:0.6,0.2,0.2", "--loader-workers", "0", "-q", "--backbone-lr", "0",

@@ -162,7 +162,7 @@ def test_extraction_records_bad_links_and_fifos_and_goes_on(tiny_llava, tmp_path
     import os
 
     from agiqa.cache import open_cache
-    from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
+    from agiqa.stages.extraction.extract import ExtractConfig, ImageSource, extract_semantics
 
     outside = tmp_path / "outside"
     outside.mkdir()

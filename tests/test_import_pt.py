@@ -11,7 +11,7 @@ from PIL import Image
 from agiqa.cache import open_cache
 from agiqa.cache.imports import official_tensor_name
 from agiqa.cli import cli
-from agiqa.stages.official import official_semantics
+from agiqa.stages.extraction.official import official_semantics
 
 DIM = 4096  # mPLUG-Owl2's width, as the official tensors have it
 

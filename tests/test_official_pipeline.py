@@ -16,7 +16,7 @@ from agiqa.data import normalize, read_pixels
 from agiqa.models.mllm import SemanticEncoder
 from agiqa.models.mllm.mplug_owl2 import IMAGE_TOKEN_INDEX
 from agiqa.presets import load_prompts
-from agiqa.stages.official import official_semantics
+from agiqa.stages.extraction.official import official_semantics
 from agiqa.testing.official_reference import OfficialMAAGIQA
 
 # The tiny mPLUG-Owl2 of the official code, run end to end.
@@ -130,7 +130,7 @@ def test_the_default_fingerprint_is_the_papers():
 def test_both_prompts_in_one_pass_with_one_vision_pass_per_image(owl2, tmp_path):
     """mPLUG-Owl2 fuses the prompts by default: half the model calls, one vision pass per
     image; ``fuse_prompts=False`` runs a pass per prompt. Both give the official vectors."""
-    from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
+    from agiqa.stages.extraction.extract import ExtractConfig, ImageSource, extract_semantics
 
     folder, images = owl2
     got = {}

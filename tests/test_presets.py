@@ -39,7 +39,7 @@ def test_every_builtin_preset_loads_as_its_dataclass():
 
 def test_a_user_backbone_preset_trains_through_fit(tmp_path, monkeypatch):
     from agiqa.models.agiqa_net import create_model, resolve_pretrained
-    from agiqa.stages.fit import FitConfig
+    from agiqa.stages.training.fit import FitConfig
 
     home = tmp_path / "home"
     monkeypatch.setenv("AGIQA_HOME", str(home))

@@ -18,7 +18,7 @@ from agiqa.errors import CacheMismatchError, ConfigError, ModelLoadError
 from agiqa.models.mllm import SemanticEncoder
 from agiqa.models.mllm.recipe import check_prompt_order, expand2square, pad_colour
 from agiqa.presets import Recipe, load_prompts, load_recipe, recipe_for_model
-from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
+from agiqa.stages.extraction.extract import ExtractConfig, ImageSource, extract_semantics
 
 # LLaVA models built and run on a CPU.
 pytestmark = pytest.mark.slow

@@ -26,7 +26,7 @@ from agiqa.cli import cli
 from agiqa.data import load_dataset, make_split
 from agiqa.errors import CheckpointError, ConfigError, ModelLoadError
 from agiqa.metrics import fit_logistic
-from agiqa.stages.trainer import (
+from agiqa.stages.training.trainer import (
     ProtocolWarning,
     select_epoch,
     steps_per_epoch,
@@ -212,7 +212,7 @@ def test_evaluate_runs_float32_by_default_and_bf16_with_amp(small_set, tmp_path,
     out = tmp_path / "run"
     assert run(*fit_args(small_set, out, "--epochs", "1", "--batch-size", "5")).exit_code == 0
     from agiqa.models import agiqa_net
-    from agiqa.stages import evaluate as evaluate_module
+    from agiqa.stages.scoring import evaluate as evaluate_module
 
     seen = []
     real_load = agiqa_net.load_model
@@ -244,7 +244,7 @@ def _split_of(out):
 
 @pytest.mark.slow
 def test_repeats_keep_the_split_and_split_seeds_change_it(small_set, tmp_path):
-    from agiqa.stages.fit import FitConfig, _runs
+    from agiqa.stages.training.fit import FitConfig, _runs
 
     cfg = FitConfig(dataset="csv", root=tmp_path, cache=tmp_path, out=tmp_path / "r")
     reps = _runs(replace(cfg, repeats=3))
@@ -278,7 +278,7 @@ def test_repeats_keep_the_split_and_split_seeds_change_it(small_set, tmp_path):
 # -- faults ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_out_is_checked_before_any_heavy_work(small_set, tmp_path, monkeypatch):
-    from agiqa.stages import fit as fit_module
+    from agiqa.stages.training import fit as fit_module
 
     def heavy(*a, **k):
         raise AssertionError("decoded or read vectors before checking --out")
@@ -306,7 +306,7 @@ def test_out_is_checked_before_any_heavy_work(small_set, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_nothing_is_written_into_out_before_the_model_loads(small_set, tmp_path, monkeypatch):
-    from agiqa.stages import fit as fit_module
+    from agiqa.stages.training import fit as fit_module
 
     def offline(*a, **k):
         raise ModelLoadError("cannot load the ImageNet weights (offline)")
@@ -359,7 +359,7 @@ def test_killed_checkpoint_write_leaves_nothing_that_breaks_resume(small_set, tm
     """A SIGKILL while ``checkpoint.pt`` is written leaves its temporary, and a log row of an
     epoch the checkpoint does not hold; resuming cleans both."""
     from agiqa.fileio import _HOST
-    from agiqa.stages.trainer import Trainer
+    from agiqa.stages.training.trainer import Trainer
 
     out = tmp_path / "run"
     original = Trainer._train_epoch
@@ -443,7 +443,7 @@ def test_rank_0_failing_after_training_stops_every_rank(small_set, tmp_path):
     (hook / "sitecustomize.py").write_text(
         "import os\n"
         "if os.environ.get('RANK') == '0':\n"
-        "    import agiqa.stages.fit as f\n"
+        "    import agiqa.stages.training.fit as f\n"
         "    from agiqa.errors import CheckpointError\n"
         "    def fail(*a, **k):\n"
         "        raise CheckpointError('injected failure while saving the model')\n"

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from agiqa.cli import cli
-from agiqa.stages.report import write_run_report, write_score_report
-from agiqa.stages.report_data import ImageRow
+from agiqa.report.html import write_run_report, write_score_report
+from agiqa.report.sources import ImageRow
 from agiqa.testing.report_fixtures import TRICKY_NAME, make_images, make_run, make_score_rows
 
 

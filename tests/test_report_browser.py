@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from agiqa.stages.report import score_rows, write_run_report, write_score_report
+from agiqa.report.html import score_rows, write_run_report, write_score_report
 from agiqa.testing.report_fixtures import TRICKY_NAME, make_images, make_run, make_score_rows
 
 

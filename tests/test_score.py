@@ -167,7 +167,7 @@ def test_an_image_changed_since_extraction_is_computed_again_with_cache(
 
 def test_a_changed_image_that_breaks_or_changes_again_while_recomputed_fails(
         model_dir, photo_folder, tmp_path, tiny_llava, monkeypatch):
-    import agiqa.stages.vectors as score_module  # VectorProvider.recompute extracts
+    import agiqa.stages.scoring.vectors as score_module  # VectorProvider.recompute extracts
 
     photos, _ = photo_folder
     folder = _three_images(photos, tmp_path / "imgs")

@@ -10,7 +10,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from agiqa.cache import open_cache
 from agiqa.data.images import load_image
 from agiqa.presets import load_prompts
-from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
+from agiqa.stages.extraction.extract import ExtractConfig, ImageSource, extract_semantics
 
 # Stage one run on tiny MLLMs, several times per test.
 pytestmark = pytest.mark.slow
@@ -180,8 +180,8 @@ def test_bad_options(kw, tmp_path):
 
 def test_batches_of_similar_size_cut_padding(photo_folder, tmp_path, monkeypatch):
     # A Qwen2-VL that gives larger images more tokens (up to 112×112 px): batches get padded.
-    from agiqa.stages import semantics
-    from agiqa.testing.tiny_mllm import build_tiny_mllm
+    from agiqa.models.mllm.tiny import build_tiny_mllm
+    from agiqa.stages.extraction import extract as semantics
 
     qwen = build_tiny_mllm("qwen2-vl", tmp_path / "qwen112", image_size=112)
     root, _ = photo_folder

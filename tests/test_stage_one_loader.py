@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-import agiqa.stages.semantics as semantics
+import agiqa.stages.extraction.extract as semantics
 from agiqa.cache import open_cache
 from agiqa.models.mllm import SemanticEncoder
 from agiqa.models.mllm.mplug_owl2_processing import MplugOwl2ImageProcessor
 from agiqa.presets import load_prompts
-from agiqa.stages.semantics import (
+from agiqa.stages.extraction.extract import (
     KILLED,
     ExtractConfig,
     ImageSource,

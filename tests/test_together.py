@@ -11,12 +11,12 @@ from click.testing import CliRunner
 from agiqa.cli import cli
 from agiqa.models.agiqa_net import create_model
 from agiqa.models.noise import Dropout, draw_noise, record_noise, replay_noise
-from agiqa.stages import together as together_module
-from agiqa.stages import trainer as trainer_module
 from agiqa.stages.configs import FitConfig
 from agiqa.stages.predict import predict
-from agiqa.stages.together import RunInputs, run_memory, train_together
-from agiqa.stages.trainer import Trainer
+from agiqa.stages.training import together as together_module
+from agiqa.stages.training import trainer as trainer_module
+from agiqa.stages.training.together import RunInputs, run_memory, train_together
+from agiqa.stages.training.trainer import Trainer
 
 FIT = ["--dataset", "csv", "--backbone", "tiny", "--no-pretrained", "--batch-size", "6",
        "--split", "random:0.6,0.2,0.2", "--loader-workers", "0", "-q"]

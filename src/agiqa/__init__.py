@@ -38,9 +38,9 @@ if TYPE_CHECKING:
         score_folder,
     )
     from agiqa.presets import list_presets
-    from agiqa.stages.score import Scorer
-    from agiqa.stages.score_io import ScoreReport
-    from agiqa.stages.semantics import ExtractReport
+    from agiqa.stages.extraction.extract import ExtractReport
+    from agiqa.stages.scoring.results import ScoreReport
+    from agiqa.stages.scoring.scorer import Scorer
 
 # Where each public name lives.
 _WHERE = {
@@ -48,8 +48,8 @@ _WHERE = {
     "evaluate": "agiqa.pipeline.api", "score_folder": "agiqa.pipeline.api",
     "ExtractConfig": "agiqa.pipeline.api", "FitConfig": "agiqa.pipeline.api",
     "EvaluateConfig": "agiqa.pipeline.api", "ScoreConfig": "agiqa.pipeline.api",
-    "Scorer": "agiqa.stages.score", "ScoreReport": "agiqa.stages.score_io",
-    "ExtractReport": "agiqa.stages.semantics",
+    "Scorer": "agiqa.stages.scoring.scorer", "ScoreReport": "agiqa.stages.scoring.results",
+    "ExtractReport": "agiqa.stages.extraction.extract",
     "open_cache": "agiqa.cache", "SemanticCache": "agiqa.cache",
     "list_presets": "agiqa.presets",
     "load_dataset": "agiqa.data.datasets", "Dataset": "agiqa.data.datasets",

@@ -114,7 +114,7 @@ def cache_import_pt(tensor_root, dataset, root, labels, target, image_column, sc
       agiqa cache import-pt tensors/ --dataset agiqa-3k --root AGIQA-3K/ --out cache-3k/
     """
     from agiqa.cache.imports import import_official_tensors
-    from agiqa.stages.official import official_semantics
+    from agiqa.stages.extraction.official import official_semantics
 
     if dataset is None:
         raise click.UsageError("--dataset is required")

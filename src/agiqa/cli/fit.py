@@ -26,8 +26,8 @@ from agiqa.stages.configs import FitConfig
 def _shown_warnings():
     """Protocol fallbacks and metric warnings as ``Warning: …`` lines on stderr, every time."""
     from agiqa.metrics import LogisticFitWarning
-    from agiqa.stages.fit import RunFailedWarning
-    from agiqa.stages.trainer import ProtocolWarning
+    from agiqa.stages.training.fit import RunFailedWarning
+    from agiqa.stages.training.trainer import ProtocolWarning
 
     def show(message, category, *args, **kwargs):
         click.echo(f"Warning: {message}", err=True)
@@ -61,7 +61,7 @@ def fit_cmd(quiet, as_json, **values):
       torchrun --nproc-per-node 4 -m agiqa fit --dataset agiqa-3k --root AGIQA-3K/ \\
           --cache cache-3k/ --out runs/3k-ddp
     """
-    from agiqa.stages.fit import fit_repeats
+    from agiqa.stages.training.fit import fit_repeats
 
     if values["dataset"] is None:
         raise click.UsageError("--dataset is required")
@@ -108,7 +108,7 @@ def evaluate_cmd(model_dir, dataset, root, labels, target, image_column, score_c
       agiqa evaluate --model runs/3k --dataset aigciqa2023 --root AIGCIQA2023/allimg \\
           --cache cache-2023/ --split all
     """
-    from agiqa.stages.evaluate import evaluate_model
+    from agiqa.stages.scoring.evaluate import evaluate_model
 
     if dataset is None:
         raise click.UsageError("--dataset is required")
@@ -162,7 +162,7 @@ def import_official_cmd(ckpt, out, mllm, mllm_dtype, cache_dir, vit_heads):
                      "prompt_names": c.prompt_names, "dim": c.dim}
         source = f"the vectors of cache {cache_dir}"
     else:
-        from agiqa.stages.official import official_semantics
+        from agiqa.stages.extraction.official import official_semantics
 
         official = official_semantics(mllm, mllm_dtype)
         semantics = {k: official[k] for k in ("semantics", "fingerprint", "prompt_names", "dim")}

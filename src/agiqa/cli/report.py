@@ -47,7 +47,7 @@ def report_cmd(source, out, root, cache_dir, images, model_dir, max_images, top_
       agiqa report eval-2023/ --out eval-2023.html
       agiqa report scores.csv --images ./generated --model runs/3k
     """
-    from agiqa.stages.report import write_run_report, write_score_file_report
+    from agiqa.report.html import write_run_report, write_score_file_report
 
     if source.is_dir():
         result = write_run_report(source, out, root, cache_dir, max_images, maps, device)

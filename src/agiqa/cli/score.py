@@ -63,7 +63,7 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, report_html, report_top_
       agiqa score-folder ./generated --model runs/3k --cache cache/ --json
       agiqa score-folder ./generated --model runs/3k --out scores.csv --report scores.html
     """
-    from agiqa.stages.score import Scorer
+    from agiqa.stages.scoring.scorer import Scorer
 
     if report_html is not None and report_html.suffix.lower() not in (".html", ".htm"):
         raise click.BadParameter(f"{report_html} does not end in .html", param_hint="--report")
@@ -106,7 +106,7 @@ def _write_report(report, folder: Path, model, out: Path | None, html: Path, top
                   as_json: bool) -> None:
     """The HTML report of a scored folder; it links a CSV of every score (``--out`` if that is
     a CSV, else one written beside the report)."""
-    from agiqa.stages.report import score_rows, write_score_report
+    from agiqa.report.html import score_rows, write_score_report
 
     table = out if out is not None and out.suffix == ".csv" else html.with_suffix(".csv")
     if table != out:

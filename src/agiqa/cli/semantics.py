@@ -77,7 +77,7 @@ def extract_semantics_cmd(model, revision, images, dataset, root, labels, target
           --dataset agiqa-3k --root AGIQA-3K/ --out cache-3k/ --format hdf5
       torchrun --nproc-per-node 8 -m agiqa extract-semantics --images DIR --out cache/
     """
-    from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
+    from agiqa.stages.extraction.extract import ExtractConfig, ImageSource, extract_semantics
 
     if workers is not None and worker is not None and worker >= workers:
         raise click.BadParameter(f"{worker} is not a worker index of --workers {workers} (0 to "

@@ -24,12 +24,12 @@ from typing import Any, TypeVar
 from agiqa.data.datasets import load_dataset
 from agiqa.errors import ConfigError
 from agiqa.stages.configs import EvaluateConfig, FitConfig, ScoreConfig
-from agiqa.stages.evaluate import evaluate_model
-from agiqa.stages.fit import fit_repeats
-from agiqa.stages.score import Scorer
-from agiqa.stages.score_io import ScoreReport
-from agiqa.stages.semantics import ExtractConfig, ExtractReport, ImageSource
-from agiqa.stages.semantics import extract_semantics as _extract
+from agiqa.stages.extraction.extract import ExtractConfig, ExtractReport, ImageSource
+from agiqa.stages.extraction.extract import extract_semantics as _extract
+from agiqa.stages.scoring.evaluate import evaluate_model
+from agiqa.stages.scoring.results import ScoreReport
+from agiqa.stages.scoring.scorer import Scorer
+from agiqa.stages.training.fit import fit_repeats
 
 __all__ = ["EvaluateConfig", "ExtractConfig", "FitConfig", "ScoreConfig", "evaluate",
            "extract_semantics", "fit", "score_folder"]

@@ -193,7 +193,7 @@ class _Laps:
 
 def _prepare(out: Path, seed: int, log) -> tuple[Path, Path, Path]:
     """The tiny MLLM, the blur-graded set and the unseen photograph."""
-    from agiqa.testing.tiny_mllm import build_tiny_mllm
+    from agiqa.models.mllm.tiny import build_tiny_mllm
 
     names = list(DEMO_SET)
     log(f"[1/6] tiny MLLM and a blur-graded set of {len(names)} real photographs -> {out}")
@@ -212,7 +212,7 @@ def _prepare(out: Path, seed: int, log) -> tuple[Path, Path, Path]:
 def _fit(run: Path, images: Path, labels: Path, cache: Path, epochs: int, lr: float,
          progress: bool, log) -> None:
     """The CPU recipe (:data:`CPU_RECIPE`): frozen random tiny backbone, MoE head trained."""
-    from agiqa.stages.fit import FitConfig, fit_repeats
+    from agiqa.stages.training.fit import FitConfig, fit_repeats
 
     log(f"[3/6] fit (stage two): frozen tiny backbone, MoE head trained, {epochs} epochs")
     if (run / "model.safetensors").is_file():
@@ -245,9 +245,9 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = CPU_
     the pipeline learning from image damage, not the quality judgement of a real MLLM.
     """
     from agiqa.data.datasets import load_dataset
-    from agiqa.stages.evaluate import evaluate_model
-    from agiqa.stages.score import Scorer
-    from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics
+    from agiqa.stages.extraction.extract import ExtractConfig, ImageSource, extract_semantics
+    from agiqa.stages.scoring.evaluate import evaluate_model
+    from agiqa.stages.scoring.scorer import Scorer
 
     out = Path(out)
     _claim(out)

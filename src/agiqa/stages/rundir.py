@@ -102,7 +102,7 @@ def run_folder(out: Path, resume: bool, main: bool = True) -> Iterator[None]:
 def write_outputs(out: Path, keys: list[str], split: Split, targets, scores, gates,
                   prompt_names: list[str], metrics: dict[str, float], trainer: Any) -> None:
     """predictions.csv, metrics.json and the two plots of a finished run."""
-    from agiqa.stages.plots import plot_history, plot_scatter
+    from agiqa.plots import plot_history, plot_scatter
 
     subset = {k: name for name in ("train", "val", "test") for k in split.subset(name)}
     with atomic_path(out / "predictions.csv") as tmp:

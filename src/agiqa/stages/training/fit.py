@@ -39,17 +39,22 @@ from agiqa.models.agiqa_net import (
 )
 from agiqa.runtime import resolve_device
 from agiqa.stages.configs import FitConfig
-from agiqa.stages.norms import SCORE_NORMS, SEMANTIC_NORMS
-from agiqa.stages.norms import fold_key_norm as _fold_key_norm
-from agiqa.stages.norms import fold_score_norm as _fold_score_norm
-from agiqa.stages.norms import fold_semantic_norm as _fold_semantic_norm
-from agiqa.stages.norms import key_norm as _key_norm
-from agiqa.stages.norms import score_norm as _score_norm
-from agiqa.stages.norms import semantic_norm as _semantic_norm
 from agiqa.stages.predict import backbone_keys, inputs_of, predict, predict_keys
 from agiqa.stages.rundir import check_out, run_folder, write_outputs
-from agiqa.stages.together import Concurrency, RunInputs, choose_concurrency, train_together
-from agiqa.stages.trainer import (
+from agiqa.stages.training.norms import SCORE_NORMS, SEMANTIC_NORMS
+from agiqa.stages.training.norms import fold_key_norm as _fold_key_norm
+from agiqa.stages.training.norms import fold_score_norm as _fold_score_norm
+from agiqa.stages.training.norms import fold_semantic_norm as _fold_semantic_norm
+from agiqa.stages.training.norms import key_norm as _key_norm
+from agiqa.stages.training.norms import score_norm as _score_norm
+from agiqa.stages.training.norms import semantic_norm as _semantic_norm
+from agiqa.stages.training.together import (
+    Concurrency,
+    RunInputs,
+    choose_concurrency,
+    train_together,
+)
+from agiqa.stages.training.trainer import (
     MIN_EVAL_IMAGES,
     DivergedError,
     ProtocolWarning,
@@ -352,7 +357,7 @@ def fit_repeats(cfg: FitConfig) -> dict[str, Any]:
 
 def _series_together(cfg: FitConfig, pending: list[tuple[str, FitConfig]], device: torch.device
                      ) -> tuple[Concurrency, dict[str, FitResult | DivergedError]]:
-    """Train the pending runs of a series K at a time (:mod:`agiqa.stages.together`), the
+    """Train the pending runs of a series K at a time (:mod:`agiqa.stages.training.together`), the
     images decoded once for all of them. Returns K's choice and each run's result or error."""
     ds = load_dataset(cfg.dataset, cfg.root, cfg.labels, cfg.target, cfg.image_column,
                       cfg.score_column)

@@ -25,19 +25,19 @@ import torch
 from PIL import Image
 
 from agiqa.cache import MANIFEST, SemanticCache, fingerprint_of, open_cache
+from agiqa.cache.keyed import content_key, write_content_shard
 from agiqa.data.images import file_sha256
 from agiqa.errors import CacheMismatchError, CheckpointError, ConfigError, ModelLoadError
 from agiqa.models.mllm import SemanticEncoder
 from agiqa.presets import PromptSet, agiqa_home
 from agiqa.runtime import resolve_device
-from agiqa.stages.score_io import (
-    ScoreReport,
-    cached_items,
-    content_key,
-    decoded,
-    write_content_shard,
+from agiqa.stages.extraction.extract import (
+    ExtractConfig,
+    ImageSource,
+    extract_semantics,
+    semantic_spec_of,
 )
-from agiqa.stages.semantics import ExtractConfig, ImageSource, extract_semantics, semantic_spec_of
+from agiqa.stages.scoring.results import ScoreReport, cached_items, decoded
 
 __all__ = ["CHUNK", "VectorProvider"]
 

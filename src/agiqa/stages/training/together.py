@@ -35,7 +35,7 @@ from torch.func import functional_call, vmap
 from agiqa.data.pixels import normalize
 from agiqa.errors import ConfigError
 from agiqa.models.noise import draw_masks, record_noise, replay_noise
-from agiqa.stages.trainer import DivergedError, Trainer, _augment, new_adam
+from agiqa.stages.training.trainer import DivergedError, Trainer, _augment, new_adam
 
 __all__ = ["Concurrency", "RunInputs", "choose_concurrency", "free_memory", "run_memory",
            "train_together"]

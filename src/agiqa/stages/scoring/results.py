@@ -1,34 +1,23 @@
-"""What scoring reads and writes: the report, decoded files and content-keyed cache shards."""
+"""What scoring reads and writes: the score report and decoded files."""
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from agiqa.cache import SemanticCache, ShardData
+from agiqa.cache import SemanticCache
 from agiqa.data.images import load_image
 from agiqa.data.pixels import resize_pixels
 from agiqa.errors import BadImageError
 from agiqa.fileio import atomic_path, write_json
 
-__all__ = ["CONTENT_KEY_PREFIX", "ScoreReport", "cached_items", "content_key", "decoded",
-           "write_content_shard"]
-
-CONTENT_KEY_PREFIX = "sha256/"
-
-
-def content_key(sha256: str) -> str:
-    """The key of a file's vectors in a content-addressed cache."""
-    return CONTENT_KEY_PREFIX + sha256
-
+__all__ = ["ScoreReport", "cached_items", "decoded"]
 
 @dataclass
 class ScoreReport:
@@ -104,17 +93,3 @@ def cached_items(cache: SemanticCache | None, items: list[tuple[str, Path, str]]
             why = failures.get(key) or (cache.failures.get(key) if cache else None)
             report.failures[label] = why or "no semantic vector"
     return ready
-
-
-def write_content_shard(cache: SemanticCache,
-                         entries: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
-    """Write ``(sha256, vectors [P, D], zero_shot [P])`` entries as one shard, keyed by content."""
-    unique = {sha: (v, z) for sha, v, z in entries}
-    shas = sorted(unique)
-    keys = [content_key(s) for s in shas]
-    name = "shard-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
-    if cache.has_shard(name):
-        return
-    vectors = torch.stack([unique[s][0] for s in shas]).to(torch.float16).numpy()
-    zero_shot = torch.stack([unique[s][1] for s in shas]).to(torch.float32).numpy()
-    cache.write_shard(name, ShardData(keys, shas, vectors, zero_shot, []))

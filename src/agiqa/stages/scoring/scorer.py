@@ -1,6 +1,6 @@
 """Inference: score images with a trained model.
 
-:class:`Scorer` decodes images, asks :class:`~agiqa.stages.vectors.VectorProvider` for their
+:class:`Scorer` decodes images, asks :class:`~agiqa.stages.scoring.vectors.VectorProvider` for their
 semantic vectors (computed only where the cache lacks them) and runs the model: scores, expert
 gates and the zero-shot score, in rows that name each image, and the failures with their reasons.
 """
@@ -22,8 +22,8 @@ from agiqa.models.agiqa_net import load_model
 from agiqa.presets import agiqa_home
 from agiqa.runtime import resolve_device
 from agiqa.stages.predict import predict
-from agiqa.stages.score_io import ScoreReport, cached_items, decoded
-from agiqa.stages.vectors import CHUNK, VectorProvider
+from agiqa.stages.scoring.results import ScoreReport, cached_items, decoded
+from agiqa.stages.scoring.vectors import CHUNK, VectorProvider
 
 __all__ = ["ScoreReport", "Scorer", "VectorProvider", "agiqa_home"]
 

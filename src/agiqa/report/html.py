@@ -25,8 +25,7 @@ import numpy as np
 
 from agiqa.errors import ConfigError
 from agiqa.fileio import write_text
-from agiqa.runtime import resolve_device
-from agiqa.stages.report_data import (
+from agiqa.report.sources import (
     THUMB_SIZE,
     ImageRow,
     RunData,
@@ -35,6 +34,7 @@ from agiqa.stages.report_data import (
     read_run,
     thumbnail,
 )
+from agiqa.runtime import resolve_device
 
 __all__ = ["PUBLISHED", "ReportResult", "score_rows", "write_run_report",
            "write_score_file_report", "write_score_report"]
@@ -120,7 +120,7 @@ def _png_b64(draw) -> str:
 
 
 def _run_plots(run: RunData) -> dict[str, str]:
-    from agiqa.stages.plots import plot_history, plot_scatter
+    from agiqa.plots import plot_history, plot_scatter
 
     plots = {}
     pred = np.array([r.score for r in run.rows])
@@ -240,7 +240,7 @@ def write_score_file_report(scores: Path, images: Path, out: Path | None = None,
         DatasetError: the file is not what score-folder writes, or an image is not there.
     """
     from agiqa.errors import DatasetError
-    from agiqa.stages.report_data import read_score_file
+    from agiqa.report.sources import read_score_file
 
     if not images.is_dir():
         raise ConfigError(f"--images {images}: not a folder (the folder that was scored)")

@@ -29,7 +29,7 @@ from agiqa.data.images import list_images, load_image, regular_file, resolve_key
 from agiqa.errors import AgiqaError, ConfigError
 from agiqa.models.mllm import BatchPreparer, SemanticEncoder
 from agiqa.presets import DEFAULT_MLLM, DEFAULT_PROMPTS, load_prompts
-from agiqa.stages.resume import ShardJob, discard_damaged, merge_rows, plan_resume
+from agiqa.stages.extraction.resume import ShardJob, discard_damaged, merge_rows, plan_resume
 
 __all__ = ["ExtractConfig", "ExtractReport", "ImageSource", "default_loader_workers",
            "extract_semantics", "ordered_load", "semantic_spec_of", "worker_slot"]
