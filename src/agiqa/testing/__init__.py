@@ -1,5 +1,4 @@
-"""Random tiny models and reference modules for tests, the demo and the benchmarks.
+"""Reference modules for tests and benchmarks.
 
-Nothing here is a trained model: the tiny MLLMs are built from config with random weights and
-a tokenizer trained on the spot, so the whole pipeline runs offline.
+Nothing here is a trained model or used by the pipeline itself.
 """
