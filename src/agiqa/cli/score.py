@@ -44,12 +44,22 @@ from agiqa.cli.common import (
               help="Allow the MLLM repository's own code [default: as the model records].")
 @click.option("--amp", is_flag=True, help="bf16 autocast of the scoring forward (not the "
               "paper's float32).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True, help="local: this process; ray: a pool of actors on a Ray "
+              "cluster, slices of --shard-size images handed out as actors free up "
+              "(pip install \"agiqa[ray]\").")
+@click.option("--ray-address", default=None, help="With --engine ray: auto (this machine's "
+              "cluster), HOST:PORT, or none to start Ray for the run.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="With --engine ray: "
+              "the actors  [default: one per GPU of the cluster, or one per node]")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="With --engine ray: images per slice handed to an actor.")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print rows and summary as JSON.")
 @handle_errors
 def score_folder_cmd(folder, model_dir, cache_dir, out, report_html, report_top_k, recursive,
-                     device, batch_size, loader_workers, revision, trust_remote_code, amp, quiet,
-                     as_json):
+                     device, batch_size, loader_workers, revision, trust_remote_code, amp,
+                     engine, ray_address, workers, shard_size, quiet, as_json):
     """Score every image of a folder with a trained model.
 
     Stage one runs only for images the cache lacks, with the MLLM of the model's fingerprint
@@ -63,19 +73,32 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, report_html, report_top_
       agiqa score-folder ./generated --model runs/3k --cache cache/ --json
       agiqa score-folder ./generated --model runs/3k --out scores.csv --report scores.html
     """
-    from agiqa.stages.scoring.scorer import Scorer
-
     if report_html is not None and report_html.suffix.lower() not in (".html", ".htm"):
         raise click.BadParameter(f"{report_html} does not end in .html", param_hint="--report")
-    scorer = Scorer.from_pretrained(model_dir, cache_dir=cache_dir, device=device,
-                                    batch_size=batch_size, loader_workers=loader_workers,
-                                    progress=not quiet and not as_json, amp=amp,
-                                    revision=revision, trust_remote_code=trust_remote_code)
-    report = scorer.score_folder(folder, recursive)
+    if engine == "ray":
+        from agiqa.models.agiqa_net import load_model
+        from agiqa.pipeline.api import ScoreConfig, score_folder
+
+        report = score_folder(ScoreConfig(
+            folder=folder, model=model_dir, cache=cache_dir, recursive=recursive, device=device,
+            batch_size=batch_size, loader_workers=loader_workers, revision=revision,
+            trust_remote_code=trust_remote_code, amp=amp, engine=engine,
+            ray_address=ray_address, workers=workers, shard_size=shard_size,
+            progress=not quiet and not as_json))
+        model = load_model(model_dir) if report_html is not None else None
+    else:
+        from agiqa.stages.scoring.scorer import Scorer
+
+        scorer = Scorer.from_pretrained(model_dir, cache_dir=cache_dir, device=device,
+                                        batch_size=batch_size, loader_workers=loader_workers,
+                                        progress=not quiet and not as_json, amp=amp,
+                                        revision=revision, trust_remote_code=trust_remote_code)
+        report = scorer.score_folder(folder, recursive)
+        model = scorer.model
     if out is not None:
         report.write(out)
     if report_html is not None:
-        _write_report(report, folder, scorer.model, out, report_html, report_top_k, as_json)
+        _write_report(report, folder, model, out, report_html, report_top_k, as_json)
     summary = report.summary()
     if as_json:
         echo_json(report.to_dict())
@@ -92,6 +115,9 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, report_html, report_top_
         more = f" and {len(report.changed) - 5} more" if len(report.changed) > 5 else ""
         click.echo(f"recomputed {len(report.changed)} image(s) that changed since their vectors "
                    "were cached: " + ", ".join(map(printable, report.changed[:5])) + more,
+                   err=True)
+    if report.reassigned:
+        click.echo(f"{report.reassigned} slice(s) handed out again after their actor died",
                    err=True)
     for path, reason in sorted(report.failures.items()):
         click.echo(f"failed: {printable(path)}: {printable(reason)}", err=True)

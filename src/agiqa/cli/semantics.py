@@ -60,13 +60,22 @@ from agiqa.cli.common import (
 @click.option("--compile/--no-compile", "compile_blocks", default=False, show_default=True,
               help="torch.compile each block of the language model and vision tower (minutes "
                    "of compilation first; the vectors are unchanged to float tolerance)")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True,
+              help="local: this process (with --workers/--worker or torchrun, the static split); "
+                   "ray: a pool of actors on a Ray cluster, shards handed out as actors free up, "
+                   "--workers actors  [pip install \"agiqa[ray]\"]")
+@click.option("--ray-address", default=None,
+              help="With --engine ray: auto (this machine's cluster), HOST:PORT, or none to "
+                   "start Ray for the run and stop it after.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def extract_semantics_cmd(model, revision, images, dataset, root, labels, target, image_column,
                           score_column, out, fmt, prompts, batch_size, shard_size, device, dtype,
                           pad_square, fuse_prompts, trust_remote_code, no_retry_failed, workers,
-                          worker, loader_workers, compile_blocks, quiet, as_json):
+                          worker, loader_workers, compile_blocks, engine, ray_address, quiet,
+                          as_json):
     """Stage one: run the MLLM once per image and prompt; cache the semantic vectors.
 
     \b
@@ -76,8 +85,14 @@ def extract_semantics_cmd(model, revision, images, dataset, root, labels, target
       agiqa extract-semantics --model Qwen/Qwen2.5-VL-7B-Instruct \\
           --dataset agiqa-3k --root AGIQA-3K/ --out cache-3k/ --format hdf5
       torchrun --nproc-per-node 8 -m agiqa extract-semantics --images DIR --out cache/
+      agiqa extract-semantics --engine ray --ray-address auto --images DIR --out cache/
     """
-    from agiqa.stages.extraction.extract import ExtractConfig, ImageSource, extract_semantics
+    from agiqa.pipeline.api import run_extraction
+    from agiqa.stages.extraction.extract import ExtractConfig, ImageSource
+
+    if engine == "ray" and worker is not None:
+        raise click.BadParameter("the static split's worker index; with --engine ray the "
+                                 "shards are handed out as actors free up", param_hint="--worker")
 
     if workers is not None and worker is not None and worker >= workers:
         raise click.BadParameter(f"{worker} is not a worker index of --workers {workers} (0 to "
@@ -97,8 +112,8 @@ def extract_semantics_cmd(model, revision, images, dataset, root, labels, target
                         retry_failed=not no_retry_failed,
                         workers=workers, worker=worker,
                         loader_workers=loader_workers, compile=compile_blocks,
-                        progress=not quiet)
-    report = extract_semantics(cfg, source)
+                        progress=not quiet, engine=engine, ray_address=ray_address)
+    report = run_extraction(cfg, source)
     if as_json:
         echo_json(report.to_dict())
     else:
@@ -108,11 +123,22 @@ def extract_semantics_cmd(model, revision, images, dataset, root, labels, target
 
 def _print_extract_summary(report) -> None:
     r = report
-    click.echo(
-        f"{r.requested} images: {r.computed} computed, {r.reused} already cached, "
-        f"{len(r.failures)} failed  ({r.images_per_second:.1f} images/s, worker {r.worker} of "
-        f"{r.workers}, {r.loader_workers} loader process(es)) -> {r.cache}"
-    )
+    if r.engine == "ray":
+        click.echo(
+            f"{r.requested} images: {r.computed} computed, {r.reused} already cached, "
+            f"{len(r.failures)} failed  ({r.images_per_second:.1f} images/s over the cluster, "
+            f"{r.workers} actor(s), {r.shards_written} shard(s) written, "
+            f"{len(r.reassigned)} handed out again) -> {r.cache}")
+        for name, c in r.actors.items():
+            click.echo(f"  {name}: {c['shards']} shard(s), {c['images']} image(s)")
+        for name in r.reassigned:
+            click.echo(f"shard {name} handed out again: its actor died", err=True)
+    else:
+        click.echo(
+            f"{r.requested} images: {r.computed} computed, {r.reused} already cached, "
+            f"{len(r.failures)} failed  ({r.images_per_second:.1f} images/s, worker {r.worker} "
+            f"of {r.workers}, {r.loader_workers} loader process(es)) -> {r.cache}"
+        )
     for name, reason in sorted(r.damaged_shards.items()):
         click.echo(f"rebuilt damaged shard {name}: {reason}", err=True)
     if r.changed or r.retried:

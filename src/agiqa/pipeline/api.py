@@ -68,6 +68,16 @@ def extract_semantics(images: ExtractConfig | str | os.PathLike | None = None, /
         source = ImageSource.from_dataset(load_dataset(
             cfg.dataset, cfg.root, cfg.labels, image_column=cfg.image_column,
             require_scores=False))
+    return run_extraction(cfg, source)
+
+
+def run_extraction(cfg: ExtractConfig, source: ImageSource) -> ExtractReport:
+    """Stage one on ``cfg.engine``: this process (the static split of ``--workers`` /
+    ``--worker`` or ``torchrun``) or a Ray cluster; Ray is imported only for the latter."""
+    if cfg.engine == "ray":
+        from agiqa.pipeline.ray_engine import extract_on_ray
+
+        return extract_on_ray(cfg, source)
     return _extract(cfg, source)
 
 
@@ -93,6 +103,10 @@ def score_folder(folder: ScoreConfig | str | os.PathLike | None = None, /,
     """``agiqa score-folder``: score every image of ``folder`` with the trained ``model``;
     images that cannot be scored are listed in the report's ``failures``."""
     cfg = _config(ScoreConfig, folder, "folder", fields)
+    if cfg.engine == "ray":
+        from agiqa.pipeline.ray_engine import score_on_ray
+
+        return score_on_ray(cfg)
     scorer = Scorer.from_pretrained(cfg.model, cache_dir=cfg.cache, device=cfg.device,
                                     batch_size=cfg.batch_size, loader_workers=cfg.loader_workers,
                                     progress=cfg.progress, amp=cfg.amp, revision=cfg.revision,

@@ -172,6 +172,16 @@ class ScoreConfig:
                                                        "[default: as the model records].")
     amp: bool = option(False, switch=True, help="bf16 autocast of the scoring forward (not the "
                                                 "paper's float32).")
+    engine: str = option("local", choices=("local", "ray"),
+                         help="local: this process; ray: a pool of actors on a Ray cluster "
+                              "(pip install \"agiqa[ray]\").")
+    ray_address: str | None = option(None, help="With --engine ray: auto (this machine's "
+                                                "cluster), an address, or none to start Ray for "
+                                                "the run.")
+    workers: int | None = option(None, min=1, help="With --engine ray: the actors [default: one "
+                                                   "per GPU of the cluster, or one per node].")
+    shard_size: int = option(1024, min=1, help="With --engine ray: images per slice handed to "
+                                               "an actor.")
     progress: bool = option(False, cli=False)
 
     def __post_init__(self) -> None:

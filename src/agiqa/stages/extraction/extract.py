@@ -31,8 +31,9 @@ from agiqa.models.mllm import BatchPreparer, SemanticEncoder
 from agiqa.presets import DEFAULT_MLLM, DEFAULT_PROMPTS, load_prompts
 from agiqa.stages.extraction.resume import ShardJob, discard_damaged, merge_rows, plan_resume
 
-__all__ = ["ExtractConfig", "ExtractReport", "ImageSource", "default_loader_workers",
-           "extract_semantics", "ordered_load", "semantic_spec_of", "worker_slot"]
+__all__ = ["ExtractConfig", "ExtractReport", "ImageSource", "compute_shards",
+           "default_loader_workers", "extract_semantics", "ordered_load", "semantic_spec_of",
+           "worker_slot"]
 
 
 @dataclass
@@ -58,6 +59,10 @@ class ExtractConfig:
     pad_square: bool | None = None
     fuse_prompts: bool | None = None
     progress: bool = True
+    # Where the shards run: "local" (this process; the static split above) or "ray" (a pool
+    # of actors on a Ray cluster, shards handed out as actors free up; agiqa.pipeline.ray_engine).
+    engine: str = "local"
+    ray_address: str | None = None
     # The images (for agiqa.extract_semantics): a folder, or a data set's label file.
     images: Path | None = None
     dataset: str | None = None
@@ -71,6 +76,8 @@ class ExtractConfig:
             raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
         if self.loader_workers is not None and self.loader_workers < 0:
             raise ConfigError(f"loader workers must be 0 or more, got {self.loader_workers}")
+        if self.engine not in ("local", "ray"):
+            raise ConfigError(f"engine must be local or ray, got {self.engine!r}")
 
 
 @dataclass
@@ -113,6 +120,11 @@ class ExtractReport:
     tokens: int = 0
     padding_tokens: int = 0
     loader_workers: int = 0
+    engine: str = "local"
+    # On Ray: shards (and images) each actor wrote, and the shards handed out again after the
+    # actor that held them died.
+    actors: dict[str, dict[str, int]] = field(default_factory=dict)
+    reassigned: list[str] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
@@ -136,6 +148,8 @@ class ExtractReport:
             "padding_fraction": round(self.padding_tokens / self.tokens, 4) if self.tokens else 0.0,
             "worker": self.worker, "workers": self.workers,
             "loader_workers": self.loader_workers,
+            **({"engine": self.engine, "actors": self.actors, "reassigned": self.reassigned}
+               if self.engine != "local" else {}),
         }
 
 
@@ -332,7 +346,7 @@ def extract_semantics(
         cache = create()
     discard_damaged(cache, plan)
     if plan.jobs:
-        _run_shards(cfg, cache, encoder, source.root, plan.jobs, report)
+        compute_shards(cfg, cache, encoder, source.root, plan.jobs, report)
     cache.refresh()
     known = cache.failures
     report.failures.update({k: known[k] for k in source.keys if k in known})
@@ -365,9 +379,12 @@ def _largest_first(root: Path, keys: list[str]) -> list[str]:
     return sorted(keys, key=lambda k: -areas[k])
 
 
-def _run_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncoder, root: Path,
-                jobs: list[ShardJob], report: ExtractReport) -> None:
-    """Per image, the pixels as uint8, when the model's processor allows it (mPLUG-Owl2,
+def compute_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncoder,
+                   root: Path, jobs: list[ShardJob], report: ExtractReport) -> None:
+    """Compute the images of ``jobs`` and write each shard whole, atomically, in order, adding
+    the counts to ``report`` (a local run calls it with all its shards, a Ray actor with one).
+
+    Per image, the pixels as uint8, when the model's processor allows it (mPLUG-Owl2,
     LLaVA, Qwen2-VL and Qwen2.5-VL): the first batch starts after one image per loader
     process, the batch is stacked in the main process (in pinned memory for a GPU) and
     normalised on the device. Otherwise per batch, the processor run in the loader

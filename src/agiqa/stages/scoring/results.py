@@ -27,6 +27,8 @@ class ScoreReport:
     computed: int = 0  # images whose vectors were computed by the MLLM in this run
     # images (named as in rows) computed again because their file changed since it was cached
     changed: list[str] = field(default_factory=list)
+    # On Ray (score-folder --engine ray): slices handed out again after their actor died.
+    reassigned: int = 0
 
     @property
     def exit_code(self) -> int:
