@@ -2,9 +2,10 @@
 node that dies mid-run, refuse a node that does not share the paths; the local engine never
 imports Ray.
 
-The cluster is Ray's own multi-node test cluster (``ray.cluster_utils.Cluster``): a head without
-CPUs and two nodes of one CPU each, started once for the module. ``pytest -n 2 --dist loadgroup``
-keeps these tests on one worker (``xdist_group("ray")``).
+The cluster is Ray's own multi-node test cluster (``ray.cluster_utils.Cluster``, the
+``ray_cluster`` fixture): a head without CPUs and two nodes of one CPU each, started once and
+shared with the documentation's pages; ``pytest -n 2 --dist loadgroup`` keeps them on one worker
+(``xdist_group("ray")``).
 """
 
 from __future__ import annotations
@@ -40,23 +41,9 @@ def _env() -> dict[str, str]:
         p for p in [SRC, os.environ.get("PYTHONPATH")] if p)}
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A head (no CPU: the driver) and two worker nodes of 1 CPU; dead nodes are noticed within
-    about a second."""
-    ray = pytest.importorskip("ray", reason="Ray is installed by the test extra")
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False,
-        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
-                           "health_check_initial_delay_ms": 0}})
-    for _ in range(2):
-        c.add_node(num_cpus=1)
-    ray.init(address=c.address, log_to_driver=False, logging_level="ERROR")
-    yield c
-    ray.shutdown()
-    c.shutdown()
+@pytest.fixture
+def cluster(ray_cluster):
+    return ray_cluster
 
 
 @pytest.fixture(scope="module")
@@ -253,14 +240,6 @@ def test_scoring_with_a_node_dying_equals_a_local_run(cluster, graded, model_dir
     np.testing.assert_allclose(_numbers(ray_rows), _numbers(local_rows), rtol=1e-5, atol=1e-6)
     v = run("cache", "verify", tmp_path / "ray")
     assert v.exit_code == 0, v.output
-    # The command line on the cluster: the CSV written by the driver, every vector now cached.
-    r = run("score-folder", root, "--model", model_dir, "--cache", tmp_path / "ray",
-            "--engine", "ray", "--shard-size", "6", "--loader-workers", "0", "--batch-size", "2",
-            "--out", tmp_path / "cli.csv", "-q")
-    assert r.exit_code == 0, r.output
-    cli_rows = _rows(tmp_path / "cli.csv")
-    assert [r["path"] for r in cli_rows] == [r["path"] for r in local_rows]
-    np.testing.assert_allclose(_numbers(cli_rows), _numbers(local_rows), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

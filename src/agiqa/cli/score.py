@@ -49,7 +49,7 @@ from agiqa.cli.common import (
               "cluster, slices of --shard-size images handed out as actors free up "
               "(pip install \"agiqa[ray]\").")
 @click.option("--ray-address", default=None, help="With --engine ray: auto (this machine's "
-              "cluster), HOST:PORT, or none to start Ray for the run.")
+              "cluster), HOST:PORT, or none: $RAY_ADDRESS if set, else Ray started for the run.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="With --engine ray: "
               "the actors  [default: one per GPU of the cluster, or one per node]")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True,

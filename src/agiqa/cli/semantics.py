@@ -66,8 +66,8 @@ from agiqa.cli.common import (
                    "ray: a pool of actors on a Ray cluster, shards handed out as actors free up, "
                    "--workers actors  [pip install \"agiqa[ray]\"]")
 @click.option("--ray-address", default=None,
-              help="With --engine ray: auto (this machine's cluster), HOST:PORT, or none to "
-                   "start Ray for the run and stop it after.")
+              help="With --engine ray: auto (this machine's cluster), HOST:PORT, or none: "
+                   "$RAY_ADDRESS if set, else Ray started for the run and stopped after it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors

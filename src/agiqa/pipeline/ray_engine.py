@@ -64,9 +64,10 @@ def _host_port(address: str) -> tuple[str, int] | None:
 
 @contextmanager
 def ray_session(address: str | None) -> Iterator[Any]:
-    """Ray joined for the run: ``auto`` the cluster of this machine, an address that cluster,
-    None a local instance started for the run and stopped after it. A connection the caller
-    already holds (``ray.init`` done beforehand) is used as it is and left open."""
+    """Ray joined for the run: ``auto`` the cluster of this machine (or ``$RAY_ADDRESS``), an
+    address that cluster, None the cluster of ``$RAY_ADDRESS`` if set, else a local instance
+    started for the run and stopped after it. A connection the caller already holds
+    (``ray.init`` done beforehand) is used as it is and left open."""
     ray = import_ray()
     target = _host_port(address) if address else None
     if target is not None:  # ray.init can wait minutes on an address nobody answers
@@ -78,6 +79,8 @@ def ray_session(address: str | None) -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        address = "local"  # not a cluster that happens to run on this machine
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  logging_level="ERROR", configure_logging=False)

@@ -176,8 +176,8 @@ class ScoreConfig:
                          help="local: this process; ray: a pool of actors on a Ray cluster "
                               "(pip install \"agiqa[ray]\").")
     ray_address: str | None = option(None, help="With --engine ray: auto (this machine's "
-                                                "cluster), an address, or none to start Ray for "
-                                                "the run.")
+                                                "cluster), HOST:PORT, or none: $RAY_ADDRESS if "
+                                                "set, else Ray started for the run.")
     workers: int | None = option(None, min=1, help="With --engine ray: the actors [default: one "
                                                    "per GPU of the cluster, or one per node].")
     shard_size: int = option(1024, min=1, help="With --engine ray: images per slice handed to "
