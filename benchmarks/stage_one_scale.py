@@ -7,6 +7,14 @@ speed-up, the scaling efficiency (speed-up / W, target ≥ 0.9) and whether the 
 holds exactly the vectors of the one-worker cache.
 
     python benchmarks/stage_one_scale.py --workers 2 --threads 1
+    python benchmarks/stage_one_scale.py --engine ray --images 48 --shard-size 4
+
+``--engine ray`` times, as whole processes on the same images: one local worker, the static
+split into two workers, and ``--engine ray`` with one and with two actors (each run starting and
+stopping its own Ray instance); Ray's own overhead on a small job (start-up, actors ready, per
+shard); and a straggler: of two workers pinned to one core each, the second shares its core
+with a busy process, for the static split (it waits for the slow worker's half) and for Ray (two
+nodes of a ``ray.cluster_utils.Cluster``, the second pinned the same way).
 """
 
 from __future__ import annotations
@@ -34,6 +42,148 @@ def extract(model: Path, images: Path, cache: Path, workers: int, worker: int,
             "--worker", str(worker), "-q", "--json"]
 
 
+def _pin_tree(pid: int, cpus: set[int]) -> int:
+    """Pin a process and its descendants (read from /proc) to ``cpus``; the processes it starts
+    later inherit it. Returns how many were pinned."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, done = [pid], 0
+    while todo:
+        p = todo.pop()
+        try:
+            os.sched_setaffinity(p, cpus)
+            done += 1
+        except OSError:
+            pass
+        todo += children.get(p, [])
+    return done
+
+
+def _busy(cpu: int) -> subprocess.Popen:
+    """A process that keeps one core busy (the straggler's neighbour)."""
+    return subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, "-c",
+                             "while True: pass"])
+
+
+def _identical(a_path: Path, b_path: Path) -> bool:
+    from agiqa.cache import open_cache
+
+    a, b = open_cache(a_path), open_cache(b_path)
+    return a.keys == b.keys and np.array_equal(a.read(a.keys)["vectors"],
+                                               b.read(a.keys)["vectors"])
+
+
+def _static(model, images, cache, workers, args, env, cpus=None) -> float:
+    """The static split: ``workers`` whole processes started together (on ``cpus[r]``)."""
+    t = time.perf_counter()
+    procs = []
+    for r in range(workers):
+        cmd = extract(model, images, cache, workers, r, args.batch_size, args.shard_size)
+        if cpus is not None:
+            cmd = ["taskset", "-c", str(cpus[r]), *cmd]
+        procs.append(subprocess.Popen(cmd, env={**os.environ, **env},
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True))
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"a worker failed ({p.returncode}):\n{err[-3000:]}")
+    return round(time.perf_counter() - t, 3)
+
+
+def ray_cmd(model, images, cache, actors, args, address=None) -> list[str]:
+    cmd = [sys.executable, "-m", "agiqa", "extract-semantics", "--engine", "ray", "--model",
+           str(model), "--images", str(images), "--out", str(cache), "--batch-size",
+           str(args.batch_size), "--shard-size", str(args.shard_size), "--loader-workers", "0",
+           "--workers", str(actors), "-q", "--json"]
+    return cmd + (["--ray-address", address] if address else [])
+
+
+def ray_suite(args, env) -> dict:
+    import json
+    import shutil
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        model, images = prepare_inputs(work, args.shape, args.images)
+        small = work / "small-images"
+        small.mkdir(exist_ok=True)
+        for f in sorted(images.iterdir())[:args.small_images]:
+            shutil.copy(f, small / f.name)
+
+        def fresh(name: str) -> Path:
+            shutil.rmtree(work / name, ignore_errors=True)
+            return work / name
+
+        rows: dict[str, dict] = {}
+        one = run_process(extract(model, images, fresh("one"), 1, 0, args.batch_size,
+                                  args.shard_size), env)
+        rows["local, one worker"] = {"seconds": one["seconds"]}
+        rows["static split, two workers"] = {
+            "seconds": _static(model, images, fresh("static"), 2, args, env)}
+        for n in (1, 2):
+            r = run_process(ray_cmd(model, images, fresh(f"ray{n}"), n, args), env)
+            report = json.loads(r["stdout"])
+            rows[f"ray, {n} actor(s)"] = {
+                "seconds": r["seconds"], "engine_seconds": report["engine_seconds"],
+                "shards_per_actor": [a["shards"] for a in report["actors"].values()],
+                "identical_to_local": _identical(work / "one", work / f"ray{n}")}
+        rows["static split, two workers"]["identical_to_local"] = _identical(
+            work / "one", work / "static")
+        # Ray's own overhead on a small job: the same images, local against one actor.
+        local_small = run_process(extract(model, small, fresh("small-local"), 1, 0,
+                                          args.batch_size, args.shard_size), env)
+        r = run_process(ray_cmd(model, small, fresh("small-ray"), 1, args), env)
+        report = json.loads(r["stdout"])
+        shards = report["shards_written"]
+        local_report = json.loads(local_small["stdout"])
+        overhead = {
+            "images": args.small_images, "shards": shards,
+            "local_seconds": local_small["seconds"], "ray_seconds": r["seconds"],
+            "local_extraction_seconds": local_report["seconds"],
+            "ray_engine_seconds": report["engine_seconds"],
+            "per_shard_overhead_seconds": round(
+                (report["engine_seconds"]["shards"] - local_report["seconds"]) / shards, 3),
+        }
+        # A straggler: worker 0 alone on core 0, worker 1 sharing core 1 with a busy process.
+        busy = _busy(1)
+        try:
+            static_slow = _static(model, images, fresh("static-slow"), 2, args, env, [0, 1])
+            import ray
+            from ray.cluster_utils import Cluster
+
+            cluster = Cluster(initialize_head=True,
+                              head_node_args={"num_cpus": 0, "include_dashboard": False})
+            nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+            for cpu, node in enumerate(nodes):
+                _pin_tree(node.all_processes["raylet"][0].process.pid, {cpu})
+            try:
+                r = run_process(ray_cmd(model, images, fresh("ray-slow"), 2, args,
+                                        cluster.address), env)
+            finally:
+                ray.shutdown()
+                cluster.shutdown()
+            report = json.loads(r["stdout"])
+        finally:
+            busy.kill()
+            busy.wait()
+        straggler = {
+            "static split seconds": static_slow,
+            "ray seconds": r["seconds"],
+            "ray shards per actor (fast node, slow node)": [
+                a["shards"] for a in report["actors"].values()],
+            "ray identical_to_local": _identical(work / "one", work / "ray-slow"),
+        }
+    return {"shape": args.shape, "images": args.images, "shard_size": args.shard_size,
+            "batch_size": args.batch_size, "threads_per_worker": args.threads,
+            "runs": rows, "ray_overhead_small_job": overhead, "straggler": straggler}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
@@ -42,10 +192,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of every worker.")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--shard-size", type=int, default=16)
+    ap.add_argument("--engine", choices=["static", "ray"], default="static",
+                    help="ray: the static split and one local worker against --engine ray "
+                         "with 1 and 2 actors, Ray's overhead and a straggler.")
+    ap.add_argument("--small-images", type=int, default=8,
+                    help="With --engine ray: the images of the small job (Ray's overhead).")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    if args.engine == "ray":
+        write_result(f"stage_one_scale_ray_{args.shape}", ray_suite(args, env), args.out)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         model, images = prepare_inputs(work, args.shape, args.images)

@@ -246,10 +246,12 @@ class _ExtractActor(_Worker):
 
     def spec(self) -> tuple[dict[str, Any], list[str], int]:
         """The semantic spec as this node's model and device give it, the prompt names and the
-        vector size."""
+        vector size; the weights are loaded next, before the first shard."""
         from agiqa.stages.extraction.extract import semantic_spec_of
 
-        return semantic_spec_of(self.encoder), self.encoder.prompts.names, self.encoder.dim
+        spec = semantic_spec_of(self.encoder)
+        self.encoder.load(progress=False)
+        return spec, self.encoder.prompts.names, self.encoder.dim
 
     def run(self, job) -> dict[str, Any]:
         from agiqa.cache import SemanticCache
@@ -259,7 +261,6 @@ class _ExtractActor(_Worker):
             self.cache = SemanticCache.create(self.cfg.out, semantic_spec_of(self.encoder),
                                               self.encoder.prompts.names, self.encoder.dim,
                                               self.cfg.format, root=self.root)
-            self.encoder.load(progress=False)
         report = ExtractReport(str(self.cfg.out), 0, loader_workers=self.loader_workers)
         compute_shards(self.cfg, self.cache, self.encoder, self.root, [job], report)
         return {"computed": report.computed, "shards": report.shards_written,
@@ -298,6 +299,7 @@ def extract_on_ray(cfg, source, on_shard: Callable[[str, str], None] | None = No
     report = ExtractReport(str(cfg.out), len(source.keys), skipped_files=list(source.skipped),
                            engine="ray")
     with ray_session(cfg.ray_address) as ray:
+        report.engine_seconds["joined"] = round(time.perf_counter() - start, 3)
         n, resources = _pool_size(ray, cfg.workers, cfg.device)
         actor_cfg = replace(cfg, out=out, progress=False, workers=None, worker=None)
         actors = _start_actors(ray, _ExtractActor, n, resources, actor_cfg, str(root))
@@ -320,9 +322,12 @@ def extract_on_ray(cfg, source, on_shard: Callable[[str, str], None] | None = No
                                                              plan.retried)
             report.damaged_shards = plan.damaged
             discard_damaged(cache, plan)
+            report.engine_seconds["actors_ready"] = round(time.perf_counter() - start, 3)
             if plan.jobs:
                 _run_extraction(ray, actors, probed, cache, plan.jobs, report, cfg.progress,
                                 on_shard, tqdm)
+            report.engine_seconds["shards"] = round(
+                time.perf_counter() - start - report.engine_seconds["actors_ready"], 3)
         finally:
             for a in actors:
                 ray.kill(a, no_restart=True)

@@ -125,6 +125,8 @@ class ExtractReport:
     # actor that held them died.
     actors: dict[str, dict[str, int]] = field(default_factory=dict)
     reassigned: list[str] = field(default_factory=list)
+    # On Ray: seconds from the start to Ray joined, to every actor ready, and of the shards.
+    engine_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -148,8 +150,8 @@ class ExtractReport:
             "padding_fraction": round(self.padding_tokens / self.tokens, 4) if self.tokens else 0.0,
             "worker": self.worker, "workers": self.workers,
             "loader_workers": self.loader_workers,
-            **({"engine": self.engine, "actors": self.actors, "reassigned": self.reassigned}
-               if self.engine != "local" else {}),
+            **({"engine": self.engine, "actors": self.actors, "reassigned": self.reassigned,
+                "engine_seconds": self.engine_seconds} if self.engine != "local" else {}),
         }
 
 
