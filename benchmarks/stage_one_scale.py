@@ -14,7 +14,7 @@ split into two workers, and ``--engine ray`` with one and with two actors (each 
 stopping its own Ray instance); Ray's own overhead on a small job (start-up, actors ready, per
 shard); and a straggler: of two workers pinned to one core each, the second shares its core
 with a busy process, for the static split (it waits for the slow worker's half) and for Ray (two
-nodes of a ``ray.cluster_utils.Cluster``, the second pinned the same way).
+actors on two nodes of a ``ray.cluster_utils.Cluster``, their processes pinned the same way).
 """
 
 from __future__ import annotations
@@ -40,28 +40,6 @@ def extract(model: Path, images: Path, cache: Path, workers: int, worker: int,
             "--images", str(images), "--out", str(cache), "--batch-size", str(batch_size),
             "--shard-size", str(shard_size), "--loader-workers", "0", "--workers", str(workers),
             "--worker", str(worker), "-q", "--json"]
-
-
-def _pin_tree(pid: int, cpus: set[int]) -> int:
-    """Pin a process and its descendants (read from /proc) to ``cpus``; the processes it starts
-    later inherit it. Returns how many were pinned."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo, done = [pid], 0
-    while todo:
-        p = todo.pop()
-        try:
-            os.sched_setaffinity(p, cpus)
-            done += 1
-        except OSError:
-            pass
-        todo += children.get(p, [])
-    return done
 
 
 def _busy(cpu: int) -> subprocess.Popen:
@@ -102,6 +80,47 @@ def ray_cmd(model, images, cache, actors, args, address=None) -> list[str]:
            str(args.batch_size), "--shard-size", str(args.shard_size), "--loader-workers", "0",
            "--workers", str(actors), "-q", "--json"]
     return cmd + (["--ray-address", address] if address else [])
+
+
+def _ray_straggler(model, images, cache, args) -> dict:
+    """Two actors on a two-node ``Cluster``, driven from this process: from the first written
+    shard on, actor 0 is pinned alone to core 0 and actor 1 to core 1, beside the busy process.
+    The actors' own processes are pinned, as soon as the driver knows them."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from agiqa.pipeline.ray_engine import extract_on_ray
+    from agiqa.stages.extraction.extract import ExtractConfig, ImageSource
+
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
+    pinned: dict[int, int] = {}
+    pids: dict[str, int] = {}
+
+    def on_shard(name: str, who: dict) -> None:
+        pids.setdefault(str(who["actor"]), who["pid"])
+        if len(pids) == 2 and not pinned:
+            for actor, pid in pids.items():
+                pinned[pid] = int(actor)
+                os.sched_setaffinity(pid, {int(actor)})
+
+    cfg = ExtractConfig(out=cache, model=str(model), batch_size=args.batch_size,
+                        shard_size=args.shard_size, loader_workers=0, progress=False,
+                        engine="ray", workers=2)
+    t = time.perf_counter()
+    try:
+        report = extract_on_ray(cfg, ImageSource.from_folder(images), on_shard=on_shard)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return {"ray seconds (driver, cluster already up)": round(time.perf_counter() - t, 3),
+            "ray engine_seconds": report.engine_seconds,
+            "ray shards per actor (actor 0 on the free core, actor 1 beside the busy process)":
+                {name: c["shards"] for name, c in sorted(report.actors.items())},
+            "pinned after the first shards": bool(pinned)}
 
 
 def ray_suite(args, env) -> dict:
@@ -154,31 +173,12 @@ def ray_suite(args, env) -> dict:
         busy = _busy(1)
         try:
             static_slow = _static(model, images, fresh("static-slow"), 2, args, env, [0, 1])
-            import ray
-            from ray.cluster_utils import Cluster
-
-            cluster = Cluster(initialize_head=True,
-                              head_node_args={"num_cpus": 0, "include_dashboard": False})
-            nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-            for cpu, node in enumerate(nodes):
-                _pin_tree(node.all_processes["raylet"][0].process.pid, {cpu})
-            try:
-                r = run_process(ray_cmd(model, images, fresh("ray-slow"), 2, args,
-                                        cluster.address), env)
-            finally:
-                ray.shutdown()
-                cluster.shutdown()
-            report = json.loads(r["stdout"])
+            ray_slow = _ray_straggler(model, images, fresh("ray-slow"), args)
         finally:
             busy.kill()
             busy.wait()
-        straggler = {
-            "static split seconds": static_slow,
-            "ray seconds": r["seconds"],
-            "ray shards per actor (fast node, slow node)": [
-                a["shards"] for a in report["actors"].values()],
-            "ray identical_to_local": _identical(work / "one", work / "ray-slow"),
-        }
+        straggler = {"static split seconds": static_slow, **ray_slow,
+                     "ray identical_to_local": _identical(work / "one", work / "ray-slow")}
     return {"shape": args.shape, "images": args.images, "shard_size": args.shard_size,
             "batch_size": args.batch_size, "threads_per_worker": args.threads,
             "runs": rows, "ray_overhead_small_job": overhead, "straggler": straggler}
