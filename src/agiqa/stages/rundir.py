@@ -73,9 +73,9 @@ def _is_run_entry(p: Path) -> bool:
 def is_finished(out: Path) -> bool:
     """Whether ``out`` holds a finished run (or a finished series): its ``.agiqa-finished``.
 
-    A run folder of agiqa 0.1 has no marker: it counts as finished when it holds
-    ``model.safetensors`` and ``metrics.json`` and no ``checkpoint.pt`` (0.1 removed the
-    checkpoint last), and a series folder of 0.1 when it holds ``summary.json``.
+    A run folder of agiqa 0.1 has no marker (nor ``training.json``): it counts as finished when
+    it holds ``model.safetensors`` and no ``checkpoint.pt`` (0.1 removed the checkpoint last),
+    and a series folder of 0.1 when it holds ``summary.json``.
     """
     if (out / FINISHED).is_file():
         return True
@@ -83,8 +83,7 @@ def is_finished(out: Path) -> bool:
         return False
     if (out / SUMMARY).is_file():
         return True
-    return (out / MODEL).is_file() and (out / METRICS).is_file() and \
-        not (out / CHECKPOINT).exists()
+    return (out / MODEL).is_file() and not (out / CHECKPOINT).exists()
 
 
 def mark_finished(out: Path) -> None:

@@ -294,8 +294,6 @@ def _check_options(cfg: FitConfig) -> None:
         raise ConfigError(f"--split-seeds {cfg.split_seeds} draws random splits, but --split "
                           f"{cfg.split} is the same split every time; use --split paper or "
                           "random:TRAIN,VAL,TEST, or --repeats N to train one split N times")
-    if cfg.repeats > 1 and cfg.split_seeds > 1:
-        raise ConfigError("give --repeats or --split-seeds, not both")
     if cfg.key_norm != "none" and not caches_keys(cfg):  # before the run folder is made
         raise ConfigError(f"--key-norm {cfg.key_norm} needs each image's backbone key computed "
                           "once: not under torchrun nor with --compile")
