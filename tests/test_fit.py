@@ -46,6 +46,14 @@ def test_fit_writes_the_run_directory_and_learns(graded, tmp_path):
     assert ev.exit_code == 0 and result["split"] == "test" and result["images"] == 6
     saved = json.loads((out / "metrics.json").read_text())["test"]
     assert abs(result["srcc"] - saved["srcc"]) < 1e-6
+    for _ in range(2):  # an evaluation folder agiqa wrote may be written again
+        ev = run("evaluate", "--model", out, "--dataset", "csv", "--root", root, "--cache",
+                 cache, "-q", "--out", tmp_path / "eval")
+        assert ev.exit_code == 0, ev.output
+        assert f"model: {out}" in ev.output and f"evaluation: {tmp_path / 'eval'}" in ev.output
+        assert "run directory" not in ev.output
+    assert (tmp_path / "eval" / "predictions.csv").read_text().splitlines()[0].endswith(
+        "gate_image,zero_shot")
 
 
 def test_resume_continues_an_interrupted_run(graded, tmp_path, monkeypatch):

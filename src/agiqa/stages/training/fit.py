@@ -415,7 +415,7 @@ def _train(cfg: FitConfig, jobs: list[_Job], device: torch.device, main: bool, s
     ds = load_dataset(cfg.dataset, cfg.root, cfg.labels, cfg.target, cfg.image_column,
                       cfg.score_column)
     for job in jobs:
-        job.split = make_split(ds, job.cfg.split, job.cfg.split_seed)
+        job.split = make_split(ds, job.cfg.split, _split_seed(job.cfg))
         _check_split(job.split, len(ds), cfg.batch_size)
         if job.resume:
             check_split_unchanged(job.cfg.out, job.split)
