@@ -38,7 +38,9 @@ def test_fit_writes_the_run_directory_and_learns(graded, tmp_path):
     pred = np.genfromtxt(out / "predictions.csv", delimiter=",", names=True, dtype=None,
                          encoding="utf-8")
     assert set(pred["subset"]) == {"train", "val", "test"}
-    assert list(pred.dtype.names[-3:]) == ["gate_semantic_content", "gate_coherence", "gate_image"]
+    assert list(pred.dtype.names[-4:]) == ["gate_semantic_content", "gate_coherence",
+                                           "gate_image", "zero_shot"]
+    assert np.isfinite(pred["zero_shot"]).all()  # the cache's zero-shot scores, one file layout
 
     ev = run("evaluate", "--model", out, "--dataset", "csv", "--root", root, "--cache", cache,
              "--json", "-q")
