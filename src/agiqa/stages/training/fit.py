@@ -381,6 +381,8 @@ def _fit_series(cfg: FitConfig) -> FitResult:
             if resume:
                 check_resume(run.out, training_dict(run))
             jobs.append(_Job(name, run, resume))
+        if not series and jobs:  # one run: its folder locked before any work, as a series'
+            stack.enter_context(run_folder(cfg.out, jobs[0].resume, main))
         stack.enter_context(dist.process_group(device))
         stack.enter_context(dist.tf32(cfg.tf32))
         concurrency = {"concurrent_runs": 1, "requested": cfg.concurrent_runs}
@@ -460,7 +462,8 @@ def _train(cfg: FitConfig, jobs: list[_Job], device: torch.device, main: bool, s
         with contextlib.ExitStack() as folders:
             trainers, run_keys = [], []
             for job in chunk:
-                folders.enter_context(run_folder(job.cfg.out, job.resume, main))
+                if series:  # a run of a series: its folder, while it trains
+                    folders.enter_context(run_folder(job.cfg.out, job.resume, main))
                 trainer = _start(job, cache, device, main)
                 trainer.keys, k_norm, raw = _run_keys(job.cfg, trainer.model, pixels,
                                                       job.inputs.part, device)
