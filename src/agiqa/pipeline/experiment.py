@@ -825,7 +825,8 @@ def _write_table(out: Path, table: ExperimentTable) -> None:
             w.writerow(TABLE_COLUMNS)
             for r in table.rows:
                 w.writerow([r.variant, r.train_dataset, r.test_dataset, r.n,
-                            *[_fmt(getattr(r, c)) for c in TABLE_COLUMNS[4:]]])
+                            *["" if math.isnan(getattr(r, c)) else repr(getattr(r, c))
+                              for c in TABLE_COLUMNS[4:]]])
     write_text(out / "table.md", table.to_markdown())
 
 
