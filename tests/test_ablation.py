@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from agiqa.errors import ConfigError
 from agiqa.models.agiqa_net import ModelConfig, create_model, load_model, save_model
 from agiqa.stages.configs import FitConfig, model_experts
-
-TSV = Path(__file__).parent / "data" / "official_ma_agiqa_state_dict.tsv"
 
 
 def _model(**kw):
@@ -24,8 +20,8 @@ def _inputs(seed=1, b=3):
     return torch.randn(b, 3, 224, 224, generator=g), torch.randn(b, 2, 8, generator=g)
 
 
-def test_defaults_build_the_papers_head_with_the_official_keys_and_draws():
-    official = {line.split("\t")[0] for line in TSV.read_text().splitlines()[1:]}
+def test_defaults_build_the_papers_head_with_the_official_keys_and_draws(official_ma_agiqa):
+    official = {name for name, _, _ in official_ma_agiqa.model("paper")["state_dict"]}
     paper = _model()
     head = {f"head.{k}" for k in paper.head.state_dict()}
     assert head == {"head.semantic_experts.0.0.weight", "head.semantic_experts.0.0.bias",
@@ -34,7 +30,7 @@ def test_defaults_build_the_papers_head_with_the_official_keys_and_draws():
                     "head.gating.weight", "head.gating.bias", "head.output.weight",
                     "head.output.bias"}
     # the official modules these keys are imported from (agiqa.models.official)
-    assert {"fc784_784.weight", "fc4096_784_a2.weight", "fc4096_784_b2.weight",
+    assert {"fc784_784.weight", "fc4096_784_a2.0.weight", "fc4096_784_b2.0.weight",
             "gating.weight", "output_fc.weight"} <= official
     # Naming every expert explicitly is the default model, weight for weight.
     every = _model(**model_experts("image,semantic_content,coherence", "moe",

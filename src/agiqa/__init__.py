@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         ExperimentTable,
         ExtractConfig,
         FitConfig,
+        FitResult,
         ScoreConfig,
         evaluate,
         experiment,
@@ -51,6 +52,7 @@ _WHERE = {
     "experiment": "agiqa.pipeline.api", "ExperimentTable": "agiqa.pipeline.api",
     "ExtractConfig": "agiqa.pipeline.api", "FitConfig": "agiqa.pipeline.api",
     "EvaluateConfig": "agiqa.pipeline.api", "ScoreConfig": "agiqa.pipeline.api",
+    "FitResult": "agiqa.pipeline.api",
     "Scorer": "agiqa.stages.scoring.scorer", "ScoreReport": "agiqa.stages.scoring.results",
     "ExtractReport": "agiqa.stages.extraction.extract",
     "open_cache": "agiqa.cache", "SemanticCache": "agiqa.cache",
@@ -60,9 +62,9 @@ _WHERE = {
 }
 
 __all__ = ["AgiqaNet", "Dataset", "EvaluateConfig", "ExperimentTable", "ExtractConfig",
-           "ExtractReport", "FitConfig", "ScoreConfig", "ScoreReport", "Scorer", "SemanticCache",
-           "__version__", "evaluate", "experiment", "extract_semantics", "fit", "list_presets",
-           "load_dataset", "load_model", "open_cache", "score_folder"]
+           "ExtractReport", "FitConfig", "FitResult", "ScoreConfig", "ScoreReport", "Scorer",
+           "SemanticCache", "__version__", "evaluate", "experiment", "extract_semantics", "fit",
+           "list_presets", "load_dataset", "load_model", "open_cache", "score_folder"]
 
 
 def __getattr__(name: str):

@@ -653,13 +653,15 @@ def _row_of(group: Group, run: RunSpec, test: str, metrics: dict[str, Any] | Non
 
 
 def _failure(result: Any, run: RunSpec) -> str:
-    """The error ``fit`` reported for a run that did not finish, if it says."""
+    """The error ``fit`` reported for a run that did not finish, if it says (read loosely:
+    a list of run results with ``out`` and ``error``, or a dict of them)."""
     failed = result.get("failed") if isinstance(result, dict) else \
         getattr(result, "failed", None)
-    if isinstance(failed, dict):
-        for info in failed.values():
-            if isinstance(info, dict) and Path(str(info.get("out", ""))) == run.run_dir:
-                return str(info.get("error", "failed"))
+    items = failed.values() if isinstance(failed, dict) else failed or []
+    for info in items:
+        get = info.get if isinstance(info, dict) else lambda k, i=info: getattr(i, k, None)
+        if get("out") is not None and Path(str(get("out"))) == run.run_dir and get("error"):
+            return str(get("error"))
     return "the run did not finish"
 
 
