@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,39 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def _isolated_home(tmp_path, monkeypatch):
     """User state (the default score cache) lives under AGIQA_HOME: point it at tmp_path."""
     monkeypatch.setenv("AGIQA_HOME", str(tmp_path / "agiqa-home"))
+
+
+@pytest.fixture
+def deadline():
+    """Fail a test that would hang instead of hanging the suite (240 s)."""
+    def hung(*_):
+        raise TimeoutError("the run hung")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(240)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture
+def kill_loader_on(monkeypatch):
+    """``kill_loader_on(marker)``: from now on, a process that reads an image file whose path
+    holds ``marker`` is killed with SIGKILL, as the operating system kills a loader process
+    out of memory (every stage reads files through ``agiqa.data.loader``)."""
+    import agiqa.data.loader as loader
+
+    def arm(marker: str = "kill_me") -> None:
+        real = loader.read_image_bytes
+
+        def read(path, name=None):
+            if marker in str(path):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(path, name)
+
+        monkeypatch.setattr(loader, "read_image_bytes", read)
+
+    return arm
 
 
 @pytest.fixture

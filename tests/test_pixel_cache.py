@@ -36,19 +36,19 @@ def test_pixels_round_trip_and_damage_is_never_used(tmp_path):
 
 @pytest.mark.slow
 def test_a_second_fit_decodes_none_of_the_images(graded, tmp_path, monkeypatch):
-    import agiqa.stages.predict as predict_module
+    import agiqa.data.loader as loader
 
     root, cache = graded
     images = tmp_path / "images"
     shutil.copytree(root, images)
     decoded: list[str] = []
-    original = predict_module.decode_image
+    original = loader.decode_image
 
     def counting(data, name):
         decoded.append(name)
         return original(data, name)
 
-    monkeypatch.setattr(predict_module, "decode_image", counting)
+    monkeypatch.setattr(loader, "decode_image", counting)
 
     def fit(out, *extra):
         r = CliRunner().invoke(cli, ["fit", *FIT, "--root", str(images), "--cache", str(cache),

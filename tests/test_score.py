@@ -314,3 +314,86 @@ def test_json_output_is_json_alone_on_stdout(graded, model_dir, tmp_path, tiny_l
         assert isinstance(data, dict) and data, name
     assert json.loads(outputs["extract-semantics"].stdout)["reused"] == 30
     assert len(json.loads(outputs["score-folder"].stdout)["rows"]) == 30
+
+
+@pytest.mark.parametrize("make", ["I;16", "I", "exif", "palette_alpha"])
+def test_an_in_memory_image_scores_exactly_as_its_file(model_dir, tmp_path, real_photos, make):
+    """``Scorer.score`` decodes a PIL image by the rules of files: a 16-bit or 32-bit image,
+    an EXIF-rotated JPEG and a palette with transparency score as the same image saved to a
+    file (not as PIL's ``convert("RGB")`` of it)."""
+    import numpy as np
+
+    photo = Image.fromarray(real_photos()["chelsea"]).resize((120, 80))
+    path = tmp_path / "x.png"
+    if make == "I;16":
+        img = Image.fromarray(np.asarray(photo.convert("L"), np.uint16) * 257)
+        assert img.mode == "I;16"
+    elif make == "I":
+        img, path = Image.fromarray(np.asarray(photo.convert("L"), np.int32) * 257), \
+            tmp_path / "x.tif"
+    elif make == "exif":
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotate 90° on display
+        path = tmp_path / "x.jpg"
+        photo.save(path, quality=92, exif=exif.tobytes())
+        img = Image.open(path)
+    else:
+        img = photo.convert("P", palette=Image.ADAPTIVE)
+        img.info["transparency"] = 0
+    if make != "exif":
+        img.save(path)
+    scorer = agiqa.Scorer.from_pretrained(model_dir, batch_size=1, loader_workers=0)
+    from_file = scorer.score([path])[0]
+    in_memory = scorer.score([img])[0]
+    assert from_file["error"] is None and in_memory["error"] is None
+    for column in ("score", "gate_image", "zero_shot"):
+        assert in_memory[column] == pytest.approx(from_file[column], abs=1e-5), column
+
+
+def test_evaluate_and_scoring_share_the_pixel_cache_of_fit(model_dir, graded, monkeypatch):
+    """The model's pixels decoded by ``evaluate`` are kept, and a second evaluate and a
+    ``score-folder`` on the same images decode none of them."""
+    import agiqa.data.loader as loader
+
+    root, cache = graded
+    seen: list[str] = []
+    real = loader.decode_image
+
+    def counting(data, name):
+        seen.append(name)
+        return real(data, name)
+
+    monkeypatch.setattr(loader, "decode_image", counting)
+    n = len(list(root.glob("*.jpg")))
+    first = agiqa.evaluate(model_dir, dataset="csv", root=root, cache=cache, split="all",
+                           loader_workers=0, progress=False)
+    assert len(seen) == n
+    seen.clear()
+    again = agiqa.evaluate(model_dir, dataset="csv", root=root, cache=cache, split="all",
+                           loader_workers=0, progress=False)
+    assert seen == [] and again["srcc"] == first["srcc"]
+    report = agiqa.Scorer.from_pretrained(model_dir, cache_dir=cache, loader_workers=0) \
+        .score_folder(root)
+    assert seen == [] and report.computed == 0 and len(report.rows) == n
+    off = agiqa.Scorer.from_pretrained(model_dir, cache_dir=cache, loader_workers=0,
+                                       pixel_cache=False).score_folder(root)
+    assert len(seen) == n and [r["score"] for r in off.rows] == [r["score"] for r in report.rows]
+
+
+def test_a_killed_loader_in_scoring_and_evaluate_names_the_image(model_dir, graded, tmp_path,
+                                                                 kill_loader_on, deadline):
+    """A loader process killed by the operating system while it reads an image: score-folder
+    fails that image by name and scores the rest; evaluate stops with one line naming it.
+    Neither hangs (the deadline)."""
+    root, cache = graded
+    victim = "coffee_2.jpg"
+    kill_loader_on(victim)
+    report = agiqa.Scorer.from_pretrained(model_dir, cache_dir=cache, loader_workers=2) \
+        .score_folder(root)
+    from agiqa.data.loader import KILLED
+
+    assert report.failures == {victim: KILLED}
+    assert len(report.rows) == len(list(root.glob("*.jpg"))) - 1
+    with pytest.raises(BadImageError, match=f"{victim}: its loader process was killed"):
+        agiqa.evaluate(model_dir, dataset="csv", root=root, cache=cache, split="all",
+                       loader_workers=2, progress=False)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from agiqa.cache import open_cache
 from agiqa.data.datasets import Dataset
+from agiqa.data.pixel_cache import PixelCache
 from agiqa.data.splits import read_split_csv
 from agiqa.errors import CacheMismatchError, ConfigError, DatasetError, MissingVectorsError
 from agiqa.fileio import atomic_path, write_json
@@ -36,13 +37,14 @@ def check_fingerprint(model_config: dict, cache) -> None:
 def evaluate_model(model_dir: str | os.PathLike, ds: Dataset, cache_dir: str | os.PathLike,
                    split: str = "test", device: str = "auto", batch_size: int = 32,
                    workers: int = 2, progress: bool = True, amp: bool = False,
-                   out: str | os.PathLike | None = None) -> dict:
+                   out: str | os.PathLike | None = None, pixel_cache: bool = True) -> dict:
     """SRCC, PLCC, KRCC, RMSE (and raw PLCC) of a model on a split of ``ds``.
 
     The forward runs in float32 (the official code) unless ``amp`` (bf16 autocast). With
     ``out``, the folder gets ``predictions.csv`` (each image's MOS, score, gates and zero-shot
     score) and ``evaluation.json`` (the metrics and what was evaluated), which
-    ``agiqa report`` reads.
+    ``agiqa report`` reads. The model's pixels are kept and reused in the pixel cache of
+    ``fit`` (``$AGIQA_HOME/pixels``) unless ``pixel_cache`` is false.
     """
     model = load_model(model_dir)
     cache = open_cache(cache_dir)
@@ -69,7 +71,8 @@ def evaluate_model(model_dir: str | os.PathLike, ds: Dataset, cache_dir: str | o
     dev = resolve_device(device)
     model.to(dev)
     # Each file is read once; vectors of an image changed since extraction are refused.
-    vectors, pixels = inputs_of(ds, keys, cache, workers, progress)
+    vectors, pixels = inputs_of(ds, keys, cache, workers, progress,
+                                PixelCache() if pixel_cache else None)
     scores, gates = predict(model, pixels, vectors, dev, batch_size, amp, with_gates=True)
     mos = {s.key: s.mos for s in ds.samples}
     metrics = evaluate(scores.numpy(), [mos[k] for k in keys])
