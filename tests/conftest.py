@@ -29,8 +29,14 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slow tests first, otherwise in file order: ``pytest -n 2`` hands tests out in this
-    order, so the long ones start early and the short ones even out the workers' ends."""
+    order, so the long ones start early and the short ones even out the workers' ends. Tests
+    marked ``gpu`` are skipped where no CUDA device is visible."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+        for item in items:
+            if item.get_closest_marker("gpu") is not None:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

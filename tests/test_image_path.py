@@ -20,9 +20,11 @@ from agiqa.stages.predict import decode_pixels
 from agiqa.stages.scoring.results import decoded
 
 
-def _csv_dataset(root, keys):
-    (root / "labels.csv").write_text("image,mos\n" + "".join(f"{k},3\n" for k in keys))
-    return load_dataset("csv", root, root / "labels.csv")
+def _csv_dataset(root, keys, labels):
+    """A csv data set of ``keys`` under ``root``, its label file ``labels`` (never written
+    into the session's shared photo folder)."""
+    labels.write_text("image,mos\n" + "".join(f"{k},3\n" for k in keys))
+    return load_dataset("csv", root, labels)
 
 
 def test_the_same_file_gives_the_same_pixels_from_every_entry_point(photo_folder, tmp_path):
@@ -42,7 +44,7 @@ def test_the_same_file_gives_the_same_pixels_from_every_entry_point(photo_folder
         np.testing.assert_array_equal(np.asarray(b), a, err_msg=k)
 
     expected = torch.stack([resize_pixels(img) for img in images])
-    ds = _csv_dataset(root, keys)
+    ds = _csv_dataset(root, keys, tmp_path / "labels.csv")
     fit_pixels, shas = decode_pixels(ds, keys, workers=0, progress=False)  # fit and evaluate
     assert torch.equal(fit_pixels, expected)
     cache = PixelCache(tmp_path / "pixels")
@@ -77,15 +79,15 @@ def test_a_killed_loader_fails_its_image_by_name_in_scoring_and_evaluation(
     assert failed == {"kill_me.png": KILLED}
     assert all(px is not None and px.shape == (3, 224, 224) for i, px, _, why in got
                if why is None)
-    ds = _csv_dataset(folder, keys)
+    ds = _csv_dataset(folder, keys, tmp_path / "labels.csv")
     with pytest.raises(BadImageError, match="kill_me.png: its loader process was killed"):
         decode_pixels(ds, keys, workers=2, progress=False)
 
 
-def test_fit_and_evaluate_name_every_image_that_cannot_be_read(photo_folder):
+def test_fit_and_evaluate_name_every_image_that_cannot_be_read(photo_folder, tmp_path):
     root, kinds = photo_folder
     keys = sorted(k for k in kinds if kinds[k] != "skipped")
-    ds = _csv_dataset(root, keys)
+    ds = _csv_dataset(root, keys, tmp_path / "labels.csv")
     with pytest.raises(BadImageError) as e:
         decode_pixels(ds, keys, workers=0, progress=False)
     assert str(e.value).startswith("text_as.jpg: not an image")
