@@ -15,12 +15,6 @@ from agiqa.report.html import write_run_report, write_score_report
 from agiqa.report.sources import ImageRow
 
 
-@pytest.fixture
-def run(agiqa_cli):
-    """The command line with its errors turned into ``Error: …`` lines, as a user sees them."""
-    return lambda *args: agiqa_cli(*args, catch_exceptions=True)
-
-
 class _Tags(HTMLParser):
     """Element names and text of a page."""
 
@@ -70,9 +64,9 @@ def test_paper_figures_only_for_the_papers_data_set_and_target(report_run_align,
 
 
 @pytest.mark.slow
-def test_max_images_bounds_the_run_report(report_run, run, tmp_path):
-    r = run("report", report_run, "--out", tmp_path / "r.html", "--max-images", "2",
-            "--no-maps", "--json")
+def test_max_images_bounds_the_run_report(report_run, agiqa_cli, tmp_path):
+    r = agiqa_cli("report", report_run, "--out", tmp_path / "r.html", "--max-images", "2",
+                  "--no-maps", "--json")
     assert r.exit_code == 0, r.output
     result = json.loads(r.output)
     assert result["images_shown"] == 2 and result["images_total"] == 5
@@ -128,13 +122,13 @@ def _score_csv(path, rows):
 
 
 @pytest.mark.slow
-def test_report_of_a_score_file_with_maps(report_run, synthetic_scores, make_images, run,
+def test_report_of_a_score_file_with_maps(report_run, synthetic_scores, make_images, agiqa_cli,
                                           tmp_path):
     rows = synthetic_scores(6)
     make_images(tmp_path / "images", [r["path"] for r in rows])
     _score_csv(tmp_path / "scores.csv", rows)
-    r = run("report", tmp_path / "scores.csv", "--images", tmp_path / "images", "--model",
-            report_run, "--top-k", "2")
+    r = agiqa_cli("report", tmp_path / "scores.csv", "--images", tmp_path / "images", "--model",
+                  report_run, "--top-k", "2")
     assert r.exit_code == 0, r.output
     page = parse(tmp_path / "scores.html")
     assert sum(1 for t, a in page.tags if t == "img" and a.get("class") == "thumb") == 4
@@ -148,38 +142,39 @@ def test_report_of_a_score_file_with_maps(report_run, synthetic_scores, make_ima
     (lambda rows: rows[0].update(path="../secret.png"), "escapes the image root"),
     (lambda rows: [r.pop("gate_image") for r in rows], "unexpected columns path, score"),
 ])
-def test_a_score_csv_edited_by_hand_gets_one_line(synthetic_scores, make_images, run, tmp_path,
+def test_a_score_csv_edited_by_hand_gets_one_line(synthetic_scores, make_images, agiqa_cli,
+                                                  tmp_path,
                                                   edit, message):
     rows = synthetic_scores(4)
     make_images(tmp_path / "images", [r["path"] for r in rows])
     edit(rows)
     _score_csv(tmp_path / "scores.csv", rows)
-    r = run("report", tmp_path / "scores.csv", "--images", tmp_path / "images")
+    r = agiqa_cli("report", tmp_path / "scores.csv", "--images", tmp_path / "images")
     assert r.exit_code == 1
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], r.output
 
 
-def test_a_short_row_and_a_missing_image_are_named(run, tmp_path):
+def test_a_short_row_and_a_missing_image_are_named(agiqa_cli, tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "s.csv").write_text("path,score,gate_image\na.png,1.0\n")
-    r = run("report", tmp_path / "s.csv", "--images", tmp_path / "images")
+    r = agiqa_cli("report", tmp_path / "s.csv", "--images", tmp_path / "images")
     assert r.exit_code == 1 and "line 2: 2 fields, the header has 3" in r.output
     (tmp_path / "s.csv").write_text("path,score,gate_image\na.png,1.0,0.5\n")
-    r = run("report", tmp_path / "s.csv", "--images", tmp_path / "images")
+    r = agiqa_cli("report", tmp_path / "s.csv", "--images", tmp_path / "images")
     assert r.exit_code == 1 and "1 scored image(s) not under --images" in r.output
-    r = run("report", tmp_path / "s.csv")
+    r = agiqa_cli("report", tmp_path / "s.csv")
     assert r.exit_code != 0 and "--images DIR is required" in r.output
 
 
 @pytest.mark.slow
-def test_a_run_without_predictions_or_of_another_version(report_run, run, tmp_path):
+def test_a_run_without_predictions_or_of_another_version(report_run, agiqa_cli, tmp_path):
     import shutil
 
     bad = tmp_path / "run"
     shutil.copytree(report_run, bad)
     (bad / "predictions.csv").unlink()
-    r = run("report", bad)
+    r = agiqa_cli("report", bad)
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
     assert "no predictions.csv" in r.output
 
@@ -187,16 +182,16 @@ def test_a_run_without_predictions_or_of_another_version(report_run, run, tmp_pa
     config = json.loads((bad / "config.json").read_text())
     config["agiqa_version"] = "0.0.7"
     (bad / "config.json").write_text(json.dumps(config))
-    r = run("report", bad)
+    r = agiqa_cli("report", bad)
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
     assert "written by agiqa 0.0.7" in r.output
 
-    r = run("report", tmp_path)
+    r = agiqa_cli("report", tmp_path)
     assert r.exit_code == 1 and "neither a run directory of fit" in r.output
 
 
 @pytest.mark.slow
-def test_a_run_whose_images_moved_names_the_root(report_run, report_data, run, tmp_path):
+def test_a_run_whose_images_moved_names_the_root(report_run, report_data, agiqa_cli, tmp_path):
     import shutil
 
     moved = tmp_path / "run"
@@ -204,12 +199,13 @@ def test_a_run_whose_images_moved_names_the_root(report_run, report_data, run, t
     config = json.loads((moved / "config.json").read_text())
     config["training"]["root"] = str(tmp_path / "gone")
     (moved / "config.json").write_text(json.dumps(config))
-    r = run("report", moved, "--no-maps")
+    r = agiqa_cli("report", moved, "--no-maps")
     assert r.exit_code == 1 and "pass --root DIR" in r.output
-    r = run("report", moved, "--no-maps", "--root", report_data.root)
+    r = agiqa_cli("report", moved, "--no-maps", "--root", report_data.root)
     assert r.exit_code == 0, r.output
 
 
-def test_score_folder_report_must_be_html(run, tmp_path):
-    r = run("score-folder", tmp_path, "--model", tmp_path / "m", "--report", tmp_path / "s.csv")
+def test_score_folder_report_must_be_html(agiqa_cli, tmp_path):
+    r = agiqa_cli("score-folder", tmp_path, "--model", tmp_path / "m", "--report",
+                  tmp_path / "s.csv")
     assert r.exit_code == 64 and "--report: " in r.output and "does not end in .html" in r.output

@@ -29,14 +29,6 @@ from agiqa.stages.extraction.extract import (
 FIXTURE = Path(__file__).parent / "fixtures" / "mplug_owl2"
 
 
-@pytest.fixture(scope="module")
-def owl2(tmp_path_factory):
-    base = tmp_path_factory.mktemp("owl2")
-    shutil.copytree(FIXTURE / "checkpoint", base / "ckpt")
-    shutil.copytree(FIXTURE / "images", base / "images")
-    return base / "ckpt", base / "images"
-
-
 def test_uint8_pixels_normalise_to_the_processors_floats_bit_for_bit():
     proc = MplugOwl2ImageProcessor()
     rng = np.random.default_rng(0)
