@@ -26,7 +26,7 @@ def model_dir(agiqa_cli, graded, tmp_path_factory):  # noqa: F811
     r = agiqa_cli("fit", *[a for a in FIT if a != "-q"], "--root", root, "--cache", cache,
                   "--out", out, "--epochs", "1", "--json")
     assert r.exit_code == 0, r.output
-    assert set(json.loads(r.stdout)["rows"]) == {"test"}
+    assert [x["name"] for x in json.loads(r.stdout)["runs"]] == ["seed 20"]
     return out
 
 
@@ -283,15 +283,11 @@ def test_the_recorded_revision_is_used_and_a_gone_one_is_named(agiqa_cli, model_
     assert json.loads(moved.stdout)["summary"]["computed"] == 2  # vectors of another revision
 
 
-def test_model_without_semantics_is_refused(agiqa_cli, tmp_path):
-    import torch
-
+def test_model_without_semantics_is_refused(agiqa_cli, official_ma_agiqa, tmp_path):
     from agiqa.models.official import import_official
-    from agiqa.testing.official_reference import OfficialMAAGIQA
 
-    torch.save(OfficialMAAGIQA(embed_dim=32, vit_dim=32, vit_heads=1, dim_mlp=32,
-                               semantic_dim=16).state_dict(), tmp_path / "o.pt")
-    import_official(tmp_path / "o.pt", tmp_path / "m")
+    # The official module's state dict (tests/fixtures/ma_agiqa) at semantic width 16.
+    import_official(official_ma_agiqa.checkpoint(semantic_dim=16), tmp_path / "m")
     r = agiqa_cli("score-folder", tmp_path, "--model", tmp_path / "m")
     assert r.exit_code == 1 and "agiqa import-official" in r.output
 
