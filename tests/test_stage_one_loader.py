@@ -42,6 +42,7 @@ def test_uint8_pixels_normalise_to_the_processors_floats_bit_for_bit():
     assert np.array_equal(got.numpy(), floats)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["tiny_llava", "tiny_qwen25"])
 def test_hf_pixels_leave_the_loader_as_uint8_and_equal_the_processors(family, request,
                                                                       photo_folder, tmp_path,
@@ -114,6 +115,7 @@ def _bomb_png() -> bytes:
     return bytes(data)
 
 
+@pytest.mark.slow
 def test_per_image_loading_fails_bad_files_and_killed_loaders_alone(owl2, tmp_path,
                                                                     kill_loader_on, deadline):
     """mPLUG-Owl2 loads per image: a decompression bomb, a truncated file and an image whose
@@ -150,6 +152,7 @@ def test_per_image_loading_fails_bad_files_and_killed_loaders_alone(owl2, tmp_pa
     np.testing.assert_allclose(a["zero_shot"], b["zero_shot"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_batch_loading_retries_the_batch_of_a_killed_loader(tiny_qwen, photo_folder, tmp_path,
                                                             monkeypatch, kill_loader_on,
                                                             deadline):
