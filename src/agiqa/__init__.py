@@ -29,11 +29,13 @@ if TYPE_CHECKING:
     from agiqa.models.agiqa_net import AgiqaNet, load_model
     from agiqa.pipeline.api import (
         EvaluateConfig,
+        ExperimentTable,
         ExtractConfig,
         FitConfig,
         FitResult,
         ScoreConfig,
         evaluate,
+        experiment,
         extract_semantics,
         fit,
         score_folder,
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 _WHERE = {
     "extract_semantics": "agiqa.pipeline.api", "fit": "agiqa.pipeline.api",
     "evaluate": "agiqa.pipeline.api", "score_folder": "agiqa.pipeline.api",
+    "experiment": "agiqa.pipeline.api", "ExperimentTable": "agiqa.pipeline.api",
     "ExtractConfig": "agiqa.pipeline.api", "FitConfig": "agiqa.pipeline.api",
     "EvaluateConfig": "agiqa.pipeline.api", "ScoreConfig": "agiqa.pipeline.api",
     "FitResult": "agiqa.pipeline.api",
@@ -58,10 +61,10 @@ _WHERE = {
     "load_model": "agiqa.models.agiqa_net", "AgiqaNet": "agiqa.models.agiqa_net",
 }
 
-__all__ = ["AgiqaNet", "Dataset", "EvaluateConfig", "ExtractConfig", "ExtractReport",
-           "FitConfig", "FitResult", "ScoreConfig", "ScoreReport", "Scorer", "SemanticCache",
-           "__version__", "evaluate", "extract_semantics", "fit", "list_presets", "load_dataset",
-           "load_model", "open_cache", "score_folder"]
+__all__ = ["AgiqaNet", "Dataset", "EvaluateConfig", "ExperimentTable", "ExtractConfig",
+           "ExtractReport", "FitConfig", "FitResult", "ScoreConfig", "ScoreReport", "Scorer",
+           "SemanticCache", "__version__", "evaluate", "experiment", "extract_semantics", "fit",
+           "list_presets", "load_dataset", "load_model", "open_cache", "score_folder"]
 
 
 def __getattr__(name: str):

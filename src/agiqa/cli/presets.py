@@ -15,6 +15,8 @@ _COLUMNS = {
                  ("targets", "targets")],
     "backbones": [("timm model", "timm_name"), ("width", "width"),
                   ("MANIQA width", "maniqa_width")],
+    "plans": [("runs per cell", "repeats"), ("data sets", "datasets"),
+              ("variants", "variants")],
 }
 
 
@@ -45,11 +47,11 @@ def _print_kind(kind: str, rows: list[dict]) -> None:
 
 @cli.group(context_settings=CONTEXT)
 def presets():
-    """The named MLLMs, prompt sets, data sets and backbones.
+    """The named MLLMs, prompt sets, data sets, backbones and experiment plans.
 
     Your own presets: JSON files in $AGIQA_HOME/presets/<kind>/<name>.json (AGIQA_HOME defaults
-    to ~/.cache/agiqa), in the schema of the built-in ones; a file named like a built-in preset
-    replaces it.
+    to ~/.cache/agiqa), in the schema of the built-in ones (plans: <name>.toml); a file named
+    like a built-in preset replaces it.
 
     \b
     Examples:
@@ -60,7 +62,7 @@ def presets():
 
 @presets.command("list", context_settings=CONTEXT)
 @click.option("--kind", "kinds", multiple=True,
-              type=click.Choice(["mllms", "prompts", "datasets", "backbones"]),
+              type=click.Choice(["mllms", "prompts", "datasets", "backbones", "plans"]),
               help="Only this kind (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: {kind: [preset, ...]}.")
 @handle_errors

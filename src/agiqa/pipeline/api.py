@@ -14,6 +14,9 @@ as keyword arguments::
                              cache="cache/")
     scores = agiqa.score_folder("new/", model="run/")
     agiqa.fit(agiqa.FitConfig(dataset="csv", root="imgs/", cache="cache/", out="run-2/"))
+
+``agiqa.experiment(plan, out=...)`` (``agiqa experiment``) runs a plan of such runs and returns
+the table (:class:`ExperimentTable`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any, TypeVar
 
 from agiqa.data.datasets import load_dataset
 from agiqa.errors import ConfigError
+from agiqa.pipeline.experiment import ExperimentTable, experiment
 from agiqa.stages.configs import EvaluateConfig, FitConfig, ScoreConfig
 from agiqa.stages.extraction.extract import ExtractConfig, ExtractReport, ImageSource
 from agiqa.stages.extraction.extract import extract_semantics as _extract
@@ -31,8 +35,8 @@ from agiqa.stages.scoring.results import ScoreReport
 from agiqa.stages.scoring.scorer import Scorer
 from agiqa.stages.training.fit import FitResult, fit_repeats
 
-__all__ = ["EvaluateConfig", "ExtractConfig", "FitConfig", "FitResult", "ScoreConfig", "evaluate",
-           "extract_semantics", "fit", "score_folder"]
+__all__ = ["EvaluateConfig", "ExperimentTable", "ExtractConfig", "FitConfig", "FitResult",
+           "ScoreConfig", "evaluate", "experiment", "extract_semantics", "fit", "score_folder"]
 
 C = TypeVar("C")
 
