@@ -153,6 +153,14 @@ def test_extraction_on_two_nodes_equals_a_local_run(cluster, tiny_llava, images,
     v = run("cache", "verify", out)
     assert v.exit_code == 0, v.output
     assert not list(out.glob(".agiqa-probe-*"))
+    # A model that does not load on the actors: its own line, and no cache folder left behind.
+    bad = tmp_path / "bad-cache"
+    r = run("extract-semantics", "--model", tmp_path / "no-model", "--images", images, "--out",
+            bad, "--workers", "1", "-q", "--engine", "ray")
+    assert r.exit_code == 1
+    (line,) = r.output.strip().splitlines()
+    assert line.startswith("Error: cannot load MLLM") and "no-model" in line
+    assert not bad.exists()
 
 
 @pytest.mark.slow

@@ -182,6 +182,7 @@ def _start_actors(ray, cls: type, n: int, resources: dict[str, float], *args) ->
 def _probe(ray, actors: list, folder: Path, images: Path) -> list[dict[str, Any]]:
     """Each actor checks the driver's probe file in ``folder`` and writes its own; a node that
     does not share ``folder`` (or does not see ``images``) is refused by name."""
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:12]
     mine = folder / f"{PROBE}{token}"
@@ -196,10 +197,18 @@ def _probe(ray, actors: list, folder: Path, images: Path) -> list[dict[str, Any]
                 raise ClusterError(f"node {node} does not see {path} as this machine does: "
                                    "the cache, the images and the output must be on a "
                                    "filesystem every node shares at the same path")
-        return answers
-    finally:
-        for p in folder.glob(f"{PROBE}{token}*"):
-            p.unlink(missing_ok=True)
+    except BaseException:
+        _unprobe(folder, token)
+        if created and not any(folder.iterdir()):
+            folder.rmdir()  # a refused run leaves nothing behind
+        raise
+    _unprobe(folder, token)
+    return answers
+
+
+def _unprobe(folder: Path, token: str) -> None:
+    for p in folder.glob(f"{PROBE}{token}*"):
+        p.unlink(missing_ok=True)
 
 
 class _Worker:
@@ -207,9 +216,13 @@ class _Worker:
 
     def __init__(self, index: int):
         self.index = index
+        self.failed: AgiqaError | None = None
 
     def probe(self, folder: str, token: str, images: str) -> dict[str, Any]:
         import ray
+
+        if self.failed is not None:  # the start's error (a model that does not load), whole
+            raise self.failed
 
         ctx = ray.get_runtime_context()
         answer = {"actor": self.index, "node": ctx.get_node_id(),
@@ -235,14 +248,18 @@ class _ExtractActor(_Worker):
 
         super().__init__(index)
         self.cfg, self.root = cfg, Path(root)
-        self.encoder = SemanticEncoder(
-            cfg.model, load_prompts(cfg.prompts), revision=cfg.revision, device=cfg.device,
-            dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=cfg.attn_implementation, pad_square=cfg.pad_square,
-            fuse_prompts=cfg.fuse_prompts, compile=cfg.compile)
+        self.cache = None
+        try:
+            self.encoder = SemanticEncoder(
+                cfg.model, load_prompts(cfg.prompts), revision=cfg.revision, device=cfg.device,
+                dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                attn_implementation=cfg.attn_implementation, pad_square=cfg.pad_square,
+                fuse_prompts=cfg.fuse_prompts, compile=cfg.compile)
+        except AgiqaError as e:
+            self.failed = e
+            return
         self.loader_workers = (default_loader_workers(self.encoder.device)
                                if cfg.loader_workers is None else cfg.loader_workers)
-        self.cache = None
 
     def spec(self) -> tuple[dict[str, Any], list[str], int]:
         """The semantic spec as this node's model and device give it, the prompt names and the
@@ -345,6 +362,11 @@ def _get(ray, refs: list) -> list:
     except ray.exceptions.RayTaskError as e:
         raise _unwrap(ray, e) from None
     except _actor_failures(ray) as e:
+        cause = getattr(e, "cause", None)  # an error of the actor's start: the model's, say
+        if isinstance(cause, ray.exceptions.RayTaskError):
+            cause = _unwrap(ray, cause)
+        if isinstance(cause, AgiqaError):
+            raise cause from None
         raise ClusterError(f"an actor died before any work: {str(e).splitlines()[0]}") from None
 
 
@@ -392,7 +414,10 @@ class _ScoreActor(_Worker):
         from agiqa.stages.scoring.scorer import Scorer
 
         super().__init__(index)
-        self.scorer = Scorer.from_pretrained(model, cache_dir=cache_dir, **kwargs)
+        try:
+            self.scorer = Scorer.from_pretrained(model, cache_dir=cache_dir, **kwargs)
+        except AgiqaError as e:
+            self.failed = e
 
     def run(self, part: tuple[list, list[str], str | None]):
         from agiqa.stages.scoring.results import ScoreReport
