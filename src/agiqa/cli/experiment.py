@@ -38,12 +38,19 @@ def _roots(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--concurrent-runs", type=click.IntRange(min=1), default=None,
               help="Runs of one data set and variant trained at once [default: fit's: on a "
                    "GPU as many as fit, on a CPU 1].")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True, help="local: this process, one group after another; ray: "
+              "each group (data set × variant) one task on a Ray cluster, one GPU or CPU slot "
+              "each  [pip install \"agiqa[ray]\"]")
+@click.option("--ray-address", default=None,
+              help="With --engine ray: auto (this machine's cluster), HOST:PORT, or none: "
+                   "$RAY_ADDRESS if set, else Ray started for the run and stopped after it.")
 @click.option("--list", "list_plans", is_flag=True, help="List the built-in and your plans.")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @handle_errors
 def experiment_cmd(plan, out, roots, overrides, resume, dry_run, device, concurrent_runs,
-                   list_plans, quiet, as_json):
+                   engine, ray_address, list_plans, quiet, as_json):
     """Run a plan of experiments: data sets × variants × seeds, and cross pairs.
 
     PLAN is a TOML file or a built-in plan (--list). Each run goes through fit (and evaluate
@@ -59,6 +66,7 @@ def experiment_cmd(plan, out, roots, overrides, resume, dry_run, device, concurr
       agiqa experiment paper-main --out exp/main --root agiqa-3k=AGIQA-3K/ \\
           --root aigciqa-20k=AIGCIQA-20K/ --root aigciqa2023=AIGCIQA2023/allimg/
       agiqa experiment my-plan.toml --out exp/mine --set repeats=3 --dry-run
+      agiqa experiment paper-main --out /shared/exp --root ... --engine ray --ray-address auto
     """
     from agiqa.pipeline import experiment as exp
 
@@ -79,7 +87,7 @@ def experiment_cmd(plan, out, roots, overrides, resume, dry_run, device, concurr
     table = exp.experiment(plan, out, roots=_roots(roots), overrides=list(overrides),
                        resume=resume, dry_run=dry_run, device=device,
                        concurrent_runs=concurrent_runs, progress=not (quiet or as_json),
-                       log=log)
+                       log=log, engine=engine, ray_address=ray_address)
     if table is None:
         return
     if as_json:

@@ -896,7 +896,8 @@ def experiment(plan: str | os.PathLike | Plan, out: str | os.PathLike, *,
                overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
                dry_run: bool = False, device: str | None = None,
                concurrent_runs: int | None = None, reports: bool = True,
-               progress: bool = True, log: Callable[[str], None] | None = None
+               progress: bool = True, log: Callable[[str], None] | None = None,
+               engine: str = "local", ray_address: str | None = None
                ) -> ExperimentTable | None:
     """Run a plan into ``out`` (``agiqa experiment PLAN --out DIR``); returns the table.
 
@@ -905,8 +906,15 @@ def experiment(plan: str | os.PathLike | Plan, out: str | os.PathLike, *,
     changes or drops runs of an earlier invocation in ``out`` is refused; one that only adds
     runs goes on. ``dry_run`` prints the cost (runs, extractions, estimated time) and returns
     None.
+
+    ``engine="ray"`` runs each group as one task on a Ray cluster (``ray_address``: as
+    ``extract-semantics --ray-address``), one GPU or one CPU slot each; the output is that of a
+    local run, and every node must see ``out``, the images and the caches at the same paths.
     """
     from tqdm.auto import tqdm
+
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"--engine: local or ray, got {engine!r}")
 
     say = log or (lambda line: tqdm.write(line, file=sys.stderr))
     if not isinstance(plan, Plan):
@@ -955,28 +963,38 @@ def experiment(plan: str | os.PathLike | Plan, out: str | os.PathLike, *,
 
     total = sum(len(g.runs) for g in groups)
     finished = sum(len(g.runs) - len(g.pending()) for g in groups)
-    runs: list[ResultRow] = []
+    pending = [{str(r.run_dir) for r in g.pending()} for g in groups]
+    by_group: dict[int, list[ResultRow]] = {}
     bar = tqdm(total=total, initial=finished, desc=f"experiment {plan.name}", unit="run",
                disable=not progress, file=sys.stderr)
+
+    def done(i: int, rows: list[ResultRow], seconds: float) -> None:
+        g, todo = groups[i], len(pending[i])
+        if todo:
+            _add_timing(out, "train", seconds, sizes[g.dataset] * g.fit.epochs * todo)
+        for r in rows:
+            if r.test_dataset == g.dataset and r.run_dir in pending[i]:
+                shown = f"error: {r.error}" if r.error else \
+                    f"SRCC {r.srcc:.4f}  PLCC {r.plcc:.4f}"
+                say(f"{r.variant} {r.train_dataset} seed {r.seed}: {shown}")
+        bar.update(todo)
+        by_group[i] = rows  # the rows in plan order, whatever order the groups finish in
+        _write_results(out, [r for j in sorted(by_group) for r in by_group[j]])
+
     try:
-        for g in groups:
-            pending = {str(r.run_dir) for r in g.pending()}
-            todo = len(pending)
-            t0 = time.perf_counter()
-            rows = run_group(g, resume, plan, reports)
-            if todo:
-                _add_timing(out, "train", time.perf_counter() - t0,
-                            sizes[g.dataset] * g.fit.epochs * todo)
-            for r in rows:
-                if r.test_dataset == g.dataset and r.run_dir in pending:
-                    shown = f"error: {r.error}" if r.error else \
-                        f"SRCC {r.srcc:.4f}  PLCC {r.plcc:.4f}"
-                    say(f"{r.variant} {r.train_dataset} seed {r.seed}: {shown}")
-            bar.update(todo)
-            runs += rows
-            _write_results(out, runs)
+        if engine == "ray":
+            from agiqa.pipeline.ray_engine import groups_on_ray
+
+            seen = [ds.root for ds in datasets.values()] + [p for _, _, p, _ in extractions]
+            groups_on_ray(groups, resume, plan, reports, out, seen, ray_address, done)
+        else:
+            for i, g in enumerate(groups):
+                t0 = time.perf_counter()
+                rows = run_group(g, resume, plan, reports)
+                done(i, rows, time.perf_counter() - t0)
     finally:
         bar.close()
+    runs = [r for j in sorted(by_group) for r in by_group[j]]
     table = ExperimentTable(out, plan.name, summarise(runs, plan.published), runs)
     _write_table(out, table)
     from agiqa.report.experiment import write_experiment_report

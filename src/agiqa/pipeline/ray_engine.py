@@ -1,5 +1,7 @@
-"""Stage one and scoring on a Ray cluster (``--engine ray``): a fixed pool of actors, the work
-handed out one unit at a time as actors free up.
+"""Stage one, scoring and experiment plans on a Ray cluster (``--engine ray``).
+
+Stage one and scoring run on a fixed pool of actors, the work handed out one unit at a time as
+actors free up; an experiment plan runs each of its groups (data set × variant) as one Ray task.
 
 * Each actor loads the model once and runs its own loader processes; the driver (this process)
   plans the work exactly as a local run does, hands out one unit (a planned shard of stage one, a
@@ -10,6 +12,10 @@ handed out one unit at a time as actors free up.
 * Every node must see the cache, the images and the output at the same paths. Before any work,
   each actor checks the driver's probe file and writes its own there; a node that does not share
   the path is refused in one line that names it.
+* An experiment group is one task holding one GPU (one CPU slot on a cluster without GPUs); it
+  runs :func:`agiqa.pipeline.experiment.run_group` into the shared output, as a local run does.
+  A task lost with its node is submitted again and finishes its runs from their last checkpoint
+  (``--resume``).
 
 Ray is an optional dependency (``pip install "agiqa[ray]"``), imported only here and only when
 ``--engine ray`` is asked for.
@@ -29,8 +35,8 @@ from typing import Any
 
 from agiqa.errors import AgiqaError, ConfigError
 
-__all__ = ["ENGINES", "ClusterError", "extract_on_ray", "import_ray", "ray_session",
-           "score_on_ray"]
+__all__ = ["ENGINES", "ClusterError", "extract_on_ray", "groups_on_ray", "import_ray",
+           "ray_session", "score_on_ray"]
 
 ENGINES = ("local", "ray")
 INSTALL = 'pip install "agiqa[ray]"'
@@ -179,16 +185,17 @@ def _start_actors(ray, cls: type, n: int, resources: dict[str, float], *args) ->
     return [remote.remote(i, *args) for i in range(n)]
 
 
-def _probe(ray, actors: list, folder: Path, images: Path) -> list[dict[str, Any]]:
+def _probe(ray, actors: list, folder: Path, images: Path | list[Path]) -> list[dict[str, Any]]:
     """Each actor checks the driver's probe file in ``folder`` and writes its own; a node that
-    does not share ``folder`` (or does not see ``images``) is refused by name."""
+    does not share ``folder`` (or does not see the folder(s) ``images``) is refused by name."""
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:12]
     mine = folder / f"{PROBE}{token}"
     mine.write_text(token)
     try:
-        answers = _get(ray, [a.probe.remote(str(folder), token, str(images)) for a in actors])
+        seen = [str(p) for p in images] if isinstance(images, list) else str(images)
+        answers = _get(ray, [a.probe.remote(str(folder), token, seen) for a in actors])
         for answer in answers:
             theirs = folder / f"{PROBE}{token}-{answer['actor']}"
             node = f"{answer['ip']} ({answer['node'][:12]})"
@@ -218,7 +225,7 @@ class _Worker:
         self.index = index
         self.failed: AgiqaError | None = None
 
-    def probe(self, folder: str, token: str, images: str) -> dict[str, Any]:
+    def probe(self, folder: str, token: str, images: str | list[str]) -> dict[str, Any]:
         import ray
 
         if self.failed is not None:  # the start's error (a model that does not load), whole
@@ -228,10 +235,12 @@ class _Worker:
         answer = {"actor": self.index, "node": ctx.get_node_id(),
                   "ip": ray.util.get_node_ip_address(), "pid": os.getpid(), "missing": None}
         mine = Path(folder) / f"{PROBE}{token}"
+        unseen = [p for p in ([images] if isinstance(images, str) else images)
+                  if not Path(p).is_dir()]
         if not (mine.is_file() and mine.read_text() == token):
             answer["missing"] = folder
-        elif not Path(images).is_dir():
-            answer["missing"] = images
+        elif unseen:
+            answer["missing"] = unseen[0]
         else:
             (Path(folder) / f"{PROBE}{token}-{self.index}").write_text(token)
         return answer
@@ -511,3 +520,91 @@ def score_on_ray(cfg, on_part: Callable[[int, dict[str, Any]], None] | None = No
             if os.access(cache_dir, os.W_OK):
                 cache._rewrite_manifest()
     return report
+
+
+# -- experiment plans ------------------------------------------------------------------------
+# How often one group may lose its node before the run stops (then: run it again to finish).
+GROUP_RERUNS = 3
+
+
+def _task_failures(ray) -> tuple[type[BaseException], ...]:
+    """What a task lost with its worker or node raises (its own errors come as RayTaskError)."""
+    ex = ray.exceptions
+    more = tuple(getattr(ex, n) for n in ("ObjectLostError", "TaskUnschedulableError")
+                 if hasattr(ex, n))
+    return _actor_failures(ray) + more
+
+
+def _group_task(group, resume: bool, plan, reports: bool,
+                on_start: Callable[[Any, dict[str, Any]], None] | None):
+    """One group, run where Ray placed it: its rows and the seconds it took."""
+    import ray
+
+    from agiqa.pipeline.experiment import run_group
+
+    if on_start is not None:
+        ctx = ray.get_runtime_context()
+        on_start(group, {"node": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(),
+                         "pid": os.getpid()})
+    start = time.perf_counter()
+    rows = run_group(group, resume, plan, reports)
+    return rows, time.perf_counter() - start
+
+
+def groups_on_ray(groups: list, resume: bool, plan, reports: bool, out: Path,
+                  seen: list[Path], address: str | None,
+                  done: Callable[[int, list, float], None],
+                  on_start: Callable[[Any, dict[str, Any]], None] | None = None) -> list[int]:
+    """Run an experiment's groups on a Ray cluster, one task each; ``done(index, rows,
+    seconds)`` is called by the driver as each group finishes (in any order).
+
+    Each task holds one GPU when the cluster has GPUs and the groups do not ask for the CPU,
+    else one CPU slot. Before any work, every node must see ``out`` and the folders ``seen``
+    (images, caches) as this machine does. A task lost with its node is submitted again with
+    ``resume``: its runs go on from their last checkpoint. ``on_start(group, node)`` runs in
+    the task before the group (the node's id and address, the worker's pid). Returns the
+    indices of the groups submitted again.
+    """
+    devices = {g.fit.device for g in groups}
+    with ray_session(address) as ray:
+        n, resources = _pool_size(ray, None, "cpu" if devices == {"cpu"} else "auto")
+        probes = _start_actors(ray, _Worker, n, resources)
+        try:
+            _probe(ray, probes, Path(out).resolve(), [Path(p).resolve() for p in seen])
+        finally:
+            for a in probes:
+                ray.kill(a, no_restart=True)
+        task = ray.remote(_group_task).options(max_retries=0, **resources)
+        running = {task.remote(g, resume, plan, reports, on_start): i
+                   for i, g in enumerate(groups)}
+        reruns: dict[int, int] = {}
+        try:
+            _gather(ray, groups, running, task, (resume, plan, reports, on_start), reruns, done)
+        finally:
+            for ref in running:  # a group left running must not write after the driver stops
+                ray.cancel(ref, force=True)
+    return sorted(reruns)
+
+
+def _gather(ray, groups, running, task, args, reruns, done) -> None:
+    resume, plan, reports, on_start = args
+    lost = _task_failures(ray)
+    while running:
+        ready, _ = ray.wait(list(running), num_returns=1)
+        i = running.pop(ready[0])
+        try:
+            rows, seconds = ray.get(ready[0])
+        except lost as e:
+            reruns[i] = reruns.get(i, 0) + 1
+            if reruns[i] > GROUP_RERUNS:
+                g = groups[i]
+                raise ClusterError(
+                    f"group {g.variant} on {g.dataset} lost its node {GROUP_RERUNS + 1} "
+                    f"times ({str(e).splitlines()[0]}); run the plan again with --resume "
+                    "to finish it") from None
+            # Its runs finish from their checkpoints, as ``--resume`` does.
+            running[task.remote(groups[i], True, plan, reports, on_start)] = i
+            continue
+        except ray.exceptions.RayTaskError as e:
+            raise _unwrap(ray, e) from None
+        done(i, rows, seconds)
