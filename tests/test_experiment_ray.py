@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,8 +19,6 @@ import pytest
 from click.testing import CliRunner
 
 from agiqa.cli import cli
-
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 METRICS = ("srcc", "plcc", "krcc", "rmse")
 
@@ -90,9 +89,21 @@ def local_run(tmp_path_factory, graded, tiny_llava) -> Path:
     return out
 
 
-EPOCHS = 12
+EPOCHS = 4
 
 
+def test_engine_ray_without_ray_is_one_line_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    r = CliRunner().invoke(cli, ["experiment", "cpu-demo", "--out", str(tmp_path / "exp"),
+                                 "--engine", "ray"])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines() == [
+        'Error: --engine ray needs Ray, which is not installed: pip install "agiqa[ray]"']
+    assert not (tmp_path / "exp").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
 def test_a_plan_on_two_nodes_equals_a_local_run(ray_cluster, local_run, graded, tiny_llava,
                                                 tmp_path):
     out = tmp_path / "exp"
@@ -103,6 +114,8 @@ def test_a_plan_on_two_nodes_equals_a_local_run(ray_cluster, local_run, graded, 
     assert not list(out.glob(".agiqa-probe-*"))
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
 def test_a_node_dying_mid_training_reruns_its_group_from_the_checkpoint(
         ray_cluster, local_run, graded, tiny_llava, tmp_path, monkeypatch):
     from agiqa.pipeline import ray_engine

@@ -915,6 +915,10 @@ def experiment(plan: str | os.PathLike | Plan, out: str | os.PathLike, *,
 
     if engine not in ("local", "ray"):
         raise ConfigError(f"--engine: local or ray, got {engine!r}")
+    if engine == "ray" and not dry_run:  # before any work: Ray installed, the address answers
+        from agiqa.pipeline.ray_engine import check_ray
+
+        check_ray(ray_address)
 
     say = log or (lambda line: tqdm.write(line, file=sys.stderr))
     if not isinstance(plan, Plan):

@@ -35,7 +35,7 @@ from typing import Any
 
 from agiqa.errors import AgiqaError, ConfigError
 
-__all__ = ["ENGINES", "ClusterError", "extract_on_ray", "groups_on_ray", "import_ray",
+__all__ = ["ENGINES", "ClusterError", "check_ray", "extract_on_ray", "groups_on_ray", "import_ray",
            "ray_session", "score_on_ray"]
 
 ENGINES = ("local", "ray")
@@ -68,12 +68,9 @@ def _host_port(address: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-@contextmanager
-def ray_session(address: str | None) -> Iterator[Any]:
-    """Ray joined for the run: ``auto`` the cluster of this machine (or ``$RAY_ADDRESS``), an
-    address that cluster, None the cluster of ``$RAY_ADDRESS`` if set, else a local instance
-    started for the run and stopped after it. A connection the caller already holds
-    (``ray.init`` done beforehand) is used as it is and left open."""
+def check_ray(address: str | None):
+    """The ``ray`` module, once Ray is found installed and ``address`` (if it names a host and
+    port) answers; else one line saying which is not so."""
     ray = import_ray()
     target = _host_port(address) if address else None
     if target is not None:  # ray.init can wait minutes on an address nobody answers
@@ -82,6 +79,16 @@ def ray_session(address: str | None) -> Iterator[Any]:
         except OSError as e:
             raise ClusterError(f"cannot reach the Ray cluster at {address}: "
                                f"{e.strerror or type(e).__name__}") from None
+    return ray
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[Any]:
+    """Ray joined for the run: ``auto`` the cluster of this machine (or ``$RAY_ADDRESS``), an
+    address that cluster, None the cluster of ``$RAY_ADDRESS`` if set, else a local instance
+    started for the run and stopped after it. A connection the caller already holds
+    (``ray.init`` done beforehand) is used as it is and left open."""
+    ray = check_ray(address)
     if ray.is_initialized():
         yield ray
         return
