@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -589,7 +589,8 @@ def groups_on_ray(groups: list, resume: bool, plan, reports: bool, out: Path,
             _gather(ray, groups, running, task, (resume, plan, reports, on_start), reruns, done)
         finally:
             for ref in running:  # a group left running must not write after the driver stops
-                ray.cancel(ref, force=True)
+                with suppress(Exception):  # one that ended meanwhile
+                    ray.cancel(ref, force=True)
     return sorted(reruns)
 
 
