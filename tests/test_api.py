@@ -56,7 +56,7 @@ def test_each_function_takes_its_config_or_its_fields():
         assert params[0].kind is params[0].POSITIONAL_ONLY
         assert params[1].kind is params[1].VAR_KEYWORD
         assert cfg.__name__ in str(params[0].annotation)
-    with pytest.raises(ConfigError, match="--epochs must be ≥ 1"):
+    with pytest.raises(ConfigError, match="^epochs= must be ≥ 1, got 0$"):
         agiqa.fit(dataset="csv", root=".", cache=".", out=".", epochs=0)
     with pytest.raises(ConfigError, match="not both"):
         agiqa.fit(agiqa.FitConfig(dataset="csv", root=".", cache=".", out="."), epochs=2)

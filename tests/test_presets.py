@@ -25,7 +25,14 @@ def run(*args):
 
 
 def test_every_builtin_preset_loads_as_its_dataclass():
-    assert set(KINDS) == {"mllms", "prompts", "datasets", "backbones"}
+    from importlib import resources
+
+    folders = {p.name for p in resources.files("agiqa.presets").iterdir()
+               if p.is_dir() and not p.name.startswith("_")}
+    assert set(KINDS) == folders == {"mllms", "prompts", "datasets", "backbones", "recipes"}
+    assert {"cpu", "chat-template", "mplug-owl2-official"} <= set(list_presets("recipes"))
+    with pytest.raises(ConfigError, match="unknown preset kind 'mllm'.*did you mean mllms"):
+        list_presets("mllm")
     assert {"llava-1.5-7b", "qwen2-vl-2b"} <= set(list_presets("mllms"))
     assert {"agiqa-3k", "csv"} <= set(list_presets("datasets"))
     for kind, rows in describe_presets().items():
@@ -69,6 +76,8 @@ def test_presets_list_prints_hub_ids_widths_and_score_ranges():
     assert mllm["model"] == "Qwen/Qwen2.5-VL-7B-Instruct" and mllm["width"] == 3584
     only = json.loads(run("presets", "list", "--kind", "backbones", "--json").stdout)
     assert list(only) == ["backbones"]
+    recipes = run("presets", "list", "--kind", "recipes").output
+    assert "fit --recipe cpu" in recipes and "extract-semantics: mplug-owl2" in recipes
 
 
 def test_a_mistyped_mllm_gets_did_you_mean_and_no_hub_call(tmp_path):

@@ -28,49 +28,12 @@ from agiqa.data.datasets import Dataset
 from agiqa.data.images import list_images, load_image, regular_file, resolve_key
 from agiqa.errors import AgiqaError, ConfigError
 from agiqa.models.mllm import BatchPreparer, SemanticEncoder
-from agiqa.presets import DEFAULT_MLLM, DEFAULT_PROMPTS, load_prompts
+from agiqa.presets import load_prompts
+from agiqa.stages.configs import ExtractConfig
 from agiqa.stages.extraction.resume import ShardJob, discard_damaged, merge_rows, plan_resume
 
 __all__ = ["ExtractConfig", "ExtractReport", "ImageSource", "default_loader_workers",
            "extract_semantics", "ordered_load", "semantic_spec_of", "worker_slot"]
-
-
-@dataclass
-class ExtractConfig:
-    """Options of ``agiqa extract-semantics``."""
-
-    out: Path
-    model: str = DEFAULT_MLLM
-    revision: str | None = None
-    format: str | None = None
-    prompts: str = DEFAULT_PROMPTS
-    batch_size: int = 8
-    shard_size: int = 1024
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    retry_failed: bool = True
-    workers: int | None = None
-    worker: int | None = None
-    loader_workers: int | None = None
-    compile: bool = False
-    attn_implementation: str | None = None
-    pad_square: bool | None = None
-    fuse_prompts: bool | None = None
-    progress: bool = True
-    # The images (for agiqa.extract_semantics): a folder, or a data set's label file.
-    images: Path | None = None
-    dataset: str | None = None
-    root: Path | None = None
-    labels: Path | None = None
-    image_column: str | None = None
-
-    def __post_init__(self) -> None:
-        self.out = Path(self.out)
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
-        if self.loader_workers is not None and self.loader_workers < 0:
-            raise ConfigError(f"loader workers must be 0 or more, got {self.loader_workers}")
 
 
 @dataclass
@@ -302,7 +265,7 @@ def extract_semantics(
     rank, world = worker_slot(cfg.workers, cfg.worker)
     if encoder is None:
         encoder = SemanticEncoder(
-            cfg.model, load_prompts(cfg.prompts), revision=cfg.revision, device=cfg.device,
+            cfg.mllm, load_prompts(cfg.prompts), revision=cfg.revision, device=cfg.device,
             dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
             attn_implementation=cfg.attn_implementation, pad_square=cfg.pad_square,
             fuse_prompts=cfg.fuse_prompts, compile=cfg.compile,
