@@ -161,7 +161,7 @@ def test_each_flag_is_a_config_field_of_the_same_name_and_default():
                 assert flag_of(f, opt) in (p.opts[0], p.human_readable_name), (path, p.opts)
                 how = "same name"
             print(f"  {_flags(p):42s} -> {f.name} ({how}, {default})")
-        for name, (f, opt) in fields.items():
+        for name, (_f, opt) in fields.items():
             if name in seen:
                 continue
             assert not opt.cli and opt.cli_reason, f"{path}: {name} has no flag and no reason"
