@@ -221,7 +221,7 @@ def test_the_command_line_names_flags_where_python_names_keywords(tmp_path):
                                 "--backbone-lr 0 and --no-augment")
     r = CliRunner().invoke(cli, ["score-folder", str(tmp_path), "--model", str(tmp_path),
                                  "--report", str(tmp_path / "r.txt")])
-    assert r.exit_code == 64 and f"Error: --report {tmp_path / 'r.txt'} does not end in .html" \
+    assert r.exit_code == 64 and f"Error: --report: {tmp_path / 'r.txt'} does not end in .html" \
         in r.output
 
 

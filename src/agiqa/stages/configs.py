@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from agiqa.errors import ConfigError, UsageError
-from agiqa.options import check_options, option, spell
+from agiqa.options import check_options, cli_naming, option, spell
 from agiqa.presets import DEFAULT_MLLM, DEFAULT_PROMPTS
 
 __all__ = ["DTYPES", "FORMATS", "KEY_NORMS", "SCORE_NORMS", "SELECTIONS", "SEMANTIC_NORMS",
@@ -280,7 +280,8 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         check_options(self)
         if self.report is not None and self.report.suffix.lower() not in (".html", ".htm"):
-            raise UsageError(f"{spell('report', str(self.report))} does not end in .html")
+            where = f"--report: {self.report}" if cli_naming() else f"report={str(self.report)!r}"
+            raise UsageError(f"{where} does not end in .html")
 
 
 @dataclass(kw_only=True)
@@ -313,8 +314,9 @@ class ReportConfig:
     def __post_init__(self) -> None:
         check_options(self)
         if not self.source.is_dir() and self.images is None:
-            raise UsageError(f"{spell('images')} is required with a score file (the folder "
-                             "that was scored)")
+            images = "--images DIR" if cli_naming() else "images="
+            raise UsageError(f"{images} is required with a score file (the folder that was "
+                             "scored)")
 
 
 @dataclass(kw_only=True)
