@@ -58,6 +58,26 @@ class ImageSource:
 
 @dataclass
 class ExtractReport:
+    """What ``agiqa extract-semantics`` did.
+
+    Attributes:
+        cache: the cache folder.
+        requested: the images asked for (this worker's and the others').
+        computed: images whose vectors this run computed.
+        reused: images the cache already held.
+        failures: image → the reason it failed (recorded in the cache; retried on a rerun).
+        skipped_files: files that are not images (or whose names are not UTF-8).
+        shards_written: shards this run wrote.
+        changed: images computed again because their file changed since it was cached.
+        retried: images that had failed before and were tried again.
+        damaged_shards: shard → why it was damaged; rebuilt by this run.
+        seconds: the wall time of the run.
+        worker: this worker's index; workers: how many fill the cache.
+        forward_passes: MLLM forward passes; model_calls: calls of the model.
+        tokens: tokens of every forward pass; padding_tokens: the padding among them.
+        loader_workers: the image decoding processes used.
+    """
+
     cache: str
     requested: int
     computed: int = 0
