@@ -102,7 +102,8 @@ COMMANDS = {
     ("cache", "verify"): CacheVerifyConfig, ("cache", "import-pt"): ImportPtConfig,
 }
 # Commands without a config, and why.
-NO_CONFIG = {("presets", "list"): "lists presets: --kind and --json only, no run to configure"}
+NO_CONFIG = {("presets", "list"): "lists presets: --kind and --json only, no run to configure",
+             ("presets", "path"): "prints a folder, takes no option"}
 
 
 def _walk(group, path=()):
@@ -119,6 +120,46 @@ def _flags(param) -> str:
     return "/".join(names)
 
 
+def mapping(cmd: click.Command, cls) -> list[str]:
+    """Each click parameter of ``cmd`` → its field of ``cls``, one line each; an
+    AssertionError where a flag is no field, its default or name differs, or a field has no
+    flag and no reason."""
+    fields = {f.name: (f, opt) for f, opt in options_of(cls)}
+    assert {f.name for f in dataclasses.fields(cls)} == set(fields), cls
+    lines, seen = [], set()
+    for p in cmd.params:
+        if p.name in CLI_ONLY:
+            lines.append(f"  {_flags(p):42s} (command line only: {CLI_ONLY[p.name]})")
+            continue
+        target = alias_field(p.name)
+        if target is not None:
+            assert target in fields and p.hidden, p.name
+            lines.append(f"  {_flags(p):42s} -> {target} (earlier name, hidden)")
+            continue
+        assert p.name in fields, f"{_flags(p)} is no field of {cls.__name__}"
+        f, opt = fields[p.name]
+        seen.add(p.name)
+        if f.default is dataclasses.MISSING or f.name in getattr(cls, "REQUIRED", ()):
+            assert p.required, f"{_flags(p)} must be required"
+            default = "required"
+        else:
+            assert not p.required and p.default == f.default, \
+                f"{_flags(p)} defaults to {p.default!r}, {f.name} to {f.default!r}"
+            default = f"default {f.default!r}"
+        if opt.negate:
+            assert set(p.opts) == {opt.negate, *opt.flags}, p.opts
+            how = "set to False"
+        else:
+            assert flag_of(f, opt) in (p.opts[0], p.human_readable_name), p.opts
+            how = "same name"
+        lines.append(f"  {_flags(p):42s} -> {f.name} ({how}, {default})")
+    for name, (_f, opt) in fields.items():
+        if name not in seen:
+            assert not opt.cli and opt.cli_reason, f"{name} has no flag and no reason"
+            lines.append(f"  {'(Python only)':42s} -> {name}: {opt.cli_reason}")
+    return lines
+
+
 def test_each_flag_is_a_config_field_of_the_same_name_and_default():
     """For every command: each click parameter is a field of its config with the same name and
     default (or a flag of the command line only, with its reason); each field has its flag, or
@@ -126,63 +167,51 @@ def test_each_flag_is_a_config_field_of_the_same_name_and_default():
     commands = dict(_walk(cli))
     assert set(commands) == set(COMMANDS) | set(NO_CONFIG), sorted(commands)
     for path, cls in COMMANDS.items():
-        cmd = commands[path]
-        fields = {f.name: (f, opt) for f, opt in options_of(cls)}
-        assert {f.name for f in dataclasses.fields(cls)} == set(fields), cls
-        print(f"\nagiqa {' '.join(path)}  <-  {cls.__name__}")
-        seen = set()
-        for p in cmd.params:
-            if p.name in CLI_ONLY:
-                print(f"  {_flags(p):42s} (command line only: {CLI_ONLY[p.name]})")
-                continue
-            target = alias_field(p.name)
-            if target is not None:
-                assert target in fields and p.hidden, p.name
-                print(f"  {_flags(p):42s} -> {target} (earlier name, hidden)")
-                continue
-            assert p.name in fields, f"{path}: {_flags(p)} is no field of {cls.__name__}"
-            f, opt = fields[p.name]
-            seen.add(p.name)
-            assert p.name == f.name
-            needed = f.default is dataclasses.MISSING or f.name in cls.__dict__.get(
-                "REQUIRED", getattr(cls, "REQUIRED", ()))
-            if needed:
-                assert p.required, f"{path}: {_flags(p)} must be required"
-                default = "required"
-            else:
-                assert not p.required and p.default == f.default, \
-                    f"{path}: {_flags(p)} defaults to {p.default!r}, {f.name} to {f.default!r}"
-                default = f"default {f.default!r}"
-            if opt.negate:
-                assert p.opts == [opt.negate, *opt.flags] or set(p.opts) == {opt.negate,
-                                                                              *opt.flags}
-                how = "set to False"
-            else:
-                assert flag_of(f, opt) in (p.opts[0], p.human_readable_name), (path, p.opts)
-                how = "same name"
-            print(f"  {_flags(p):42s} -> {f.name} ({how}, {default})")
-        for name, (_f, opt) in fields.items():
-            if name in seen:
-                continue
-            assert not opt.cli and opt.cli_reason, f"{path}: {name} has no flag and no reason"
-            print(f"  {'(Python only)':42s} -> {name}: {opt.cli_reason}")
+        lines = mapping(commands[path], cls)
+        print(f"\nagiqa {' '.join(path)}  <-  {cls.__name__}", *lines, sep="\n")
     for path, why in NO_CONFIG.items():
         print(f"\nagiqa {' '.join(path)}: no config ({why})")
 
 
-def test_a_defaults_drift_is_caught():
-    """The drift the mapping test exists for: a flag whose default is not the field's."""
+def test_a_drift_between_a_flag_and_its_field_is_caught():
+    """The drifts the mapping test exists for: a default, a name, a field without a flag."""
     @dataclass(kw_only=True)
-    class Drifting:
-        fuse: bool = option(True, help="x")
+    class Fusing:
+        fuse_prompts: bool = option(True, help="Fuse.")
+        workers: int = option(2, min=0, help="Workers.")
 
     @click.command()
-    @click.option("--fuse/--no-fuse", "fuse", default=None)
-    def drifted(fuse):
-        """A hand-written option that drifted from its field."""
+    @click.option("--fuse-prompts/--no-fuse-prompts", "fuse_prompts", default=None)
+    @click.option("--workers", "workers", default=2)
+    def drifted(fuse_prompts, workers):
+        """Options written by hand."""
 
-    (p,) = drifted.params
-    assert p.default != dataclasses.fields(Drifting)[0].default
+    with pytest.raises(AssertionError, match="defaults to None, fuse_prompts to True"):
+        mapping(drifted, Fusing)
+
+    @click.command()
+    @click.option("--fuse-prompts/--no-fuse-prompts", "fuse_prompts", default=True)
+    @click.option("--workers", "loader_workers", default=2)
+    def renamed(fuse_prompts, loader_workers):
+        """An option whose name is not the field's."""
+
+    with pytest.raises(AssertionError, match="--workers is no field of Fusing"):
+        mapping(renamed, Fusing)
+
+    @click.command()
+    @config_options(Fusing, exclude=("workers",))
+    def short(**values):
+        """A field left out."""
+
+    with pytest.raises(AssertionError, match="workers has no flag and no reason"):
+        mapping(short, Fusing)
+
+    @click.command()
+    @config_options(Fusing)
+    def generated(**values):
+        """Generated from the config: nothing to catch."""
+
+    assert len(mapping(generated, Fusing)) == 2
 
 
 def test_the_python_api_checks_types_and_names_unknown_options():

@@ -154,3 +154,11 @@ def test_custom_prompt_files_json_and_txt(tmp_path):
         load_prompts(tmp_path / "bad.json")
     with pytest.raises(ConfigError, match="prompt file not found"):
         load_prompts(tmp_path / "missing.txt")
+
+
+def test_presets_path_prints_the_resolved_folder(monkeypatch):
+    r = run("presets", "path")
+    assert r.exit_code == 0 and r.output == f"{agiqa_home() / 'presets'}\n"
+    monkeypatch.delenv("AGIQA_HOME")
+    assert run("presets", "path").output.strip() == str(agiqa_home() / "presets")
+    assert agiqa_home().is_absolute()

@@ -90,6 +90,8 @@ def evaluate_cmd(as_json, **values):
     else:
         print_metrics_table({"rows": {f"{cfg.dataset}/{cfg.split}": result.metrics},
                              "out": cfg.model})
+        if result.out is not None:
+            click.echo(f"predictions.csv and evaluation.json -> {result.out}")
 
 
 @cli.command("import-official", context_settings=CONTEXT)

@@ -60,6 +60,16 @@ def presets():
     """
 
 
+@presets.command("path", context_settings=CONTEXT)
+@handle_errors
+def presets_path():
+    """Print the folder of your own presets ($AGIQA_HOME/presets, resolved), for scripts:
+    mkdir -p "$(agiqa presets path)/mllms"."""
+    from agiqa.presets import agiqa_home
+
+    click.echo(agiqa_home() / "presets")
+
+
 @presets.command("list", context_settings=CONTEXT)
 @click.option("--kind", "kinds", multiple=True,
               type=click.Choice(["mllms", "prompts", "datasets", "backbones", "recipes"]),

@@ -97,7 +97,8 @@ def evaluate_model(model_dir: str | os.PathLike, ds: Dataset, cache_dir: str | o
         unknown = [k for k in keys if k not in known]
         if unknown:
             raise DatasetError(f"{len(unknown)} {split} image(s) of {split_file} are not in "
-                               f"{ds.labels_path}: {', '.join(unknown[:3])}")
+                               f"{ds.labels_path}: {', '.join(unknown[:3])}; on another data "
+                               f"set, evaluate every image with {spell('split', 'all')}")
     else:
         raise ConfigError(f"unknown {spell('split')} {split!r} (test, val, train or all)")
     if len(keys) < 3:
