@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         EvaluateResult,
         ExtractConfig,
         FitConfig,
+        FitResult,
         ReportConfig,
         ScoreConfig,
         evaluate,
@@ -53,6 +54,7 @@ _WHERE = {
     "EvaluateConfig": "agiqa.pipeline.api", "ScoreConfig": "agiqa.pipeline.api",
     "ReportConfig": "agiqa.pipeline.api", "EvaluateResult": "agiqa.pipeline.api",
     "write_report": "agiqa.pipeline.api",
+    "FitResult": "agiqa.pipeline.api",
     "Scorer": "agiqa.stages.scoring.scorer", "ScoreReport": "agiqa.stages.scoring.results",
     "ExtractReport": "agiqa.stages.extraction.extract",
     "open_cache": "agiqa.cache", "SemanticCache": "agiqa.cache",
@@ -62,9 +64,10 @@ _WHERE = {
 }
 
 __all__ = ["AgiqaNet", "Dataset", "EvaluateConfig", "EvaluateResult", "ExtractConfig",
-           "ExtractReport", "FitConfig", "ReportConfig", "ScoreConfig", "ScoreReport", "Scorer",
-           "SemanticCache", "__version__", "evaluate", "extract_semantics", "fit", "list_presets",
-           "load_dataset", "load_model", "open_cache", "score_folder", "write_report"]
+           "ExtractReport", "FitConfig", "FitResult", "ReportConfig", "ScoreConfig", "ScoreReport",
+           "Scorer", "SemanticCache", "__version__", "evaluate", "extract_semantics", "fit",
+           "list_presets", "load_dataset", "load_model", "open_cache", "score_folder",
+           "write_report"]
 
 
 def __getattr__(name: str):

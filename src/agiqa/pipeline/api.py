@@ -38,10 +38,10 @@ from agiqa.stages.extraction.extract import extract_semantics as _extract
 from agiqa.stages.scoring.evaluate import EvaluateResult, evaluate_model
 from agiqa.stages.scoring.results import ScoreReport
 from agiqa.stages.scoring.scorer import Scorer
-from agiqa.stages.training.fit import fit_repeats
+from agiqa.stages.training.fit import FitResult, fit_repeats
 
-__all__ = ["EvaluateConfig", "EvaluateResult", "ExtractConfig", "FitConfig", "ReportConfig",
-           "ScoreConfig", "evaluate", "extract_semantics", "fit", "image_source",
+__all__ = ["EvaluateConfig", "EvaluateResult", "ExtractConfig", "FitConfig", "FitResult",
+           "ReportConfig", "ScoreConfig", "evaluate", "extract_semantics", "fit", "image_source",
            "score_folder", "write_report"]
 
 C = TypeVar("C")
@@ -95,10 +95,11 @@ def extract_semantics(images: ExtractConfig | str | os.PathLike | None = None, /
     return _extract(cfg, image_source(cfg))
 
 
-def fit(config: FitConfig | None = None, /, **fields: Any):
-    """Stage two (``agiqa fit``): train on cached vectors; the test metrics of each run (and
-    their summary over ``repeats`` or ``split_seeds`` runs). ``recipe="cpu"`` (a recipe preset
-    of fit) fills the options not given."""
+def fit(config: FitConfig | None = None, /, **fields: Any) -> FitResult:
+    """Stage two (``agiqa fit``): train on cached vectors; each run's test metrics and selected
+    epoch, and their mean ± sample std over ``repeats`` or ``split_seeds`` runs
+    (:class:`FitResult`; one run is a series of one). ``recipe="cpu"`` (a recipe preset of fit)
+    fills the options not given."""
     return fit_repeats(_config(FitConfig, config, None, fields, "fit", recipes=True))
 
 

@@ -212,17 +212,19 @@ def _fit(run: Path, images: Path, labels: Path, cache: Path, epochs: int, lr: fl
          progress: bool, log) -> None:
     """The CPU recipe (:data:`CPU_RECIPE`): frozen random tiny backbone, MoE head trained."""
     from agiqa.pipeline.api import fit
+    from agiqa.stages.rundir import is_finished
 
     log(f"[3/6] fit (stage two): frozen tiny backbone, MoE head trained, {epochs} epochs")
-    if (run / "model.safetensors").is_file():
+    if is_finished(run):
         log(f"      {run} already holds a trained model; reusing it")
         return
     import shutil
 
     # An interrupted run of this demo starts over (the marker says the demo made it).
     shutil.rmtree(run, ignore_errors=True)
-    fit(recipe="cpu", dataset="csv", root=images, labels=labels, cache=cache, out=run,
-        epochs=epochs, lr=lr, seed=20, loader_workers=0, progress=progress)
+    result = fit(recipe="cpu", dataset="csv", root=images, labels=labels, cache=cache, out=run,
+                 epochs=epochs, lr=lr, seed=20, loader_workers=0, progress=progress)
+    log(f"      selected epoch {result.runs[0].best_epoch}")
 
 
 def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = CPU_RECIPE["lr"],
@@ -243,6 +245,7 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = CPU_
     the pipeline learning from image damage, not the quality judgement of a real MLLM.
     """
     from agiqa.pipeline.api import evaluate, extract_semantics, score_folder
+    from agiqa.stages.rundir import CURVES_PLOT, SCATTER_PLOT
 
     out = Path(out)
     _claim(out)
@@ -274,7 +277,7 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = CPU_
                           progress=progress, out=scores_csv)
     lap("score")
     log("[6/6] done")
-    plots = [run / "scatter_test.png", run / "training_curves.png"]
+    plots = [run / SCATTER_PLOT, run / CURVES_PLOT]
     unseen = [{"path": r["path"], "score": r["score"]} for r in scored.rows]
     return DemoResult(out, {k: {m: v[m] for m in ("srcc", "plcc", "krcc", "rmse")}
                             for k, v in metrics.items()}, plots, scores_csv, unseen, lap.seconds)
