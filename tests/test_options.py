@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import click
 import pytest
@@ -262,8 +263,8 @@ def test_recipe_cpu_fills_the_options_not_given(tmp_path, monkeypatch):
     from agiqa.presets import load_options_recipe
 
     seen = []
-    monkeypatch.setattr(api, "fit_repeats", lambda cfg: seen.append(cfg) or
-                        {"rows": {}, "out": str(cfg.out)})
+    monkeypatch.setattr(api, "fit_repeats", lambda cfg: seen.append(cfg) or SimpleNamespace(
+        runs=[], finished=[], summary={}, out=cfg.out))
     base = ["--dataset", "csv", "--root", str(tmp_path), "--cache", str(tmp_path)]
     r = CliRunner().invoke(cli, ["fit", *base, "--out", str(tmp_path / "a"), "--recipe", "cpu",
                                  "--epochs", "3", "--batch-size", "16"])
