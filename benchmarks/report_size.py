@@ -25,8 +25,19 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from agiqa.models.agiqa_net import create_model  # noqa: E402
 from agiqa.report.html import score_rows, write_score_report  # noqa: E402
-from agiqa.testing.report_fixtures import make_score_rows  # noqa: E402
 from common import write_result  # noqa: E402
+
+
+def make_score_rows(n: int, seed: int = 0) -> list[dict]:
+    """``n`` random rows in score-folder's columns (names ``img_00000.png`` …)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        g = rng.normal(0.4, 0.3, 3)
+        rows.append({"path": f"img_{i:05d}.png", "score": float(rng.normal(3.0, 0.8)),
+                     "gate_semantic_content": float(g[0]), "gate_coherence": float(g[1]),
+                     "gate_image": float(g[2]), "zero_shot": float(rng.uniform(1, 5))})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +30,53 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slow tests first, otherwise in file order: ``pytest -n 2`` hands tests out in this
-    order, so the long ones start early and the short ones even out the workers' ends."""
+    order, so the long ones start early and the short ones even out the workers' ends. Tests
+    marked ``gpu`` are skipped where no CUDA device is visible."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+        for item in items:
+            if item.get_closest_marker("gpu") is not None:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     """User state (the default score cache) lives under AGIQA_HOME: point it at tmp_path."""
     monkeypatch.setenv("AGIQA_HOME", str(tmp_path / "agiqa-home"))
+
+
+@pytest.fixture
+def deadline():
+    """Fail a test that would hang instead of hanging the suite (240 s)."""
+    def hung(*_):
+        raise TimeoutError("the run hung")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(240)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture
+def kill_loader_on(monkeypatch):
+    """``kill_loader_on(marker)``: from now on, a process that reads an image file whose path
+    holds ``marker`` is killed with SIGKILL, as the operating system kills a loader process
+    out of memory (every stage reads files through ``agiqa.data.loader``)."""
+    import agiqa.data.loader as loader
+
+    def arm(marker: str = "kill_me") -> None:
+        real = loader.read_image_bytes
+
+        def read(path, name=None):
+            if marker in str(path):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(path, name)
+
+        monkeypatch.setattr(loader, "read_image_bytes", read)
+
+    return arm
 
 
 @pytest.fixture
@@ -253,6 +293,160 @@ def graded(tmp_path_factory, tiny_llava):
                                  "--loader-workers", "0"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     return root, cache
+
+
+@pytest.fixture(scope="session")
+def agiqa_cli():
+    """``agiqa_cli(*args)``: the ``agiqa`` command line run in this process (click's
+    CliRunner), arguments turned into strings, exceptions not caught; returns the result."""
+    from click.testing import CliRunner
+
+    from agiqa.cli import cli
+
+    def invoke(*args, catch_exceptions: bool = False):
+        return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=catch_exceptions)
+
+    return invoke
+
+
+@pytest.fixture
+def decoded_names(monkeypatch) -> list[str]:
+    """The names of the images decoded while the test runs (every stage decodes through
+    ``agiqa.data.loader``; a pixel-cache hit decodes nothing)."""
+    import agiqa.data.loader as loader
+
+    names: list[str] = []
+    real = loader.decode_image
+
+    def counting(data, name):
+        names.append(name)
+        return real(data, name)
+
+    monkeypatch.setattr(loader, "decode_image", counting)
+    return names
+
+
+@pytest.fixture(scope="module")
+def owl2(tmp_path_factory) -> tuple[Path, Path]:
+    """Copies of the committed tiny mPLUG-Owl2 checkpoint and photos (nothing writes into the
+    repository): ``(checkpoint folder, image folder)``."""
+    import shutil
+
+    fixture = Path(__file__).parent / "fixtures" / "mplug_owl2"
+    base = tmp_path_factory.mktemp("owl2")
+    shutil.copytree(fixture / "checkpoint", base / "ckpt")
+    shutil.copytree(fixture / "images", base / "images")
+    return base / "ckpt", base / "images"
+
+
+# An image name that would inject markup and a script if a page did not escape it.
+TRICKY_NAME = "x<img src=q onerror=alert(1)>&amp;\"quote'\nline.png"
+
+
+@pytest.fixture(scope="session")
+def tricky_name() -> str:
+    """A file name that would inject markup and a script if a page did not escape it (a
+    newline included)."""
+    return TRICKY_NAME
+
+
+def _make_images(folder: Path, names: list[str], size: tuple[int, int] = (96, 64),
+                 seed: int = 0) -> None:
+    """Smooth random colour images (PNG or JPEG by suffix) under ``folder``."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        Image.fromarray(small).resize(size, Image.BICUBIC).save(folder / name)
+
+
+@pytest.fixture(scope="session")
+def make_images():
+    """``make_images(folder, names, size=(96, 64), seed=0)``: smooth random colour images."""
+    return _make_images
+
+
+def _synthetic_scores(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        g = rng.normal(0.4, 0.3, 3)
+        rows.append({"path": f"img_{i:05d}.png", "score": float(rng.normal(3.0, 0.8)),
+                     "gate_semantic_content": float(g[0]), "gate_coherence": float(g[1]),
+                     "gate_image": float(g[2]), "zero_shot": float(rng.uniform(1, 5))})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def synthetic_scores():
+    """``synthetic_scores(n, seed=0)``: ``n`` random rows in score-folder's columns (names
+    ``img_00000.png`` …), for the bounds of a score page of thousands of images, which no
+    test can afford to score."""
+    return _synthetic_scores
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """An AGIQA-3K-shaped data set of generated images (one with :data:`TRICKY_NAME`), its
+    stage-one cache (a tiny LLaVA) and its split file (the tricky name in the test subset)."""
+
+    root: Path
+    cache: Path
+    split: Path
+    names: list[str]
+    test: list[str]
+
+
+@pytest.fixture(scope="session")
+def report_data(tmp_path_factory, tiny_llava, agiqa_cli) -> ReportData:
+    import csv
+
+    base = tmp_path_factory.mktemp("report-data")
+    root = base / "images"
+    names = [TRICKY_NAME] + [f"img_{i:02d}.png" for i in range(13)]
+    _make_images(root, names)
+    rng = np.random.default_rng(0)
+    with open(root / "data.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "prompt", "mos_quality", "mos_align"])
+        for name in names:
+            w.writerow([name, "a picture", f"{rng.uniform(1, 5):.3f}", f"{rng.uniform(1, 5):.3f}"])
+    subsets = ["test"] * 5 + ["train"] * 5 + ["val"] * 4  # the tricky name is a test image
+    with open(base / "split.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "subset"])
+        w.writerows(zip(names, subsets, strict=True))
+    cache = base / "cache"
+    r = agiqa_cli("extract-semantics", "--model", tiny_llava, "--dataset", "agiqa-3k", "--root",
+                  root, "--out", cache, "-q", "--loader-workers", "0")
+    assert r.exit_code == 0, r.output
+    return ReportData(root, cache, base / "split.csv", names,
+                      [n for n, s in zip(names, subsets, strict=True) if s == "test"])
+
+
+def _report_fit(factory, data: ReportData, agiqa_cli, target: str) -> Path:
+    out = factory.mktemp(f"report-run-{target}") / "run"
+    with pytest.MonkeyPatch.context() as mp:  # its pixel cache is the test's, not the user's
+        mp.setenv("AGIQA_HOME", str(factory.mktemp("report-home")))
+        r = agiqa_cli("fit", "--dataset", "agiqa-3k", "--root", data.root, "--target", target,
+                      "--cache", data.cache, "--split", data.split, "--backbone", "tiny",
+                      "--no-pretrained", "--epochs", "2", "--batch-size", "2",
+                      "--loader-workers", "0", "-q", "--out", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def report_run(tmp_path_factory, report_data, agiqa_cli) -> Path:
+    """A real ``fit`` run on :func:`report_data` (backbone ``tiny``, 2 epochs), made once per
+    session: what the report tests read."""
+    return _report_fit(tmp_path_factory, report_data, agiqa_cli, "mos_quality")
+
+
+@pytest.fixture(scope="session")
+def report_run_align(tmp_path_factory, report_data, agiqa_cli) -> Path:
+    """The same run trained on AGIQA-3K's other target, ``mos_align``."""
+    return _report_fit(tmp_path_factory, report_data, agiqa_cli, "mos_align")
 
 
 MA_AGIQA_FIXTURE = Path(__file__).parent / "fixtures" / "ma_agiqa"

@@ -39,6 +39,7 @@ def _count_backbone_images(monkeypatch) -> list[int]:
     return seen
 
 
+@pytest.mark.slow
 def test_keys_computed_once_equal_the_frozen_backbone_run_every_step(graded, tmp_path,
                                                                     monkeypatch):
     """The head trained on keys computed once equals the head trained with the frozen backbone
@@ -93,6 +94,7 @@ def test_the_key_norm_needs_fixed_keys(tmp_path):
     assert r.exit_code == 1 and "--key-norm zscore needs" in r.output
 
 
+@pytest.mark.slow
 def test_last_epoch_selection_and_runs_on_keys_trained_together(graded, tmp_path):
     """--selection last keeps the last epoch; runs on keys trained together equal the same
     run alone."""

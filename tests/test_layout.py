@@ -1,6 +1,5 @@
 """The package's imports run one way: cli → pipeline → report → stages → models / cache / data →
-presets, runtime, options, errors, fileio, metrics, plots (``agiqa.testing`` sits beside the
-stages)."""
+presets, runtime, options, errors, fileio, metrics, plots."""
 
 from __future__ import annotations
 
@@ -10,9 +9,9 @@ from pathlib import Path
 import agiqa
 
 PACKAGE = Path(agiqa.__file__).parent
-LAYERS = {"cli": 0, "pipeline": 1, "report": 2, "stages": 3, "testing": 3, "models": 4,
+LAYERS = {"cli": 0, "pipeline": 1, "report": 2, "stages": 3, "models": 4,
           "cache": 4, "data": 4, "presets": 5, "runtime": 5, "errors": 5, "fileio": 5, "metrics": 5,
-          "options": 5, "plots": 5}
+          "options": 5, "plots": 5, "tomlio": 5}
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:

@@ -2,16 +2,13 @@
 the official vectors, and an imported official checkpoint scores a folder through mPLUG-Owl2."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from agiqa.cache import open_cache
-from agiqa.cli import cli
 from agiqa.data import normalize, read_pixels
 from agiqa.models.agiqa_net import load_model
 from agiqa.models.mllm import SemanticEncoder
@@ -27,19 +24,6 @@ FIXTURE = Path(__file__).parent / "fixtures" / "mplug_owl2"
 META = json.loads((FIXTURE / "expected.json").read_text(encoding="utf-8"))
 EXPECTED = dict(np.load(FIXTURE / "expected.npz"))
 ORDER = ["semantic_content", "coherence"]
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def owl2(tmp_path_factory):
-    """Copies of the committed tiny checkpoint and photos (nothing writes into the repository)."""
-    base = tmp_path_factory.mktemp("owl2")
-    shutil.copytree(FIXTURE / "checkpoint", base / "ckpt")
-    shutil.copytree(FIXTURE / "images", base / "images")
-    return base / "ckpt", base / "images"
 
 
 def _official_vectors() -> np.ndarray:
@@ -62,10 +46,11 @@ def test_the_official_turn_with_one_bos(owl2):
     assert ids == official and ids.count(1) == 1
 
 
-def test_extract_semantics_gives_the_official_vectors(owl2, tmp_path):
+def test_extract_semantics_gives_the_official_vectors(agiqa_cli, owl2, tmp_path):
     folder, images = owl2
-    r = run("extract-semantics", "--model", folder, "--images", images, "--out", tmp_path / "c",
-            "--batch-size", "3", "-q", "--loader-workers", "0")
+    r = agiqa_cli("extract-semantics", "--model", folder, "--images", images, "--out",
+                  tmp_path / "c",
+                  "--batch-size", "3", "-q", "--loader-workers", "0")
     assert r.exit_code == 0, r.output
     cache = open_cache(tmp_path / "c")
     assert cache.spec["recipe"] == {"turn": "USER: {prompt}\n<|image|> ASSISTANT:",
@@ -75,14 +60,15 @@ def test_extract_semantics_gives_the_official_vectors(owl2, tmp_path):
     np.testing.assert_allclose(got["vectors"].astype(np.float32), _official_vectors(),
                                rtol=2**-10, atol=1e-4)  # float16 storage precision
     assert ((got["zero_shot"] >= 1) & (got["zero_shot"] <= 5)).all()
-    unpadded = run("extract-semantics", "--model", folder, "--images", images, "--out",
-                   tmp_path / "u", "--no-pad-square", "-q", "--loader-workers", "0")
+    unpadded = agiqa_cli("extract-semantics", "--model", folder, "--images", images, "--out",
+                         tmp_path / "u", "--no-pad-square", "-q", "--loader-workers", "0")
     assert unpadded.exit_code == 0, unpadded.output
     plain = open_cache(tmp_path / "u").read(META["images"])["vectors"].astype(np.float32)
     assert np.abs(plain - _official_vectors()).max() > 1e-2
 
 
-def test_official_checkpoint_scores_a_folder_through_mplug_owl2(owl2, official_ma_agiqa, tmp_path):
+def test_official_checkpoint_scores_a_folder_through_mplug_owl2(agiqa_cli, owl2,
+                                                                official_ma_agiqa, tmp_path):
     """The official module's state dict at the tiny mPLUG-Owl2's width (64: the first 64 input
     columns of the semantic layers), imported and run by ``score-folder``, scores as the
     official-parity model (tests/test_model.py) does on the official vectors padded with zeros
@@ -91,12 +77,13 @@ def test_official_checkpoint_scores_a_folder_through_mplug_owl2(owl2, official_m
     checkpoint = official_ma_agiqa.checkpoint(semantic_dim=64)
     heads = str(official_ma_agiqa.model("narrow")["vit"]["num_heads"])
 
-    default = run("import-official", checkpoint, "--out", tmp_path / "x", "--vit-heads", heads)
+    default = agiqa_cli("import-official", checkpoint, "--out", tmp_path / "x", "--vit-heads",
+                        heads)
     assert default.exit_code == 1
     assert "width 64, but MAGAer13/mplug-owl2-llama2-7b gives 4096" in default.output
 
-    r = run("import-official", checkpoint, "--out", tmp_path / "m", "--mllm", folder,
-            "--dtype", "float32", "--vit-heads", heads)
+    r = agiqa_cli("import-official", checkpoint, "--out", tmp_path / "m", "--mllm", folder,
+                  "--dtype", "float32", "--vit-heads", heads)
     assert r.exit_code == 0, r.output
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     expected = official_semantics(str(folder), "float32")
@@ -104,8 +91,8 @@ def test_official_checkpoint_scores_a_folder_through_mplug_owl2(owl2, official_m
     assert config["semantics"]["model"] == str(folder.resolve())
     assert config["prompt_names"] == ORDER
 
-    scored = run("score-folder", images, "--model", tmp_path / "m", "--json", "-q",
-                 "--loader-workers", "0")
+    scored = agiqa_cli("score-folder", images, "--model", tmp_path / "m", "--json", "-q",
+                       "--loader-workers", "0")
     assert scored.exit_code == 0, scored.output
     rows = {row["path"]: row["score"] for row in json.loads(scored.stdout)["rows"]}
     assert sorted(rows) == sorted(META["images"])

@@ -104,7 +104,9 @@ COMMANDS = {
 }
 # Commands without a config, and why.
 NO_CONFIG = {("presets", "list"): "lists presets: --kind and --json only, no run to configure",
-             ("presets", "path"): "prints a folder, takes no option"}
+             ("presets", "path"): "prints a folder, takes no option",
+             ("experiment",): "runs an experiment plan (pipeline/experiment.py); its flags are "
+                              "not yet the fields of a config"}
 
 
 def _walk(group, path=()):

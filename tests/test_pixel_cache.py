@@ -6,9 +6,7 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from agiqa.cli import cli
 from agiqa.data.pixel_cache import PIXEL_BYTES, PixelCache
 
 FIT = ["--dataset", "csv", "--backbone", "tiny", "--no-pretrained", "--batch-size", "6",
@@ -35,25 +33,15 @@ def test_pixels_round_trip_and_damage_is_never_used(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_second_fit_decodes_none_of_the_images(graded, tmp_path, monkeypatch):
-    import agiqa.stages.predict as predict_module
-
+def test_a_second_fit_decodes_none_of_the_images(graded, tmp_path, agiqa_cli, decoded_names):
     root, cache = graded
     images = tmp_path / "images"
     shutil.copytree(root, images)
-    decoded: list[str] = []
-    original = predict_module.decode_image
-
-    def counting(data, name):
-        decoded.append(name)
-        return original(data, name)
-
-    monkeypatch.setattr(predict_module, "decode_image", counting)
+    decoded = decoded_names
 
     def fit(out, *extra):
-        r = CliRunner().invoke(cli, ["fit", *FIT, "--root", str(images), "--cache", str(cache),
-                                     "--out", str(tmp_path / out), *extra],
-                               catch_exceptions=False)
+        r = agiqa_cli("fit", *FIT, "--root", images, "--cache", cache, "--out", tmp_path / out,
+                      *extra)
         assert r.exit_code == 0, r.output
 
     n = sum(1 for _ in images.glob("*.jpg"))

@@ -29,7 +29,8 @@ def test_every_builtin_preset_loads_as_its_dataclass():
 
     folders = {p.name for p in resources.files("agiqa.presets").iterdir()
                if p.is_dir() and not p.name.startswith("_")}
-    assert set(KINDS) == folders == {"mllms", "prompts", "datasets", "backbones", "recipes"}
+    assert set(KINDS) == folders == {"mllms", "prompts", "datasets", "backbones", "recipes",
+                                     "plans"}
     assert {"cpu", "chat-template", "mplug-owl2-official"} <= set(list_presets("recipes"))
     with pytest.raises(ConfigError, match="unknown preset kind 'mllm'.*did you mean mllms"):
         list_presets("mllm")

@@ -1,4 +1,8 @@
-"""``agiqa report`` and ``score-folder --report``: content, bounds, escaping and bad input."""
+"""``agiqa report`` and ``score-folder --report``: content, bounds, escaping and bad input.
+
+Run pages are made from a real ``fit`` run (conftest's ``report_run``: a tiny backbone on
+generated images, once per session); score pages of thousands of rows from synthetic rows.
+"""
 
 import csv
 import json
@@ -6,16 +10,9 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from agiqa.cli import cli
 from agiqa.report.html import write_run_report, write_score_report
 from agiqa.report.sources import ImageRow
-from agiqa.testing.report_fixtures import TRICKY_NAME, make_images, make_run, make_score_rows
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 class _Tags(HTMLParser):
@@ -38,63 +35,59 @@ def parse(path):
     return p
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("report")
-    names = [TRICKY_NAME] + [f"img_{i:02d}.png" for i in range(9)]  # the first is a test image
-    return make_run(base / "run", base / "images", names=names, dataset="agiqa-3k",
-                    target="mos_quality")
-
-
-def test_run_report_shows_test_images_by_error_with_maps(tiny_run, tmp_path):
+@pytest.mark.slow
+def test_run_report_shows_test_images_by_error_with_maps(report_run, report_data, tmp_path):
     out = tmp_path / "r.html"
-    result = write_run_report(tiny_run, out)
+    result = write_run_report(report_run, out)
     page = parse(out)
     thumbs = [a for t, a in page.tags if t == "img" and a.get("class") == "thumb"]
     maps = [a for t, a in page.tags if t == "img" and a.get("class") == "map"]
-    assert result.images_shown == len(thumbs) == 5  # the test half of 10 images
+    assert result.images_shown == len(thumbs) == len(report_data.test) == 5
     assert len(maps) == 3 * len(thumbs)
     assert all(a["src"].startswith("data:image/") for t, a in page.tags if t == "img")
     # Sorted by absolute error, largest first, as predictions.csv has them.
-    with open(tiny_run / "predictions.csv", encoding="utf-8", newline="") as f:
+    with open(report_run / "predictions.csv", encoding="utf-8", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["subset"] == "test"]
     errors = {r["key"]: abs(float(r["score"]) - float(r["mos"])) for r in rows}
     shown = [a["alt"] for a in thumbs]
     assert shown == sorted(errors, key=lambda k: -errors[k])
     text = "".join(page.text)
     assert "MA-AGIQA paper" in text and "0.8939" in text and "0.9273" in text
-    assert "zero-shot scores not shown" in text  # the run records no cache
+    assert "zero-shot scores not shown" not in text  # read from the cache the run records
+    assert len(rows) == 5 and {r["key"] for r in rows} == set(report_data.test)
 
 
-def test_paper_figures_only_for_the_papers_data_set_and_target(tmp_path):
-    folder = make_run(tmp_path / "run", tmp_path / "images", n=4, dataset="agiqa-3k",
-                      target="mos_align")
-    write_run_report(folder, tmp_path / "r.html", maps=False)
+@pytest.mark.slow
+def test_paper_figures_only_for_the_papers_data_set_and_target(report_run_align, tmp_path):
+    write_run_report(report_run_align, tmp_path / "r.html", maps=False)
     assert "MA-AGIQA paper" not in (tmp_path / "r.html").read_text()
 
 
-def test_max_images_bounds_the_run_report(tiny_run, tmp_path):
-    r = run("report", tiny_run, "--out", tmp_path / "r.html", "--max-images", "2", "--no-maps",
-            "--json")
+@pytest.mark.slow
+def test_max_images_bounds_the_run_report(report_run, agiqa_cli, tmp_path):
+    r = agiqa_cli("report", report_run, "--out", tmp_path / "r.html", "--max-images", "2",
+                  "--no-maps", "--json")
     assert r.exit_code == 0, r.output
     result = json.loads(r.output)
     assert result["images_shown"] == 2 and result["images_total"] == 5
     assert "the 2 of 5 images with the largest absolute error" in (tmp_path / "r.html").read_text()
 
 
-def test_names_are_escaped(tiny_run, tmp_path):
+@pytest.mark.slow
+def test_names_are_escaped(report_run, tricky_name, tmp_path):
     out = tmp_path / "r.html"
-    write_run_report(tiny_run, out, maps=False)
+    write_run_report(report_run, out, maps=False)
     html = out.read_text(encoding="utf-8")
     page = parse(out)
     assert [t for t, _ in page.tags].count("script") == 1  # the page's own, nothing injected
     assert not any(t == "img" and "onerror" in a for t, a in page.tags)
     assert "<img src=q" not in html and "&lt;img src=q onerror=alert(1)&gt;&amp;amp;" in html
-    assert TRICKY_NAME in "".join(page.text)  # shown as written, newline included
+    assert tricky_name in "".join(page.text)  # shown as written, newline included
 
 
-def test_score_report_is_bounded_and_counts_every_score(tmp_path):
-    rows = make_score_rows(1000)
+def test_score_report_is_bounded_and_counts_every_score(synthetic_scores, make_images,
+                                                        tmp_path):
+    rows = synthetic_scores(1000)
     images = tmp_path / "images"
     ordered = sorted(rows, key=lambda r: r["score"])
     shown = ordered[:5] + ordered[-5:]
@@ -128,12 +121,14 @@ def _score_csv(path, rows):
         w.writerows(rows)
 
 
-def test_report_of_a_score_file_with_maps(tiny_run, tmp_path):
-    rows = make_score_rows(6)
+@pytest.mark.slow
+def test_report_of_a_score_file_with_maps(report_run, synthetic_scores, make_images, agiqa_cli,
+                                          tmp_path):
+    rows = synthetic_scores(6)
     make_images(tmp_path / "images", [r["path"] for r in rows])
     _score_csv(tmp_path / "scores.csv", rows)
-    r = run("report", tmp_path / "scores.csv", "--images", tmp_path / "images", "--model",
-            tiny_run, "--top-k", "2")
+    r = agiqa_cli("report", tmp_path / "scores.csv", "--images", tmp_path / "images", "--model",
+                  report_run, "--top-k", "2")
     assert r.exit_code == 0, r.output
     page = parse(tmp_path / "scores.html")
     assert sum(1 for t, a in page.tags if t == "img" and a.get("class") == "thumb") == 4
@@ -147,65 +142,70 @@ def test_report_of_a_score_file_with_maps(tiny_run, tmp_path):
     (lambda rows: rows[0].update(path="../secret.png"), "escapes the image root"),
     (lambda rows: [r.pop("gate_image") for r in rows], "unexpected columns path, score"),
 ])
-def test_a_score_csv_edited_by_hand_gets_one_line(tmp_path, edit, message):
-    rows = make_score_rows(4)
+def test_a_score_csv_edited_by_hand_gets_one_line(synthetic_scores, make_images, agiqa_cli,
+                                                  tmp_path,
+                                                  edit, message):
+    rows = synthetic_scores(4)
     make_images(tmp_path / "images", [r["path"] for r in rows])
     edit(rows)
     _score_csv(tmp_path / "scores.csv", rows)
-    r = run("report", tmp_path / "scores.csv", "--images", tmp_path / "images")
+    r = agiqa_cli("report", tmp_path / "scores.csv", "--images", tmp_path / "images")
     assert r.exit_code == 1
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], r.output
 
 
-def test_a_short_row_and_a_missing_image_are_named(tmp_path):
+def test_a_short_row_and_a_missing_image_are_named(agiqa_cli, tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "s.csv").write_text("path,score,gate_image\na.png,1.0\n")
-    r = run("report", tmp_path / "s.csv", "--images", tmp_path / "images")
+    r = agiqa_cli("report", tmp_path / "s.csv", "--images", tmp_path / "images")
     assert r.exit_code == 1 and "line 2: 2 fields, the header has 3" in r.output
     (tmp_path / "s.csv").write_text("path,score,gate_image\na.png,1.0,0.5\n")
-    r = run("report", tmp_path / "s.csv", "--images", tmp_path / "images")
+    r = agiqa_cli("report", tmp_path / "s.csv", "--images", tmp_path / "images")
     assert r.exit_code == 1 and "1 scored image(s) not under --images" in r.output
-    r = run("report", tmp_path / "s.csv")
+    r = agiqa_cli("report", tmp_path / "s.csv")
     assert r.exit_code != 0 and "--images DIR is required" in r.output
 
 
-def test_a_run_without_predictions_or_of_another_version(tiny_run, tmp_path):
+@pytest.mark.slow
+def test_a_run_without_predictions_or_of_another_version(report_run, agiqa_cli, tmp_path):
     import shutil
 
     bad = tmp_path / "run"
-    shutil.copytree(tiny_run, bad)
+    shutil.copytree(report_run, bad)
     (bad / "predictions.csv").unlink()
-    r = run("report", bad)
+    r = agiqa_cli("report", bad)
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
     assert "no predictions.csv" in r.output
 
-    shutil.copy(tiny_run / "predictions.csv", bad / "predictions.csv")
+    shutil.copy(report_run / "predictions.csv", bad / "predictions.csv")
     config = json.loads((bad / "config.json").read_text())
     config["agiqa_version"] = "0.0.7"
     (bad / "config.json").write_text(json.dumps(config))
-    r = run("report", bad)
+    r = agiqa_cli("report", bad)
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
     assert "written by agiqa 0.0.7" in r.output
 
-    r = run("report", tmp_path)
+    r = agiqa_cli("report", tmp_path)
     assert r.exit_code == 1 and "neither a run directory of fit" in r.output
 
 
-def test_a_run_whose_images_moved_names_the_root(tiny_run, tmp_path):
+@pytest.mark.slow
+def test_a_run_whose_images_moved_names_the_root(report_run, report_data, agiqa_cli, tmp_path):
     import shutil
 
     moved = tmp_path / "run"
-    shutil.copytree(tiny_run, moved)
+    shutil.copytree(report_run, moved)
     config = json.loads((moved / "config.json").read_text())
     config["training"]["root"] = str(tmp_path / "gone")
     (moved / "config.json").write_text(json.dumps(config))
-    r = run("report", moved, "--no-maps")
+    r = agiqa_cli("report", moved, "--no-maps")
     assert r.exit_code == 1 and "pass --root DIR" in r.output
-    r = run("report", moved, "--no-maps", "--root", tiny_run.parent / "images")
+    r = agiqa_cli("report", moved, "--no-maps", "--root", report_data.root)
     assert r.exit_code == 0, r.output
 
 
-def test_score_folder_report_must_be_html(tmp_path):
-    r = run("score-folder", tmp_path, "--model", tmp_path / "m", "--report", tmp_path / "s.csv")
+def test_score_folder_report_must_be_html(agiqa_cli, tmp_path):
+    r = agiqa_cli("score-folder", tmp_path, "--model", tmp_path / "m", "--report",
+                  tmp_path / "s.csv")
     assert r.exit_code == 64 and "--report: " in r.output and "does not end in .html" in r.output

@@ -12,7 +12,6 @@ import shutil
 import pytest
 
 from agiqa.report.html import score_rows, write_run_report, write_score_report
-from agiqa.testing.report_fixtures import TRICKY_NAME, make_images, make_run, make_score_rows
 
 
 def _chromium() -> str | None:
@@ -70,33 +69,31 @@ class Page:
         self.page.close()
 
 
-def test_run_report_in_chromium(browser, tmp_path):
-    folder = make_run(tmp_path / "run", tmp_path / "images",
-                      names=[TRICKY_NAME] + [f"img_{i}.png" for i in range(7)],
-                      dataset="agiqa-3k", target="mos_quality")
+@pytest.mark.slow
+def test_run_report_in_chromium(browser, report_run, report_data, tricky_name, tmp_path):
     out = tmp_path / "run.html"
-    write_run_report(folder, out)
+    write_run_report(report_run, out)
     page = Page(browser, out, tmp_path)
     p = page.page
-    assert p.locator("img.thumb").count() == 4
+    assert p.locator("img.thumb").count() == len(report_data.test)
     assert p.locator("#metrics tr").count() == 5
     assert p.locator("img.map:visible").count() == 0  # maps only on demand
     p.locator(".frame").first.click()
     assert p.locator("img.map:visible").count() == 1
     p.select_option("#map-kind", "share")
-    assert p.locator("img.map[data-kind=share]:visible").count() == 4
-    assert TRICKY_NAME in p.locator(".name").all_inner_texts()  # shown as text, not markup
+    assert p.locator("img.map[data-kind=share]:visible").count() == len(report_data.test)
+    assert tricky_name in p.locator(".name").all_inner_texts()  # shown as text, not markup
     page.clean()
     page.close()
 
 
-def test_score_report_in_chromium(browser, tmp_path):
-    rows = make_score_rows(300, seed=1)
+def test_score_report_in_chromium(browser, synthetic_scores, make_images, tricky_name, tmp_path):
+    rows = synthetic_scores(300, seed=1)
     ordered = sorted(rows, key=lambda r: r["score"])
     make_images(tmp_path / "images", [r["path"] for r in ordered[:10] + ordered[-10:]])
     items, gate_names = score_rows(rows, tmp_path / "images")
     out = tmp_path / "scores.html"
-    write_score_report(items, {TRICKY_NAME: "not an image"}, out, gate_names, top_k=10,
+    write_score_report(items, {tricky_name: "not an image"}, out, gate_names, top_k=10,
                        csv_href="scores.csv", source="images")
     page = Page(browser, out, tmp_path)
     p = page.page
@@ -112,19 +109,17 @@ def test_score_report_in_chromium(browser, tmp_path):
     assert first == ordered[0]["path"]
     p.select_option("#order", "best")
     assert p.locator(".card .name").first.inner_text() == ordered[-1]["path"]
-    assert p.locator("#failures td").first.inner_text() == TRICKY_NAME
+    assert p.locator("#failures td").first.inner_text() == tricky_name
     page.clean()
     page.close()
 
 
 @pytest.mark.slow
-def test_reports_of_a_trained_run_an_evaluation_and_a_scored_folder(browser, graded, tmp_path):
+def test_reports_of_a_trained_run_an_evaluation_and_a_scored_folder(browser, graded, agiqa_cli,
+                                                                     tmp_path):
     """fit → report, evaluate --out → report, score-folder --report: each page opens clean."""
-    from click.testing import CliRunner
-
-    from agiqa.cli import cli
     def run(*args):
-        r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        r = agiqa_cli(*args)
         assert r.exit_code in (0, 2), r.output
         return r
 

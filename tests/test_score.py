@@ -5,11 +5,9 @@ import json
 import shutil
 
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 import agiqa
-from agiqa.cli import cli
 from agiqa.errors import BadImageError
 
 # Each test runs the MLLM and a trained model on a CPU.
@@ -20,27 +18,24 @@ FIT = ["--dataset", "csv", "--backbone", "tiny", "--no-pretrained", "--batch-siz
 P = 2  # the paper's prompts: P rows per image in a forward pass
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
 @pytest.fixture(scope="module")
-def model_dir(graded, tmp_path_factory):  # noqa: F811
+def model_dir(agiqa_cli, graded, tmp_path_factory):  # noqa: F811
     root, cache = graded
     out = tmp_path_factory.mktemp("run") / "run"
     # Without -q, --json alone must keep progress and epoch lines off stdout.
-    r = run("fit", *[a for a in FIT if a != "-q"], "--root", root, "--cache", cache,
-            "--out", out, "--epochs", "1", "--json")
+    r = agiqa_cli("fit", *[a for a in FIT if a != "-q"], "--root", root, "--cache", cache,
+                  "--out", out, "--epochs", "1", "--json")
     assert r.exit_code == 0, r.output
     assert [x["name"] for x in json.loads(r.stdout)["runs"]] == ["seed 20"]
     return out
 
 
-def test_score_folder_scores_good_images_and_names_broken_ones(model_dir, photo_folder, tmp_path,
+def test_score_folder_scores_good_images_and_names_broken_ones(agiqa_cli, model_dir, photo_folder,
+                                                               tmp_path,
                                                                monkeypatch):
     root, kinds = photo_folder
-    r = run("score-folder", root, "--model", model_dir, "--out", tmp_path / "s.csv", "-q",
-            "--loader-workers", "0")
+    r = agiqa_cli("score-folder", root, "--model", model_dir, "--out", tmp_path / "s.csv", "-q",
+                  "--loader-workers", "0")
     assert r.exit_code == 2, r.output
     rows = list(csv.DictReader(open(tmp_path / "s.csv")))
     good = sorted(k for k, v in kinds.items() if v == "ok")
@@ -54,7 +49,8 @@ def test_score_folder_scores_good_images_and_names_broken_ones(model_dir, photo_
     # From inside the folder, `score-folder .` names the same relative paths, and the
     # content-keyed per-user cache already holds every vector.
     monkeypatch.chdir(root)
-    again = run("score-folder", ".", "--model", model_dir, "--json", "-q", "--loader-workers", "0")
+    again = agiqa_cli("score-folder", ".", "--model", model_dir, "--json", "-q",
+                      "--loader-workers", "0")
     data = json.loads(again.stdout)
     by_path = {row["path"]: row["score"] for row in data["rows"]}
     assert sorted(by_path) == good and data["summary"]["computed"] == 0
@@ -80,15 +76,18 @@ def test_score_folder_scores_good_images_and_names_broken_ones(model_dir, photo_
         scorer.score([root / "chelsea.png", root / "truncated.jpg"], errors="raise")
 
 
-def test_a_rewritten_image_is_extracted_again_and_json_output(model_dir, photo_folder, tmp_path):
+def test_a_rewritten_image_is_extracted_again_and_json_output(agiqa_cli, model_dir, photo_folder,
+                                                              tmp_path):
     root, _ = photo_folder
     folder = tmp_path / "changing"
     folder.mkdir()
     Image.open(root / "chelsea.png").save(folder / "x.png")
-    first = run("score-folder", folder, "--model", model_dir, "-q", "--out", tmp_path / "a.json")
+    first = agiqa_cli("score-folder", folder, "--model", model_dir, "-q", "--out",
+                      tmp_path / "a.json")
     assert first.exit_code == 0, first.output
     Image.open(root / "rocket.bmp").convert("RGB").save(folder / "x.png")
-    second = run("score-folder", folder, "--model", model_dir, "-q", "--out", tmp_path / "b.json")
+    second = agiqa_cli("score-folder", folder, "--model", model_dir, "-q", "--out",
+                       tmp_path / "b.json")
     assert second.exit_code == 0, second.output
     a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
     assert set(a) == {"rows", "failures", "summary", "skipped_files", "changed"}
@@ -98,29 +97,28 @@ def test_a_rewritten_image_is_extracted_again_and_json_output(model_dir, photo_f
     assert a["rows"][0]["zero_shot"] != b["rows"][0]["zero_shot"]
 
 
-def test_score_folder_reuses_the_vectors_extract_semantics_wrote(model_dir, photo_folder,
+def test_score_folder_reuses_the_vectors_extract_semantics_wrote(agiqa_cli, model_dir, photo_folder,
                                                                 tmp_path, tiny_llava,
                                                                 mllm_forwards):
     root, kinds = photo_folder
     cache = tmp_path / "cache"
-    r = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out", cache,
-            "-q", "--loader-workers", "0", "--batch-size", "4")
+    r = agiqa_cli("extract-semantics", "--model", tiny_llava, "--images", root, "--out", cache,
+                  "-q", "--loader-workers", "0", "--batch-size", "4")
     assert r.exit_code == 2, r.output  # the broken files
     good = sorted(k for k, v in kinds.items() if v == "ok")
     # Both prompts of a batch in one pass (rows prompt-major).
     assert len(mllm_forwards) == -(-len(good) // 4)
     assert set(mllm_forwards) <= {P * 4, P * (len(good) % 4)}
     mllm_forwards.clear()
-    s = run("score-folder", root, "--model", model_dir, "--cache", cache, "--json",
-            "--loader-workers", "0")
+    s = agiqa_cli("score-folder", root, "--model", model_dir, "--cache", cache, "--json",
+                  "--loader-workers", "0")
     assert s.exit_code == 2, s.output
     data = json.loads(s.stdout)
     assert mllm_forwards == [] and data["summary"]["computed"] == 0
     assert sorted(row["path"] for row in data["rows"]) == good
-    verify = run("cache", "verify", cache, "--json")
+    verify = agiqa_cli("cache", "verify", cache, "--json")
     report = json.loads(verify.stdout)
     assert report["missing"] == [] and report["changed"] == [] and report["checked"] == len(good)
-
 
 
 def _three_images(photos, folder):
@@ -130,18 +128,19 @@ def _three_images(photos, folder):
     return folder
 
 
-def test_an_image_changed_since_extraction_is_computed_again_with_cache(
+def test_an_image_changed_since_extraction_is_computed_again_with_cache(agiqa_cli,
         model_dir, photo_folder, tmp_path, tiny_llava, mllm_forwards):
     photos, _ = photo_folder
     folder = _three_images(photos, tmp_path / "imgs")
     cache = tmp_path / "cache"
-    r = run("extract-semantics", "--model", tiny_llava, "--images", folder, "--out", cache, "-q",
-            "--loader-workers", "0")
+    r = agiqa_cli("extract-semantics", "--model", tiny_llava, "--images", folder, "--out", cache,
+                  "-q",
+                  "--loader-workers", "0")
     assert r.exit_code == 0, r.output
     Image.open(photos / "astronaut.jpg").convert("RGB").save(folder / "coffee.png")
     mllm_forwards.clear()
-    s = run("score-folder", folder, "--model", model_dir, "--cache", cache, "-q",
-            "--loader-workers", "0", "--out", tmp_path / "s.json")
+    s = agiqa_cli("score-folder", folder, "--model", model_dir, "--cache", cache, "-q",
+                  "--loader-workers", "0", "--out", tmp_path / "s.json")
     assert s.exit_code == 0, s.output
     assert "recomputed 1 image(s) that changed since their vectors were cached: coffee.png" \
         in s.stderr
@@ -150,30 +149,31 @@ def test_an_image_changed_since_extraction_is_computed_again_with_cache(
     assert data["failures"] == {} and data["changed"] == ["coffee.png"]
     assert data["summary"]["computed"] == 1 and data["summary"]["changed"] == 1
     assert [row["path"] for row in data["rows"]] == ["chelsea.png", "coffee.png", "rocket.png"]
-    verify = json.loads(run("cache", "verify", cache, "--json").stdout)
+    verify = json.loads(agiqa_cli("cache", "verify", cache, "--json").stdout)
     assert verify["changed"] == [] and verify["missing"] == [] and verify["checked"] == 3
     # The same scores as from a cache filled with the new image from the start.
-    fresh = run("score-folder", folder, "--model", model_dir, "--cache", tmp_path / "fresh",
-                "-q", "--loader-workers", "0", "--json")
+    fresh = agiqa_cli("score-folder", folder, "--model", model_dir, "--cache", tmp_path / "fresh",
+                      "-q", "--loader-workers", "0", "--json")
     expected = {row["path"]: row for row in json.loads(fresh.stdout)["rows"]}
     for row in data["rows"]:
         assert abs(row["score"] - expected[row["path"]]["score"]) < 1e-4, row["path"]
         assert abs(row["zero_shot"] - expected[row["path"]]["zero_shot"]) < 1e-4, row["path"]
     mllm_forwards.clear()
-    again = json.loads(run("score-folder", folder, "--model", model_dir, "--cache", cache, "-q",
-                           "--loader-workers", "0", "--json").stdout)
+    again = json.loads(agiqa_cli("score-folder", folder, "--model", model_dir, "--cache", cache,
+                       "-q",
+                                 "--loader-workers", "0", "--json").stdout)
     assert mllm_forwards == [] and again["changed"] == [] and again["summary"]["computed"] == 0
 
 
-def test_a_changed_image_that_breaks_or_changes_again_while_recomputed_fails(
+def test_a_changed_image_that_breaks_or_changes_again_while_recomputed_fails(agiqa_cli,
         model_dir, photo_folder, tmp_path, tiny_llava, monkeypatch):
     import agiqa.stages.scoring.vectors as score_module  # VectorProvider.recompute extracts
 
     photos, _ = photo_folder
     folder = _three_images(photos, tmp_path / "imgs")
     cache = tmp_path / "cache"
-    assert run("extract-semantics", "--model", tiny_llava, "--images", folder, "--out", cache,
-               "-q", "--loader-workers", "0").exit_code == 0
+    assert agiqa_cli("extract-semantics", "--model", tiny_llava, "--images", folder, "--out", cache,
+                     "-q", "--loader-workers", "0").exit_code == 0
     astronaut = Image.open(photos / "astronaut.jpg").convert("RGB")
     astronaut.save(folder / "coffee.png")
     astronaut.save(folder / "rocket.png")
@@ -195,18 +195,19 @@ def test_a_changed_image_that_breaks_or_changes_again_while_recomputed_fails(
     assert report.changed == ["rocket.png"] and report.computed == 1
 
 
-def test_a_new_cache_is_rooted_at_the_folder_and_batch_size_is_honoured(model_dir, photo_folder,
+def test_a_new_cache_is_rooted_at_the_folder_and_batch_size_is_honoured(agiqa_cli, model_dir,
+                                                                        photo_folder,
                                                                        tmp_path, mllm_forwards):
     root, kinds = photo_folder
     good = sorted(k for k, v in kinds.items() if v == "ok")
     cache = tmp_path / "new-cache"
-    s = run("score-folder", root, "--model", model_dir, "--cache", cache, "-q", "--json",
-            "--batch-size", "3", "--loader-workers", "0")
+    s = agiqa_cli("score-folder", root, "--model", model_dir, "--cache", cache, "-q", "--json",
+                  "--batch-size", "3", "--loader-workers", "0")
     assert json.loads(s.stdout)["summary"]["computed"] == len(good)
     assert len(mllm_forwards) == -(-len(good) // 3) and max(mllm_forwards) == P * 3
-    info = json.loads(run("cache", "info", cache, "--json").stdout)
+    info = json.loads(agiqa_cli("cache", "info", cache, "--json").stdout)
     assert info["root"] == str(root.resolve()) and info["images"] == len(good)
-    assert run("cache", "verify", cache).exit_code == 2  # only the broken files: failed
+    assert agiqa_cli("cache", "verify", cache).exit_code == 2  # only the broken files: failed
     # PIL images are batched by batch_size too.
     mllm_forwards.clear()
     scorer = agiqa.Scorer.from_pretrained(model_dir, batch_size=2)
@@ -215,12 +216,13 @@ def test_a_new_cache_is_rooted_at_the_folder_and_batch_size_is_honoured(model_di
     assert mllm_forwards == [P * 2, P * 2, P * 1]
 
 
-def test_a_cache_of_another_mllm_is_refused(model_dir, photo_folder, tmp_path, tiny_qwen):
+def test_a_cache_of_another_mllm_is_refused(agiqa_cli, model_dir, photo_folder, tmp_path,
+                                            tiny_qwen):
     root, _ = photo_folder
     other = tmp_path / "qwen-cache"
-    run("extract-semantics", "--model", tiny_qwen, "--images", root, "--out", other, "-q",
-        "--loader-workers", "0")
-    s = run("score-folder", root, "--model", model_dir, "--cache", other)
+    agiqa_cli("extract-semantics", "--model", tiny_qwen, "--images", root, "--out", other, "-q",
+              "--loader-workers", "0")
+    s = agiqa_cli("score-folder", root, "--model", model_dir, "--cache", other)
     assert s.exit_code == 1
     error = s.output.strip().splitlines()[-1]
     assert error.startswith(f"Error: cache {other} has fingerprint")
@@ -235,7 +237,7 @@ def _hub_repo(hub, source, commits, main):
     (repo / "refs" / "main").write_text(main)
 
 
-def test_the_recorded_revision_is_used_and_a_gone_one_is_named(model_dir, photo_folder,
+def test_the_recorded_revision_is_used_and_a_gone_one_is_named(agiqa_cli, model_dir, photo_folder,
                                                                tmp_path, tiny_llava,
                                                                monkeypatch):
     """A hub repository (a local hub cache, offline) whose main moved on since training."""
@@ -260,8 +262,8 @@ def test_the_recorded_revision_is_used_and_a_gone_one_is_named(model_dir, photo_
     shutil.copy(root / "chelsea.png", folder)
 
     def score(*extra):
-        return run("score-folder", folder, "--model", run_dir, "-q", "--loader-workers", "0",
-                   *extra)
+        return agiqa_cli("score-folder", folder, "--model", run_dir, "-q", "--loader-workers", "0",
+                         *extra)
 
     ok = score("--json")
     assert ok.exit_code == 0, ok.output
@@ -281,28 +283,29 @@ def test_the_recorded_revision_is_used_and_a_gone_one_is_named(model_dir, photo_
     assert json.loads(moved.stdout)["summary"]["computed"] == 2  # vectors of another revision
 
 
-def test_model_without_semantics_is_refused(official_ma_agiqa, tmp_path):
+def test_model_without_semantics_is_refused(agiqa_cli, official_ma_agiqa, tmp_path):
     from agiqa.models.official import import_official
 
     # The official module's state dict (tests/fixtures/ma_agiqa) at semantic width 16.
     import_official(official_ma_agiqa.checkpoint(semantic_dim=16), tmp_path / "m")
-    r = run("score-folder", tmp_path, "--model", tmp_path / "m")
+    r = agiqa_cli("score-folder", tmp_path, "--model", tmp_path / "m")
     assert r.exit_code == 1 and "agiqa import-official" in r.output
 
 
-def test_json_output_is_json_alone_on_stdout(graded, model_dir, tmp_path, tiny_llava):  # noqa: F811
+def test_json_output_is_json_alone_on_stdout(agiqa_cli, graded, model_dir, tmp_path, tiny_llava):  # noqa: F811
     """--json without -q: progress lines must not reach stdout (fit: the model_dir fixture)."""
     root, cache = graded
     outputs = {
-        "extract-semantics": run("extract-semantics", "--model", tiny_llava, "--dataset", "csv",
-                                 "--root", root, "--out", cache, "--loader-workers", "0",
-                                 "--json"),
-        "evaluate": run("evaluate", "--model", model_dir, "--dataset", "csv", "--root", root,
-                        "--cache", cache, "--json"),
-        "score-folder": run("score-folder", root, "--model", model_dir, "--cache", cache,
-                            "--loader-workers", "0", "--json"),
-        "cache info": run("cache", "info", cache, "--json"),
-        "cache verify": run("cache", "verify", cache, "--json"),
+        "extract-semantics": agiqa_cli("extract-semantics", "--model", tiny_llava, "--dataset",
+                                       "csv",
+                                       "--root", root, "--out", cache, "--loader-workers", "0",
+                                       "--json"),
+        "evaluate": agiqa_cli("evaluate", "--model", model_dir, "--dataset", "csv", "--root", root,
+                              "--cache", cache, "--json"),
+        "score-folder": agiqa_cli("score-folder", root, "--model", model_dir, "--cache", cache,
+                                  "--loader-workers", "0", "--json"),
+        "cache info": agiqa_cli("cache", "info", cache, "--json"),
+        "cache verify": agiqa_cli("cache", "verify", cache, "--json"),
     }
     for name, r in outputs.items():
         assert r.exit_code == 0, (name, r.output)
@@ -310,3 +313,77 @@ def test_json_output_is_json_alone_on_stdout(graded, model_dir, tmp_path, tiny_l
         assert isinstance(data, dict) and data, name
     assert json.loads(outputs["extract-semantics"].stdout)["reused"] == 30
     assert len(json.loads(outputs["score-folder"].stdout)["rows"]) == 30
+
+
+@pytest.mark.parametrize("make", ["I;16", "I", "exif", "palette_alpha"])
+def test_an_in_memory_image_scores_exactly_as_its_file(model_dir, tmp_path, real_photos, make):
+    """``Scorer.score`` decodes a PIL image by the rules of files: a 16-bit or 32-bit image,
+    an EXIF-rotated JPEG and a palette with transparency score as the same image saved to a
+    file (not as PIL's ``convert("RGB")`` of it)."""
+    import numpy as np
+
+    photo = Image.fromarray(real_photos()["chelsea"]).resize((120, 80))
+    path = tmp_path / "x.png"
+    if make == "I;16":
+        img = Image.fromarray(np.asarray(photo.convert("L"), np.uint16) * 257)
+        assert img.mode == "I;16"
+    elif make == "I":
+        img, path = Image.fromarray(np.asarray(photo.convert("L"), np.int32) * 257), \
+            tmp_path / "x.tif"
+    elif make == "exif":
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotate 90° on display
+        path = tmp_path / "x.jpg"
+        photo.save(path, quality=92, exif=exif.tobytes())
+        img = Image.open(path)
+    else:
+        img = photo.convert("P", palette=Image.ADAPTIVE)
+        img.info["transparency"] = 0
+    if make != "exif":
+        img.save(path)
+    scorer = agiqa.Scorer.from_pretrained(model_dir, batch_size=1, loader_workers=0)
+    from_file = scorer.score([path])[0]
+    in_memory = scorer.score([img])[0]
+    assert from_file["error"] is None and in_memory["error"] is None
+    for column in ("score", "gate_image", "zero_shot"):
+        assert in_memory[column] == pytest.approx(from_file[column], abs=1e-5), column
+
+
+def test_evaluate_and_scoring_share_the_pixel_cache_of_fit(model_dir, graded, decoded_names):
+    """The model's pixels decoded by ``evaluate`` are kept, and a second evaluate and a
+    ``score-folder`` on the same images decode none of them."""
+    root, cache = graded
+    seen = decoded_names
+    n = len(list(root.glob("*.jpg")))
+    first = agiqa.evaluate(model_dir, dataset="csv", root=root, cache=cache, split="all",
+                           loader_workers=0, progress=False)
+    assert len(seen) == n
+    seen.clear()
+    again = agiqa.evaluate(model_dir, dataset="csv", root=root, cache=cache, split="all",
+                           loader_workers=0, progress=False)
+    assert seen == [] and again["srcc"] == first["srcc"]
+    report = agiqa.Scorer.from_pretrained(model_dir, cache_dir=cache, loader_workers=0) \
+        .score_folder(root)
+    assert seen == [] and report.computed == 0 and len(report.rows) == n
+    off = agiqa.Scorer.from_pretrained(model_dir, cache_dir=cache, loader_workers=0,
+                                       pixel_cache=False).score_folder(root)
+    assert len(seen) == n and [r["score"] for r in off.rows] == [r["score"] for r in report.rows]
+
+
+def test_a_killed_loader_in_scoring_and_evaluate_names_the_image(model_dir, graded, tmp_path,
+                                                                 kill_loader_on, deadline):
+    """A loader process killed by the operating system while it reads an image: score-folder
+    fails that image by name and scores the rest; evaluate stops with one line naming it.
+    Neither hangs (the deadline)."""
+    root, cache = graded
+    victim = "coffee_2.jpg"
+    kill_loader_on(victim)
+    report = agiqa.Scorer.from_pretrained(model_dir, cache_dir=cache, loader_workers=2) \
+        .score_folder(root)
+    from agiqa.data.loader import KILLED
+
+    assert report.failures == {victim: KILLED}
+    assert len(report.rows) == len(list(root.glob("*.jpg"))) - 1
+    with pytest.raises(BadImageError, match=f"{victim}: its loader process was killed"):
+        agiqa.evaluate(model_dir, dataset="csv", root=root, cache=cache, split="all",
+                       loader_workers=2, progress=False)

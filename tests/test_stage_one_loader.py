@@ -4,7 +4,6 @@ loader-process default; bad files and killed loader processes fail alone, by nam
 import io
 import os
 import shutil
-import signal
 import struct
 import zlib
 from pathlib import Path
@@ -14,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-import agiqa.stages.extraction.extract as semantics
 from agiqa.cache import open_cache
 from agiqa.models.mllm import SemanticEncoder
 from agiqa.models.mllm.mplug_owl2_processing import MplugOwl2ImageProcessor
@@ -31,27 +29,6 @@ from agiqa.stages.extraction.extract import (
 FIXTURE = Path(__file__).parent / "fixtures" / "mplug_owl2"
 
 
-@pytest.fixture(scope="module")
-def owl2(tmp_path_factory):
-    base = tmp_path_factory.mktemp("owl2")
-    shutil.copytree(FIXTURE / "checkpoint", base / "ckpt")
-    shutil.copytree(FIXTURE / "images", base / "images")
-    return base / "ckpt", base / "images"
-
-
-@pytest.fixture
-def deadline():
-    """Fail a test that would hang instead of hanging the suite."""
-    def hung(*_):
-        raise TimeoutError("the run hung")
-
-    old = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(240)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
-
-
 def test_uint8_pixels_normalise_to_the_processors_floats_bit_for_bit():
     proc = MplugOwl2ImageProcessor()
     rng = np.random.default_rng(0)
@@ -65,6 +42,7 @@ def test_uint8_pixels_normalise_to_the_processors_floats_bit_for_bit():
     assert np.array_equal(got.numpy(), floats)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["tiny_llava", "tiny_qwen25"])
 def test_hf_pixels_leave_the_loader_as_uint8_and_equal_the_processors(family, request,
                                                                       photo_folder, tmp_path,
@@ -137,16 +115,9 @@ def _bomb_png() -> bytes:
     return bytes(data)
 
 
-def _kill_on_marked(real):
-    def load(path, name=None):
-        if "kill_me" in str(path):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(path, name)
-    return load
-
-
+@pytest.mark.slow
 def test_per_image_loading_fails_bad_files_and_killed_loaders_alone(owl2, tmp_path,
-                                                                    monkeypatch, deadline):
+                                                                    kill_loader_on, deadline):
     """mPLUG-Owl2 loads per image: a decompression bomb, a truncated file and an image whose
     loader process is killed each fail by name; the rest equal a clean in-process run."""
     folder, images = owl2
@@ -160,7 +131,7 @@ def test_per_image_loading_fails_bad_files_and_killed_loaders_alone(owl2, tmp_pa
     whole = first.read_bytes()
     (dirty / "truncated.jpg").write_bytes(whole[: len(whole) // 2] if first.suffix == ".jpg"
                                           else b"\xff\xd8\xff\xe0" + b"\0" * 40)
-    monkeypatch.setattr(semantics, "load_image", _kill_on_marked(semantics.load_image))
+    kill_loader_on("kill_me")
     enc = SemanticEncoder(str(folder), load_prompts("paper")).load()
     assert enc.prepare.uint8_pixels
     ref = extract_semantics(ExtractConfig(out=tmp_path / "a", model=str(folder), batch_size=2,
@@ -181,8 +152,10 @@ def test_per_image_loading_fails_bad_files_and_killed_loaders_alone(owl2, tmp_pa
     np.testing.assert_allclose(a["zero_shot"], b["zero_shot"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_batch_loading_retries_the_batch_of_a_killed_loader(tiny_qwen, photo_folder, tmp_path,
-                                                            monkeypatch, deadline):
+                                                            monkeypatch, kill_loader_on,
+                                                            deadline):
     """A processor that runs whole in the loader (per batch; any processor whose pixels are
     not split): the batch of a killed loader process is run again one image at a time; only
     the marked image fails."""
@@ -193,7 +166,7 @@ def test_batch_loading_retries_the_batch_of_a_killed_loader(tiny_qwen, photo_fol
     for k in good:
         shutil.copy(root / k, folder / Path(k).name)
     shutil.copy(root / good[0], folder / ("kill_me" + Path(good[0]).suffix))
-    monkeypatch.setattr(semantics, "load_image", _kill_on_marked(semantics.load_image))
+    kill_loader_on("kill_me")
     cfg = ExtractConfig(out=tmp_path / "c", model=str(tiny_qwen), batch_size=3,
                         loader_workers=1, progress=False)
     enc = SemanticEncoder(str(tiny_qwen), load_prompts("paper"))

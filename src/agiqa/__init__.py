@@ -30,12 +30,14 @@ if TYPE_CHECKING:
     from agiqa.pipeline.api import (
         EvaluateConfig,
         EvaluateResult,
+        ExperimentTable,
         ExtractConfig,
         FitConfig,
         FitResult,
         ReportConfig,
         ScoreConfig,
         evaluate,
+        experiment,
         extract_semantics,
         fit,
         score_folder,
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
 _WHERE = {
     "extract_semantics": "agiqa.pipeline.api", "fit": "agiqa.pipeline.api",
     "evaluate": "agiqa.pipeline.api", "score_folder": "agiqa.pipeline.api",
+    "experiment": "agiqa.pipeline.api", "ExperimentTable": "agiqa.pipeline.api",
     "ExtractConfig": "agiqa.pipeline.api", "FitConfig": "agiqa.pipeline.api",
     "EvaluateConfig": "agiqa.pipeline.api", "ScoreConfig": "agiqa.pipeline.api",
     "ReportConfig": "agiqa.pipeline.api", "EvaluateResult": "agiqa.pipeline.api",
@@ -63,11 +66,11 @@ _WHERE = {
     "load_model": "agiqa.models.agiqa_net", "AgiqaNet": "agiqa.models.agiqa_net",
 }
 
-__all__ = ["AgiqaNet", "Dataset", "EvaluateConfig", "EvaluateResult", "ExtractConfig",
-           "ExtractReport", "FitConfig", "FitResult", "ReportConfig", "ScoreConfig", "ScoreReport",
-           "Scorer", "SemanticCache", "__version__", "evaluate", "extract_semantics", "fit",
-           "list_presets", "load_dataset", "load_model", "open_cache", "score_folder",
-           "write_report"]
+__all__ = ["AgiqaNet", "Dataset", "EvaluateConfig", "EvaluateResult", "ExperimentTable",
+           "ExtractConfig", "ExtractReport", "FitConfig", "FitResult", "ReportConfig",
+           "ScoreConfig", "ScoreReport", "Scorer", "SemanticCache", "__version__", "evaluate",
+           "experiment", "extract_semantics", "fit", "list_presets", "load_dataset", "load_model",
+           "open_cache", "score_folder", "write_report"]
 
 
 def __getattr__(name: str):

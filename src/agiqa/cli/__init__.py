@@ -7,7 +7,15 @@ Library code raises :class:`agiqa.errors.AgiqaError`; only the CLI turns errors 
 
 from __future__ import annotations
 
-from agiqa.cli import cache, fit, presets, report, score, semantics  # noqa: F401 - register
+from agiqa.cli import (  # noqa: F401 - register
+    cache,
+    experiment,
+    fit,
+    presets,
+    report,
+    score,
+    semantics,
+)
 from agiqa.cli.common import cli
 
 __all__ = ["cli", "main"]

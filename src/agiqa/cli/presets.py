@@ -16,6 +16,8 @@ _COLUMNS = {
     "backbones": [("timm model", "timm_name"), ("width", "width"),
                   ("MANIQA width", "maniqa_width")],
     "recipes": [("used by", "used_by")],
+    "plans": [("runs per cell", "repeats"), ("data sets", "datasets"),
+              ("variants", "variants")],
 }
 
 
@@ -46,11 +48,11 @@ def _print_kind(kind: str, rows: list[dict]) -> None:
 
 @cli.group(context_settings=CONTEXT)
 def presets():
-    """The named MLLMs, prompt sets, data sets, backbones and recipes.
+    """The named MLLMs, prompt sets, data sets, backbones, recipes and experiment plans.
 
     Your own presets: JSON files in $AGIQA_HOME/presets/<kind>/<name>.json (AGIQA_HOME defaults
-    to ~/.cache/agiqa), in the schema of the built-in ones; a file named like a built-in preset
-    replaces it.
+    to ~/.cache/agiqa), in the schema of the built-in ones (plans: <name>.toml); a file named
+    like a built-in preset replaces it.
 
     \b
     Examples:
@@ -72,7 +74,8 @@ def presets_path():
 
 @presets.command("list", context_settings=CONTEXT)
 @click.option("--kind", "kinds", multiple=True,
-              type=click.Choice(["mllms", "prompts", "datasets", "backbones", "recipes"]),
+              type=click.Choice(["mllms", "prompts", "datasets", "backbones", "recipes",
+                                 "plans"]),
               help="Only this kind (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: {kind: [preset, ...]}.")
 @handle_errors

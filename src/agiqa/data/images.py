@@ -33,6 +33,7 @@ __all__ = [
     "read_image_bytes",
     "load_image",
     "normalize_key",
+    "prepare_image",
     "regular_file",
     "resolve_key",
 ]
@@ -62,6 +63,21 @@ def _to_rgb(img: Image.Image, name: str) -> Image.Image:
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def prepare_image(img: Image.Image, name: str) -> Image.Image:
+    """An image already in memory (a PIL image) under the rules of files: EXIF orientation
+    applied, 16-bit samples shifted, palette and alpha as OpenCV reads them, 32-bit and
+    floating-point samples refused; so it gives the pixels of the same image read from a file.
+    Raises :class:`BadImageError` naming ``name``."""
+    try:
+        img.load()
+        return _to_rgb(ImageOps.exif_transpose(img), name)
+    except BadImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadImageError(name, f"cannot read the image: {str(e) or type(e).__name__}") \
+            from None
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:

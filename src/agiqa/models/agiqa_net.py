@@ -62,13 +62,18 @@ class ModelConfig:
     # None: PyTorch's default initialisation, as the official code. The tiny preset starts the
     # patch-score bias positive so its narrow ReLU head is alive (training from scratch only).
     score_bias_init: float | None = None
+    # Ablations (not in the paper): the prompts whose semantic experts are used (indices into
+    # the vectors' P prompts; None: all), the image expert, the fusion (moe, concat, mean).
+    semantic_experts: list[int] | None = None
+    image_expert: bool = True
+    fusion: str = "moe"
 
     @classmethod
     def for_backbone(cls, backbone: str, num_prompts: int, semantic_dim: int,
-                     drop: float | None = None) -> ModelConfig:
+                     drop: float | None = None, **ablation: Any) -> ModelConfig:
         extra = {} if drop is None else {"drop": drop}
         return cls(backbone=backbone, num_prompts=num_prompts, semantic_dim=semantic_dim,
-                   **backbone_architecture(backbone), **extra)
+                   **backbone_architecture(backbone), **extra, **ablation)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,7 +176,8 @@ class AgiqaNet(nn.Module):
         self.backbone = ManiqaBackbone(vit, cfg.feature_blocks, cfg.maniqa_dim, cfg.grid,
                                        cfg.swin_heads, cfg.window_size, cfg.dim_mlp, cfg.drop,
                                        cfg.score_bias_init)
-        self.head = MoEHead(cfg.num_prompts, cfg.semantic_dim, cfg.grid * cfg.grid, cfg.drop)
+        self.head = MoEHead(cfg.num_prompts, cfg.semantic_dim, cfg.grid * cfg.grid, cfg.drop,
+                            cfg.semantic_experts, cfg.image_expert, cfg.fusion)
 
     @staticmethod
     def _check_inputs(pixels: torch.Tensor, semantics: torch.Tensor) -> None:
@@ -204,7 +210,9 @@ class AgiqaNet(nn.Module):
 
 def create_model(backbone: str = "vit_base_patch8_224", num_prompts: int = 2,
                  semantic_dim: int = 4096, pretrained: bool | None = False,
-                 backbone_weights: str | None = None, drop: float | None = None) -> AgiqaNet:
+                 backbone_weights: str | None = None, drop: float | None = None,
+                 semantic_experts: list[int] | None = None, image_expert: bool = True,
+                 fusion: str = "moe") -> AgiqaNet:
     """A new MA-AGIQA network.
 
     Args:
@@ -214,9 +222,14 @@ def create_model(backbone: str = "vit_base_patch8_224", num_prompts: int = 2,
         pretrained: start the ViT from ``pretrained_name(backbone)``; None: when it has one.
         backbone_weights: a local file of those weights (offline machines).
         drop: dropout of the MANIQA and MoE layers (None: the paper's 0.1).
+        semantic_experts: the prompts (indices) whose semantic experts are used (None: all).
+        image_expert: use the image expert (the MANIQA key).
+        fusion: ``moe`` (the paper's gate), ``concat`` or ``mean`` (:class:`MoEHead`).
     """
     pretrained = resolve_pretrained(backbone, pretrained, backbone_weights)
-    cfg = ModelConfig.for_backbone(backbone, num_prompts, semantic_dim, drop)
+    cfg = ModelConfig.for_backbone(backbone, num_prompts, semantic_dim, drop,
+                                   semantic_experts=semantic_experts, image_expert=image_expert,
+                                   fusion=fusion)
     return AgiqaNet(cfg, pretrained=pretrained, backbone_weights=backbone_weights)
 
 

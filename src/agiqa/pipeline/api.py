@@ -19,6 +19,9 @@ argument and the other fields as keyword arguments, and returns a typed result w
 A keyword that is not an option raises :class:`~agiqa.errors.ConfigError` with the close names
 (``fit(epoch=3)``: ``did you mean 'epochs'?``); values are checked against the same types,
 choices and bounds as on the command line.
+
+``agiqa.experiment(plan, out=...)`` (``agiqa experiment``) runs a plan of such runs and returns
+the table (:class:`ExperimentTable`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any, TypeVar
 from agiqa.data.datasets import load_dataset
 from agiqa.errors import ConfigError, UsageError
 from agiqa.options import check_known, cli_naming, spell
+from agiqa.pipeline.experiment import ExperimentTable, experiment
 from agiqa.presets import load_options_recipe
 from agiqa.report.html import ReportResult
 from agiqa.stages.configs import EvaluateConfig, ExtractConfig, FitConfig, ReportConfig, ScoreConfig
@@ -40,9 +44,9 @@ from agiqa.stages.scoring.results import ScoreReport
 from agiqa.stages.scoring.scorer import Scorer
 from agiqa.stages.training.fit import FitResult, fit_repeats
 
-__all__ = ["EvaluateConfig", "EvaluateResult", "ExtractConfig", "FitConfig", "FitResult",
-           "ReportConfig", "ScoreConfig", "evaluate", "extract_semantics", "fit", "image_source",
-           "score_folder", "write_report"]
+__all__ = ["EvaluateConfig", "EvaluateResult", "ExperimentTable", "ExtractConfig", "FitConfig",
+           "FitResult", "ReportConfig", "ScoreConfig", "evaluate", "experiment",
+           "extract_semantics", "fit", "image_source", "score_folder", "write_report"]
 
 C = TypeVar("C")
 

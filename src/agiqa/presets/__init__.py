@@ -1,8 +1,9 @@
 """Named presets kept as data: ``presets/<kind>/<name>.json``, looked up by file stem.
 
-Kinds: ``mllms``, ``prompts``, ``datasets``, ``backbones`` and ``recipes`` (stage one's way of
+Kinds: ``mllms``, ``prompts``, ``datasets``, ``backbones``, ``recipes`` (stage one's way of
 reading an image, chosen by the MLLM; or a command's options, chosen with ``--recipe``, such as
-``cpu`` for ``fit``). Built-in presets ship inside the
+``cpu`` for ``fit``) and ``plans`` (experiment plans, ``presets/plans/<name>.toml``, read by
+:mod:`agiqa.pipeline.experiment`). Built-in presets ship inside the
 package; a user adds presets (or overrides a built-in one of the same name) with files in
 ``$AGIQA_HOME/presets/<kind>/<name>.json`` (``AGIQA_HOME`` defaults to ``~/.cache/agiqa``).
 Each file becomes a typed dataclass, ``Cls(**d)``, so an unknown key raises
@@ -34,6 +35,7 @@ __all__ = [
     "DatasetPreset",
     "MllmPreset",
     "OptionsRecipe",
+    "PlanPreset",
     "PromptSet",
     "Recipe",
     "agiqa_home",
@@ -44,6 +46,7 @@ __all__ = [
     "load_dataset_preset",
     "load_mllm_preset",
     "load_options_recipe",
+    "load_plan_preset",
     "load_prompt_preset",
     "load_prompts",
     "load_recipe",
@@ -56,7 +59,10 @@ DEFAULT_MLLM = "mplug-owl2"
 DEFAULT_PROMPTS = "paper"
 # Preset kinds (folder name → what one preset is, for messages).
 KINDS: dict[str, str] = {"mllms": "MLLM", "prompts": "prompt", "datasets": "data set",
-                         "backbones": "backbone", "recipes": "recipe"}
+                         "backbones": "backbone", "recipes": "recipe",
+                         "plans": "experiment plan"}
+# The file suffix of a kind's presets (JSON unless named here).
+_SUFFIX: dict[str, str] = {"plans": ".toml"}
 # A Hugging Face repository id: owner/name, each part starting with a letter or digit.
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -69,15 +75,16 @@ def _preset_files(kind: str) -> dict[str, tuple[Any, bool]]:
     """Name → (file, is the user's) of every preset of ``kind``; a user's file shadows a
     built-in one of the same name."""
     files: dict[str, tuple[Any, bool]] = {}
+    suffix = _SUFFIX.get(kind, ".json")
     builtin = resources.files("agiqa.presets") / kind
     if builtin.is_dir():
-        files.update({p.name[:-5]: (p, False) for p in builtin.iterdir()
-                      if p.name.endswith(".json")})
+        files.update({p.name[: -len(suffix)]: (p, False) for p in builtin.iterdir()
+                      if p.name.endswith(suffix)})
     user = _user_dir(kind)
     if user.is_dir():
         # Only regular files: a FIFO or a folder named *.json is not a preset (and a FIFO
         # would block the reader forever).
-        files.update({p.stem: (p, True) for p in user.glob("*.json") if p.is_file()})
+        files.update({p.stem: (p, True) for p in user.glob(f"*{suffix}") if p.is_file()})
     return files
 
 
@@ -330,6 +337,42 @@ def load_backbone_preset(name: str) -> BackbonePreset:
                   f"backbone preset {name}")
 
 
+# -- experiment plans ----------------------------------------------------------------------------
+@dataclass
+class PlanPreset:
+    """An experiment plan preset: its TOML text and where it comes from. The plan itself is
+    parsed and checked by :mod:`agiqa.pipeline.experiment`."""
+
+    name: str
+    source: str
+    text: str
+
+    def table(self) -> dict[str, Any]:
+        from agiqa.tomlio import parse_toml
+
+        return parse_toml(self.text, self.source)
+
+    def summary(self) -> dict[str, Any]:
+        d = self.table()
+        runs = d.get("repeats", 1) if not d.get("split_seeds") else d["split_seeds"]
+        return {"description": d.get("description", ""), "datasets": list(d.get("datasets", {})),
+                "variants": list(d.get("variants", {})), "repeats": runs}
+
+
+def load_plan_preset(name: str) -> PlanPreset:
+    files = _preset_files("plans")
+    if name not in files:
+        names = sorted(files)
+        raise ConfigError(f"unknown experiment plan {name!r} (choose from {', '.join(names)}, "
+                          "or give a .toml file)" + _did_you_mean(name, names))
+    path = files[name][0]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"experiment plan {path}: not readable ({e})") from None
+    return PlanPreset(name, str(path), text)
+
+
 # -- listing -------------------------------------------------------------------------------------
 def _load_any_recipe(name: str) -> Any:
     d = _load("recipes", name)
@@ -342,6 +385,7 @@ _LOADERS: dict[str, Callable[[str], Any]] = {
     "datasets": load_dataset_preset,
     "backbones": load_backbone_preset,
     "recipes": _load_any_recipe,
+    "plans": load_plan_preset,
 }
 
 

@@ -20,10 +20,10 @@ from agiqa.errors import ConfigError, UsageError
 from agiqa.options import check_options, cli_naming, option, spell
 from agiqa.presets import DEFAULT_MLLM, DEFAULT_PROMPTS
 
-__all__ = ["DTYPES", "FORMATS", "KEY_NORMS", "SCORE_NORMS", "SELECTIONS", "SEMANTIC_NORMS",
-           "CacheInfoConfig", "CacheVerifyConfig", "DatasetFields", "DemoConfig",
-           "EvaluateConfig", "ExtractConfig", "FitConfig", "ImportOfficialConfig",
-           "ImportPtConfig", "ReportConfig", "ScoreConfig"]
+__all__ = ["DTYPES", "FORMATS", "FUSIONS", "KEY_NORMS", "SCORE_NORMS", "SELECTIONS",
+           "SEMANTIC_NORMS", "CacheInfoConfig", "CacheVerifyConfig", "DatasetFields",
+           "DemoConfig", "EvaluateConfig", "ExtractConfig", "FitConfig", "ImportOfficialConfig",
+           "ImportPtConfig", "ReportConfig", "ScoreConfig", "model_experts"]
 
 SCORE_NORMS = ("none", "zscore")
 SEMANTIC_NORMS = ("none", "zscore")
@@ -31,6 +31,7 @@ KEY_NORMS = ("none", "zscore")
 SELECTIONS = ("paper", "last")
 FORMATS = ("zarr", "hdf5")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+FUSIONS = ("moe", "concat", "mean")  # agiqa.models.moe.FUSIONS, without importing torch
 
 _NOT_PAPER = "(not in the paper)"
 _DEVICE = "auto, cpu, cuda or cuda:N."
@@ -192,6 +193,15 @@ class FitConfig(DatasetFields):
     dropout: float | None = option(
         None, min=0, max=1, max_open=True,
         help=f"Dropout of the MANIQA and MoE layers {_NOT_PAPER} [default: 0.1, the paper's].")
+    experts: str | None = option(
+        None, help=f"Ablation {_NOT_PAPER}: the experts used, comma-separated from image and "
+                   "the cache's prompt names (e.g. image or image,semantic_content) [default: "
+                   "all, the paper's].")
+    fusion: str = option(
+        "moe", choices=FUSIONS,
+        help=f"Ablation: how the experts are fused: moe (the paper's gated mixture), concat "
+             f"(their concatenation into the output layer) or mean (the mean of the experts' "
+             f"scores) {_NOT_PAPER}.")
     amp: bool = option(False, help="bf16 autocast of training and scoring (not the paper's "
                                    "float32).")
     compile: bool = option(False, switch=True, help="Train through torch.compile (first steps "
@@ -215,12 +225,43 @@ class FitConfig(DatasetFields):
             raise ConfigError(f"{spell('key_norm', self.key_norm)} needs the backbone's keys "
                               f"fixed: add {spell('backbone_lr', 0)} and "
                               f"{spell('augment', False)}")
+        if self.experts is not None:
+            names = [e.strip() for e in self.experts.split(",")]
+            if not all(names) or len(set(names)) != len(names):
+                raise ConfigError(f"{spell('experts')} {self.experts!r}: give distinct names, "
+                                  "comma-separated (image and the cache's prompt names)")
         if self.repeats > 1 and self.split_seeds > 1:
             raise ConfigError(f"{spell('repeats')} and {spell('split_seeds')} cannot be "
                               "combined; choose one")
         from agiqa.models.agiqa_net import resolve_pretrained
 
         resolve_pretrained(self.backbone, self.pretrained, self.backbone_weights)
+
+
+def model_experts(experts: str | None, fusion: str, prompt_names: list[str],
+                  where: str = "the cache") -> dict[str, object]:
+    """The model arguments of ``--experts`` and ``--fusion`` for vectors of ``prompt_names``:
+    ``semantic_experts`` (prompt indices, None: all), ``image_expert``, ``fusion``.
+
+    Raises:
+        ConfigError: a name that is neither ``image`` nor one of the prompts of ``where``.
+    """
+    if experts is None:
+        return {"semantic_experts": None, "image_expert": True, "fusion": fusion}
+    names = [e.strip() for e in experts.split(",")]
+    known = ["image", *prompt_names]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], known, n=2)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ConfigError(f"--experts: {unknown[0]!r} is not an expert of {where} (choose from "
+                          f"{', '.join(known)}){hint}")
+    index = [prompt_names.index(n) for n in prompt_names if n in names]  # the cache's order
+    every = len(index) == len(prompt_names)
+    return {"semantic_experts": None if every else index, "image_expert": "image" in names,
+            "fusion": fusion}
 
 
 @dataclass(kw_only=True)

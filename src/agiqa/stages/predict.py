@@ -2,56 +2,47 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
-from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
-from tqdm.auto import tqdm
 
 from agiqa.cache import SemanticCache
 from agiqa.data.datasets import Dataset
-from agiqa.data.images import decode_image, read_image_bytes
+from agiqa.data.loader import read_images
 from agiqa.data.pixel_cache import PixelCache
-from agiqa.data.pixels import normalize, resize_pixels
-from agiqa.errors import StaleVectorsError
+from agiqa.data.pixels import normalize
+from agiqa.errors import BadImageError, StaleVectorsError
 from agiqa.models.agiqa_net import AgiqaNet
 
 __all__ = ["backbone_keys", "decode_pixels", "inputs_of", "predict", "predict_keys"]
 
 
-class _Decode(TorchDataset):
-    def __init__(self, ds: Dataset, keys: list[str], pixel_cache: PixelCache | None):
-        self.ds, self.keys, self.pixel_cache = ds, keys, pixel_cache
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        key = self.keys[i]
-        data = read_image_bytes(self.ds.path(key), key)
-        sha = hashlib.sha256(data).hexdigest()
-        pixels = self.pixel_cache.get(sha) if self.pixel_cache is not None else None
-        if pixels is None:
-            pixels = resize_pixels(decode_image(data, key))
-            if self.pixel_cache is not None:
-                self.pixel_cache.put(sha, pixels)
-        return pixels, sha
-
-
 def decode_pixels(ds: Dataset, keys: list[str], workers: int = 2, progress: bool = True,
                   pixel_cache: PixelCache | None = None) -> tuple[torch.Tensor, list[str]]:
-    """Decode and resize every image once: uint8 [n, 3, 224, 224], and the sha256 of the bytes
-    each was decoded from. With a ``pixel_cache``, an image whose bytes it knows is not decoded
-    again, and what is decoded is kept there."""
+    """Decode and resize every image once (:func:`agiqa.data.loader.read_images`): uint8
+    [n, 3, 224, 224], and the sha256 of the bytes each was decoded from. With a
+    ``pixel_cache``, an image whose bytes it knows is not decoded again, and what is decoded
+    is kept there.
+
+    Raises:
+        BadImageError: naming the first image that cannot be read (a bad file, or one whose
+            loader process the operating system killed twice) and how many others failed.
+    """
     out = torch.empty((len(keys), 3, 224, 224), dtype=torch.uint8)
-    shas: list[str] = []
-    loader = DataLoader(_Decode(ds, keys, pixel_cache), batch_size=32, num_workers=workers)
-    i = 0
-    for batch, digests in tqdm(loader, desc="decode", unit="batch", disable=not progress):
-        out[i : i + len(batch)] = batch
-        shas.extend(digests)
-        i += len(batch)
+    shas: list[str] = [""] * len(keys)
+    failures: dict[str, str] = {}
+    files = [(ds.path(k), k) for k in keys]
+    for d in read_images(files, workers, pixels=True, pixel_cache=pixel_cache,
+                         progress=progress):
+        if d.reason is not None:
+            failures[keys[d.index]] = d.reason
+        else:
+            out[d.index] = d.value
+            shas[d.index] = d.sha256
+    if failures:
+        (first, why), *others = failures.items()
+        if others:
+            shown = ", ".join(k for k, _ in others[:3]) + (", …" if len(others) > 3 else "")
+            why += f" (and {len(others)} other image(s) that cannot be read: {shown})"
+        raise BadImageError(first, why)
     return out, shas
 
 
@@ -70,7 +61,6 @@ def inputs_of(ds: Dataset, keys: list[str], cache: SemanticCache, workers: int =
     if changed:
         raise StaleVectorsError(changed, str(cache.path))
     return torch.from_numpy(data["vectors"]), pixels
-
 
 
 @torch.no_grad()

@@ -8,14 +8,10 @@ and renamed into place, so a killed run leaves only whole shards and a rerun doe
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import time
 import warnings
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,14 +21,15 @@ from tqdm.auto import tqdm
 
 from agiqa.cache import MANIFEST, SemanticCache, ShardData, semantic_spec
 from agiqa.data.datasets import Dataset
-from agiqa.data.images import list_images, load_image, regular_file, resolve_key
+from agiqa.data.images import list_images, regular_file, resolve_key
+from agiqa.data.loader import KILLED, decode_file, ordered_load
 from agiqa.errors import AgiqaError, ConfigError
 from agiqa.models.mllm import BatchPreparer, SemanticEncoder
 from agiqa.presets import load_prompts
 from agiqa.stages.configs import ExtractConfig
 from agiqa.stages.extraction.resume import ShardJob, discard_damaged, merge_rows, plan_resume
 
-__all__ = ["ExtractConfig", "ExtractReport", "ImageSource", "default_loader_workers",
+__all__ = ["KILLED", "ExtractConfig", "ExtractReport", "ImageSource", "default_loader_workers",
            "extract_semantics", "ordered_load", "semantic_spec_of", "worker_slot"]
 
 
@@ -148,10 +145,10 @@ def default_loader_workers(device: torch.device | str) -> int:
 def _decode(root: Path, key: str):
     """(image, sha, None) or (None, None, reason): a bad file is a recorded failure."""
     try:
-        img, sha = load_image(resolve_key(root, key, "image list"), key)
-        return img, sha, None
-    except AgiqaError as e:  # a bad file or a refused path: recorded, never fatal
-        return None, None, getattr(e, "reason", None) or str(e)
+        path = resolve_key(root, key, "image list")
+    except AgiqaError as e:  # a refused path: recorded, never fatal
+        return None, None, str(e)
+    return decode_file(path, key)
 
 
 class _LoadPixels:
@@ -197,76 +194,6 @@ class _LoadBatch:
             good = kept
             inputs = self._inputs([img for _, img, _ in good]) if good else []
         return [k for k, _, _ in good], [s for _, _, s in good], failures, inputs
-
-
-_TASK = None  # the task function of a loader process, set once when it starts
-
-
-def _start_loader(task) -> None:
-    global _TASK
-    _TASK = task
-    torch.set_num_threads(1)
-
-
-def _run_task(item):
-    return _TASK(item)
-
-
-KILLED = ("its loader process was killed by the operating system while reading it (out of "
-          "memory?)")
-
-
-def _loader_pool(workers: int, task) -> ProcessPoolExecutor:
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_loader,
-                               initargs=(task,))
-
-
-def ordered_load(task, items: list, workers: int, ahead: int, split, died) -> Iterator:
-    """``task(item)`` for each of ``items``, in order, run in ``workers`` processes with up to
-    ``ahead`` items in flight (``workers=0``: in this process).
-
-    A loader process that dies (killed by the operating system, e.g. for memory) takes none
-    of the run with it: the items it may have held are run again one key at a time
-    (``split(item)`` gives the one-key items), each in a process of its own, and a key whose
-    process dies again gives ``died(key_item)``, its failure by name.
-    """
-    if workers == 0:
-        for item in items:
-            yield task(item)
-        return
-    pending: deque = deque()
-    pool = _loader_pool(workers, task)
-    try:
-        at = 0
-        while at < len(items) or pending:
-            while at < len(items) and len(pending) < ahead:
-                pending.append((items[at], pool.submit(_run_task, items[at])))
-                at += 1
-            item, future = pending.popleft()
-            try:
-                yield future.result()
-                continue
-            except BrokenProcessPool:
-                pass
-            pool.shutdown(wait=True, cancel_futures=True)
-            suspects = [(item, future), *pending]
-            pending.clear()
-            for item, future in suspects:
-                if future.done() and not future.cancelled() and future.exception() is None:
-                    yield future.result()
-                    continue
-                for one in split(item):
-                    with _loader_pool(1, task) as alone:
-                        try:
-                            result = alone.submit(_run_task, one).result()
-                        except BrokenProcessPool:
-                            result = died(one)
-                    yield result
-            pool = _loader_pool(workers, task)
-    finally:  # waits for the images in hand at most: no loader outlives the run
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def semantic_spec_of(encoder: SemanticEncoder) -> dict:

@@ -13,6 +13,7 @@ from typing import Any
 
 from agiqa.cache import open_cache
 from agiqa.data.datasets import Dataset
+from agiqa.data.pixel_cache import PixelCache
 from agiqa.data.splits import read_split_csv
 from agiqa.errors import CacheMismatchError, ConfigError, DatasetError, MissingVectorsError
 from agiqa.fileio import write_json
@@ -84,7 +85,8 @@ def check_fingerprint(model_config: RunConfig, cache) -> None:
 def evaluate_model(model_dir: str | os.PathLike, ds: Dataset, cache_dir: str | os.PathLike,
                    split: str = "test", device: str = "auto", batch_size: int = 32,
                    loader_workers: int = 2, progress: bool = True, amp: bool = False,
-                   out: str | os.PathLike | None = None) -> EvaluateResult:
+                   out: str | os.PathLike | None = None, pixel_cache: bool = True
+                   ) -> EvaluateResult:
     """SRCC, PLCC, KRCC, RMSE (and raw PLCC) of a model on a split of ``ds``.
 
     The forward runs in float32 (the official code) unless ``amp`` (bf16 autocast). With
@@ -92,7 +94,8 @@ def evaluate_model(model_dir: str | os.PathLike, ds: Dataset, cache_dir: str | o
     score) and ``evaluation.json`` (the metrics and what was evaluated), which
     ``agiqa report`` reads. ``out`` may be a new folder or one ``evaluate`` wrote, never the
     model's own folder nor one holding such files agiqa did not write (ConfigError, before
-    any work).
+    any work). The model's pixels are kept and reused in the pixel cache of ``fit``
+    (``$AGIQA_HOME/pixels``) unless ``pixel_cache`` is false.
     """
     if out is not None:
         check_evaluation_out(Path(out), Path(model_dir))
@@ -123,7 +126,8 @@ def evaluate_model(model_dir: str | os.PathLike, ds: Dataset, cache_dir: str | o
     dev = resolve_device(device)
     model.to(dev)
     # Each file is read once; vectors of an image changed since extraction are refused.
-    vectors, pixels = inputs_of(ds, keys, cache, loader_workers, progress)
+    vectors, pixels = inputs_of(ds, keys, cache, loader_workers, progress,
+                                PixelCache() if pixel_cache else None)
     scores, gates = predict(model, pixels, vectors, dev, batch_size, amp, with_gates=True)
     mos = {s.key: s.mos for s in ds.samples}
     metrics = evaluate(scores.numpy(), [mos[k] for k in keys])

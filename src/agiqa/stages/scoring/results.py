@@ -8,13 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
-
 from agiqa.cache import SemanticCache
-from agiqa.data.images import load_image
-from agiqa.data.pixels import resize_pixels
-from agiqa.errors import BadImageError
+from agiqa.data.loader import read_images
+from agiqa.data.pixel_cache import PixelCache
 from agiqa.fileio import atomic_path, write_json
 
 __all__ = ["ScoreReport", "cached_items", "decoded"]
@@ -79,28 +75,20 @@ class ScoreReport:
                 w.writerows(self.rows)
 
 
-class _Files(TorchDataset):
-    """Decodes one file per item; ``pixels=True`` gives the model's uint8 224×224 input."""
-
-    def __init__(self, paths: list[Path], pixels: bool):
-        self.paths, self.pixels = paths, pixels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            img, sha = load_image(self.paths[i])
-        except BadImageError as e:
-            return i, None, None, e.reason
-        return i, resize_pixels(img) if self.pixels else img, sha, None
-
-
-def decoded(paths: list[Path], pixels: bool, batch_size: int, workers: int):
-    """Batches of ``(index, image or pixels, sha256, failure reason)``, decoded in workers."""
-    loader = DataLoader(_Files(paths, pixels), batch_size=batch_size, num_workers=workers,
-                        collate_fn=list)
-    yield from loader
+def decoded(paths: list[Path], pixels: bool, batch_size: int, workers: int,
+            pixel_cache: PixelCache | None = None):
+    """Batches of ``(index, image or pixels, sha256, failure reason)``, read by the one image
+    path (:func:`agiqa.data.loader.read_images`): the model's pixels through ``pixel_cache``,
+    and a file whose loader process is killed fails by name."""
+    batch = []
+    for d in read_images([(p, str(p)) for p in paths], workers, pixels=pixels,
+                         pixel_cache=pixel_cache):
+        batch.append(tuple(d))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def cached_items(cache: SemanticCache | None, items: list[tuple[str, Path, str]],

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from agiqa.cache import SemanticCache
-from agiqa.data.images import list_images
+from agiqa.data.images import list_images, prepare_image
+from agiqa.data.pixel_cache import PixelCache
 from agiqa.data.pixels import resize_pixels
 from agiqa.errors import BadImageError, ConfigError
 from agiqa.models.agiqa_net import load_model
@@ -41,6 +42,8 @@ class Scorer:
         revision: the MLLM revision to load (default: the one the model records).
         trust_remote_code: allow the MLLM repository's code (default: what the model records).
         batch_size: images per MLLM forward pass, for files and PIL images alike.
+        pixel_cache: keep and reuse the model's decoded 224×224 pixels under
+            ``$AGIQA_HOME/pixels`` (the cache of ``fit`` and ``evaluate``).
 
     >>> scorer = Scorer.from_pretrained("runs/3k")          # doctest: +SKIP
     >>> scorer.score(["a.png", PIL.Image.open("b.jpg")])    # doctest: +SKIP
@@ -49,7 +52,8 @@ class Scorer:
     def __init__(self, model, cache_dir: str | os.PathLike | None = None, device: str = "auto",
                  batch_size: int = 8, loader_workers: int = 2, progress: bool = False,
                  amp: bool = False, revision: str | None = None,
-                 trust_remote_code: bool | None = None, config: RunConfig | None = None):
+                 trust_remote_code: bool | None = None, config: RunConfig | None = None,
+                 pixel_cache: bool = True):
         if config is None:
             raise ConfigError("Scorer needs the model's config.json (config=read_config(folder)); "
                               "Scorer.from_pretrained(folder) reads both")
@@ -61,6 +65,8 @@ class Scorer:
         self.model.to(self.device)
         self.batch_size, self.loader_workers = batch_size, loader_workers
         self.prompt_names = self.vectors.prompt_names
+        # the model's 224x224 pixels kept by image content, shared with fit and evaluate
+        self.pixel_cache = PixelCache() if pixel_cache else None
         self.amp = amp  # bf16 autocast of the forward; float32 (the official code) by default
 
     @classmethod
@@ -110,7 +116,7 @@ class Scorer:
         data = cache.read([key for _, _, key in ready])
         kept, pixels = [], []
         for batch in decoded([path for _, path, _ in ready], True, self.batch_size,
-                              self.loader_workers):
+                             self.loader_workers, self.pixel_cache):
             for i, px, sha, why in batch:
                 label = ready[i][0]
                 if why is not None:
@@ -175,10 +181,10 @@ class Scorer:
         for start in range(0, len(images), self.batch_size):
             batch = []
             for i, im in images[start:start + self.batch_size]:
-                try:
-                    batch.append((i, im.convert("RGB")))
-                except (OSError, ValueError) as e:  # a truncated or unreadable image
-                    fail(i, f"image {i} of the list", f"cannot read the image: {e}")
+                try:  # the decoding rules of files: EXIF orientation, 16-bit, palette, alpha
+                    batch.append((i, prepare_image(im, f"image {i} of the list")))
+                except BadImageError as e:  # a truncated image, or samples files cannot hold
+                    fail(i, e.path, e.reason)
             if not batch:
                 continue
             vectors, zero_shot, refused = self.vectors.encode([im for _, im in batch])

@@ -39,7 +39,7 @@ from agiqa.models.agiqa_net import (
     save_model,
 )
 from agiqa.runtime import resolve_device
-from agiqa.stages.configs import FitConfig
+from agiqa.stages.configs import FitConfig, model_experts
 from agiqa.stages.predict import backbone_keys, inputs_of, predict, predict_keys
 from agiqa.stages.rundir import (
     CHECKPOINT,
@@ -540,8 +540,9 @@ def _new_model(cfg: FitConfig, cache: SemanticCache, device: torch.device) -> Ag
     """The run's model, initialised from its seed (alone or trained together alike)."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    ablation = model_experts(cfg.experts, cfg.fusion, cache.prompt_names, f"cache {cache.path}")
     return create_model(cfg.backbone, len(cache.prompts), cache.dim, cfg.pretrained,
-                        cfg.backbone_weights, cfg.dropout).to(device)
+                        cfg.backbone_weights, cfg.dropout, **ablation).to(device)
 
 
 class RunFailedWarning(UserWarning):

@@ -53,7 +53,7 @@ def semantic_norm(kind: str, train_vectors: torch.Tensor) -> dict[str, torch.Ten
 @torch.no_grad()
 def fold_semantic_norm(model: AgiqaNet, norm: dict[str, torch.Tensor]) -> None:
     """Make each semantic expert take raw vectors: W·(s − μ)/σ + b = (W/σ)·s + (b − W·μ/σ)."""
-    for i, expert in enumerate(model.head.semantic_experts):
+    for i, expert in zip(model.head.prompt_index, model.head.semantic_experts, strict=True):
         linear = expert[0]
         mean, std = norm["mean"][i].to(linear.weight), norm["std"][i].to(linear.weight)
         linear.bias.sub_(linear.weight @ (mean / std))
@@ -69,6 +69,8 @@ def key_norm(kind: str, train_keys: torch.Tensor) -> dict[str, torch.Tensor] | N
 def fold_key_norm(model: AgiqaNet, norm: dict[str, torch.Tensor]) -> None:
     """Make the image expert take raw keys: W·(k − μ)/σ + b = (W/σ)·k + (b − W·μ/σ)."""
     linear = model.head.image_expert
+    if linear is None:  # an ablation without the image expert never reads the keys
+        return
     mean, std = norm["mean"].to(linear.weight), norm["std"].to(linear.weight)
     linear.bias.sub_(linear.weight @ (mean / std))
     linear.weight.div_(std)
