@@ -585,3 +585,23 @@ class OfficialMaAgiqa:
 def official_ma_agiqa(tmp_path_factory) -> OfficialMaAgiqa:
     """The official MA-AGIQA fixture (see :class:`OfficialMaAgiqa`)."""
     return OfficialMaAgiqa(tmp_path_factory.mktemp("official-ma-agiqa"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """Ray's multi-node test cluster, once per test process: a head without CPUs (the driver's)
+    and two nodes of one CPU each; a dead node is noticed within about a second. The tests of
+    ``--engine ray`` and the pages that run it share it (``xdist_group("ray")``)."""
+    ray = pytest.importorskip("ray", reason="Ray is installed by the test extra")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False,
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
+                           "health_check_initial_delay_ms": 0}})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()

@@ -10,7 +10,9 @@ The conventions (docs/development.md says them for writers):
 * ``<!-- skip: next "reason" -->`` skips the next block, stating why;
 * a page that runs ``agiqa demo --out NAME`` (or ``run_demo("NAME")``) finds NAME filled
   with the session's finished demo beforehand, so the command reuses its model and cache; such
-  a page is in the slow tier, as is one marked ``<!-- test: slow -->``.
+  a page is in the slow tier, as is one marked ``<!-- test: slow -->``;
+* a page that runs ``--engine ray`` runs on a two-node Ray cluster on this machine (the
+  ``ray_cluster`` fixture), joined through ``$RAY_ADDRESS``; it is in the slow tier.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import agiqa
 REPO = Path(__file__).resolve().parents[1]
 PAGES = sorted([REPO / "README.md", *(REPO / "docs").rglob("*.md")])
 SLOW = "<!-- test: slow -->"
+RAY = "--engine ray"
 # `agiqa demo ... --out NAME`, `python -m agiqa demo ... --out NAME`, `run_demo("NAME"`.
 DEMO_OUT = re.compile(r"agiqa demo\b[^\n]*?--out[ =]([^\s;&|]+)|run_demo\(\s*[\"']([^\"']+)[\"']")
 # Fence languages that look runnable but are not the conventions' `bash` or `python`.
@@ -96,9 +99,12 @@ def demo_outputs(text: str) -> list[str]:
 def _page_param(page: Path):
     text = page.read_text(encoding="utf-8")
     demo = bool(demo_outputs(text))
-    marks = [pytest.mark.slow] if SLOW in text or demo else []
+    ray = RAY in text
+    marks = [pytest.mark.slow] if SLOW in text or demo or ray else []
     if demo:  # `pytest -n 2 --dist loadgroup`: the demo's users share one worker and one demo
         marks.append(pytest.mark.xdist_group("demo"))
+    elif ray:  # and the users of the Ray cluster one cluster
+        marks.append(pytest.mark.xdist_group("ray"))
     return pytest.param(page, id=page.relative_to(REPO).as_posix(), marks=marks)
 
 
@@ -126,7 +132,10 @@ def test_page_examples_run(page: Path, tmp_path, monkeypatch, request):
     monkeypatch.chdir(folder)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     document = Document.parse(str(page), *PARSERS)
-    document.namespace.update(__docs_folder__=folder, __docs_env__=_shell_env(home))
+    env = _shell_env(home)
+    if RAY in text:
+        env["RAY_ADDRESS"] = request.getfixturevalue("ray_cluster").address
+    document.namespace.update(__docs_folder__=folder, __docs_env__=env)
     ran, skipped = 0, []
     for example in document.examples():
         if example.region.evaluator is PARSERS[2].skipper:

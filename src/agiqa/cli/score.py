@@ -63,6 +63,9 @@ def score_folder_cmd(as_json, **values):
         click.echo(f"recomputed {len(report.changed)} image(s) that changed since their vectors "
                    "were cached: " + ", ".join(map(printable, report.changed[:5])) + more,
                    err=True)
+    if report.reassigned:
+        click.echo(f"{report.reassigned} slice(s) handed out again after their actor died",
+                   err=True)
     for path, reason in sorted(report.failures.items()):
         click.echo(f"failed: {printable(path)}: {printable(reason)}", err=True)
     if report.skipped_files:

@@ -43,11 +43,22 @@ def extract_semantics_cmd(ctx, as_json, **values):
 
 def _print_extract_summary(report) -> None:
     r = report
-    click.echo(
-        f"{r.requested} images: {r.computed} computed, {r.reused} already cached, "
-        f"{len(r.failures)} failed  ({r.images_per_second:.1f} images/s, worker {r.worker} of "
-        f"{r.workers}, {r.loader_workers} loader process(es)) -> {r.cache}"
-    )
+    if r.engine == "ray":
+        click.echo(
+            f"{r.requested} images: {r.computed} computed, {r.reused} already cached, "
+            f"{len(r.failures)} failed  ({r.images_per_second:.1f} images/s over the cluster, "
+            f"{r.workers} actor(s), {r.shards_written} shard(s) written, "
+            f"{len(r.reassigned)} handed out again) -> {r.cache}")
+        for name, c in r.actors.items():
+            click.echo(f"  {name}: {c['shards']} shard(s), {c['images']} image(s)")
+        for name in r.reassigned:
+            click.echo(f"shard {name} handed out again: its actor died", err=True)
+    else:
+        click.echo(
+            f"{r.requested} images: {r.computed} computed, {r.reused} already cached, "
+            f"{len(r.failures)} failed  ({r.images_per_second:.1f} images/s, worker {r.worker} "
+            f"of {r.workers}, {r.loader_workers} loader process(es)) -> {r.cache}"
+        )
     for name, reason in sorted(r.damaged_shards.items()):
         click.echo(f"rebuilt damaged shard {name}: {reason}", err=True)
     if r.changed or r.retried:

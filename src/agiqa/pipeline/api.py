@@ -96,7 +96,17 @@ def extract_semantics(images: ExtractConfig | str | os.PathLike | None = None, /
     vectors of a folder's images (``images``) or of a data set's (``dataset``, ``root``), from
     the MLLM ``mllm``."""
     cfg = _config(ExtractConfig, images, "images", fields, "extract-semantics")
-    return _extract(cfg, image_source(cfg))
+    return run_extraction(cfg, image_source(cfg))
+
+
+def run_extraction(cfg: ExtractConfig, source: ImageSource) -> ExtractReport:
+    """Stage one on ``cfg.engine``: this process (the static split of ``--workers`` /
+    ``--worker`` or ``torchrun``) or a Ray cluster; Ray is imported only for the latter."""
+    if cfg.engine == "ray":
+        from agiqa.pipeline.ray_engine import extract_on_ray
+
+        return extract_on_ray(cfg, source)
+    return _extract(cfg, source)
 
 
 def fit(config: FitConfig | None = None, /, **fields: Any) -> FitResult:
@@ -124,16 +134,25 @@ def score_folder(folder: ScoreConfig | str | os.PathLike | None = None, /,
     images that cannot be scored are listed in the report's ``failures``. With ``out`` the rows
     are written to a ``.csv`` or ``.json`` file; with ``report`` an HTML page too."""
     cfg = _config(ScoreConfig, folder, "folder", fields, "score-folder")
-    scorer = Scorer.from_pretrained(cfg.model, cache_dir=cfg.cache, device=cfg.device,
-                                    batch_size=cfg.batch_size, loader_workers=cfg.loader_workers,
-                                    progress=cfg.progress, amp=cfg.amp, revision=cfg.revision,
-                                    trust_remote_code=cfg.trust_remote_code)
-    report = scorer.score_folder(cfg.folder, cfg.recursive)
+    if cfg.engine == "ray":
+        from agiqa.pipeline.ray_engine import score_on_ray
+
+        report, model = score_on_ray(cfg), None
+    else:
+        scorer = Scorer.from_pretrained(
+            cfg.model, cache_dir=cfg.cache, device=cfg.device, batch_size=cfg.batch_size,
+            loader_workers=cfg.loader_workers, progress=cfg.progress, amp=cfg.amp,
+            revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        report, model = scorer.score_folder(cfg.folder, cfg.recursive), scorer.model
     if cfg.out is not None:
         report.write(cfg.out)
         report.out = cfg.out
     if cfg.report is not None:
-        report.html = _score_report(report, cfg, scorer.model)
+        if model is None:
+            from agiqa.models.agiqa_net import load_model
+
+            model = load_model(cfg.model)
+        report.html = _score_report(report, cfg, model)
     return report
 
 

@@ -110,6 +110,14 @@ class ExtractConfig(DatasetFields):
     compile: bool = option(False, help="torch.compile each block of the language model and "
                                        "vision tower (minutes of compilation first; the vectors "
                                        "are unchanged to float tolerance).")
+    engine: str = option(
+        "local", choices=("local", "ray"),
+        help="local: this process (with --workers/--worker or torchrun, the static split); "
+             "ray: a pool of actors on a Ray cluster, shards handed out as actors free up, "
+             "--workers actors [pip install \"agiqa[ray]\"].")
+    ray_address: str | None = option(
+        None, help="With --engine ray: auto (this machine's cluster), HOST:PORT, or none: "
+                   "$RAY_ADDRESS if set, else Ray started for the run and stopped after it.")
     progress: bool = option(True, negate="--quiet", flags=("-q",), help=_PROGRESS)
 
     def __post_init__(self) -> None:
@@ -121,6 +129,10 @@ class ExtractConfig(DatasetFields):
                                  "earlier name)")
             self.mllm, self.model = self.model, None
         check_options(self)
+        if self.engine == "ray" and self.worker is not None:
+            raise UsageError(f"{spell('worker')} is the static split's worker index; with "
+                             f"{spell('engine', 'ray')} the shards are handed out as actors "
+                             "free up")
         if self.workers is not None and self.worker is not None and \
                 self.worker >= self.workers:
             raise UsageError(f"{self.worker} is not a worker index of "
@@ -316,6 +328,16 @@ class ScoreConfig:
                                                        "[default: as the model records].")
     amp: bool = option(False, switch=True, help="bf16 autocast of the scoring forward (not the "
                                                 "paper's float32).")
+    engine: str = option("local", choices=("local", "ray"),
+                         help="local: this process; ray: a pool of actors on a Ray cluster "
+                              "(pip install \"agiqa[ray]\").")
+    ray_address: str | None = option(None, help="With --engine ray: auto (this machine's "
+                                                "cluster), HOST:PORT, or none: $RAY_ADDRESS if "
+                                                "set, else Ray started for the run.")
+    workers: int | None = option(None, min=1, help="With --engine ray: the actors [default: one "
+                                                   "per GPU of the cluster, or one per node].")
+    shard_size: int = option(1024, min=1, help="With --engine ray: images per slice handed to "
+                                               "an actor.")
     progress: bool = option(True, negate="--quiet", flags=("-q",), help=_PROGRESS)
 
     def __post_init__(self) -> None:

@@ -29,8 +29,9 @@ from agiqa.presets import load_prompts
 from agiqa.stages.configs import ExtractConfig
 from agiqa.stages.extraction.resume import ShardJob, discard_damaged, merge_rows, plan_resume
 
-__all__ = ["KILLED", "ExtractConfig", "ExtractReport", "ImageSource", "default_loader_workers",
-           "extract_semantics", "ordered_load", "semantic_spec_of", "worker_slot"]
+__all__ = ["KILLED", "ExtractConfig", "ExtractReport", "ImageSource", "compute_shards",
+           "default_loader_workers", "extract_semantics", "ordered_load", "semantic_spec_of",
+           "worker_slot"]
 
 
 @dataclass
@@ -73,6 +74,9 @@ class ExtractReport:
         forward_passes: MLLM forward passes; model_calls: calls of the model.
         tokens: tokens of every forward pass; padding_tokens: the padding among them.
         loader_workers: the image decoding processes used.
+        engine: ``local`` or ``ray``; on Ray, actors: the shards (and images) each actor wrote,
+            reassigned: the shards handed out again after their actor died, engine_seconds:
+            seconds to Ray joined, to every actor ready, and of the shards.
     """
 
     cache: str
@@ -93,6 +97,13 @@ class ExtractReport:
     tokens: int = 0
     padding_tokens: int = 0
     loader_workers: int = 0
+    engine: str = "local"
+    # On Ray: shards (and images) each actor wrote, and the shards handed out again after the
+    # actor that held them died.
+    actors: dict[str, dict[str, int]] = field(default_factory=dict)
+    reassigned: list[str] = field(default_factory=list)
+    # On Ray: seconds from the start to Ray joined, to every actor ready, and of the shards.
+    engine_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -116,6 +127,8 @@ class ExtractReport:
             "padding_fraction": round(self.padding_tokens / self.tokens, 4) if self.tokens else 0.0,
             "worker": self.worker, "workers": self.workers,
             "loader_workers": self.loader_workers,
+            **({"engine": self.engine, "actors": self.actors, "reassigned": self.reassigned,
+                "engine_seconds": self.engine_seconds} if self.engine != "local" else {}),
         }
 
 
@@ -242,7 +255,7 @@ def extract_semantics(
         cache = create()
     discard_damaged(cache, plan)
     if plan.jobs:
-        _run_shards(cfg, cache, encoder, source.root, plan.jobs, report)
+        compute_shards(cfg, cache, encoder, source.root, plan.jobs, report)
     cache.refresh()
     known = cache.failures
     report.failures.update({k: known[k] for k in source.keys if k in known})
@@ -275,9 +288,12 @@ def _largest_first(root: Path, keys: list[str]) -> list[str]:
     return sorted(keys, key=lambda k: -areas[k])
 
 
-def _run_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncoder, root: Path,
-                jobs: list[ShardJob], report: ExtractReport) -> None:
-    """Per image, the pixels as uint8, when the model's processor allows it (mPLUG-Owl2,
+def compute_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncoder,
+                   root: Path, jobs: list[ShardJob], report: ExtractReport) -> None:
+    """Compute the images of ``jobs`` and write each shard whole, atomically, in order, adding
+    the counts to ``report`` (a local run calls it with all its shards, a Ray actor with one).
+
+    Per image, the pixels as uint8, when the model's processor allows it (mPLUG-Owl2,
     LLaVA, Qwen2-VL and Qwen2.5-VL): the first batch starts after one image per loader
     process, the batch is stacked in the main process (in pinned memory for a GPU) and
     normalised on the device. Otherwise per batch, the processor run in the loader

@@ -30,6 +30,8 @@ class ScoreReport:
             cache).
         changed: images computed again because their file changed since it was cached.
         out: the ``.csv`` or ``.json`` file the rows were written to, if one was asked for.
+        reassigned: on Ray (``engine="ray"``), the slices handed out again after their actor
+            died.
         html: the HTML report written (``agiqa.report.html.ReportResult``: ``out``,
             ``images_shown``, ``images_total``, ``bytes``), if one was asked for.
     """
@@ -41,6 +43,8 @@ class ScoreReport:
     changed: list[str] = field(default_factory=list)
     out: Path | None = None
     html: Any = None
+    # On Ray (score-folder --engine ray): slices handed out again after their actor died.
+    reassigned: int = 0
 
     @property
     def exit_code(self) -> int:

@@ -90,6 +90,13 @@ class Scorer:
         report = ScoreReport()
         root = self.vectors.key_root(items, folder)
         keys = self.vectors.keys(items, root, report)
+        self.score_keyed(items, keys, root, report)
+        return report
+
+    def score_keyed(self, items: list[tuple[str, Path]], keys: list[str | None],
+                    root: Path | None, report: ScoreReport) -> None:
+        """Score ``items`` whose cache keys are known (``None``: already failed in ``report``),
+        adding rows in the order of ``items`` to ``report``; a Ray actor scores a slice so."""
         failures = self.vectors.fill(items, keys, root, report)
         cache = self.vectors.existing_cache()
         # In a rooted cache, a file whose bytes changed since extraction is computed again.
@@ -107,7 +114,6 @@ class Scorer:
                 self._predict(cache, ready, report, None)
             order = {label: i for i, (label, _) in enumerate(items)}
             report.rows.sort(key=lambda row: order[row["path"]])
-        return report
 
     def _predict(self, cache: SemanticCache, ready: list[tuple[str, Path, str]],
                  report: ScoreReport, changed: list[tuple[str, Path, str]] | None) -> None:
