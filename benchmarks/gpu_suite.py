@@ -133,7 +133,8 @@ def _agiqa_extract(encoder, photos: Path, keys: list[str], out: Path, batch: int
         shutil.rmtree(out)
     encoder.set_fuse_prompts(fuse)
     cfg = ExtractConfig(out=out, batch_size=batch, loader_workers=workers, format=fmt,
-                        progress=False, device=str(encoder.device), dtype=encoder.dtype)
+                        progress=False, device=str(encoder.device),
+                        dtype=str(encoder.dtype).removeprefix("torch."))
     return extract_semantics(cfg, ImageSource(photos, keys), encoder)
 
 

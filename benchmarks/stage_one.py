@@ -177,7 +177,7 @@ def _agiqa(py: str, model: Path, images: Path, cache: Path, batch: int, workers:
         shutil.rmtree(cache)
     loader = [] if workers is None else ["--loader-workers", str(workers)]
     env = {"PYTHONPATH": src} if src else None
-    run = run_process([py, "-m", "agiqa", "extract-semantics", "--model", str(model),
+    run = run_process([py, "-m", "agiqa", "extract-semantics", "--mllm", str(model),
                        "--images", str(images), "--out", str(cache), "--batch-size", str(batch),
                        *loader, "-q", "--json", *extra], env=env)
     run["report"] = json.loads(run.pop("stdout"))

@@ -36,7 +36,7 @@ from stage_one import SHAPES, prepare_inputs  # noqa: E402
 
 def extract(model: Path, images: Path, cache: Path, workers: int, worker: int,
             batch_size: int, shard_size: int) -> list[str]:
-    return [sys.executable, "-m", "agiqa", "extract-semantics", "--model", str(model),
+    return [sys.executable, "-m", "agiqa", "extract-semantics", "--mllm", str(model),
             "--images", str(images), "--out", str(cache), "--batch-size", str(batch_size),
             "--shard-size", str(shard_size), "--loader-workers", "0", "--workers", str(workers),
             "--worker", str(worker), "-q", "--json"]

@@ -199,14 +199,14 @@ def test_a_hub_id_that_is_not_here_is_one_quick_line(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.png")
-    r = run("extract-semantics", "--model", "someone/not-here", "--images", tmp_path / "imgs",
+    r = run("extract-semantics", "--mllm", "someone/not-here", "--images", tmp_path / "imgs",
             "--out", tmp_path / "c")
     assert r.exit_code == 1, r.output
     assert r.output.strip().splitlines() == [
         "Error: MLLM 'someone/not-here' is neither in the local Hugging Face cache nor reachable "
         "on the hub; download it on a connected machine (huggingface-cli download "
-        "someone/not-here) into this machine's cache, or point --model at a local folder "
-        "holding it"]
+        "someone/not-here) into this machine's cache, or give a local folder holding it "
+        "instead (extract-semantics --mllm FOLDER)"]
 
 
 def test_files_agiqa_writes_have_the_users_usual_mode(tmp_path):

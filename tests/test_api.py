@@ -51,12 +51,13 @@ def test_import_agiqa_loads_no_model_library():
 def test_each_function_takes_its_config_or_its_fields():
     for fn, cfg in ((agiqa.extract_semantics, agiqa.ExtractConfig), (agiqa.fit, agiqa.FitConfig),
                     (agiqa.evaluate, agiqa.EvaluateConfig),
-                    (agiqa.score_folder, agiqa.ScoreConfig)):
+                    (agiqa.score_folder, agiqa.ScoreConfig),
+                    (agiqa.write_report, agiqa.ReportConfig)):
         params = list(inspect.signature(fn).parameters.values())
         assert params[0].kind is params[0].POSITIONAL_ONLY
         assert params[1].kind is params[1].VAR_KEYWORD
         assert cfg.__name__ in str(params[0].annotation)
-    with pytest.raises(ConfigError, match="--epochs must be ≥ 1"):
+    with pytest.raises(ConfigError, match="^epochs= must be ≥ 1, got 0$"):
         agiqa.fit(dataset="csv", root=".", cache=".", out=".", epochs=0)
     with pytest.raises(ConfigError, match="not both"):
         agiqa.fit(agiqa.FitConfig(dataset="csv", root=".", cache=".", out="."), epochs=2)
@@ -64,3 +65,25 @@ def test_each_function_takes_its_config_or_its_fields():
         agiqa.extract_semantics(out="cache")
     with pytest.raises(ConfigError, match="images given twice"):
         agiqa.extract_semantics("a", images="b", out="cache")
+
+
+def test_each_result_is_a_typed_dataclass_with_documented_fields_and_to_dict():
+    """The results of the functions: dataclasses whose docstrings name every field, each with a
+    ``to_dict()`` (what ``--json`` prints)."""
+    import dataclasses
+
+    from agiqa.report.html import ReportResult
+
+    for cls in (agiqa.ExtractReport, agiqa.EvaluateResult, agiqa.ScoreReport, ReportResult):
+        assert dataclasses.is_dataclass(cls) and callable(cls.to_dict), cls
+        assert cls.__doc__, cls
+    for cls in (agiqa.ExtractReport, agiqa.EvaluateResult, agiqa.ScoreReport):
+        for f in dataclasses.fields(cls):
+            assert f"{f.name}:" in cls.__doc__, (cls.__name__, f.name)
+    result = agiqa.EvaluateResult("run", "csv", "test", 3, False,
+                                  {"srcc": 0.5, "plcc": 0.4}, None)
+    assert result.to_dict() == {"model": "run", "dataset": "csv", "split": "test", "images": 3,
+                                "amp": False, "srcc": 0.5, "plcc": 0.4}
+    assert result["srcc"] == 0.5
+    signature = inspect.signature(agiqa.evaluate)
+    assert "EvaluateResult" in str(signature.return_annotation)

@@ -83,9 +83,9 @@ def test_the_key_norm_folds_into_the_image_expert():
 def test_the_key_norm_needs_fixed_keys(tmp_path):
     base = dict(dataset="csv", root=tmp_path, cache=tmp_path, out=tmp_path / "o",
                 key_norm="zscore")
-    with pytest.raises(ConfigError, match="--backbone-lr 0 and --no-augment"):
+    with pytest.raises(ConfigError, match="backbone_lr=0 and augment=False"):
         FitConfig(**base, backbone_lr=0.0)  # augmentation on: keys change every step
-    with pytest.raises(ConfigError, match="--backbone-lr 0 and --no-augment"):
+    with pytest.raises(ConfigError, match="backbone_lr=0 and augment=False"):
         FitConfig(**base, augment=False)  # the backbone trains
     FitConfig(**base, backbone_lr=0.0, augment=False)
     r = CliRunner().invoke(cli, ["fit", "--dataset", "csv", "--root", str(tmp_path), "--cache",

@@ -25,7 +25,15 @@ def run(*args):
 
 
 def test_every_builtin_preset_loads_as_its_dataclass():
-    assert set(KINDS) == {"mllms", "prompts", "datasets", "backbones"}
+    from importlib import resources
+
+    folders = {p.name for p in resources.files("agiqa.presets").iterdir()
+               if p.is_dir() and not p.name.startswith("_")}
+    assert set(KINDS) == folders == {"mllms", "prompts", "datasets", "backbones", "recipes",
+                                     "plans"}
+    assert {"cpu", "chat-template", "mplug-owl2-official"} <= set(list_presets("recipes"))
+    with pytest.raises(ConfigError, match="unknown preset kind 'mllm'.*did you mean mllms"):
+        list_presets("mllm")
     assert {"llava-1.5-7b", "qwen2-vl-2b"} <= set(list_presets("mllms"))
     assert {"agiqa-3k", "csv"} <= set(list_presets("datasets"))
     for kind, rows in describe_presets().items():
@@ -69,6 +77,8 @@ def test_presets_list_prints_hub_ids_widths_and_score_ranges():
     assert mllm["model"] == "Qwen/Qwen2.5-VL-7B-Instruct" and mllm["width"] == 3584
     only = json.loads(run("presets", "list", "--kind", "backbones", "--json").stdout)
     assert list(only) == ["backbones"]
+    recipes = run("presets", "list", "--kind", "recipes").output
+    assert "fit --recipe cpu" in recipes and "extract-semantics: mplug-owl2" in recipes
 
 
 def test_a_mistyped_mllm_gets_did_you_mean_and_no_hub_call(tmp_path):
@@ -145,3 +155,11 @@ def test_custom_prompt_files_json_and_txt(tmp_path):
         load_prompts(tmp_path / "bad.json")
     with pytest.raises(ConfigError, match="prompt file not found"):
         load_prompts(tmp_path / "missing.txt")
+
+
+def test_presets_path_prints_the_resolved_folder(monkeypatch):
+    r = run("presets", "path")
+    assert r.exit_code == 0 and r.output == f"{agiqa_home() / 'presets'}\n"
+    monkeypatch.delenv("AGIQA_HOME")
+    assert run("presets", "path").output.strip() == str(agiqa_home() / "presets")
+    assert agiqa_home().is_absolute()

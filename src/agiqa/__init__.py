@@ -8,7 +8,7 @@ config dataclass or its fields as keywords (:mod:`agiqa.pipeline.api`)::
 
     import agiqa
 
-    agiqa.extract_semantics(images="imgs/", out="cache/", model="mplug-owl2")
+    agiqa.extract_semantics(images="imgs/", out="cache/", mllm="mplug-owl2")
     agiqa.fit(dataset="csv", root="imgs/", labels="imgs/labels.csv", cache="cache/", out="run/")
     rows = agiqa.Scorer.from_pretrained("run/").score(["a.png"])
 
@@ -29,16 +29,19 @@ if TYPE_CHECKING:
     from agiqa.models.agiqa_net import AgiqaNet, load_model
     from agiqa.pipeline.api import (
         EvaluateConfig,
+        EvaluateResult,
         ExperimentTable,
         ExtractConfig,
         FitConfig,
         FitResult,
+        ReportConfig,
         ScoreConfig,
         evaluate,
         experiment,
         extract_semantics,
         fit,
         score_folder,
+        write_report,
     )
     from agiqa.presets import list_presets
     from agiqa.stages.extraction.extract import ExtractReport
@@ -52,6 +55,8 @@ _WHERE = {
     "experiment": "agiqa.pipeline.api", "ExperimentTable": "agiqa.pipeline.api",
     "ExtractConfig": "agiqa.pipeline.api", "FitConfig": "agiqa.pipeline.api",
     "EvaluateConfig": "agiqa.pipeline.api", "ScoreConfig": "agiqa.pipeline.api",
+    "ReportConfig": "agiqa.pipeline.api", "EvaluateResult": "agiqa.pipeline.api",
+    "write_report": "agiqa.pipeline.api",
     "FitResult": "agiqa.pipeline.api",
     "Scorer": "agiqa.stages.scoring.scorer", "ScoreReport": "agiqa.stages.scoring.results",
     "ExtractReport": "agiqa.stages.extraction.extract",
@@ -61,10 +66,11 @@ _WHERE = {
     "load_model": "agiqa.models.agiqa_net", "AgiqaNet": "agiqa.models.agiqa_net",
 }
 
-__all__ = ["AgiqaNet", "Dataset", "EvaluateConfig", "ExperimentTable", "ExtractConfig",
-           "ExtractReport", "FitConfig", "FitResult", "ScoreConfig", "ScoreReport", "Scorer",
-           "SemanticCache", "__version__", "evaluate", "experiment", "extract_semantics", "fit",
-           "list_presets", "load_dataset", "load_model", "open_cache", "score_folder"]
+__all__ = ["AgiqaNet", "Dataset", "EvaluateConfig", "EvaluateResult", "ExperimentTable",
+           "ExtractConfig", "ExtractReport", "FitConfig", "FitResult", "ReportConfig",
+           "ScoreConfig", "ScoreReport", "Scorer", "SemanticCache", "__version__", "evaluate",
+           "experiment", "extract_semantics", "fit", "list_presets", "load_dataset", "load_model",
+           "open_cache", "score_folder", "write_report"]
 
 
 def __getattr__(name: str):

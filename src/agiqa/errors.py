@@ -14,6 +14,7 @@ __all__ = [
     "ModelLoadError",
     "StaleVectorsError",
     "TrainingError",
+    "UsageError",
 ]
 
 
@@ -23,6 +24,11 @@ class AgiqaError(Exception):
 
 class ConfigError(AgiqaError):
     """An option, preset or configuration file is invalid."""
+
+
+class UsageError(ConfigError):
+    """Options missing, or given together where they cannot be (the command line's usage
+    error, exit status 64)."""
 
 
 class BadImageError(AgiqaError):

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
-from agiqa.cli.common import (
-    CONTEXT,
-    cli,
-    dataset_from_options,
-    dataset_options,
-    echo_json,
-    handle_errors,
-)
+from agiqa.cli.common import CONTEXT, cli, echo_json, handle_errors
+from agiqa.cli.options import config_from, config_options, json_option
+from agiqa.stages.configs import CacheInfoConfig, CacheVerifyConfig, ImportPtConfig
 
 
 # -- cache -------------------------------------------------------------------------------------
@@ -31,14 +25,15 @@ def cache():
 
 
 @cache.command("info", context_settings=CONTEXT)
-@click.argument("path", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@config_options(CacheInfoConfig)
+@json_option("Print JSON.")
 @handle_errors
-def cache_info(path, as_json):
+def cache_info(as_json, **values):
     """Show what a cache holds: model, prompts, width, images, failures, size."""
     from agiqa.cache import open_cache
 
-    info = open_cache(path).info()
+    cfg = config_from(CacheInfoConfig, values)
+    info = open_cache(cfg.path).info()
     if as_json:
         echo_json(info)
         return
@@ -50,12 +45,10 @@ def cache_info(path, as_json):
 
 
 @cache.command("verify", context_settings=CONTEXT)
-@click.argument("path", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Image root (default: the one recorded at extraction).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@config_options(CacheVerifyConfig)
+@json_option("Print JSON.")
 @handle_errors
-def cache_verify(path, images, as_json):
+def cache_verify(as_json, **values):
     """Check every shard against its checksums, and every cached image against its file:
     damaged shards, missing, changed (sha256) or failed images.
 
@@ -64,7 +57,8 @@ def cache_verify(path, images, as_json):
     """
     from agiqa.cache import open_cache, verify_cache
 
-    report = verify_cache(open_cache(path), images)
+    cfg = config_from(CacheVerifyConfig, values)
+    report = verify_cache(open_cache(cfg.path), cfg.images)
     if as_json:
         echo_json(report.to_dict())
     else:
@@ -87,19 +81,10 @@ def cache_verify(path, images, as_json):
 
 
 @cache.command("import-pt", context_settings=CONTEXT)
-@click.argument("tensor_root", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@dataset_options
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="The cache folder (created, or resumed).")
-@click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default=None,
-              help="Shard format of a new cache  [default: zarr]")
-@click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--mllm", default="mplug-owl2", show_default=True,
-              help="The mPLUG-Owl2 model (preset, hub id or folder) the tensors come from.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@config_options(ImportPtConfig)
+@json_option("Print the report as JSON.")
 @handle_errors
-def cache_import_pt(tensor_root, dataset, root, labels, target, image_column, score_column, out,
-                    fmt, shard_size, mllm, as_json):
+def cache_import_pt(as_json, **values):
     """Import the official MA-AGIQA tensors (getFeature.py's .pt files) into a cache.
 
     Reads TENSOR_ROOT/<name>_semantic_content.pt and <name>_coherence.pt (the image name
@@ -114,16 +99,16 @@ def cache_import_pt(tensor_root, dataset, root, labels, target, image_column, sc
       agiqa cache import-pt tensors/ --dataset agiqa-3k --root AGIQA-3K/ --out cache-3k/
     """
     from agiqa.cache.imports import import_official_tensors
+    from agiqa.data.datasets import load_dataset
     from agiqa.stages.extraction.official import official_semantics
 
-    if dataset is None:
-        raise click.UsageError("--dataset is required")
-    ds = dataset_from_options(dataset, root, labels, target, image_column, score_column,
-                              require_scores=False)
-    official = official_semantics(mllm)
-    report = import_official_tensors(tensor_root, ds.root, sorted(ds.keys), out,
+    cfg = config_from(ImportPtConfig, values)
+    ds = load_dataset(cfg.dataset, cfg.root, cfg.labels, cfg.target, cfg.image_column,
+                      cfg.score_column, require_scores=False)
+    official = official_semantics(cfg.mllm)
+    report = import_official_tensors(cfg.tensor_root, ds.root, sorted(ds.keys), cfg.out,
                                      official["semantics"], official["prompt_names"],
-                                     official["dim"], fmt, shard_size)
+                                     official["dim"], cfg.format, cfg.shard_size)
     if as_json:
         echo_json(report.to_dict())
     else:

@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from pathlib import Path
 
 import click
 
-from agiqa.cli.common import (
-    CONTEXT,
-    cli,
-    dataset_from_options,
-    dataset_options,
-    echo_json,
-    handle_errors,
-    print_metrics_table,
-)
-from agiqa.cli.options import config_from, config_options
-from agiqa.stages.configs import FitConfig
+from agiqa.cli.common import CONTEXT, cli, echo_json, handle_errors, print_metrics_table
+from agiqa.cli.options import config_from, config_options, json_option, recipe_option
+from agiqa.stages.configs import EvaluateConfig, FitConfig, ImportOfficialConfig
 
 
 # -- stage two ---------------------------------------------------------------------------------
@@ -41,12 +32,12 @@ def _shown_warnings():
 
 
 @cli.command("fit", context_settings=CONTEXT)
-@dataset_options
 @config_options(FitConfig)
-@click.option("--quiet", "-q", is_flag=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@recipe_option("fit")
+@json_option("Print the metrics as JSON.")
+@click.pass_context
 @handle_errors
-def fit_cmd(quiet, as_json, **values):
+def fit_cmd(ctx, as_json, **values):
     """Stage two: train the MANIQA backbone and MoE head from cached vectors.
 
     The defaults are the official protocol: the 70/10/20 split of seed 20, Adam lr 1e-5,
@@ -57,19 +48,15 @@ def fit_cmd(quiet, as_json, **values):
     Examples:
       agiqa fit --dataset agiqa-3k --root AGIQA-3K/ --cache cache-3k/ --out runs/3k
       agiqa fit --dataset csv --root imgs/ --labels scores.csv --cache c/ --out runs/x \\
-          --backbone tiny --epochs 5
+          --recipe cpu --epochs 50
       torchrun --nproc-per-node 4 -m agiqa fit --dataset agiqa-3k --root AGIQA-3K/ \\
           --cache cache-3k/ --out runs/3k-ddp
     """
-    from agiqa.stages.training.fit import fit_repeats
+    from agiqa.pipeline.api import fit
 
-    if values["dataset"] is None:
-        raise click.UsageError("--dataset is required")
-    if values["root"] is None:
-        raise click.BadParameter("--root is required with --dataset", param_hint="--root")
-    cfg = config_from(FitConfig, values, progress=not (quiet or as_json))
+    cfg = config_from(FitConfig, {**values, "as_json": as_json}, ctx, command="fit")
     with _shown_warnings():
-        result = fit_repeats(cfg)
+        result = fit(cfg)
     from agiqa.runtime import is_main
 
     if not is_main():  # under torchrun, rank 0 reports
@@ -108,25 +95,10 @@ def print_fit_result(result) -> None:
 
 
 @cli.command("evaluate", context_settings=CONTEXT)
-@click.option("--model", "model_dir", required=True,
-              type=click.Path(file_okay=False, path_type=Path), help="Run or model directory.")
-@dataset_options
-@click.option("--cache", "cache_dir", required=True,
-              type=click.Path(file_okay=False, path_type=Path))
-@click.option("--split", default="test", show_default=True,
-              type=click.Choice(["test", "val", "train", "all"]),
-              help="test: the run's own test split; all: every image (cross-dataset).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--amp", is_flag=True, help="bf16 autocast of the forward (not the paper's "
-              "float32).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for predictions.csv and evaluation.json (what agiqa report reads).")
-@click.option("--quiet", "-q", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
+@config_options(EvaluateConfig)
+@json_option("Print the metrics as JSON.")
 @handle_errors
-def evaluate_cmd(model_dir, dataset, root, labels, target, image_column, score_column, cache_dir,
-                 split, device, batch_size, amp, out, quiet, as_json):
+def evaluate_cmd(as_json, **values):
     """Evaluate a model: SRCC, PLCC, KRCC, RMSE on a data set (in- or cross-dataset).
 
     \b
@@ -135,40 +107,24 @@ def evaluate_cmd(model_dir, dataset, root, labels, target, image_column, score_c
       agiqa evaluate --model runs/3k --dataset aigciqa2023 --root AIGCIQA2023/allimg \\
           --cache cache-2023/ --split all
     """
-    from agiqa.stages.scoring.evaluate import evaluate_model
+    from agiqa.pipeline.api import evaluate
 
-    if dataset is None:
-        raise click.UsageError("--dataset is required")
-    ds = dataset_from_options(dataset, root, labels, target, image_column, score_column)
+    cfg = config_from(EvaluateConfig, {**values, "as_json": as_json})
     with _shown_warnings():
-        result = evaluate_model(model_dir, ds, cache_dir, split, device, batch_size,
-                                progress=not (quiet or as_json), amp=amp, out=out)
+        result = evaluate(cfg)
     if as_json:
-        echo_json(result)
+        echo_json(result.to_dict())
     else:
-        print_metrics_table({"rows": {f"{dataset}/{split}": result}, "out": model_dir},
-                            label="model")
-        if out is not None:
-            click.echo(f"evaluation: {out}")
+        print_metrics_table({"rows": {f"{cfg.dataset}/{cfg.split}": result.metrics},
+                             "out": cfg.model}, label="model")
+        if result.out is not None:
+            click.echo(f"evaluation: {result.out}")
 
 
 @cli.command("import-official", context_settings=CONTEXT)
-@click.argument("ckpt", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--mllm", default="mplug-owl2", show_default=True,
-              help="The mPLUG-Owl2 model (preset, hub id or folder) the checkpoint's vectors "
-                   "come from; recorded with the official recipe.")
-@click.option("--dtype", "mllm_dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
-              default="float16", show_default=True,
-              help="The dtype the MLLM runs in when score-folder computes vectors (the official "
-                   "vectors are float16).")
-@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="Record this cache's fingerprint instead (its MLLM, recipe "
-              "and prompts are then the ones score-folder and evaluate use).")
-@click.option("--vit-heads", type=click.IntRange(min=1), default=None,
-              help="Attention heads of a non-standard ViT (default: width // 64).")
+@config_options(ImportOfficialConfig)
 @handle_errors
-def import_official_cmd(ckpt, out, mllm, mllm_dtype, cache_dir, vit_heads):
+def import_official_cmd(**values):
     """Turn an official MA-AGIQA checkpoint (.pt) into an agiqa model directory.
 
     Read without pickle; the unused modules of the official class are dropped. The model
@@ -184,6 +140,8 @@ def import_official_cmd(ckpt, out, mllm, mllm_dtype, cache_dir, vit_heads):
     """
     from agiqa.models.official import import_official
 
+    cfg = config_from(ImportOfficialConfig, values)
+    ckpt, out, cache_dir = cfg.ckpt, cfg.out, cfg.cache
     if cache_dir is not None:
         from agiqa.cache import open_cache
 
@@ -194,10 +152,10 @@ def import_official_cmd(ckpt, out, mllm, mllm_dtype, cache_dir, vit_heads):
     else:
         from agiqa.stages.extraction.official import official_semantics
 
-        official = official_semantics(mllm, mllm_dtype)
+        official = official_semantics(cfg.mllm, cfg.dtype)
         semantics = {k: official[k] for k in ("semantics", "fingerprint", "prompt_names", "dim")}
-        source = f"{official['semantics']['model']}, official recipe, {mllm_dtype}"
-    model = import_official(ckpt, out, semantics, vit_heads)
+        source = f"{official['semantics']['model']}, official recipe, {cfg.dtype}"
+    model = import_official(ckpt, out, semantics, cfg.vit_heads)
     n = sum(p.numel() for p in model.parameters())
     click.echo(f"imported {ckpt} ({n / 1e6:.1f} M parameters in use) -> {out}")
     click.echo(f"semantic vectors: {source}")

@@ -15,6 +15,7 @@ _COLUMNS = {
                  ("targets", "targets")],
     "backbones": [("timm model", "timm_name"), ("width", "width"),
                   ("MANIQA width", "maniqa_width")],
+    "recipes": [("used by", "used_by")],
     "plans": [("runs per cell", "repeats"), ("data sets", "datasets"),
               ("variants", "variants")],
 }
@@ -47,7 +48,7 @@ def _print_kind(kind: str, rows: list[dict]) -> None:
 
 @cli.group(context_settings=CONTEXT)
 def presets():
-    """The named MLLMs, prompt sets, data sets, backbones and experiment plans.
+    """The named MLLMs, prompt sets, data sets, backbones, recipes and experiment plans.
 
     Your own presets: JSON files in $AGIQA_HOME/presets/<kind>/<name>.json (AGIQA_HOME defaults
     to ~/.cache/agiqa), in the schema of the built-in ones (plans: <name>.toml); a file named
@@ -57,17 +58,29 @@ def presets():
     Examples:
       agiqa presets list
       agiqa presets list --kind mllms --json
+      agiqa presets list --kind recipes
     """
+
+
+@presets.command("path", context_settings=CONTEXT)
+@handle_errors
+def presets_path():
+    """Print the folder of your own presets ($AGIQA_HOME/presets, resolved), for scripts:
+    mkdir -p "$(agiqa presets path)/mllms"."""
+    from agiqa.presets import agiqa_home
+
+    click.echo(agiqa_home() / "presets")
 
 
 @presets.command("list", context_settings=CONTEXT)
 @click.option("--kind", "kinds", multiple=True,
-              type=click.Choice(["mllms", "prompts", "datasets", "backbones", "plans"]),
+              type=click.Choice(["mllms", "prompts", "datasets", "backbones", "recipes",
+                                 "plans"]),
               help="Only this kind (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: {kind: [preset, ...]}.")
 @handle_errors
 def presets_list(kinds, as_json):
-    """List the presets with their hub ids, widths and score ranges."""
+    """List the presets with their hub ids, widths, score ranges and uses."""
     from agiqa.presets import agiqa_home, describe_presets
 
     found = describe_presets(list(kinds) or None)

@@ -2,39 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from agiqa.cli.common import CONTEXT, cli, echo_json, handle_errors
+from agiqa.cli.options import config_from, config_options, json_option
+from agiqa.stages.configs import ReportConfig
 
 
 @cli.command("report", context_settings=CONTEXT)
-@click.argument("source", type=click.Path(exists=True, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The HTML file [default: SOURCE/report.html for a folder, SOURCE with .html "
-              "for a score file].")
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Image root of a run, if not where the run records it.")
-@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="Semantic cache for the zero-shot scores of a run, if not "
-              "where the run records it.")
-@click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="The scored folder (needed for a score file).")
-@click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="The model that scored a score file, for the patch maps.")
-@click.option("--max-images", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Run: the images shown, largest absolute error first.")
-@click.option("--top-k", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Score file: the lowest and the highest K scores shown.")
-@click.option("--maps/--no-maps", default=True, show_default=True,
-              help="Compute the patch maps of the shown images (a backbone pass each).")
-@click.option("--device", default="auto", show_default=True,
-              help="Where the patch maps are computed.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@config_options(ReportConfig)
+@json_option("Print the result as JSON.")
 @handle_errors
-def report_cmd(source, out, root, cache_dir, images, model_dir, max_images, top_k, maps,
-               device, as_json):
+def report_cmd(as_json, **values):
     """One self-contained HTML page of a run, an evaluation or a score file.
 
     SOURCE is a run directory of fit, a folder of evaluate --out, or the --out file (CSV or
@@ -47,19 +26,11 @@ def report_cmd(source, out, root, cache_dir, images, model_dir, max_images, top_
       agiqa report eval-2023/ --out eval-2023.html
       agiqa report scores.csv --images ./generated --model runs/3k
     """
-    from agiqa.report.html import write_run_report, write_score_file_report
+    from agiqa.pipeline.api import write_report
 
-    if source.is_dir():
-        result = write_run_report(source, out, root, cache_dir, max_images, maps, device)
-    else:
-        if images is None:
-            raise click.UsageError("--images DIR is required with a score file (the folder "
-                                   "that was scored)")
-        result = write_score_file_report(source, images, out, model_dir if maps else None,
-                                         top_k, device)
+    result = write_report(config_from(ReportConfig, values))
     if as_json:
-        echo_json({"out": str(result.out), "images_shown": result.images_shown,
-                   "images_total": result.images_total, "bytes": result.bytes})
+        echo_json(result.to_dict())
     else:
         click.echo(f"{result.out}: {result.images_shown} of {result.images_total} images, "
                    f"{result.bytes / 1e6:.2f} MB")

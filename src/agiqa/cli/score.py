@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 import click
 
@@ -16,50 +14,16 @@ from agiqa.cli.common import (
     print_metrics_table,
     printable,
 )
+from agiqa.cli.options import config_from, config_options, json_option
+from agiqa.stages.configs import DemoConfig, ScoreConfig
 
 
 # -- inference ---------------------------------------------------------------------------------
 @cli.command("score-folder", context_settings=CONTEXT)
-@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--model", "model_dir", required=True,
-              type=click.Path(file_okay=False, path_type=Path),
-              help="A run directory or an imported official checkpoint.")
-@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="Semantic cache to use and fill (default: one per MLLM "
-              "fingerprint under $AGIQA_HOME, ~/.cache/agiqa).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the scores to a .csv or .json file.")
-@click.option("--report", "report_html", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Also write an HTML report: gallery, histogram with a threshold "
-              "slider, failures, gates and patch maps.")
-@click.option("--report-top-k", type=click.IntRange(min=1), default=100, show_default=True,
-              help="The report shows the K lowest and K highest scores (and links the CSV).")
-@click.option("--recursive/--no-recursive", default=True, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--loader-workers", type=click.IntRange(min=0), default=2, show_default=True)
-@click.option("--revision", default=None,
-              help="MLLM revision to load [default: the one the model was trained with].")
-@click.option("--trust-remote-code/--no-trust-remote-code", default=None,
-              help="Allow the MLLM repository's own code [default: as the model records].")
-@click.option("--amp", is_flag=True, help="bf16 autocast of the scoring forward (not the "
-              "paper's float32).")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
-              show_default=True, help="local: this process; ray: a pool of actors on a Ray "
-              "cluster, slices of --shard-size images handed out as actors free up "
-              "(pip install \"agiqa[ray]\").")
-@click.option("--ray-address", default=None, help="With --engine ray: auto (this machine's "
-              "cluster), HOST:PORT, or none: $RAY_ADDRESS if set, else Ray started for the run.")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="With --engine ray: "
-              "the actors  [default: one per GPU of the cluster, or one per node]")
-@click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="With --engine ray: images per slice handed to an actor.")
-@click.option("--quiet", "-q", is_flag=True)
-@click.option("--json", "as_json", is_flag=True, help="Print rows and summary as JSON.")
+@config_options(ScoreConfig)
+@json_option("Print rows and summary as JSON.")
 @handle_errors
-def score_folder_cmd(folder, model_dir, cache_dir, out, report_html, report_top_k, recursive,
-                     device, batch_size, loader_workers, revision, trust_remote_code, amp,
-                     engine, ray_address, workers, shard_size, quiet, as_json):
+def score_folder_cmd(as_json, **values):
     """Score every image of a folder with a trained model.
 
     Stage one runs only for images the cache lacks, with the MLLM of the model's fingerprint
@@ -73,32 +37,15 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, report_html, report_top_
       agiqa score-folder ./generated --model runs/3k --cache cache/ --json
       agiqa score-folder ./generated --model runs/3k --out scores.csv --report scores.html
     """
-    if report_html is not None and report_html.suffix.lower() not in (".html", ".htm"):
-        raise click.BadParameter(f"{report_html} does not end in .html", param_hint="--report")
-    if engine == "ray":
-        from agiqa.models.agiqa_net import load_model
-        from agiqa.pipeline.api import ScoreConfig, score_folder
+    from agiqa.pipeline.api import score_folder
 
-        report = score_folder(ScoreConfig(
-            folder=folder, model=model_dir, cache=cache_dir, recursive=recursive, device=device,
-            batch_size=batch_size, loader_workers=loader_workers, revision=revision,
-            trust_remote_code=trust_remote_code, amp=amp, engine=engine,
-            ray_address=ray_address, workers=workers, shard_size=shard_size,
-            progress=not quiet and not as_json))
-        model = load_model(model_dir) if report_html is not None else None
-    else:
-        from agiqa.stages.scoring.scorer import Scorer
-
-        scorer = Scorer.from_pretrained(model_dir, cache_dir=cache_dir, device=device,
-                                        batch_size=batch_size, loader_workers=loader_workers,
-                                        progress=not quiet and not as_json, amp=amp,
-                                        revision=revision, trust_remote_code=trust_remote_code)
-        report = scorer.score_folder(folder, recursive)
-        model = scorer.model
-    if out is not None:
-        report.write(out)
-    if report_html is not None:
-        _write_report(report, folder, model, out, report_html, report_top_k, as_json)
+    cfg = config_from(ScoreConfig, {**values, "as_json": as_json})
+    report = score_folder(cfg)
+    out = cfg.out
+    if report.html is not None and not as_json:
+        h = report.html
+        click.echo(f"report: {h.out} ({h.images_shown} of {h.images_total} images, "
+                   f"{h.bytes / 1e6:.2f} MB)", err=True)
     summary = report.summary()
     if as_json:
         echo_json(report.to_dict())
@@ -128,33 +75,11 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, report_html, report_top_
     sys.exit(report.exit_code)
 
 
-def _write_report(report, folder: Path, model, out: Path | None, html: Path, top_k: int,
-                  as_json: bool) -> None:
-    """The HTML report of a scored folder; it links a CSV of every score (``--out`` if that is
-    a CSV, else one written beside the report)."""
-    from agiqa.report.html import score_rows, write_score_report
-
-    table = out if out is not None and out.suffix == ".csv" else html.with_suffix(".csv")
-    if table != out:
-        report.write(table)
-    rows, gate_names = score_rows(report.rows, folder)
-    href = Path(os.path.relpath(table.resolve(), html.resolve().parent)).as_posix()
-    result = write_score_report(rows, report.failures, html, gate_names, model, top_k,
-                                csv_href=href, source=str(folder))
-    if not as_json:
-        click.echo(f"report: {result.out} ({result.images_shown} of {result.images_total} "
-                   f"images, {result.bytes / 1e6:.2f} MB)", err=True)
-
-
 @cli.command("demo", context_settings=CONTEXT)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="agiqa-demo",
-              show_default=True, help="Folder for the demo's models, images, cache and run.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help="Training epochs [default: the demo's own, about a minute on a CPU].")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@config_options(DemoConfig)
+@json_option("Print the result as JSON.")
 @handle_errors
-def demo_cmd(out, epochs, quiet, as_json):
+def demo_cmd(as_json, **values):
     """The whole pipeline offline on a CPU, in a few minutes, with tiny random models.
 
     Builds a tiny LLaVA, makes a labelled set from real photographs that ship with
@@ -170,9 +95,9 @@ def demo_cmd(out, epochs, quiet, as_json):
     """
     from agiqa.pipeline.demo import CAVEAT, DEMO_EPOCHS, run_demo
 
+    cfg = config_from(DemoConfig, {**values, "as_json": as_json})
     log = (lambda *_: None) if as_json else click.echo
-    result = run_demo(out, epochs=epochs or DEMO_EPOCHS, progress=not (quiet or as_json),
-                      log=log)
+    result = run_demo(cfg.out, epochs=cfg.epochs or DEMO_EPOCHS, progress=cfg.progress, log=log)
     if as_json:
         echo_json(result.to_dict())
         return

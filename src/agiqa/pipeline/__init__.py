@@ -1,1 +1,2 @@
-"""End-to-end orchestration on top of the stages: the demo."""
+"""The Python API (``api``) and the orchestration over the stages that it and the command
+line share (the offline ``demo``)."""

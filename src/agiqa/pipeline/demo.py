@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +28,14 @@ __all__ = ["CAVEAT", "CPU_RECIPE", "DEMO_EPOCHS", "DISTORTIONS", "DemoResult", "
            "make_graded_set", "run_demo"]
 
 DISTORTIONS = ("blur", "jpeg", "noise", "shuffle")
-# The CPU recipe (not the paper's protocol): the random tiny backbone frozen, each image's key
-# computed once and standardised per patch; the MoE head trained at batch 32 and lr 3e-4 on
-# standardised MOS and vectors for 200 epochs, the last one kept (validation splits of a few
-# dozen images are too small to choose an epoch with). It needs a few hundred images: the demo's
-# set has 384.
-CPU_RECIPE: dict[str, Any] = {
-    "backbone": "tiny", "pretrained": False, "backbone_lr": 0.0, "augment": False,
-    "key_norm": "zscore", "score_norm": "zscore", "semantic_norm": "zscore", "lr": 3e-4,
-    "batch_size": 32, "epochs": 200, "t_max": 100_000, "selection": "last",
-    "split": "random:0.7,0.1,0.2",
-}
+# The CPU recipe, the built-in recipe preset `cpu` (`agiqa fit --recipe cpu`, not the paper's
+# protocol): the random tiny backbone frozen, each image's key computed once and standardised per
+# patch; the MoE head trained at batch 32 and lr 3e-4 on standardised MOS and vectors for 200
+# epochs, the last one kept (validation splits of a few dozen images are too small to choose an
+# epoch with). It needs a few hundred images: the demo's set has 384.
+CPU_RECIPE: dict[str, Any] = json.loads(
+    (resources.files("agiqa.presets") / "recipes" / "cpu.json").read_text(encoding="utf-8")
+)["options"]
 DEMO_EPOCHS = CPU_RECIPE["epochs"]
 # Written into the demo's folder: the demo deletes only what a demo created.
 MARKER = ".agiqa-demo"
@@ -212,8 +211,8 @@ def _prepare(out: Path, seed: int, log) -> tuple[Path, Path, Path]:
 def _fit(run: Path, images: Path, labels: Path, cache: Path, epochs: int, lr: float,
          progress: bool, log) -> None:
     """The CPU recipe (:data:`CPU_RECIPE`): frozen random tiny backbone, MoE head trained."""
+    from agiqa.pipeline.api import fit
     from agiqa.stages.rundir import is_finished
-    from agiqa.stages.training.fit import FitConfig, fit_repeats
 
     log(f"[3/6] fit (stage two): frozen tiny backbone, MoE head trained, {epochs} epochs")
     if is_finished(run):
@@ -223,9 +222,8 @@ def _fit(run: Path, images: Path, labels: Path, cache: Path, epochs: int, lr: fl
 
     # An interrupted run of this demo starts over (the marker says the demo made it).
     shutil.rmtree(run, ignore_errors=True)
-    result = fit_repeats(FitConfig(dataset="csv", root=images, labels=labels, cache=cache,
-                                   out=run, **{**CPU_RECIPE, "epochs": epochs, "lr": lr},
-                                   seed=20, loader_workers=0, progress=progress))
+    result = fit(recipe="cpu", dataset="csv", root=images, labels=labels, cache=cache, out=run,
+                 epochs=epochs, lr=lr, seed=20, loader_workers=0, progress=progress)
     log(f"      selected epoch {result.runs[0].best_epoch}")
 
 
@@ -246,11 +244,8 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = CPU_
     demo's cache and trained model are reused. The tiny models are random, so the numbers show
     the pipeline learning from image damage, not the quality judgement of a real MLLM.
     """
-    from agiqa.data.datasets import load_dataset
-    from agiqa.stages.extraction.extract import ExtractConfig, ImageSource, extract_semantics
+    from agiqa.pipeline.api import evaluate, extract_semantics, score_folder
     from agiqa.stages.rundir import CURVES_PLOT, SCATTER_PLOT
-    from agiqa.stages.scoring.evaluate import evaluate_model
-    from agiqa.stages.scoring.scorer import Scorer
 
     out = Path(out)
     _claim(out)
@@ -259,11 +254,10 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = CPU_
     lap("prepare")
 
     log("[2/6] extract-semantics (stage one)")
-    ds = load_dataset("csv", images, labels)
     cache = out / "cache"
-    report = extract_semantics(
-        ExtractConfig(out=cache, model=str(mllm), loader_workers=0, progress=progress),
-        ImageSource.from_dataset(ds))
+    data = {"dataset": "csv", "root": images, "labels": labels}
+    report = extract_semantics(**data, out=cache, mllm=str(mllm), loader_workers=0,
+                               progress=progress)
     log(f"      {report.computed} computed, {report.reused} already cached, "
         f"{len(report.failures)} failed ({report.images_per_second:.1f} images/s)")
     lap("extract")
@@ -273,16 +267,14 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = CPU_
     lap("fit")
 
     log("[4/6] evaluate")
-    metrics = {name: evaluate_model(run, ds, cache, name, workers=0, progress=False)
-               for name in ("val", "test")}
+    metrics = {name: evaluate(run, **data, cache=cache, split=name, loader_workers=0,
+                              progress=False).metrics for name in ("val", "test")}
     lap("evaluate")
 
     log("[5/6] score-folder on a photograph the model never saw")
-    scorer = Scorer.from_pretrained(run, cache_dir=out / "score-cache", loader_workers=0,
-                                    progress=progress)
-    scored = scorer.score_folder(out / "unseen")
     scores_csv = out / "scores.csv"
-    scored.write(scores_csv)
+    scored = score_folder(out / "unseen", model=run, cache=out / "score-cache", loader_workers=0,
+                          progress=progress, out=scores_csv)
     lap("score")
     log("[6/6] done")
     plots = [run / SCATTER_PLOT, run / CURVES_PLOT]

@@ -718,7 +718,7 @@ def _evaluate(group: Group, run: RunSpec, pair: CrossPair, test: DatasetSpec, ca
             keep = set(split.subset("test"))
             ds = dataclasses.replace(ds, samples=[s for s in ds.samples if s.key in keep])
         evaluate_model(run.run_dir, ds, cache, "all", group.fit.device, group.fit.eval_batch_size,
-                       workers=group.fit.loader_workers, progress=False, out=folder)
+                       loader_workers=group.fit.loader_workers, progress=False, out=folder)
     except (AgiqaError, RuntimeError, ValueError, OSError) as e:
         return None, str(e).splitlines()[0] if str(e) else type(e).__name__
     return read_json(done)["metrics"], ""

@@ -267,7 +267,7 @@ class _ExtractActor(_Worker):
         self.cache = None
         try:
             self.encoder = SemanticEncoder(
-                cfg.model, load_prompts(cfg.prompts), revision=cfg.revision, device=cfg.device,
+                cfg.mllm, load_prompts(cfg.prompts), revision=cfg.revision, device=cfg.device,
                 dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                 attn_implementation=cfg.attn_implementation, pad_square=cfg.pad_square,
                 fuse_prompts=cfg.fuse_prompts, compile=cfg.compile)
@@ -344,7 +344,7 @@ def extract_on_ray(cfg, source, on_shard: Callable[[str, str], None] | None = No
             spec, names, dim = specs[0]
             for (other, _, _), p in zip(specs, probed, strict=True):
                 if other != spec:
-                    raise ClusterError(f"node {p['ip']} finds another MLLM {cfg.model} than "
+                    raise ClusterError(f"node {p['ip']} finds another MLLM {cfg.mllm} than "
                                        f"node {probed[0]['ip']} (revision, dtype or files "
                                        "differ)")
             cache = SemanticCache.create(out, spec, names, dim, cfg.format, root=root)

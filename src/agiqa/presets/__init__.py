@@ -1,8 +1,10 @@
 """Named presets kept as data: ``presets/<kind>/<name>.json``, looked up by file stem.
 
-Kinds: ``mllms``, ``prompts``, ``datasets``, ``backbones``, and ``plans`` (experiment plans,
-``presets/plans/<name>.toml``, read by :mod:`agiqa.pipeline.experiment`). Built-in presets ship
-inside the package; a user adds presets (or overrides a built-in one of the same name) with files in
+Kinds: ``mllms``, ``prompts``, ``datasets``, ``backbones``, ``recipes`` (stage one's way of
+reading an image, chosen by the MLLM; or a command's options, chosen with ``--recipe``, such as
+``cpu`` for ``fit``) and ``plans`` (experiment plans, ``presets/plans/<name>.toml``, read by
+:mod:`agiqa.pipeline.experiment`). Built-in presets ship inside the
+package; a user adds presets (or overrides a built-in one of the same name) with files in
 ``$AGIQA_HOME/presets/<kind>/<name>.json`` (``AGIQA_HOME`` defaults to ``~/.cache/agiqa``).
 Each file becomes a typed dataclass, ``Cls(**d)``, so an unknown key raises
 :class:`~agiqa.errors.ConfigError`. Every lookup returns a fresh object, so callers may change
@@ -32,6 +34,7 @@ __all__ = [
     "BackbonePreset",
     "DatasetPreset",
     "MllmPreset",
+    "OptionsRecipe",
     "PlanPreset",
     "PromptSet",
     "Recipe",
@@ -42,6 +45,7 @@ __all__ = [
     "load_backbone_preset",
     "load_dataset_preset",
     "load_mllm_preset",
+    "load_options_recipe",
     "load_plan_preset",
     "load_prompt_preset",
     "load_prompts",
@@ -55,7 +59,8 @@ DEFAULT_MLLM = "mplug-owl2"
 DEFAULT_PROMPTS = "paper"
 # Preset kinds (folder name → what one preset is, for messages).
 KINDS: dict[str, str] = {"mllms": "MLLM", "prompts": "prompt", "datasets": "data set",
-                         "backbones": "backbone", "plans": "experiment plan"}
+                         "backbones": "backbone", "recipes": "recipe",
+                         "plans": "experiment plan"}
 # The file suffix of a kind's presets (JSON unless named here).
 _SUFFIX: dict[str, str] = {"plans": ".toml"}
 # A Hugging Face repository id: owner/name, each part starting with a letter or digit.
@@ -83,8 +88,20 @@ def _preset_files(kind: str) -> dict[str, tuple[Any, bool]]:
     return files
 
 
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ConfigError(f"unknown preset kind {kind!r} (choose from {', '.join(KINDS)})"
+                          + _did_you_mean(kind, list(KINDS)))
+
+
 def list_presets(kind: str) -> list[str]:
-    """Names of the presets of one kind (``mllms``, ``prompts``, ``datasets``, ...)."""
+    """Names of the presets of one kind (``mllms``, ``prompts``, ``datasets``, ``backbones``,
+    ``recipes``), sorted by name.
+
+    Raises:
+        ConfigError: for a kind that does not exist.
+    """
+    _check_kind(kind)
     return sorted(_preset_files(kind))
 
 
@@ -357,11 +374,17 @@ def load_plan_preset(name: str) -> PlanPreset:
 
 
 # -- listing -------------------------------------------------------------------------------------
+def _load_any_recipe(name: str) -> Any:
+    d = _load("recipes", name)
+    return load_options_recipe(name) if "command" in d else load_recipe(name)
+
+
 _LOADERS: dict[str, Callable[[str], Any]] = {
     "mllms": load_mllm_preset,
     "prompts": load_prompt_preset,
     "datasets": load_dataset_preset,
     "backbones": load_backbone_preset,
+    "recipes": _load_any_recipe,
     "plans": load_plan_preset,
 }
 
@@ -370,8 +393,7 @@ def describe_presets(kinds: list[str] | None = None) -> dict[str, list[dict[str,
     """Every preset of ``kinds`` (default: all) as ``{kind: [{"name", "source", ...}]}``."""
     out: dict[str, list[dict[str, Any]]] = {}
     for kind in kinds or list(_LOADERS):
-        if kind not in _LOADERS:
-            raise ConfigError(f"unknown preset kind {kind!r} (choose from {', '.join(_LOADERS)})")
+        _check_kind(kind)
         out[kind] = [{"name": name, "source": preset_source(kind, name),
                       **_LOADERS[kind](name).summary()} for name in list_presets(kind)]
     return out
@@ -425,10 +447,54 @@ class Recipe:
                 "pad_square": self.pad_square if pad_square is None else bool(pad_square),
                 "pooling": self.pooling}
 
+    def summary(self) -> dict[str, Any]:
+        used = [*self.presets, *self.model_types] if (self.presets or self.model_types) \
+            else ["any other MLLM"]
+        return {"used_by": f"extract-semantics: {', '.join(dict.fromkeys(used))}",
+                "description": self.description}
+
+
+@dataclass
+class OptionsRecipe:
+    """Options of one command under a name (``agiqa fit --recipe cpu``): they replace the
+    command's defaults, and the options given replace them."""
+
+    name: str
+    command: str
+    options: dict[str, Any]
+    description: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        return {"used_by": f"{self.command} --recipe {self.name}", "options": dict(self.options),
+                "description": self.description}
+
+
+def load_options_recipe(name: str, command: str | None = None) -> OptionsRecipe:
+    """The recipe preset ``presets/recipes/<name>.json`` of a command's options.
+
+    Raises:
+        ConfigError: unknown name (with the close ones), a stage-one recipe, or a recipe of
+            another command than ``command``.
+    """
+    d = _load("recipes", name)
+    if "command" not in d:
+        raise ConfigError(f"recipe preset {name} is stage one's way of reading an image, not a "
+                          f"set of options" + (f" of {command}" if command else ""))
+    recipe = _build(OptionsRecipe, {"name": name, **d}, f"recipe preset {name}")
+    if command is not None and recipe.command != command:
+        raise ConfigError(f"recipe preset {name} holds options of {recipe.command}, not of "
+                          f"{command}")
+    if not isinstance(recipe.options, dict):
+        raise ConfigError(f"recipe preset {name}: 'options' must be a JSON object")
+    return recipe
+
 
 def load_recipe(name: str = DEFAULT_RECIPE) -> Recipe:
-    """The recipe preset ``presets/recipes/<name>.json``."""
+    """The stage-one recipe preset ``presets/recipes/<name>.json``."""
     d = _load("recipes", name)
+    if "command" in d:
+        raise ConfigError(f"recipe preset {name} holds options of {d['command']}, not stage "
+                          "one's way of reading an image")
     try:
         return Recipe(name=name, **d)
     except TypeError as e:
@@ -438,6 +504,8 @@ def load_recipe(name: str = DEFAULT_RECIPE) -> Recipe:
 def recipe_for_model(model_type: str | None, preset: str | None = None) -> Recipe:
     """The recipe that lists ``model_type`` (or the MLLM preset ``preset``), else the default."""
     for name in list_presets("recipes"):
+        if "command" in _load("recipes", name):
+            continue
         recipe = load_recipe(name)
         if (model_type and model_type in recipe.model_types) or \
                 (preset and preset in recipe.presets):

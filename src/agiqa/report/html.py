@@ -52,10 +52,16 @@ _MAP_BATCH = 16
 
 @dataclass
 class ReportResult:
+    """An HTML report written: its file, the images shown of those it covers, its size."""
+
     out: Path
     images_shown: int
     images_total: int
     bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out": str(self.out), "images_shown": self.images_shown,
+                "images_total": self.images_total, "bytes": self.bytes}
 
 
 # -- maps and cards ----------------------------------------------------------------------------

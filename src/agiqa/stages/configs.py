@@ -1,4 +1,9 @@
-"""The config dataclasses of the stages: every option of a command, defined once.
+"""The config dataclasses of the commands: every option of a command, defined once.
+
+Each field is declared with :func:`agiqa.options.option`: its type, default, help and limits
+make both the Python check and the click option of the command line. The data set's fields
+(``dataset`` … ``score_column``) are one piece, :class:`DatasetFields`, shared by every command
+that reads a data set.
 
 Kept free of heavy imports (torch, timm), so that the command line builds its options from them
 without loading a model library.
@@ -6,40 +11,146 @@ without loading a model library.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from agiqa.errors import ConfigError
-from agiqa.options import check_options, option
+from agiqa.errors import ConfigError, UsageError
+from agiqa.options import check_options, cli_naming, option, spell
+from agiqa.presets import DEFAULT_MLLM, DEFAULT_PROMPTS
 
-__all__ = ["FUSIONS", "KEY_NORMS", "SCORE_NORMS", "SELECTIONS", "SEMANTIC_NORMS",
-           "EvaluateConfig", "FitConfig", "ScoreConfig", "model_experts"]
+__all__ = ["DTYPES", "FORMATS", "FUSIONS", "KEY_NORMS", "SCORE_NORMS", "SELECTIONS",
+           "SEMANTIC_NORMS", "CacheInfoConfig", "CacheVerifyConfig", "DatasetFields",
+           "DemoConfig", "EvaluateConfig", "ExtractConfig", "FitConfig", "ImportOfficialConfig",
+           "ImportPtConfig", "ReportConfig", "ScoreConfig", "model_experts"]
 
 SCORE_NORMS = ("none", "zscore")
 SEMANTIC_NORMS = ("none", "zscore")
 KEY_NORMS = ("none", "zscore")
 SELECTIONS = ("paper", "last")
+FORMATS = ("zarr", "hdf5")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 FUSIONS = ("moe", "concat", "mean")  # agiqa.models.moe.FUSIONS, without importing torch
 
 _NOT_PAPER = "(not in the paper)"
+_DEVICE = "auto, cpu, cuda or cuda:N."
+_PROGRESS = "Progress bars on stderr; -q/--quiet (or --json) turns them off."
 
 
-@dataclass
-class FitConfig:
-    """Options of ``agiqa fit``; the defaults are the official protocol.
+@dataclass(kw_only=True)
+class DatasetFields:
+    """The data set options, shared by every command that reads a labelled data set.
 
-    Each field is one option of the command line too (:func:`agiqa.options.option`). The data
-    set fields (``dataset`` … ``score_column``) are the shared ``--dataset`` options.
+    ``REQUIRED`` (a class attribute) names the fields a command cannot do without.
     """
 
-    dataset: str = option(help="Data set preset or csv.", cli=False)
-    root: Path = option(help="Image folder.", cli=False)
+    REQUIRED: ClassVar[tuple[str, ...]] = ()
+
+    dataset: str | None = option(
+        None, help="Data set preset: agiqa-3k, aigciqa-20k, aigciqa2023, koniq-10k, spaq, csv "
+                   "(agiqa presets list).")
+    root: Path | None = option(None, file_okay=False,
+                               help="Folder the label file's image paths are relative to.")
+    labels: Path | None = option(None, dir_okay=False,
+                                 help="Label file [default: the preset's file inside --root].")
+    target: str | None = option(
+        None, help="Score to learn, e.g. mos_quality (default) or mos_align for AGIQA-3K.")
+    image_column: str | None = option(None, help="Image path column (csv preset).")
+    score_column: str | None = option(None, help="Score column (csv preset).")
+
+
+@dataclass(kw_only=True)
+class ExtractConfig(DatasetFields):
+    """Options of ``agiqa extract-semantics``: the images (a folder, or a data set's label
+    file), the MLLM and how it runs, and the cache they fill."""
+
+    images: Path | None = option(None, file_okay=False, help="A folder of images (recursive).")
+    out: Path = option(help="The cache folder (created, or resumed / appended to).",
+                       file_okay=False)
+    mllm: str = option(
+        DEFAULT_MLLM, deprecated=("--model",),
+        help="MLLM: a preset name (mplug-owl2 is the paper's), Hugging Face hub id or local "
+             "folder.")
+    model: str | None = option(
+        None, cli=False, cli_reason="the earlier name of mllm, accepted with a "
+                                    "DeprecationWarning (the command line: --model, hidden)")
+    revision: str | None = option(None, help="Hub revision (branch, tag or commit).")
+    format: str | None = option(None, choices=FORMATS,
+                                help="Shard format of a new cache [default: zarr].")
+    prompts: str = option(DEFAULT_PROMPTS, help="Prompt preset, or a .json (preset schema) / "
+                                                ".txt (one per line) file.")
+    batch_size: int = option(8, min=1)
+    shard_size: int = option(1024, min=1, help="Images per shard (the unit of resume and of "
+                                               "worker assignment).")
+    device: str = option("auto", help=_DEVICE)
+    dtype: str = option("auto", choices=DTYPES,
+                        help="auto: the recipe's GPU dtype on GPU (float16 for mPLUG-Owl2, "
+                             "bfloat16 otherwise), float32 on CPU.")
+    attn_implementation: str | None = option(
+        None, help="transformers' attention implementation of the MLLM (sdpa, eager, "
+                   "flash_attention_2) [default: the model's].")
+    pad_square: bool | None = option(
+        None, help="Pad each image to a square of the processor's mean colour before the "
+                   "processor [default: the recipe's: on for mPLUG-Owl2, off otherwise].")
+    fuse_prompts: bool = option(
+        True, help="Run both prompts of a batch in one forward pass (batch rows: prompts x "
+                   "images), the vision tower once per image; the vectors are unchanged.")
+    trust_remote_code: bool = option(False, switch=True,
+                                     help="Allow the model repository's own code.")
+    retry_failed: bool = option(True, help="Try again the images that failed in an earlier "
+                                           "run (--no-retry-failed leaves them alone).")
+    workers: int | None = option(None, min=1, help="Number of independent workers filling "
+                                                   "this cache [default: torchrun's].")
+    worker: int | None = option(None, min=0, help="This worker's index, 0 to WORKERS-1 "
+                                                  "[default: torchrun's RANK].")
+    loader_workers: int | None = option(
+        None, min=0, help="Background processes decoding and preprocessing images [default: "
+                          "min(8, CPUs - 1) on a GPU, min(2, CPUs) on a CPU; the report says].")
+    compile: bool = option(False, help="torch.compile each block of the language model and "
+                                       "vision tower (minutes of compilation first; the vectors "
+                                       "are unchanged to float tolerance).")
+    engine: str = option(
+        "local", choices=("local", "ray"),
+        help="local: this process (with --workers/--worker or torchrun, the static split); "
+             "ray: a pool of actors on a Ray cluster, shards handed out as actors free up, "
+             "--workers actors [pip install \"agiqa[ray]\"].")
+    ray_address: str | None = option(
+        None, help="With --engine ray: auto (this machine's cluster), HOST:PORT, or none: "
+                   "$RAY_ADDRESS if set, else Ray started for the run and stopped after it.")
+    progress: bool = option(True, negate="--quiet", flags=("-q",), help=_PROGRESS)
+
+    def __post_init__(self) -> None:
+        if self.model is not None:
+            warnings.warn("ExtractConfig(model=...) is the MLLM's earlier name; use mllm=",
+                          DeprecationWarning, stacklevel=3)
+            if self.mllm not in (DEFAULT_MLLM, self.model):
+                raise UsageError(f"give the MLLM once: {spell('mllm')} (model= is its "
+                                 "earlier name)")
+            self.mllm, self.model = self.model, None
+        check_options(self)
+        if self.engine == "ray" and self.worker is not None:
+            raise UsageError(f"{spell('worker')} is the static split's worker index; with "
+                             f"{spell('engine', 'ray')} the shards are handed out as actors "
+                             "free up")
+        if self.workers is not None and self.worker is not None and \
+                self.worker >= self.workers:
+            raise UsageError(f"{self.worker} is not a worker index of "
+                             f"{spell('workers', self.workers)} (0 to {self.workers - 1})")
+
+
+@dataclass(kw_only=True)
+class FitConfig(DatasetFields):
+    """Options of ``agiqa fit``; the defaults are the official protocol.
+
+    Each field is one option of the command line too (:func:`agiqa.options.option`); the data
+    set fields (``dataset`` … ``score_column``) are :class:`DatasetFields`.
+    """
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("dataset", "root")
+
     cache: Path = option(help="Semantic cache (stage one).", file_okay=False)
     out: Path = option(help="The run directory to write.", file_okay=False)
-    labels: Path | None = option(None, cli=False)
-    target: str | None = option(None, cli=False)
-    image_column: str | None = option(None, cli=False)
-    score_column: str | None = option(None, cli=False)
     backbone: str = option(
         "vit_base_patch8_224",
         help="A backbone preset: vit_base_patch8_224 (the paper's), tiny (CPU tests and demos) "
@@ -118,21 +229,22 @@ class FitConfig:
                                           "(147 KiB per image), so later runs decode nothing.")
     eval_batch_size: int = option(32, min=1, help="Batch size of validation and test scoring.")
     resume: bool = option(False, switch=True, help="Continue an interrupted run in --out.")
-    progress: bool = option(True, cli=False)
+    progress: bool = option(True, negate="--quiet", flags=("-q",), help=_PROGRESS)
 
     def __post_init__(self) -> None:
-        self.root, self.cache, self.out = Path(self.root), Path(self.cache), Path(self.out)
         check_options(self)
         if self.key_norm != "none" and (self.backbone_lr != 0 or self.augment):
-            raise ConfigError(f"--key-norm {self.key_norm} needs the backbone's keys fixed: "
-                              "add --backbone-lr 0 and --no-augment")
+            raise ConfigError(f"{spell('key_norm', self.key_norm)} needs the backbone's keys "
+                              f"fixed: add {spell('backbone_lr', 0)} and "
+                              f"{spell('augment', False)}")
         if self.experts is not None:
             names = [e.strip() for e in self.experts.split(",")]
             if not all(names) or len(set(names)) != len(names):
-                raise ConfigError(f"--experts {self.experts!r}: give distinct names, "
+                raise ConfigError(f"{spell('experts')} {self.experts!r}: give distinct names, "
                                   "comma-separated (image and the cache's prompt names)")
         if self.repeats > 1 and self.split_seeds > 1:
-            raise ConfigError("--repeats and --split-seeds cannot be combined; choose one")
+            raise ConfigError(f"{spell('repeats')} and {spell('split_seeds')} cannot be "
+                              "combined; choose one")
         from agiqa.models.agiqa_net import resolve_pretrained
 
         resolve_pretrained(self.backbone, self.pretrained, self.backbone_weights)
@@ -164,18 +276,14 @@ def model_experts(experts: str | None, fusion: str, prompt_names: list[str],
             "fusion": fusion}
 
 
-@dataclass
-class EvaluateConfig:
+@dataclass(kw_only=True)
+class EvaluateConfig(DatasetFields):
     """Options of ``agiqa evaluate``: a model on a data set's split, vectors from a cache."""
 
-    model: Path = option(help="Run or model directory.", flag="--model", file_okay=False)
-    dataset: str = option(help="Data set preset or csv.", cli=False)
-    root: Path = option(help="Image folder.", cli=False)
+    REQUIRED: ClassVar[tuple[str, ...]] = ("dataset", "root")
+
+    model: Path = option(help="Run or model directory.", file_okay=False)
     cache: Path = option(help="Semantic cache (stage one).", file_okay=False)
-    labels: Path | None = option(None, cli=False)
-    target: str | None = option(None, cli=False)
-    image_column: str | None = option(None, cli=False)
-    score_column: str | None = option(None, cli=False)
     split: str = option("test", choices=("test", "val", "train", "all"),
                         help="test: the run's own test split; all: every image "
                              "(cross-dataset).")
@@ -186,23 +294,30 @@ class EvaluateConfig:
     out: Path | None = option(None, file_okay=False,
                               help="Folder for predictions.csv and evaluation.json (what "
                                    "agiqa report reads).")
-    loader_workers: int = option(2, min=0, cli=False)
-    progress: bool = option(True, cli=False)
+    loader_workers: int = option(2, min=0, help="Background image decoding processes.")
+    progress: bool = option(True, negate="--quiet", flags=("-q",), help=_PROGRESS)
 
     def __post_init__(self) -> None:
         check_options(self)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ScoreConfig:
     """Options of ``agiqa score-folder``: every image of a folder scored with a trained model."""
 
-    folder: Path = option(help="The folder of images.", cli=False)
+    folder: Path = option(help="The folder of images.", positional=True, file_okay=False)
     model: Path = option(help="A run directory or an imported official checkpoint.",
                          file_okay=False)
     cache: Path | None = option(None, file_okay=False,
                                 help="Semantic cache to use and fill (default: one per MLLM "
                                      "fingerprint under $AGIQA_HOME, ~/.cache/agiqa).")
+    out: Path | None = option(None, dir_okay=False,
+                              help="Write the scores to a .csv or .json file.")
+    report: Path | None = option(
+        None, dir_okay=False, help="Also write an HTML report: gallery, histogram with a "
+                                   "threshold slider, failures, gates and patch maps.")
+    report_top_k: int = option(100, min=1, help="The report shows the K lowest and K highest "
+                                                "scores (and links the CSV).")
     recursive: bool = option(True, help="Walk subfolders.")
     device: str = option("auto", help="auto, cpu, cuda or cuda:N.")
     batch_size: int = option(8, min=1)
@@ -223,7 +338,123 @@ class ScoreConfig:
                                                    "per GPU of the cluster, or one per node].")
     shard_size: int = option(1024, min=1, help="With --engine ray: images per slice handed to "
                                                "an actor.")
-    progress: bool = option(False, cli=False)
+    progress: bool = option(True, negate="--quiet", flags=("-q",), help=_PROGRESS)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if self.report is not None and self.report.suffix.lower() not in (".html", ".htm"):
+            where = f"--report: {self.report}" if cli_naming() else f"report={str(self.report)!r}"
+            raise UsageError(f"{where} does not end in .html")
+
+
+@dataclass(kw_only=True)
+class ReportConfig:
+    """Options of ``agiqa report``: the HTML page of a run, an evaluation or a score file."""
+
+    source: Path = option(positional=True, exists=True,
+                          help="A run directory of fit, a folder of evaluate --out, or the "
+                               "--out file (CSV or JSON) of score-folder.")
+    out: Path | None = option(None, dir_okay=False,
+                              help="The HTML file [default: SOURCE/report.html for a folder, "
+                                   "SOURCE with .html for a score file].")
+    root: Path | None = option(None, file_okay=False,
+                               help="Image root of a run, if not where the run records it.")
+    cache: Path | None = option(None, file_okay=False,
+                                help="Semantic cache for the zero-shot scores of a run, if not "
+                                     "where the run records it.")
+    images: Path | None = option(None, file_okay=False,
+                                 help="The scored folder (needed for a score file).")
+    model: Path | None = option(None, file_okay=False,
+                                help="The model that scored a score file, for the patch maps.")
+    max_images: int = option(100, min=1,
+                             help="Run: the images shown, largest absolute error first.")
+    top_k: int = option(100, min=1, help="Score file: the lowest and the highest K scores "
+                                         "shown.")
+    maps: bool = option(True, help="Compute the patch maps of the shown images (a backbone "
+                                   "pass each).")
+    device: str = option("auto", help="Where the patch maps are computed.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if not self.source.is_dir() and self.images is None:
+            images = "--images DIR" if cli_naming() else "images="
+            raise UsageError(f"{images} is required with a score file (the folder that was "
+                             "scored)")
+
+
+@dataclass(kw_only=True)
+class CacheInfoConfig:
+    """Options of ``agiqa cache info``."""
+
+    path: Path = option(positional=True, file_okay=False, help="The cache folder.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass(kw_only=True)
+class CacheVerifyConfig:
+    """Options of ``agiqa cache verify``."""
+
+    path: Path = option(positional=True, file_okay=False, help="The cache folder.")
+    images: Path | None = option(None, file_okay=False,
+                                 help="Image root [default: the one recorded at extraction].")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass(kw_only=True)
+class ImportPtConfig(DatasetFields):
+    """Options of ``agiqa cache import-pt``: the official ``.pt`` tensors into a cache."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("dataset", "root")
+
+    tensor_root: Path = option(positional=True, exists=True, file_okay=False,
+                               help="The folder of getFeature.py's .pt files.")
+    out: Path = option(file_okay=False, help="The cache folder (created, or resumed).")
+    format: str | None = option(None, choices=FORMATS,
+                                help="Shard format of a new cache [default: zarr].")
+    shard_size: int = option(1024, min=1)
+    mllm: str = option(DEFAULT_MLLM, help="The mPLUG-Owl2 model (preset, hub id or folder) the "
+                                          "tensors come from.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass(kw_only=True)
+class ImportOfficialConfig:
+    """Options of ``agiqa import-official``: an official checkpoint into a model folder."""
+
+    ckpt: Path = option(positional=True, dir_okay=False, help="The official .pt checkpoint.")
+    out: Path = option(file_okay=False, help="The model folder to write.")
+    mllm: str = option(DEFAULT_MLLM,
+                       help="The mPLUG-Owl2 model (preset, hub id or folder) the checkpoint's "
+                            "vectors come from; recorded with the official recipe.")
+    dtype: str = option("float16", choices=DTYPES[1:],
+                        help="The dtype the MLLM runs in when score-folder computes vectors "
+                             "(the official vectors are float16).")
+    cache: Path | None = option(None, file_okay=False,
+                                help="Record this cache's fingerprint instead (its MLLM, recipe "
+                                     "and prompts are then the ones score-folder and evaluate "
+                                     "use).")
+    vit_heads: int | None = option(None, min=1, help="Attention heads of a non-standard ViT "
+                                                     "[default: width // 64].")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass(kw_only=True)
+class DemoConfig:
+    """Options of ``agiqa demo``."""
+
+    out: Path = option(Path("agiqa-demo"), file_okay=False,
+                       help="Folder for the demo's models, images, cache and run.")
+    epochs: int | None = option(None, min=1, help="Training epochs [default: the CPU recipe's, "
+                                                  "about a minute on a CPU].")
+    progress: bool = option(True, negate="--quiet", flags=("-q",), help=_PROGRESS)
 
     def __post_init__(self) -> None:
         check_options(self)

@@ -134,8 +134,8 @@ def identify_mllm(model: str, revision: str | None = None, fetch: bool = True,
         raise ModelLoadError(
             f"MLLM {model!r}{f' (revision {revision})' if revision else ''} is neither in the "
             "local Hugging Face cache nor reachable on the hub; download it on a connected "
-            f"machine (huggingface-cli download {model}) into this machine's cache, or point "
-            "--model at a local folder holding it")
+            f"machine (huggingface-cli download {model}) into this machine's cache, or give "
+            "a local folder holding it instead (extract-semantics --mllm FOLDER)")
     config, commit = found if found else ({}, None)
     if commit is None and revision and _COMMIT.match(revision):
         commit = revision

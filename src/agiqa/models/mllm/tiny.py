@@ -317,7 +317,7 @@ def build_tiny_mllm(family: str, out: str | os.PathLike, hidden: int = 64, layer
 
     Args:
         family: ``llava``, ``qwen2-vl`` or ``qwen2.5-vl``.
-        out: the folder to write; load it with ``agiqa extract-semantics --model OUT``.
+        out: the folder to write; load it with ``agiqa extract-semantics --mllm OUT``.
         hidden: the language model's width (the semantic vector size D).
         layers: the language model's depth.
         image_size: the vision input size (LLaVA) or the largest image area's side (Qwen2-VL).

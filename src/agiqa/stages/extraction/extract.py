@@ -25,56 +25,13 @@ from agiqa.data.images import list_images, regular_file, resolve_key
 from agiqa.data.loader import KILLED, decode_file, ordered_load
 from agiqa.errors import AgiqaError, ConfigError
 from agiqa.models.mllm import BatchPreparer, SemanticEncoder
-from agiqa.presets import DEFAULT_MLLM, DEFAULT_PROMPTS, load_prompts
+from agiqa.presets import load_prompts
+from agiqa.stages.configs import ExtractConfig
 from agiqa.stages.extraction.resume import ShardJob, discard_damaged, merge_rows, plan_resume
 
 __all__ = ["KILLED", "ExtractConfig", "ExtractReport", "ImageSource", "compute_shards",
            "default_loader_workers", "extract_semantics", "ordered_load", "semantic_spec_of",
            "worker_slot"]
-
-
-@dataclass
-class ExtractConfig:
-    """Options of ``agiqa extract-semantics``."""
-
-    out: Path
-    model: str = DEFAULT_MLLM
-    revision: str | None = None
-    format: str | None = None
-    prompts: str = DEFAULT_PROMPTS
-    batch_size: int = 8
-    shard_size: int = 1024
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    retry_failed: bool = True
-    workers: int | None = None
-    worker: int | None = None
-    loader_workers: int | None = None
-    compile: bool = False
-    attn_implementation: str | None = None
-    pad_square: bool | None = None
-    fuse_prompts: bool | None = None
-    progress: bool = True
-    # Where the shards run: "local" (this process; the static split above) or "ray" (a pool
-    # of actors on a Ray cluster, shards handed out as actors free up; agiqa.pipeline.ray_engine).
-    engine: str = "local"
-    ray_address: str | None = None
-    # The images (for agiqa.extract_semantics): a folder, or a data set's label file.
-    images: Path | None = None
-    dataset: str | None = None
-    root: Path | None = None
-    labels: Path | None = None
-    image_column: str | None = None
-
-    def __post_init__(self) -> None:
-        self.out = Path(self.out)
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
-        if self.loader_workers is not None and self.loader_workers < 0:
-            raise ConfigError(f"loader workers must be 0 or more, got {self.loader_workers}")
-        if self.engine not in ("local", "ray"):
-            raise ConfigError(f"engine must be local or ray, got {self.engine!r}")
 
 
 @dataclass
@@ -99,6 +56,29 @@ class ImageSource:
 
 @dataclass
 class ExtractReport:
+    """What ``agiqa extract-semantics`` did.
+
+    Attributes:
+        cache: the cache folder.
+        requested: the images asked for (this worker's and the others').
+        computed: images whose vectors this run computed.
+        reused: images the cache already held.
+        failures: image → the reason it failed (recorded in the cache; retried on a rerun).
+        skipped_files: files that are not images (or whose names are not UTF-8).
+        shards_written: shards this run wrote.
+        changed: images computed again because their file changed since it was cached.
+        retried: images that had failed before and were tried again.
+        damaged_shards: shard → why it was damaged; rebuilt by this run.
+        seconds: the wall time of the run.
+        worker: this worker's index; workers: how many fill the cache.
+        forward_passes: MLLM forward passes; model_calls: calls of the model.
+        tokens: tokens of every forward pass; padding_tokens: the padding among them.
+        loader_workers: the image decoding processes used.
+        engine: ``local`` or ``ray``; on Ray, actors: the shards (and images) each actor wrote,
+            reassigned: the shards handed out again after their actor died, engine_seconds:
+            seconds to Ray joined, to every actor ready, and of the shards.
+    """
+
     cache: str
     requested: int
     computed: int = 0
@@ -245,7 +225,7 @@ def extract_semantics(
     rank, world = worker_slot(cfg.workers, cfg.worker)
     if encoder is None:
         encoder = SemanticEncoder(
-            cfg.model, load_prompts(cfg.prompts), revision=cfg.revision, device=cfg.device,
+            cfg.mllm, load_prompts(cfg.prompts), revision=cfg.revision, device=cfg.device,
             dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
             attn_implementation=cfg.attn_implementation, pad_square=cfg.pad_square,
             fuse_prompts=cfg.fuse_prompts, compile=cfg.compile,

@@ -7,7 +7,9 @@ In-dataset (``--split test``: the test keys of the run's own ``split.csv``) or c
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agiqa.cache import open_cache
 from agiqa.data.datasets import Dataset
@@ -17,6 +19,7 @@ from agiqa.errors import CacheMismatchError, ConfigError, DatasetError, MissingV
 from agiqa.fileio import write_json
 from agiqa.metrics import evaluate
 from agiqa.models.agiqa_net import load_model
+from agiqa.options import spell
 from agiqa.runtime import resolve_device
 from agiqa.stages.predict import inputs_of, predict
 from agiqa.stages.rundir import (
@@ -30,7 +33,43 @@ from agiqa.stages.rundir import (
     write_predictions,
 )
 
-__all__ = ["check_fingerprint", "evaluate_model"]
+__all__ = ["EvaluateResult", "check_fingerprint", "evaluate_model"]
+
+
+@dataclass
+class EvaluateResult:
+    """What ``agiqa evaluate`` measured.
+
+    Attributes:
+        model: the run or model folder, as given.
+        dataset: the data set's name (its preset).
+        split: ``test``, ``val``, ``train`` (the run's own ``split.csv``) or ``all``.
+        images: how many images were scored.
+        amp: whether the forward ran under bf16 autocast (float32 otherwise, as the paper).
+        metrics: ``srcc``, ``plcc``, ``krcc``, ``rmse`` (after the official logistic fit) and
+            ``plcc_raw`` (before it).
+        out: the folder of ``predictions.csv`` and ``evaluation.json``, when one was asked for.
+    """
+
+    model: str
+    dataset: str
+    split: str
+    images: int
+    amp: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+    out: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON of ``evaluate --json``: the fields, with the metrics at the top level."""
+        d = {"model": self.model, "dataset": self.dataset, "split": self.split,
+             "images": self.images, "amp": self.amp, **self.metrics}
+        if self.out is not None:
+            d["out"] = self.out
+        return d
+
+    def __getitem__(self, key: str) -> Any:
+        """``result["srcc"]``: the keys of :meth:`to_dict` (earlier releases returned it)."""
+        return self.to_dict()[key]
 
 
 def check_fingerprint(model_config: RunConfig, cache) -> None:
@@ -45,8 +84,9 @@ def check_fingerprint(model_config: RunConfig, cache) -> None:
 
 def evaluate_model(model_dir: str | os.PathLike, ds: Dataset, cache_dir: str | os.PathLike,
                    split: str = "test", device: str = "auto", batch_size: int = 32,
-                   workers: int = 2, progress: bool = True, amp: bool = False,
-                   out: str | os.PathLike | None = None, pixel_cache: bool = True) -> dict:
+                   loader_workers: int = 2, progress: bool = True, amp: bool = False,
+                   out: str | os.PathLike | None = None, pixel_cache: bool = True
+                   ) -> EvaluateResult:
     """SRCC, PLCC, KRCC, RMSE (and raw PLCC) of a model on a split of ``ds``.
 
     The forward runs in float32 (the official code) unless ``amp`` (bf16 autocast). With
@@ -68,15 +108,16 @@ def evaluate_model(model_dir: str | os.PathLike, ds: Dataset, cache_dir: str | o
     elif split in ("test", "val", "train"):
         split_file = Path(model_dir) / SPLIT
         if not split_file.is_file():
-            raise ConfigError(f"{model_dir} has no {SPLIT}; use --split all")
+            raise ConfigError(f"{model_dir} has no {SPLIT}; use {spell('split', 'all')}")
         keys = read_split_csv(split_file).subset(split)
         known = set(ds.keys)
         unknown = [k for k in keys if k not in known]
         if unknown:
             raise DatasetError(f"{len(unknown)} {split} image(s) of {split_file} are not in "
-                               f"{ds.labels_path}: {', '.join(unknown[:3])}")
+                               f"{ds.labels_path}: {', '.join(unknown[:3])}; on another data "
+                               f"set, evaluate every image with {spell('split', 'all')}")
     else:
-        raise ConfigError(f"unknown --split {split!r} (test, val, train or all)")
+        raise ConfigError(f"unknown {spell('split')} {split!r} (test, val, train or all)")
     if len(keys) < 3:
         raise DatasetError(f"the {split} split has {len(keys)} image(s); metrics need 3")
     missing = [k for k in keys if k not in cache]
@@ -85,7 +126,7 @@ def evaluate_model(model_dir: str | os.PathLike, ds: Dataset, cache_dir: str | o
     dev = resolve_device(device)
     model.to(dev)
     # Each file is read once; vectors of an image changed since extraction are refused.
-    vectors, pixels = inputs_of(ds, keys, cache, workers, progress,
+    vectors, pixels = inputs_of(ds, keys, cache, loader_workers, progress,
                                 PixelCache() if pixel_cache else None)
     scores, gates = predict(model, pixels, vectors, dev, batch_size, amp, with_gates=True)
     mos = {s.key: s.mos for s in ds.samples}
@@ -96,8 +137,8 @@ def evaluate_model(model_dir: str | os.PathLike, ds: Dataset, cache_dir: str | o
         zero_shot = cache.read(keys, ("zero_shot",))["zero_shot"].mean(1)
         _write_evaluation(Path(out), Path(model_dir), config, ds, cache, keys,
                           [mos[k] for k in keys], scores, gates, zero_shot, result)
-        result["out"] = str(out)
-    return result
+    return EvaluateResult(str(model_dir), ds.name, split, len(keys), amp, dict(metrics),
+                          None if out is None else str(out))
 
 
 def _write_evaluation(out: Path, model_dir: Path, config: RunConfig, ds: Dataset, cache, keys,

@@ -18,20 +18,42 @@ __all__ = ["ScoreReport", "cached_items", "decoded"]
 
 @dataclass
 class ScoreReport:
+    """What ``agiqa score-folder`` (and :class:`~agiqa.Scorer`) scored.
+
+    Attributes:
+        rows: one per scored image: ``path`` (relative to the folder, with ``/``), ``score``,
+            ``zero_shot`` (the MLLM's own rating) and ``gate_<prompt>``/``gate_image`` (the
+            experts' weights).
+        failures: image → the reason it could not be scored.
+        skipped_files: files of the folder that are not images (or whose names are not UTF-8).
+        computed: images whose vectors the MLLM computed in this run (the others came from the
+            cache).
+        changed: images computed again because their file changed since it was cached.
+        out: the ``.csv`` or ``.json`` file the rows were written to, if one was asked for.
+        reassigned: on Ray (``engine="ray"``), the slices handed out again after their actor
+            died.
+        html: the HTML report written (``agiqa.report.html.ReportResult``: ``out``,
+            ``images_shown``, ``images_total``, ``bytes``), if one was asked for.
+    """
+
     rows: list[dict[str, Any]] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
     skipped_files: list[str] = field(default_factory=list)
-    computed: int = 0  # images whose vectors were computed by the MLLM in this run
-    # images (named as in rows) computed again because their file changed since it was cached
+    computed: int = 0
     changed: list[str] = field(default_factory=list)
+    out: Path | None = None
+    html: Any = None
     # On Ray (score-folder --engine ray): slices handed out again after their actor died.
     reassigned: int = 0
 
     @property
     def exit_code(self) -> int:
+        """The command line's exit status: 2 when some image failed, else 0."""
         return 2 if self.failures else 0
 
     def summary(self) -> dict[str, Any]:
+        """``count``, ``failed``, ``computed``, ``changed`` and the scores' ``mean``, ``min``
+        and ``max`` (None without scores)."""
         scores = [r["score"] for r in self.rows]
         return {"count": len(scores), "failed": len(self.failures), "computed": self.computed,
                 "changed": len(self.changed),
@@ -39,6 +61,7 @@ class ScoreReport:
                 "min": min(scores) if scores else None, "max": max(scores) if scores else None}
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON of ``score-folder --json`` and of a ``.json`` ``--out``."""
         return {"rows": self.rows, "failures": self.failures, "summary": self.summary(),
                 "skipped_files": self.skipped_files, "changed": self.changed}
 

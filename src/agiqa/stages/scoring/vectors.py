@@ -148,7 +148,7 @@ class VectorProvider:
         return cache
 
     def extract_config(self) -> ExtractConfig:
-        return ExtractConfig(out=self.cache_dir, model=self.spec.model, revision=self.revision,
+        return ExtractConfig(out=self.cache_dir, mllm=self.spec.model, revision=self.revision,
                              dtype=self.spec.dtype, batch_size=self.batch_size,
                              loader_workers=self.loader_workers, progress=self.progress,
                              device=str(self.device), trust_remote_code=self.trust_remote_code,
