@@ -127,8 +127,9 @@ def test_a_node_dying_mid_training_reruns_its_group_from_the_checkpoint(
         import json as js
         from pathlib import Path as P
 
-        (P(str(seen)) / f"{group.variant}-{node['pid']}.json").write_text(js.dumps(
-            {**node, "run": str(group.runs[0].run_dir)}))
+        tmp = P(str(seen)) / f".{group.variant}-{node['pid']}"
+        tmp.write_text(js.dumps({**node, "run": str(group.runs[0].run_dir)}))
+        tmp.rename(tmp.with_name(f"{tmp.name[1:]}.json"))  # whole, for the killer below
 
     monkeypatch.setattr(ray_engine, "groups_on_ray",
                         functools.partial(ray_engine.groups_on_ray, on_start=on_start))
@@ -156,7 +157,8 @@ def test_a_node_dying_mid_training_reruns_its_group_from_the_checkpoint(
                                      str(out), "--engine", "ray"], catch_exceptions=False)
     finally:
         thread.join()
-        ray_cluster.add_node(num_cpus=1)
+        if killed:  # the cluster as the other tests know it
+            ray_cluster.add_node(num_cpus=1)
     assert killed, "no group was caught mid-training"
     assert r.exit_code == 0, r.output
     # The killed group ran twice: the second time from the checkpoint of the first.
