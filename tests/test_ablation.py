@@ -121,6 +121,6 @@ def test_experts_names_resolve_against_the_caches_prompts():
         model_experts("image,coherance", "moe", names)
     with pytest.raises(ConfigError, match="distinct names"):
         FitConfig(dataset="csv", root=".", cache=".", out=".", experts="image,image")
-    with pytest.raises(ConfigError, match="--fusion must be one of moe, concat, mean"):
+    with pytest.raises(ConfigError, match="fusion= must be one of moe, concat, mean"):
         FitConfig(dataset="csv", root=".", cache=".", out=".", fusion="sum")
     assert ModelConfig().fusion == "moe" and ModelConfig().image_expert

@@ -19,7 +19,7 @@ from agiqa.stages.extraction.extract import ExtractConfig, ImageSource, extract_
 
 def _extract(model_dir, root, out, **kw):
     kw.setdefault("loader_workers", 0)
-    cfg = ExtractConfig(out=out, model=str(model_dir), progress=False, **kw)
+    cfg = ExtractConfig(out=out, mllm=str(model_dir), progress=False, **kw)
     return extract_semantics(cfg, ImageSource.from_folder(root))
 
 

@@ -84,7 +84,7 @@ def test_a_plan_that_does_not_parse(tmp_path):
 def test_unknown_keys_and_values_are_refused_with_their_field(tmp_path):
     _refused(_plan(tmp_path, "repeat = 3\n"), "repeat: unknown key")
     _refused(_plan(tmp_path, "[variants.x]\nfusion = \"sum\"\n"),
-             "variants.x: --fusion must be one of moe, concat, mean")
+             "variants.x: fusion= must be one of moe, concat, mean")
     _refused(_plan(tmp_path, "[variants.x]\nseed = 3\n"), "variants.x.seed: set by the plan")
     _refused(_plan(tmp_path, "[variants.x]\nsemantics = \"llava\"\n"),
              "variants.x.semantics: no cache 'llava'")

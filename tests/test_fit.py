@@ -248,7 +248,7 @@ def test_the_cpu_recipe_learns_on_blur_graded_sets_it_was_not_tuned_on(tiny_llav
         root = tmp_path / f"set-{seed}"
         labels = make_graded_set(root, photos=photos, distortions=("blur",), grades=5, crops=4,
                                  size=size, seed=seed)
-        extract_semantics(dataset="csv", root=root, labels=labels, model=str(tiny_llava),
+        extract_semantics(dataset="csv", root=root, labels=labels, mllm=str(tiny_llava),
                           out=tmp_path / f"cache-{seed}", loader_workers=0, progress=False)
         result = fit(dataset="csv", root=root, labels=labels, cache=tmp_path / f"cache-{seed}",
                      out=tmp_path / f"run-{seed}", **CPU_RECIPE, loader_workers=0,

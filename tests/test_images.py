@@ -173,7 +173,7 @@ def test_extraction_records_bad_links_and_fifos_and_goes_on(tiny_llava, tmp_path
     os.symlink(outside / "real.png", root / "out_link.png")
     os.symlink(outside / "gone.png", root / "dangling.png")
     os.mkfifo(root / "pipe.png")
-    cfg = ExtractConfig(out=tmp_path / "c", model=str(tiny_llava), progress=False,
+    cfg = ExtractConfig(out=tmp_path / "c", mllm=str(tiny_llava), progress=False,
                         loader_workers=loader_workers)
     with _deadline(120):
         report = extract_semantics(cfg, ImageSource.from_folder(root))

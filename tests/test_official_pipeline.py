@@ -131,7 +131,7 @@ def test_both_prompts_in_one_pass_with_one_vision_pass_per_image(owl2, tmp_path)
         seen = []
         enc.model.model.vision_model.register_forward_hook(
             lambda _m, args, _out, seen=seen: seen.append(args[0].shape[0]))
-        cfg = ExtractConfig(out=tmp_path / str(fuse), model=str(folder), batch_size=2,
+        cfg = ExtractConfig(out=tmp_path / str(fuse), mllm=str(folder), batch_size=2,
                             loader_workers=0, progress=False)
         report = extract_semantics(cfg, ImageSource.from_folder(images), enc)
         n = len(META["images"])

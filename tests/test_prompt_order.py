@@ -88,7 +88,7 @@ def test_llava_hf_template_gets_the_prompt_before_the_image(llava_hf, tmp_path):
 
     root = tmp_path / "photos"
     keys = _photos(root)
-    extract_semantics(ExtractConfig(out=tmp_path / "c", model=str(llava_hf), progress=False,
+    extract_semantics(ExtractConfig(out=tmp_path / "c", mllm=str(llava_hf), progress=False,
                                     loader_workers=0), ImageSource.from_folder(root))
     got = open_cache(tmp_path / "c").read(keys)["vectors"][:, 0].astype(np.float32)
     prompt_first = _direct_vectors(llava_hf, root, keys, f"USER: {prompt}\n<image> ASSISTANT:")
@@ -148,7 +148,7 @@ def test_pad_square_option_changes_vectors_and_fingerprint(llava_hf, tmp_path):
                                rtol=2e-3, atol=2e-3)
     assert np.abs(got - _direct_vectors(llava_hf, root, keys, text)).max() > 0.05
     with pytest.raises(CacheMismatchError, match="recipe"):
-        extract_semantics(ExtractConfig(out=tmp_path / "pad", model=str(llava_hf),
+        extract_semantics(ExtractConfig(out=tmp_path / "pad", mllm=str(llava_hf),
                                         pad_square=False, progress=False, loader_workers=0),
                           ImageSource.from_folder(root))
 

@@ -179,7 +179,7 @@ def test_a_node_dying_mid_extraction_loses_nothing(cluster, tiny_llava, images, 
                            for p in out.glob("shard-*")})
             _kill_node_of(cluster, who)
 
-    cfg = ExtractConfig(out=out, model=str(tiny_llava), shard_size=2, loader_workers=0,
+    cfg = ExtractConfig(out=out, mllm=str(tiny_llava), shard_size=2, loader_workers=0,
                         progress=False, engine="ray")
     try:
         report = extract_on_ray(cfg, ImageSource.from_folder(images), on_shard=on_shard)

@@ -81,11 +81,11 @@ def test_hf_pixels_leave_the_loader_as_uint8_and_equal_the_processors(family, re
     folder.mkdir()
     for k in good:
         shutil.copy(root / k, folder / Path(k).name)
-    cfg = ExtractConfig(out=tmp_path / "split", model=str(model), batch_size=4,
+    cfg = ExtractConfig(out=tmp_path / "split", mllm=str(model), batch_size=4,
                         loader_workers=0, progress=False)
     extract_semantics(cfg, ImageSource.from_folder(folder), enc)
     monkeypatch.setattr(type(prep), "uint8_pixels", property(lambda self: False))
-    cfg = ExtractConfig(out=tmp_path / "batch", model=str(model), batch_size=4,
+    cfg = ExtractConfig(out=tmp_path / "batch", mllm=str(model), batch_size=4,
                         loader_workers=0, progress=False)
     extract_semantics(cfg, ImageSource.from_folder(folder), enc)
     keys = sorted(p.name for p in folder.iterdir())
@@ -134,10 +134,10 @@ def test_per_image_loading_fails_bad_files_and_killed_loaders_alone(owl2, tmp_pa
     kill_loader_on("kill_me")
     enc = SemanticEncoder(str(folder), load_prompts("paper")).load()
     assert enc.prepare.uint8_pixels
-    ref = extract_semantics(ExtractConfig(out=tmp_path / "a", model=str(folder), batch_size=2,
+    ref = extract_semantics(ExtractConfig(out=tmp_path / "a", mllm=str(folder), batch_size=2,
                                           loader_workers=0, progress=False),
                             ImageSource.from_folder(clean), enc)
-    got = extract_semantics(ExtractConfig(out=tmp_path / "b", model=str(folder), batch_size=2,
+    got = extract_semantics(ExtractConfig(out=tmp_path / "b", mllm=str(folder), batch_size=2,
                                           loader_workers=2, progress=False),
                             ImageSource.from_folder(dirty), enc)
     assert got.loader_workers == 2 and got.to_dict()["loader_workers"] == 2
@@ -167,7 +167,7 @@ def test_batch_loading_retries_the_batch_of_a_killed_loader(tiny_qwen, photo_fol
         shutil.copy(root / k, folder / Path(k).name)
     shutil.copy(root / good[0], folder / ("kill_me" + Path(good[0]).suffix))
     kill_loader_on("kill_me")
-    cfg = ExtractConfig(out=tmp_path / "c", model=str(tiny_qwen), batch_size=3,
+    cfg = ExtractConfig(out=tmp_path / "c", mllm=str(tiny_qwen), batch_size=3,
                         loader_workers=1, progress=False)
     enc = SemanticEncoder(str(tiny_qwen), load_prompts("paper"))
     assert enc.prepare.uint8_pixels

@@ -334,7 +334,10 @@ def extract_on_ray(cfg, source, on_shard: Callable[[str, str], None] | None = No
     with ray_session(cfg.ray_address) as ray:
         report.engine_seconds["joined"] = round(time.perf_counter() - start, 3)
         n, resources = _pool_size(ray, cfg.workers, cfg.device)
-        actor_cfg = replace(cfg, out=out, progress=False, workers=None, worker=None)
+        # A local MLLM folder is named by its absolute path: an actor's working folder is not
+        # the driver's (the identity records the absolute path either way).
+        mllm = str(Path(cfg.mllm).resolve()) if Path(cfg.mllm).exists() else cfg.mllm
+        actor_cfg = replace(cfg, out=out, mllm=mllm, progress=False, workers=None, worker=None)
         actors = _start_actors(ray, _ExtractActor, n, resources, actor_cfg, str(root))
         try:
             probed = _probe(ray, actors, out, root)
