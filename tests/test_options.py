@@ -241,7 +241,7 @@ def test_the_python_api_checks_types_and_names_unknown_options():
                                           "add backbone_lr=0 and augment=False$"):
         agiqa.fit(dataset="csv", root=".", cache=".", out=".", key_norm="zscore")
     with pytest.warns(DeprecationWarning, match="use mllm="):
-        assert ExtractConfig(out="c", mllm="tiny").mllm == "tiny"
+        assert ExtractConfig(out="c", model="tiny").mllm == "tiny"
 
 
 def test_the_command_line_names_flags_where_python_names_keywords(tmp_path):
