@@ -18,7 +18,8 @@ from typing import Any
 from agiqa.errors import ConfigError
 
 __all__ = ["LOCAL_REVISION_PREFIX", "MODEL_FILE_PATTERNS", "agiqa_home", "atomic_path",
-           "current_umask", "exclusive_lock", "folder_content_hash", "read_json", "remove_path",
+           "current_umask", "exclusive_lock", "folder_content_hash", "read_json", "read_regular",
+           "remove_path",
            "remove_stale_temporaries", "temporary_sibling", "write_json", "write_text"]
 
 _HOST = socket.gethostname().replace(".", "_")
@@ -171,20 +172,36 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 JSON_LIMIT = 64 << 20  # bytes: agiqa's own JSON files (manifests, configs) are far smaller
 
 
-def read_json(path: str | os.PathLike, limit: int = JSON_LIMIT) -> Any:
-    """A JSON file agiqa reads (a manifest, a run's config, a preset), refused with a
-    ``ValueError`` unless it is a regular file of at most ``limit`` bytes nested at most a few
-    hundred levels deep: a FIFO would block forever, a huge or deeply nested file would take
-    minutes and gigabytes before failing."""
+def read_regular(path: str | os.PathLike, limit: int, what: str = "file") -> bytes:
+    """The bytes of ``path``, refused with a ``ValueError`` unless it is a regular file (or a
+    link to one) of at most ``limit`` bytes. The open never waits (a FIFO would block forever)
+    and the read is bounded, whatever the file claims or grows to meanwhile.
+
+    Raises:
+        OSError: the file cannot be opened or read.
+        ValueError: not a regular file, or larger than ``limit`` (naming ``path``).
+    """
     path = Path(path)
     with open(path, "rb", opener=_open_nonblocking) as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"{path} is not a regular file")
         if st.st_size > limit:
-            raise ValueError(f"{path} has {st.st_size} bytes, more than the {limit} a JSON "
-                             "file of agiqa may have")
+            raise ValueError(f"{path} has {st.st_size} bytes, more than the {limit} a {what} "
+                             "of agiqa may have")
         data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} has more than the {limit} bytes a {what} of agiqa may have")
+    return data
+
+
+def read_json(path: str | os.PathLike, limit: int = JSON_LIMIT) -> Any:
+    """A JSON file agiqa reads (a manifest, a run's config, a preset), refused with a
+    ``ValueError`` unless it is a regular file of at most ``limit`` bytes nested at most a few
+    hundred levels deep: a FIFO would block forever, a huge or deeply nested file would take
+    minutes and gigabytes before failing."""
+    path = Path(path)
+    data = read_regular(path, limit, "JSON file")
     try:
         return json.loads(data.decode("utf-8"))
     except RecursionError:
