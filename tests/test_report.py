@@ -117,7 +117,7 @@ def test_score_report_is_bounded_and_counts_every_score(tmp_path):
     for i in (0, 37, 100, 200):
         assert hist["passing"][i] == int((scores >= hist["thresholds"][i]).sum())
     assert hist["passing"][0] == 1000
-    assert "the 5 lowest and the 5 highest of 1000 scores" in html and 'href="s.csv"' in html
+    assert "the 5 lowest and the 5 highest of 1000 scores" in html and 'href="./s.csv"' in html
     assert "not an image" in html and "patch maps not shown" in html
 
 

@@ -12,8 +12,8 @@ from agiqa.cli.common import CONTEXT, cli, echo_json, handle_errors
 @cli.command("report", context_settings=CONTEXT)
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The HTML file [default: SOURCE/report.html for a folder, SOURCE with .html "
-              "for a score file].")
+              help="The HTML file, new or a report agiqa wrote [default: SOURCE/report.html for a "
+              "folder, SOURCE with .html for a score file].")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Image root of a run, if not where the run records it.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -47,8 +47,11 @@ def report_cmd(source, out, root, cache_dir, images, model_dir, max_images, top_
       agiqa report eval-2023/ --out eval-2023.html
       agiqa report scores.csv --images ./generated --model runs/3k
     """
-    from agiqa.report.html import write_run_report, write_score_file_report
+    from agiqa.report.html import REPORT_SUFFIXES, write_run_report, write_score_file_report
 
+    if out is not None and out.suffix.lower() not in REPORT_SUFFIXES:
+        raise click.BadParameter(f"{out} does not end in .html; a report is an HTML page",
+                                 param_hint="--out")
     if source.is_dir():
         result = write_run_report(source, out, root, cache_dir, max_images, maps, device)
     else:

@@ -63,10 +63,21 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, report_html, report_top_
       agiqa score-folder ./generated --model runs/3k --cache cache/ --json
       agiqa score-folder ./generated --model runs/3k --out scores.csv --report scores.html
     """
+    from agiqa.report.html import REPORT_SUFFIXES, check_report_output
+    from agiqa.stages.scoring.results import SCORE_SUFFIXES, check_score_output
     from agiqa.stages.scoring.scorer import Scorer
 
-    if report_html is not None and report_html.suffix.lower() not in (".html", ".htm"):
+    if report_html is not None and report_html.suffix.lower() not in REPORT_SUFFIXES:
         raise click.BadParameter(f"{report_html} does not end in .html", param_hint="--report")
+    if out is not None and out.suffix.lower() not in SCORE_SUFFIXES:
+        raise click.BadParameter(f"{out} does not end in .csv or .json", param_hint="--out")
+    # Checked before any work: nothing of the user's is ever replaced.
+    if out is not None:
+        check_score_output(out)
+    if report_html is not None:
+        check_report_output(report_html, "--report")
+        check_score_output(_report_table(out, report_html),
+                           "--report (the CSV of every score, beside the page)")
     scorer = Scorer.from_pretrained(model_dir, cache_dir=cache_dir, device=device,
                                     batch_size=batch_size, loader_workers=loader_workers,
                                     progress=not quiet and not as_json, amp=amp,
@@ -102,13 +113,18 @@ def score_folder_cmd(folder, model_dir, cache_dir, out, report_html, report_top_
     sys.exit(report.exit_code)
 
 
+def _report_table(out: Path | None, html: Path) -> Path:
+    """The CSV a score report links: ``--out`` if that is a CSV, else one beside the page."""
+    return out if out is not None and out.suffix.lower() == ".csv" else html.with_suffix(".csv")
+
+
 def _write_report(report, folder: Path, model, out: Path | None, html: Path, top_k: int,
                   as_json: bool) -> None:
     """The HTML report of a scored folder; it links a CSV of every score (``--out`` if that is
     a CSV, else one written beside the report)."""
     from agiqa.report.html import score_rows, write_score_report
 
-    table = out if out is not None and out.suffix == ".csv" else html.with_suffix(".csv")
+    table = _report_table(out, html)
     if table != out:
         report.write(table)
     rows, gate_names = score_rows(report.rows, folder)
