@@ -258,3 +258,74 @@ def test_every_json_score_file_reads_back(tmp_path):
     (tmp_path / "s.json").write_text(json.dumps(data))
     rows, failures, _ = read_score_file(tmp_path / "s.json", tmp_path)
     assert rows == [] and failures == {"a.png": "x"}
+
+
+# -- G: nothing vanishes from a walk ------------------------------------------------------------
+def _tree(root):
+    make_images(root, ["a.png"])
+    make_images(root / "locked", ["b.png"])
+    make_images(root / "open", ["c.png"])
+
+
+def test_an_unreadable_subfolder_is_named_not_skipped(tmp_path, monkeypatch):
+    import os
+
+    from agiqa.data.images import list_images
+    from agiqa.errors import DatasetError
+    from agiqa.stages.extraction.extract import ImageSource
+
+    _tree(tmp_path / "imgs")
+    locked = str(tmp_path / "imgs" / "locked")
+    real = os.scandir
+
+    def scandir(path="."):  # EACCES for one folder (the tests run as root, which reads all)
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    errors: dict[str, str] = {}
+    keys, _ = list_images(tmp_path / "imgs", errors=errors)
+    assert keys == ["a.png", "open/c.png"]
+    assert errors == {"locked/": "cannot list this folder: Permission denied; its images are "
+                                 "not scored"}
+    with pytest.raises(DatasetError, match="imgs/locked: cannot list this folder"):
+        list_images(tmp_path / "imgs")
+    assert ImageSource.from_folder(tmp_path / "imgs").unlisted == errors
+
+    from agiqa.stages.scoring.results import ScoreReport
+
+    s = _bare_scorer()
+    s.vectors = type("V", (), {"cache_dir": None})()
+    s._score = lambda items, folder=None: ScoreReport()
+    report = s.score_folder(tmp_path / "imgs")
+    assert report.failures == errors and report.exit_code == 2
+
+
+def test_a_subtree_past_path_max_is_named_not_skipped(tmp_path):
+    """A real tree deeper than PATH_MAX (4096 bytes): made with folder descriptors."""
+    import os
+
+    from agiqa.data.images import list_images
+
+    root = tmp_path / "deep"
+    make_images(root, ["top.png"])
+    fd = os.open(root, os.O_RDONLY)
+    part = "d" * 200
+    try:
+        for _ in range(24):
+            os.mkdir(part, dir_fd=fd)
+            nxt = os.open(part, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        with open(os.open("bottom.png", os.O_WRONLY | os.O_CREAT, dir_fd=fd), "wb") as f:
+            f.write((root / "top.png").read_bytes())
+    finally:
+        os.close(fd)
+    errors: dict[str, str] = {}
+    keys, _ = list_images(root, errors=errors)
+    assert "top.png" in keys
+    assert len(errors) == 1
+    (folder, reason), = errors.items()
+    assert folder.startswith(part) and folder.endswith("/") and "cannot list" in reason
+    assert "name too long" in reason.lower()

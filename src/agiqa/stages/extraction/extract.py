@@ -80,13 +80,16 @@ class ImageSource:
     root: Path
     keys: list[str]
     skipped: list[str] = field(default_factory=list)
+    # folders below the root that could not be listed (key with a trailing "/") → reason
+    unlisted: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_folder(cls, root: str | os.PathLike, recursive: bool = True,
                     exclude: str | os.PathLike | None = None) -> ImageSource:
         """The images below ``root``; ``exclude``: a folder not to walk (the output)."""
-        keys, others = list_images(root, recursive, exclude)
-        return cls(Path(root), keys, others)
+        unlisted: dict[str, str] = {}
+        keys, others = list_images(root, recursive, exclude, unlisted)
+        return cls(Path(root), keys, others, unlisted)
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> ImageSource:
@@ -320,6 +323,7 @@ def extract_semantics(
     cache = create() if existing else None
     report = ExtractReport(str(cfg.out), len(source.keys), skipped_files=list(source.skipped),
                            worker=rank, workers=world)
+    report.failures.update(source.unlisted)
     plan = plan_resume(cache, source.keys, Path(source.root), cfg.shard_size, rank, world,
                        cfg.retry_failed)
     report.reused, report.changed, report.retried = plan.reused, plan.changed, plan.retried

@@ -73,9 +73,12 @@ class Scorer:
     def score_folder(self, folder: str | os.PathLike, recursive: bool = True) -> ScoreReport:
         """Score every image of a folder; paths in the report are relative to it, with ``/``."""
         folder = Path(folder)
-        keys, others = list_images(folder, recursive, exclude=self.vectors.cache_dir)
+        unlisted: dict[str, str] = {}
+        keys, others = list_images(folder, recursive, exclude=self.vectors.cache_dir,
+                                   errors=unlisted)
         report = self._score([(k, folder / k) for k in keys], folder)
         report.skipped_files = others
+        report.failures.update(unlisted)
         return report
 
     def _one_call(self):
