@@ -329,3 +329,50 @@ def test_a_subtree_past_path_max_is_named_not_skipped(tmp_path):
     (folder, reason), = errors.items()
     assert folder.startswith(part) and folder.endswith("/") and "cannot list" in reason
     assert "name too long" in reason.lower()
+
+
+# -- checkpoints and seeds -------------------------------------------------------------------------
+@pytest.mark.parametrize("edit", [lambda ck: ck.pop("gen"), lambda ck: ck.pop("torch_rng"),
+                                  lambda ck: ck.update(history="[1, 2"),
+                                  lambda ck: ck.update(history='{"epoch": 0}'),
+                                  lambda ck: ck.update(history='[{"loss": 1}]')])
+def test_a_checkpoint_missing_a_field_or_with_a_bad_history_is_one_line(tmp_path, edit):
+    from types import SimpleNamespace
+
+    import torch
+
+    from agiqa.stages.training.trainer import Trainer
+
+    model = torch.nn.Linear(2, 1)
+    optim = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=5)
+    cfg = SimpleNamespace(amp=False, compile=False, out=tmp_path, seed=0, backbone_lr=None)
+    trainer = Trainer(cfg, model, optim, sched, torch.Generator(), torch.device("cpu"))
+    trainer._checkpoint()
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    edit(ck)
+    torch.save(ck, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError) as err:
+        trainer.restore()
+    assert "\n" not in str(err.value) and "not a checkpoint agiqa can resume from" in str(err.value)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", str(2**64)], "'--seed': 18446744073709551616 is not in the range"),
+    (["--seed", "-1"], "'--seed': -1 is not in the range"),
+    (["--split-seed", str(2**64)], "'--split-seed'"),
+    (["--repeats", "1000000000"], "'--repeats': 1000000000 is not in the range 1<=x<=1000"),
+    (["--split-seeds", "1000000000"], "'--split-seeds'"),
+])
+def test_seeds_and_series_out_of_range_are_usage_errors(tmp_path, args, message):
+    r = run("fit", "--dataset", "csv", "--root", tmp_path, "--cache", tmp_path, "--out",
+            tmp_path / "o", *args)
+    _one_line(r, message, code=64)
+
+
+def test_a_series_whose_last_seed_overflows_is_refused(tmp_path):
+    from agiqa.stages.configs import FitConfig
+
+    with pytest.raises(ConfigError, match="last seed 18446744073709551616 is past"):
+        FitConfig(dataset="csv", root=tmp_path, cache=tmp_path, out=tmp_path / "o",
+                  seed=2**64 - 1, repeats=2)

@@ -19,6 +19,8 @@ SCORE_NORMS = ("none", "zscore")
 SEMANTIC_NORMS = ("none", "zscore")
 KEY_NORMS = ("none", "zscore")
 SELECTIONS = ("paper", "last")
+SEED_MAX = 2**64 - 1  # torch.manual_seed takes 0 .. 2**64 - 1
+RUNS_MAX = 1000  # runs of one series (--repeats, --split-seeds); the paper trains 10
 
 _NOT_PAPER = "(not in the paper)"
 
@@ -61,14 +63,16 @@ class FitConfig:
                                         "official code: 50, stepped every iteration).")
     split: str = option("paper", help="paper, files (the data set's split files), "
                                       "random:0.7,0.1,0.2 or a split.csv.")
-    seed: int = option(20, help="Seed of the training (initialisation, order, augmentation, "
-                                "dropout).")
-    split_seed: int | None = option(None, help="Seed of the split's shuffle [default: --seed; "
-                                               "the paper: 20].")
-    repeats: int = option(1, min=1, help="Train N times on the same split, training seeds "
+    seed: int = option(20, min=0, max=SEED_MAX, help="Seed of the training (initialisation, "
+                                                     "order, augmentation, dropout).")
+    split_seed: int | None = option(None, min=0, max=SEED_MAX, help="Seed of the split's "
+                                    "shuffle [default: --seed; the paper: 20].")
+    repeats: int = option(1, min=1, max=RUNS_MAX, help="Train N times on the same split, "
+                                                       "training seeds "
                                          "SEED..SEED+N-1 (the official train_test_num); median "
                                          "and std into summary.json.")
-    split_seeds: int = option(1, min=1, help="Train on N random splits (split seeds "
+    split_seeds: int = option(1, min=1, max=RUNS_MAX, help="Train on N random splits (split "
+                                                           "seeds "
                                              "SPLIT_SEED..+N-1, not the paper's); median and std "
                                              "into summary.json.")
     device: str = option("auto", help="auto, cpu, cuda or cuda:N.")
@@ -118,6 +122,11 @@ class FitConfig:
                               "add --backbone-lr 0 and --no-augment")
         if self.repeats > 1 and self.split_seeds > 1:
             raise ConfigError("--repeats and --split-seeds cannot be combined; choose one")
+        for flag, first in (("--seed", self.seed), ("--split-seed", self.split_seed)):
+            last = (first or 0) + max(self.repeats, self.split_seeds) - 1
+            if isinstance(first, int) and last > SEED_MAX:
+                raise ConfigError(f"{flag} {first}: the series' last seed {last} is past "
+                                  f"{SEED_MAX}, the largest seed torch takes")
         from agiqa.models.agiqa_net import resolve_pretrained
 
         resolve_pretrained(self.backbone, self.pretrained, self.backbone_weights)
