@@ -52,15 +52,17 @@ def test_extract_exits_2_and_names_every_broken_file(tiny_llava, photo_folder, t
     good = sorted(k for k, v in kinds.items() if v == "ok")
     assert open_cache(tmp_path / "c").keys == good
     n = len(good) + 3
-    assert f"{n} images: {n} computed, 0 already cached, 3 failed" in result.output
+    # The counts add up to the images: each is computed, already cached or failed, once.
+    assert f"{n} images: {len(good)} computed, 0 already cached, 3 failed" in result.output
 
     again = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out",
                 tmp_path / "c", "--quiet", "--json")
     report = json.loads(again.output)
     # The failed images are tried again (and fail again); the others are reused.
-    assert again.exit_code == 2 and report["computed"] == 3 and report["failed"] == 3
+    assert again.exit_code == 2 and report["computed"] == 0 and report["failed"] == 3
     assert sorted(report["retried"]) == ["text_as.jpg", "truncated.jpg", "zero_bytes.png"]
     assert report["reused"] == len(good)
+    assert report["computed"] + report["reused"] + report["failed"] == report["requested"] == n
     skip = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out",
                tmp_path / "c", "--quiet", "--json", "--no-retry-failed")
     report = json.loads(skip.output)

@@ -376,3 +376,25 @@ def test_a_series_whose_last_seed_overflows_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="last seed 18446744073709551616 is past"):
         FitConfig(dataset="csv", root=tmp_path, cache=tmp_path, out=tmp_path / "o",
                   seed=2**64 - 1, repeats=2)
+
+
+def test_list_presets_of_an_unknown_kind_is_an_error():
+    from agiqa.presets import list_presets
+
+    assert "mplug-owl2" in list_presets("mllms")
+    with pytest.raises(ConfigError, match="unknown kind of preset 'nonsense'.*mllms"):
+        list_presets("nonsense")
+
+
+def test_an_image_of_no_pixels_says_so(tmp_path):
+    from PIL import Image
+
+    from agiqa.data.images import _to_rgb
+    from agiqa.errors import BadImageError
+
+    with pytest.raises(BadImageError, match=r"has no pixels \(0×0\)"):
+        _to_rgb(Image.new("RGB", (0, 0)), "x")
+    s = _bare_scorer()
+    s.batch_size, s.prompt_names = 4, ["a"]
+    rows = s.score([Image.new("RGB", (0, 0)), Image.new("RGB", (5, 0))])
+    assert [r["error"] for r in rows] == ["has no pixels (0×0)", "has no pixels (5×0)"]

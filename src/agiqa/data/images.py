@@ -50,6 +50,8 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def _to_rgb(img: Image.Image, name: str) -> Image.Image:
+    if img.width == 0 or img.height == 0:
+        raise BadImageError(name, f"has no pixels ({img.width}×{img.height})")
     if img.mode == "F" or (img.mode == "I" and img.getextrema()[1] > 65535):
         raise BadImageError(name, f"{'floating-point' if img.mode == 'F' else '32-bit'} samples: "
                             "OpenCV's imread(IMREAD_COLOR), the official decoder, cannot read "

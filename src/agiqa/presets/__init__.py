@@ -78,7 +78,16 @@ def _preset_files(kind: str) -> dict[str, tuple[Any, bool]]:
 
 
 def list_presets(kind: str) -> list[str]:
-    """Names of the presets of one kind (``mllms``, ``prompts``, ``datasets``, ...)."""
+    """Names of the presets of one kind (``mllms``, ``prompts``, ``datasets``, ...).
+
+    Raises:
+        ConfigError: ``kind`` is no kind of preset (naming the kinds).
+    """
+    kinds = sorted(p.name for p in resources.files("agiqa.presets").iterdir()
+                   if p.is_dir() and not p.name.startswith(("_", ".")))
+    if kind not in kinds:
+        raise ConfigError(f"unknown kind of preset {kind!r} (choose from {', '.join(kinds)})"
+                          + _did_you_mean(kind, kinds))
     return sorted(_preset_files(kind))
 
 

@@ -116,6 +116,8 @@ class ExtractReport:
     tokens: int = 0
     padding_tokens: int = 0
     loader_workers: int = 0
+    # the keys this run computed (failed ones included), for counts that add up
+    computed_keys: set[str] = field(default_factory=set, repr=False)
 
     @property
     def images_per_second(self) -> float:
@@ -340,6 +342,12 @@ def extract_semantics(
     cache.refresh()
     known = cache.failures
     report.failures.update({k: known[k] for k in source.keys if k in known})
+    # Counts that add up: each requested image is computed now, already cached, or failed
+    # (a key computed but failed counts once, as failed).
+    wanted, held = set(source.keys), set(cache.keys)
+    done = {k for k in report.computed_keys if k in wanted and k not in report.failures}
+    report.computed = len(done)
+    report.reused = len((wanted & held) - done - set(report.failures))
     report.seconds = time.perf_counter() - start
     return report
 
@@ -415,6 +423,7 @@ def _run_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEncod
             cache.write_shard(job.name, merge_rows(job.kept, new, job.order))
             report.shards_written += 1
             report.computed += len(job.compute)
+            report.computed_keys.update(job.compute)
             acc = _ShardAccumulator()
             job = next(job_iter, None)
     bar.close()

@@ -206,6 +206,9 @@ class Scorer:
         for start in range(0, len(images), self.batch_size):
             batch = []
             for i, im in images[start:start + self.batch_size]:
+                if im.width == 0 or im.height == 0:
+                    fail(i, f"image {i} of the list", f"has no pixels ({im.width}×{im.height})")
+                    continue
                 try:
                     batch.append((i, im.convert("RGB")))
                 except (OSError, ValueError) as e:  # a truncated or unreadable image
