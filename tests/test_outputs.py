@@ -398,3 +398,20 @@ def test_an_image_of_no_pixels_says_so(tmp_path):
     s.batch_size, s.prompt_names = 4, ["a"]
     rows = s.score([Image.new("RGB", (0, 0)), Image.new("RGB", (5, 0))])
     assert [r["error"] for r in rows] == ["has no pixels (0×0)", "has no pixels (5×0)"]
+
+
+def test_a_full_disk_under_the_cache_names_the_manifest(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from agiqa.cache.manifest import create_if_absent
+
+    def full(_fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        create_if_absent(tmp_path / "home" / "manifest.json", {"a": 1})
+    assert e.value.filename == str(tmp_path / "home" / "manifest.json")
+    assert e.value.strerror == "No space left on device"
+    assert not list((tmp_path / "home").iterdir())
