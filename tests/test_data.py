@@ -125,3 +125,16 @@ def test_metrics_equal_the_official_formula():
     assert m["rmse"] == pytest.approx(rmse, abs=1e-9)
     assert m["plcc_raw"] == pytest.approx(stats.pearsonr(pred, mos)[0])
     assert m["plcc"] > m["plcc_raw"]
+
+
+def test_label_columns_match_whatever_their_case_and_ambiguity_is_refused(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "labels.csv").write_text("Image,MOS\na.png,3.5\n")
+    ds = load_dataset("csv", tmp_path)
+    assert ds.keys == ["a.png"] and ds.samples[0].mos == 3.5 and ds.target_column == "MOS"
+    ds = load_dataset("csv", tmp_path, image_column="IMAGE", score_column="mos")
+    assert ds.target_column == "MOS"
+    (tmp_path / "labels.csv").write_text("image,Image,mos\na.png,b.png,3.5\n")
+    with pytest.raises(DatasetError, match="line 1: columns 'image', 'Image' differ only in "
+                                           "case; which is the image column is ambiguous"):
+        load_dataset("csv", tmp_path)

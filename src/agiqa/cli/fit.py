@@ -108,10 +108,15 @@ def evaluate_cmd(model_dir, dataset, root, labels, target, image_column, score_c
       agiqa evaluate --model runs/3k --dataset aigciqa2023 --root AIGCIQA2023/allimg \\
           --cache cache-2023/ --split all
     """
-    from agiqa.stages.scoring.evaluate import evaluate_model
+    from agiqa.stages.scoring.evaluate import evaluate_model, run_label_columns
 
     if dataset is None:
         raise click.UsageError("--dataset is required")
+    if image_column is None and score_column is None and target is None:
+        # The run's own label file: the columns it was trained with.
+        recorded = run_label_columns(model_dir, dataset, root, labels)
+        image_column, score_column = recorded.get("image_column"), recorded.get("score_column")
+        target = recorded.get("target")
     ds = dataset_from_options(dataset, root, labels, target, image_column, score_column)
     with _shown_warnings():
         result = evaluate_model(model_dir, ds, cache_dir, split, device, batch_size,

@@ -26,7 +26,7 @@ from agiqa.errors import ConfigError
 from agiqa.stages.configs import EvaluateConfig, FitConfig, ScoreConfig
 from agiqa.stages.extraction.extract import ExtractConfig, ExtractReport, ImageSource
 from agiqa.stages.extraction.extract import extract_semantics as _extract
-from agiqa.stages.scoring.evaluate import evaluate_model
+from agiqa.stages.scoring.evaluate import evaluate_model, run_label_columns
 from agiqa.stages.scoring.results import ScoreReport
 from agiqa.stages.scoring.scorer import Scorer
 from agiqa.stages.training.fit import fit_repeats
@@ -82,8 +82,12 @@ def evaluate(model: EvaluateConfig | str | os.PathLike | None = None, /,
     """``agiqa evaluate``: SRCC, PLCC, KRCC and RMSE of a model (a run folder) on a split of a
     data set, with vectors from ``cache``."""
     cfg = _config(EvaluateConfig, model, "model", fields)
-    ds = load_dataset(cfg.dataset, cfg.root, cfg.labels, cfg.target, cfg.image_column,
-                      cfg.score_column)
+    columns = {"image_column": cfg.image_column, "score_column": cfg.score_column,
+               "target": cfg.target}
+    if not any(columns.values()):  # the run's own label file: the columns it was trained with
+        columns.update(run_label_columns(cfg.model, cfg.dataset, cfg.root, cfg.labels))
+    ds = load_dataset(cfg.dataset, cfg.root, cfg.labels, columns["target"],
+                      columns["image_column"], columns["score_column"])
     return evaluate_model(cfg.model, ds, cfg.cache, cfg.split, cfg.device, cfg.batch_size,
                           cfg.loader_workers, cfg.progress, cfg.amp, cfg.out)
 
