@@ -209,3 +209,14 @@ def test_a_run_whose_images_moved_names_the_root(tiny_run, tmp_path):
 def test_score_folder_report_must_be_html(tmp_path):
     r = run("score-folder", tmp_path, "--model", tmp_path / "m", "--report", tmp_path / "s.csv")
     assert r.exit_code == 64 and "--report: " in r.output and "does not end in .html" in r.output
+
+
+def test_the_heading_names_the_label_file_and_gate_names_are_whole(tmp_path):
+    folder = make_run(tmp_path / "run", tmp_path / "images", n=4, dataset="csv")
+    config = json.loads((folder / "config.json").read_text())
+    config["training"]["labels"] = str(tmp_path / "jpeg-labels.csv")
+    (folder / "config.json").write_text(json.dumps(config))
+    write_run_report(folder, tmp_path / "r.html", maps=False)
+    html = (tmp_path / "r.html").read_text()
+    assert "Metrics on jpeg-labels.csv</h2>" in html and "Metrics on csv" not in html
+    assert "text-overflow: ellipsis" not in html.split(".gate .label")[1].split("}")[0]

@@ -226,6 +226,18 @@ def _render(context: dict[str, Any], out: Path) -> int:
     return len(html.encode("utf-8"))
 
 
+def _dataset_label(dataset: dict[str, Any]) -> str | None:
+    """What the metrics were measured on: a preset's name, or for ``csv`` the label file."""
+    name = dataset.get("name")
+    if name != "csv":
+        return name
+    labels = dataset.get("labels")
+    if labels:
+        return Path(labels).name
+    root = dataset.get("root")
+    return f"labels.csv of {Path(root).name}" if root else "a CSV label file"
+
+
 def _metrics_rows(run: RunData) -> list[dict[str, Any]]:
     name = run.dataset.get("name")
     paper = PUBLISHED.get(name or "")
@@ -267,6 +279,7 @@ def write_run_report(folder: Path, out: Path | None = None, root: Path | None = 
     gate_names = [*run.prompt_names, "image"]
     paper = any(m["paper"] is not None for m in _metrics_rows(run))
     context = {
+        "dataset_label": _dataset_label(run.dataset),
         "mode": "run", "title": f"agiqa {run.kind}: {run.folder.name}", "source": str(run.folder),
         "kind": run.kind, "dataset": run.dataset, "metrics": _metrics_rows(run), "paper": paper,
         "plots": _run_plots(run), "cards": _cards(rows, gate_names, model),
@@ -342,6 +355,7 @@ def write_score_report(rows: list[ImageRow], failures: dict[str, str], out: Path
     gate_names = gate_names or _gate_names(rows)
     fails = sorted(failures.items())
     context = {
+        "dataset_label": None,
         "mode": "scores", "title": f"agiqa scores: {source}", "source": source,
         "kind": "scores", "dataset": {}, "metrics": [], "paper": False, "plots": {},
         "cards": _cards(shown, gate_names, model), "total": len(rows),
