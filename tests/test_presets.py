@@ -145,3 +145,21 @@ def test_custom_prompt_files_json_and_txt(tmp_path):
         load_prompts(tmp_path / "bad.json")
     with pytest.raises(ConfigError, match="prompt file not found"):
         load_prompts(tmp_path / "missing.txt")
+
+
+def test_presets_path_is_the_resolved_folder_and_the_docs_use_it(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from agiqa.cli import cli
+
+    monkeypatch.delenv("AGIQA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    r = CliRunner().invoke(cli, ["presets", "path", "mllms"])
+    assert r.exit_code == 0 and r.output.strip() == str(tmp_path / ".cache/agiqa/presets/mllms")
+    r = CliRunner().invoke(cli, ["presets", "path", "nonsense"])
+    assert r.exit_code == 1 and "unknown kind of preset 'nonsense'" in r.output
+    page = (Path(__file__).parents[1] / "docs" / "presets.md").read_text()
+    commands = page.split("## Your own presets")[1].split("```bash")[1].split("```")[0]
+    assert "$AGIQA_HOME" not in commands and "agiqa presets path" in commands
