@@ -415,3 +415,40 @@ def test_a_full_disk_under_the_cache_names_the_manifest(tmp_path, monkeypatch):
     assert e.value.filename == str(tmp_path / "home" / "manifest.json")
     assert e.value.strerror == "No space left on device"
     assert not list((tmp_path / "home").iterdir())
+
+
+def test_offline_the_first_failure_is_final(monkeypatch, tmp_path):
+    """No network: one probe of the hub, then only the local cache is asked; no retries."""
+    import time
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    import agiqa.models.mllm.recipe as recipe
+    from agiqa.errors import ModelLoadError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(recipe, "_REACHABLE", None)
+    probes, downloads = [], []
+
+    class Session:
+        def head(self, url, timeout=None):
+            probes.append(url)
+            raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr("huggingface_hub.utils.get_session", lambda: Session())
+    real = huggingface_hub.hf_hub_download
+
+    def download(*args, **kwargs):
+        downloads.append(kwargs.get("local_files_only"))
+        return real(*args, **{**kwargs, "local_files_only": True})
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    start = time.monotonic()
+    for _ in range(2):
+        with pytest.raises(ModelLoadError, match="neither in the local Hugging Face cache nor "
+                                                 "reachable.*offline"):
+            recipe.identify_mllm("someone/not-a-model", require=True)
+    assert time.monotonic() - start < 5
+    assert len(probes) == 1 and downloads == [True, True]
