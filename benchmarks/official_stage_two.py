@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -23,8 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from agiqa.data.pixels import read_pixels  # noqa: E402
-from agiqa.testing.official_reference import OfficialMAAGIQA  # noqa: E402
+from agiqa.data.pixels import read_pixels
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from official_model import OfficialMAAGIQA  # noqa: E402
 
 # The official module for each agiqa backbone preset (same widths, depth and used blocks).
 BACKBONES = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -250,3 +251,141 @@ def graded(tmp_path_factory, tiny_llava):
                                  "--loader-workers", "0"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     return root, cache
+
+
+MA_AGIQA_FIXTURE = Path(__file__).parent / "fixtures" / "ma_agiqa"
+# agiqa's module for each official module the fixture hooks: MANIQA's keep their official names
+# under `backbone.`, the MoE head's are renamed.
+AGIQA_MODULE = {"fc784_784": "head.image_expert", "fc4096_784_a2": "head.semantic_experts.0",
+                "fc4096_784_b2": "head.semantic_experts.1", "gating": "head.gating",
+                "output_fc": "head.output"}
+
+
+class OfficialMaAgiqa:
+    """What the official MA-AGIQA module computed (``tests/fixtures/ma_agiqa``, written by its
+    ``generate.py`` in the official environment), and its state dict rebuilt from the recipe.
+
+    ``shape`` is ``"narrow"`` (ViT width 24, MANIQA width 24, two images, every tensor in full)
+    or ``"paper"`` (``main.py``'s module: ViT-B/8, width 768; the first image; the large tensors
+    as summaries). Agreement means ``|agiqa − official| ≤ TOLERANCE · max(1, max|official|)``
+    per tensor: 1e-5 absolute on tensors of magnitude ≤ 1 (scores, gates, patch weights),
+    relative to the tensor's largest value otherwise (float32 on a CPU).
+    """
+
+    TOLERANCE = 1e-5
+
+    def __init__(self, tmp: Path):
+        self.meta = json.loads((MA_AGIQA_FIXTURE / "expected.json").read_text(encoding="utf-8"))
+        self.arrays = dict(np.load(MA_AGIQA_FIXTURE / "expected.npz"))
+        self.tmp = tmp
+        self._narrow: dict[str, torch.Tensor] | None = None
+
+    def model(self, shape: str = "narrow") -> dict[str, Any]:
+        return self.meta["models"][shape]
+
+    def state_dict(self, shape: str = "narrow") -> dict[str, torch.Tensor]:
+        """The official module's state dict in its order; each tensor's bytes are checked against
+        the digest of what the official module held."""
+        if shape == "narrow" and self._narrow is not None:
+            return self._narrow
+        m = self.model(shape)
+        sd = {}
+        for name, dims, dtype in m["state_dict"]:
+            if name in m["parameters"]:
+                r = m["parameters"][name]
+                u = np.random.RandomState(r["seed"]).random_sample(int(np.prod(dims)))
+                u *= r["high"] - r["low"]
+                u += r["low"]
+                value, digest = u.astype(np.float32).reshape(dims), r["sha256"]
+            else:  # Swin's buffers, saved from the narrow module (the same at both shapes)
+                value, digest = self.arrays[f"narrow/buffers/{name}"], m["buffers"][name]
+            assert list(value.shape) == dims and str(value.dtype) == dtype, name
+            assert hashlib.sha256(value.tobytes()).hexdigest() == digest, f"{name}: not rebuilt"
+            sd[name] = torch.from_numpy(value)
+        if shape == "narrow":
+            self._narrow = sd
+        return sd
+
+    def inputs(self, shape: str = "narrow") -> tuple[torch.Tensor, torch.Tensor]:
+        """The official inputs: pixels [B, 3, 224, 224] float32 (agiqa's ``normalize`` of the
+        uint8 images, checked to be the official transform's bytes) and semantics [B, 2, 4096]
+        float16 (``tensor1``, ``tensor2``)."""
+        from agiqa.data import normalize
+
+        pixels = normalize(torch.from_numpy(self.arrays["inputs/images"]).permute(0, 3, 1, 2))
+        assert hashlib.sha256(pixels.numpy().tobytes()).hexdigest() == self.meta["pixels_sha256"]
+        semantics = torch.cat([torch.from_numpy(self.arrays[f"inputs/tensor{i}"]) for i in (1, 2)],
+                              dim=1)
+        b = self.model(shape)["batch"]
+        return pixels[:b], semantics[:b]
+
+    def expected(self, shape: str, name: str) -> torch.Tensor:
+        return torch.from_numpy(self.arrays[f"{shape}/{name}"])
+
+    def tolerance(self, want: torch.Tensor) -> float:
+        return self.TOLERANCE * max(1.0, want.abs().max().item())
+
+    def check(self, got: torch.Tensor, shape: str, name: str) -> float:
+        """Assert ``got`` is the official tensor ``name``; returns the largest difference."""
+        if f"{shape}/{name}" in self.arrays:
+            want = self.expected(shape, name)
+            # agiqa's scores are [B] where the official module returns [B, 1].
+            assert got.shape == want.shape or got.unsqueeze(-1).shape == want.shape, \
+                f"{name}: agiqa {list(got.shape)}, official {list(want.shape)}"
+            pairs = {"": (got, want)}
+        else:  # a summary: a strided sample and the means over each non-batch axis
+            stride = int(self.arrays[f"{shape}/{name}/stride"])
+            x = got.reshape(got.shape[0], got.shape[1], -1).double()
+            pairs = {"/sample": (got.reshape(-1)[::stride], self.expected(shape, f"{name}/sample")),
+                     "/mean2": (x.mean(2).float(), self.expected(shape, f"{name}/mean2")),
+                     "/mean1": (x.mean(1).float(), self.expected(shape, f"{name}/mean1"))}
+        worst = 0.0
+        for part, (value, want) in pairs.items():
+            value = value.detach().reshape(want.shape).to(want.dtype)
+            diff, tol = (value - want).abs().max().item(), self.tolerance(want)
+            assert diff <= tol, f"{shape} {name}{part}: |agiqa - official| = {diff:.3g} > {tol:.3g}"
+            worst = max(worst, diff)
+        return worst
+
+    def record(self, model: torch.nn.Module, pixels: torch.Tensor, semantics: torch.Tensor
+               ) -> dict[str, torch.Tensor]:
+        """agiqa's forward with hooks on the modules that match the official hooked ones: the
+        tensors under the official names, the score (``"score"``) and the gates."""
+        seen: dict[str, torch.Tensor] = {}
+        handles = []
+        for hook in self.meta["hooks"]:
+            official, kind = hook.split(":")
+            module = model.get_submodule(AGIQA_MODULE.get(official, f"backbone.{official}"))
+            if kind == "input":
+                handles.append(module.register_forward_pre_hook(
+                    lambda _m, args, hook=hook: seen.__setitem__(hook, args[0].detach().clone())))
+            else:
+                handles.append(module.register_forward_hook(
+                    lambda _m, _a, out, hook=hook: seen.__setitem__(hook, out.detach().clone())))
+        try:
+            with torch.no_grad():
+                seen["score"], seen["gates"] = model(pixels, semantics, return_gates=True)
+        finally:
+            for h in handles:
+                h.remove()
+        return seen
+
+    def checkpoint(self, semantic_dim: int = 4096) -> Path:
+        """The narrow official state dict saved as ``main.py`` saves it (``torch.save``). A
+        ``semantic_dim`` below 4096 keeps the first ``semantic_dim`` input columns of the layers
+        that read semantic vectors (the official module at that width)."""
+        path = self.tmp / f"MA_AGIQA_narrow_{semantic_dim}.pt"
+        if not path.exists():
+            sd = self.state_dict()
+            if semantic_dim != 4096:
+                sd = {k: v[:, :semantic_dim].contiguous()
+                      if k.startswith("fc4096_") and k.endswith(".weight") else v
+                      for k, v in sd.items()}
+            torch.save(sd, path)
+        return path
+
+
+@pytest.fixture(scope="session")
+def official_ma_agiqa(tmp_path_factory) -> OfficialMaAgiqa:
+    """The official MA-AGIQA fixture (see :class:`OfficialMaAgiqa`)."""
+    return OfficialMaAgiqa(tmp_path_factory.mktemp("official-ma-agiqa"))

@@ -13,11 +13,12 @@ from click.testing import CliRunner
 from agiqa.cache import open_cache
 from agiqa.cli import cli
 from agiqa.data import normalize, read_pixels
+from agiqa.models.agiqa_net import load_model
 from agiqa.models.mllm import SemanticEncoder
 from agiqa.models.mllm.mplug_owl2 import IMAGE_TOKEN_INDEX
+from agiqa.models.official import import_official
 from agiqa.presets import load_prompts
 from agiqa.stages.extraction.official import official_semantics
-from agiqa.testing.official_reference import OfficialMAAGIQA
 
 # The tiny mPLUG-Owl2 of the official code, run end to end.
 pytestmark = pytest.mark.slow
@@ -81,21 +82,21 @@ def test_extract_semantics_gives_the_official_vectors(owl2, tmp_path):
     assert np.abs(plain - _official_vectors()).max() > 1e-2
 
 
-def test_official_checkpoint_scores_a_folder_through_mplug_owl2(owl2, tmp_path):
+def test_official_checkpoint_scores_a_folder_through_mplug_owl2(owl2, official_ma_agiqa, tmp_path):
+    """The official module's state dict at the tiny mPLUG-Owl2's width (64: the first 64 input
+    columns of the semantic layers), imported and run by ``score-folder``, scores as the
+    official-parity model (tests/test_model.py) does on the official vectors padded with zeros
+    to 4096, where the dropped columns meet zeros."""
     folder, images = owl2
-    torch.manual_seed(3)
-    ref = OfficialMAAGIQA(embed_dim=32, vit_dim=32, vit_heads=1, dim_mlp=32,
-                          semantic_dim=64).eval()
-    with torch.no_grad():  # larger output weights, so scores spread and differences show
-        ref.output_fc.weight.mul_(50)
-    torch.save(ref.state_dict(), tmp_path / "official.pt")
+    checkpoint = official_ma_agiqa.checkpoint(semantic_dim=64)
+    heads = str(official_ma_agiqa.model("narrow")["vit"]["num_heads"])
 
-    default = run("import-official", tmp_path / "official.pt", "--out", tmp_path / "x")
+    default = run("import-official", checkpoint, "--out", tmp_path / "x", "--vit-heads", heads)
     assert default.exit_code == 1
     assert "width 64, but MAGAer13/mplug-owl2-llama2-7b gives 4096" in default.output
 
-    r = run("import-official", tmp_path / "official.pt", "--out", tmp_path / "m", "--mllm",
-            folder, "--dtype", "float32")
+    r = run("import-official", checkpoint, "--out", tmp_path / "m", "--mllm", folder,
+            "--dtype", "float32", "--vit-heads", heads)
     assert r.exit_code == 0, r.output
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     expected = official_semantics(str(folder), "float32")
@@ -108,13 +109,17 @@ def test_official_checkpoint_scores_a_folder_through_mplug_owl2(owl2, tmp_path):
     assert scored.exit_code == 0, scored.output
     rows = {row["path"]: row["score"] for row in json.loads(scored.stdout)["rows"]}
     assert sorted(rows) == sorted(META["images"])
+
+    import_official(official_ma_agiqa.checkpoint(), tmp_path / "full", vit_heads=int(heads))
+    full = load_model(tmp_path / "full")
     vectors = torch.from_numpy(_official_vectors().astype(np.float16).astype(np.float32))
+    padded = torch.nn.functional.pad(vectors, (0, 4096 - vectors.shape[-1]))
     pixels = torch.stack([normalize(read_pixels(images / name)) for name in META["images"]])
     with torch.no_grad():
-        want = ref(pixels, vectors[:, 0], vectors[:, 1]).flatten()
+        want = full(pixels, padded)
     got = torch.tensor([rows[name] for name in META["images"]])
     assert want.std() > 1e-2
-    assert (got - want).abs().max() < 1e-3
+    assert (got - want).abs().max() <= official_ma_agiqa.tolerance(want)
 
 
 def test_the_default_fingerprint_is_the_papers():

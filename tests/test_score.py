@@ -281,15 +281,11 @@ def test_the_recorded_revision_is_used_and_a_gone_one_is_named(model_dir, photo_
     assert json.loads(moved.stdout)["summary"]["computed"] == 2  # vectors of another revision
 
 
-def test_model_without_semantics_is_refused(tmp_path):
-    import torch
-
+def test_model_without_semantics_is_refused(official_ma_agiqa, tmp_path):
     from agiqa.models.official import import_official
-    from agiqa.testing.official_reference import OfficialMAAGIQA
 
-    torch.save(OfficialMAAGIQA(embed_dim=32, vit_dim=32, vit_heads=1, dim_mlp=32,
-                               semantic_dim=16).state_dict(), tmp_path / "o.pt")
-    import_official(tmp_path / "o.pt", tmp_path / "m")
+    # The official module's state dict (tests/fixtures/ma_agiqa) at semantic width 16.
+    import_official(official_ma_agiqa.checkpoint(semantic_dim=16), tmp_path / "m")
     r = run("score-folder", tmp_path, "--model", tmp_path / "m")
     assert r.exit_code == 1 and "agiqa import-official" in r.output
 

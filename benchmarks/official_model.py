@@ -1,7 +1,11 @@
-"""An independent re-implementation of the official MA-AGIQA module, in the official code's own
-structure (forward hooks on every ViT block, MANIQA's Swin, the official module names, the unused
-modules included), used only to check that agiqa reproduces official scores and imports official
-state dicts. Widths are arguments so tests can build narrow models quickly."""
+"""The official MA-AGIQA module re-written in the official code's own structure (forward hooks on
+every ViT block, MANIQA's Swin, the official module names, the unused modules included): the
+model of the official training loop that ``official_stage_two.py`` times. Widths are arguments,
+so the loop also runs at the ``tiny`` backbone's widths.
+
+It is not part of the package and not what the tests compare against: they compare agiqa with
+the outputs of the real official code (``tests/fixtures/ma_agiqa``).
+"""
 
 import timm
 import torch
