@@ -452,3 +452,22 @@ def test_offline_the_first_failure_is_final(monkeypatch, tmp_path):
             recipe.identify_mllm("someone/not-a-model", require=True)
     assert time.monotonic() - start < 5
     assert len(probes) == 1 and downloads == [True, True]
+
+
+class _Payload:
+    """Stands for pickled code: an object that is no tensor."""
+
+
+def test_a_pth_holding_code_is_refused_without_suggesting_to_run_it(tmp_path):
+    import torch
+
+    from agiqa.models.official import import_official
+
+    torch.save({"state_dict": _Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError) as err:
+        import_official(tmp_path / "evil.pth", tmp_path / "out")
+    message = str(err.value)
+    assert "\n" not in message and "holds Python objects other than tensors" in message
+    assert "weights_only" not in message and not (tmp_path / "out").exists()
+    r = run("import-official", tmp_path / "evil.pth", "--out", tmp_path / "out")
+    _one_line(r, "evil.pth", "refuses it")
