@@ -38,7 +38,9 @@ def test_fit_writes_the_run_directory_and_learns(graded, tmp_path):
     pred = np.genfromtxt(out / "predictions.csv", delimiter=",", names=True, dtype=None,
                          encoding="utf-8")
     assert set(pred["subset"]) == {"train", "val", "test"}
-    assert list(pred.dtype.names[-3:]) == ["gate_semantic_content", "gate_coherence", "gate_image"]
+    assert list(pred.dtype.names[-4:]) == ["gate_semantic_content", "gate_coherence",
+                                           "gate_image", "zero_shot"]
+    assert np.isfinite(pred["zero_shot"]).all()  # the cache's zero-shot scores, one file layout
 
     ev = run("evaluate", "--model", out, "--dataset", "csv", "--root", root, "--cache", cache,
              "--json", "-q")
@@ -46,6 +48,14 @@ def test_fit_writes_the_run_directory_and_learns(graded, tmp_path):
     assert ev.exit_code == 0 and result["split"] == "test" and result["images"] == 6
     saved = json.loads((out / "metrics.json").read_text())["test"]
     assert abs(result["srcc"] - saved["srcc"]) < 1e-6
+    for _ in range(2):  # an evaluation folder agiqa wrote may be written again
+        ev = run("evaluate", "--model", out, "--dataset", "csv", "--root", root, "--cache",
+                 cache, "-q", "--out", tmp_path / "eval")
+        assert ev.exit_code == 0, ev.output
+        assert f"model: {out}" in ev.output and f"evaluation: {tmp_path / 'eval'}" in ev.output
+        assert "run directory" not in ev.output
+    assert (tmp_path / "eval" / "predictions.csv").read_text().splitlines()[0].endswith(
+        "gate_image,zero_shot")
 
 
 def test_resume_continues_an_interrupted_run(graded, tmp_path, monkeypatch):
@@ -71,9 +81,10 @@ def test_resume_continues_an_interrupted_run(graded, tmp_path, monkeypatch):
     assert again.exit_code == 1
     assert "holds an interrupted run (checkpoint.pt); pass --resume" in again.output
     resumed = json.loads(run("fit", *args, "--out", tmp_path / "part", "--resume").stdout)
-    assert resumed["best_epoch"] == full["best_epoch"]
+    assert resumed["runs"][0]["best_epoch"] == full["runs"][0]["best_epoch"]
     for k in ("srcc", "plcc", "rmse"):
-        assert resumed["rows"]["test"][k] == pytest.approx(full["rows"]["test"][k], abs=1e-5)
+        assert resumed["runs"][0]["test"][k] == pytest.approx(full["runs"][0]["test"][k],
+                                                             abs=1e-5)
     log = (tmp_path / "part" / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in log] == [0, 1, 2]
 
@@ -133,15 +144,15 @@ def test_two_process_torchrun_fit_matches_one_process(graded, tmp_path):
     assert config["processes"] == 2
     h1 = json.loads((tmp_path / "one" / "metrics.json").read_text())["history"]
     h2 = json.loads((tmp_path / "two" / "metrics.json").read_text())["history"]
-    print("one", [h["loss"] for h in h1], one["rows"]["test"])
-    print("two", [h["loss"] for h in h2], two["rows"]["test"])
+    print("one", [h["loss"] for h in h1], one["runs"][0]["test"])
+    print("two", [h["loss"] for h in h2], two["runs"][0]["test"])
     assert len(h2) == 2
     for a, b in zip(h1, h2, strict=True):
         assert (b["steps"], b["train_images"]) == (a["steps"], a["train_images"])
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["val_srcc"] == pytest.approx(a["val_srcc"], abs=1e-4)
     for k in ("srcc", "plcc", "krcc", "rmse"):
-        assert two["rows"]["test"][k] == pytest.approx(one["rows"]["test"][k], abs=1e-4)
+        assert two["runs"][0]["test"][k] == pytest.approx(one["runs"][0]["test"][k], abs=1e-4)
 
 
 def test_score_and_semantic_normalisation_fold_into_the_model():
@@ -242,7 +253,7 @@ def test_the_cpu_recipe_learns_on_blur_graded_sets_it_was_not_tuned_on(tiny_llav
         result = fit(dataset="csv", root=root, labels=labels, cache=tmp_path / f"cache-{seed}",
                      out=tmp_path / f"run-{seed}", **CPU_RECIPE, loader_workers=0,
                      progress=False)
-        srcc.append(result["rows"]["test"]["srcc"])
+        srcc.append(result.runs[0].test["srcc"])
     print("CPU recipe, test SRCC on five unseen sets:", [round(x, 3) for x in srcc])
     assert sum(x >= 0.6 for x in srcc) >= 4, srcc
 

@@ -43,9 +43,11 @@ def test_a_diverged_run_leaves_the_others_whole(graded, tmp_path, monkeypatch, c
     assert r.exit_code == 0, r.output
     assert "seed 21" in r.stderr and "failed" in r.stderr
     summary = json.loads((tmp_path / "series" / "summary.json").read_text())
-    assert summary["finished"] == ["seed 20", "seed 22"]
-    assert summary["failed"]["seed 21"]["seed"] == 21
-    assert "nan" in summary["failed"]["seed 21"]["error"]
+    runs = {r["name"]: r for r in summary["runs"]}
+    assert [r["name"] for r in summary["runs"] if r["error"] is None] == ["seed 20", "seed 22"]
+    assert runs["seed 21"]["seed"] == 21 and runs["seed 21"]["test"] is None
+    assert "nan" in runs["seed 21"]["error"]
+    assert summary["summary"]["srcc"]["n"] == 2
     assert (tmp_path / "series" / "seed-22" / "model.safetensors").is_file()
     alone = json.loads((tmp_path / "solo" / "metrics.json").read_text())["test"]
-    assert abs(summary["rows"]["seed 20"]["srcc"] - alone["srcc"]) < 1e-6
+    assert abs(runs["seed 20"]["test"]["srcc"] - alone["srcc"]) < 1e-6

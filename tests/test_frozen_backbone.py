@@ -106,7 +106,9 @@ def test_last_epoch_selection_and_runs_on_keys_trained_together(graded, tmp_path
     assert series.exit_code == 0, series.output
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["concurrency"]["concurrent_runs"] == 2
-    assert summary["best_epoch"] == {"seed 20": 2, "seed 21": 2}
+    assert {r["name"]: r["best_epoch"] for r in summary["runs"]} == {"seed 20": 2, "seed 21": 2}
+    assert json.loads((tmp_path / "solo" / "metrics.json").read_text())["selection"] == \
+        "the last epoch (--selection last)"
     a, b = _predictions(tmp_path / "s" / "seed-21"), _predictions(tmp_path / "solo")
     assert max(abs(a[k] - b[k]) for k in a) < 1e-4
     config = json.loads((tmp_path / "solo" / "config.json").read_text())

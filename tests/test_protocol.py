@@ -263,16 +263,21 @@ def test_repeats_keep_the_split_and_split_seeds_change_it(small_set, tmp_path):
     assert _split_of(a / "seed-20") == _split_of(a / "seed-21")
     w20 = (a / "seed-20" / "model.safetensors").read_bytes()
     assert w20 != (a / "seed-21" / "model.safetensors").read_bytes()
-    srcc = [summary["rows"][f"seed {s}"]["srcc"] for s in (20, 21)]
-    assert summary["rows"]["median"]["srcc"] == pytest.approx(np.median(srcc))
-    assert summary["rows"]["std"]["srcc"] == pytest.approx(np.std(srcc))  # the official np.std
-    assert json.loads((a / "summary.json").read_text())["rows"] == summary["rows"]
+    runs = {r["name"]: r for r in summary["runs"]}
+    srcc = [runs[f"seed {s}"]["test"]["srcc"] for s in (20, 21)]
+    # mean ± sample standard deviation (ddof 1) and n, as papers report a series
+    assert summary["summary"]["srcc"] == {"mean": pytest.approx(np.mean(srcc)),
+                                          "std": pytest.approx(np.std(srcc, ddof=1)), "n": 2}
+    saved = json.loads((a / "summary.json").read_text())
+    assert saved["summary"] == summary["summary"] and saved["runs"] == summary["runs"]
 
     b = tmp_path / "splits"
     r = run(*fit_args(small_set, b, "--epochs", "1", "--split-seeds", "2", "--json"))
     assert r.exit_code == 0, r.output
     assert _split_of(b / "split-20") != _split_of(b / "split-21")
-    assert set(json.loads(r.stdout)["rows"]) == {"split 20", "split 21", "median", "std"}
+    result = json.loads(r.stdout)
+    assert [(x["name"], x["split_seed"]) for x in result["runs"]] == [("split 20", 20),
+                                                                     ("split 21", 21)]
 
 
 # -- faults ----------------------------------------------------------------------------------
@@ -458,3 +463,82 @@ def test_rank_0_failing_after_training_stops_every_rank(small_set, tmp_path):
     assert proc.returncode != 0
     assert "injected failure while saving the model" in proc.stderr + proc.stdout
     assert "rank 0 failed after training" in proc.stderr + proc.stdout
+
+
+# -- a resume continues the same run, or refuses ---------------------------------------------
+def _interrupt_in_epoch(monkeypatch, epoch, seed=None):
+    from agiqa.stages.training.trainer import Trainer
+
+    original = Trainer._train_epoch
+
+    def stop(self, *a):
+        if self.epoch == epoch and (seed is None or self.cfg.seed == seed):
+            raise KeyboardInterrupt
+        return original(self, *a)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", stop)
+    return lambda: monkeypatch.setattr(Trainer, "_train_epoch", original)
+
+
+@pytest.mark.slow
+def test_a_resume_that_would_change_the_run_is_refused_naming_the_options(small_set, tmp_path,
+                                                                           monkeypatch):
+    out = tmp_path / "run"
+    args = fit_args(small_set, out, "--epochs", "2", "--batch-size", "5")
+    restore = _interrupt_in_epoch(monkeypatch, 1)
+    assert run(*args).exit_code == 1
+    restore()
+    split_before = _split_of(out)
+    for change, named in ((["--lr", "3e-4"], "lr 1e-05 -> 0.0003"),
+                          (["--split-seed", "21"], "split_seed None -> 21"),
+                          (["--epochs", "1"], "epochs 2 -> 1")):
+        r = run(*args, *change, "--resume")
+        assert r.exit_code == 1, r.output
+        assert "--resume:" in r.output and named in r.output and "same run" in r.output
+        assert len(r.output.strip().splitlines()) == 1
+    assert _split_of(out) == split_before and (out / "checkpoint.pt").is_file()
+    r = run(*args[:-4], "--epochs", "3", "--batch-size", "5", "--resume", "--json")  # more
+    assert r.exit_code == 0, r.output
+    assert [row["epoch"] for row in json.loads((out / "metrics.json").read_text())["history"]] \
+        == [0, 1, 2]
+    assert (out / ".agiqa-finished").is_file()
+
+
+@pytest.mark.slow
+def test_a_series_killed_after_a_model_was_written_resumes(small_set, tmp_path, monkeypatch):
+    """Finished is the marker written last: a run whose model.safetensors is written but not
+    its metrics.json or plots is continued from its checkpoint, for a series as for one run."""
+    from agiqa.stages import rundir
+
+    out = tmp_path / "series"
+    args = fit_args(small_set, out, "--epochs", "1", "--batch-size", "5", "--repeats", "2",
+                    "--concurrent-runs", "1")
+    original = rundir.write_metrics
+
+    def killed(folder, *a, **k):
+        if folder.name == "seed-20":
+            raise KeyboardInterrupt  # just after seed-20/model.safetensors
+        return original(folder, *a, **k)
+
+    monkeypatch.setattr(rundir, "write_metrics", killed)
+    assert run(*args).exit_code == 1
+    assert (out / "seed-20" / "model.safetensors").is_file()
+    assert not (out / "seed-20" / "metrics.json").exists()
+    monkeypatch.setattr(rundir, "write_metrics", original)
+    r = run(*args, "--resume", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert [x["name"] for x in result["runs"] if x["error"] is None] == ["seed 20", "seed 21"]
+    for name in ("seed-20", "seed-21"):
+        assert (out / name / ".agiqa-finished").is_file()
+        assert not (out / name / "checkpoint.pt").exists()
+    assert (out / ".agiqa-finished").is_file() and (out / "summary.json").is_file()
+
+
+def test_split_seeds_with_a_split_file_is_a_usage_error(small_set, tmp_path):
+    split = tmp_path / "split.csv"
+    split.write_text("key,subset\nimg_00.png,train\n")
+    r = run(*fit_args(small_set, tmp_path / "run", "--split", split, "--split-seeds", "2"))
+    assert r.exit_code == 1
+    assert "--split-seeds 2 draws random splits" in r.output and "--repeats N" in r.output
+    assert not (tmp_path / "run").exists()

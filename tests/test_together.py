@@ -186,7 +186,9 @@ def test_fit_repeats_trains_together_resumes_and_equals_solo_runs(graded, tmp_pa
     r = run(cli, [*series, "--resume", "--json"])
     assert r.exit_code == 0, r.output
     summary = json.loads((tmp_path / "series" / "summary.json").read_text())
-    assert summary["finished"] == ["seed 20", "seed 21", "seed 22"]
+    assert [r["name"] for r in summary["runs"] if r["error"] is None] == \
+        ["seed 20", "seed 21", "seed 22"]
+    assert (tmp_path / "series" / ".agiqa-finished").is_file()
     assert summary["concurrency"]["concurrent_runs"] == 3
     a = _predictions(tmp_path / "series" / "seed-22")
     b = _predictions(tmp_path / "solo")

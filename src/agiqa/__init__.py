@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         EvaluateConfig,
         ExtractConfig,
         FitConfig,
+        FitResult,
         ScoreConfig,
         evaluate,
         extract_semantics,
@@ -48,6 +49,7 @@ _WHERE = {
     "evaluate": "agiqa.pipeline.api", "score_folder": "agiqa.pipeline.api",
     "ExtractConfig": "agiqa.pipeline.api", "FitConfig": "agiqa.pipeline.api",
     "EvaluateConfig": "agiqa.pipeline.api", "ScoreConfig": "agiqa.pipeline.api",
+    "FitResult": "agiqa.pipeline.api",
     "Scorer": "agiqa.stages.scoring.scorer", "ScoreReport": "agiqa.stages.scoring.results",
     "ExtractReport": "agiqa.stages.extraction.extract",
     "open_cache": "agiqa.cache", "SemanticCache": "agiqa.cache",
@@ -57,9 +59,9 @@ _WHERE = {
 }
 
 __all__ = ["AgiqaNet", "Dataset", "EvaluateConfig", "ExtractConfig", "ExtractReport",
-           "FitConfig", "ScoreConfig", "ScoreReport", "Scorer", "SemanticCache", "__version__",
-           "evaluate", "extract_semantics", "fit", "list_presets", "load_dataset", "load_model",
-           "open_cache", "score_folder"]
+           "FitConfig", "FitResult", "ScoreConfig", "ScoreReport", "Scorer", "SemanticCache",
+           "__version__", "evaluate", "extract_semantics", "fit", "list_presets", "load_dataset",
+           "load_model", "open_cache", "score_folder"]
 
 
 def __getattr__(name: str):

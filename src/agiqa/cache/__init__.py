@@ -1,6 +1,11 @@
 """The semantic-vector cache: shards, manifest, fingerprint, reader and verification."""
 
-from agiqa.cache.fingerprint import CACHE_FORMAT_VERSION, fingerprint_of, semantic_spec
+from agiqa.cache.fingerprint import (
+    CACHE_FORMAT_VERSION,
+    SemanticSpec,
+    fingerprint_of,
+    semantic_spec,
+)
 from agiqa.cache.shards import FORMATS, ShardData
 from agiqa.cache.store import MANIFEST, SemanticCache, open_cache, plan_shards
 from agiqa.cache.verify import VerifyReport, changed_images, check_fresh, verify_cache
@@ -10,6 +15,7 @@ __all__ = [
     "FORMATS",
     "MANIFEST",
     "SemanticCache",
+    "SemanticSpec",
     "ShardData",
     "VerifyReport",
     "changed_images",

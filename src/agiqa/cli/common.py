@@ -115,9 +115,9 @@ def cli():
     """
 
 
-def print_metrics_table(summary: dict) -> None:
+def print_metrics_table(summary: dict, label: str = "run directory") -> None:
     click.echo(f"{'':10s}{'SRCC':>9s}{'PLCC':>9s}{'KRCC':>9s}{'RMSE':>9s}")
     for name, m in summary["rows"].items():
         cells = "".join(f"{m[k]:9.4f}" for k in ("srcc", "plcc", "krcc", "rmse"))
         click.echo(f"{name:10s}{cells}")
-    click.echo(f"run directory: {summary['out']}")
+    click.echo(f"{label}: {summary['out']}")

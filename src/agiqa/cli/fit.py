@@ -69,15 +69,42 @@ def fit_cmd(quiet, as_json, **values):
         raise click.BadParameter("--root is required with --dataset", param_hint="--root")
     cfg = config_from(FitConfig, values, progress=not (quiet or as_json))
     with _shown_warnings():
-        summary = fit_repeats(cfg)
+        result = fit_repeats(cfg)
     from agiqa.runtime import is_main
 
     if not is_main():  # under torchrun, rank 0 reports
         return
     if as_json:
-        echo_json(summary)
+        echo_json(result.to_dict())
     else:
-        print_metrics_table(summary)
+        print_fit_result(result)
+
+
+METRICS = ("srcc", "plcc", "krcc", "rmse")
+
+
+def print_fit_result(result) -> None:
+    """Each run's test metrics and selected epoch; for a series, mean ± sample std (n)."""
+    click.echo(f"{'':12s}{'SRCC':>9s}{'PLCC':>9s}{'KRCC':>9s}{'RMSE':>9s}  epoch")
+    for r in result.runs:
+        label = "test" if len(result.runs) == 1 else r.name
+        if r.ok:
+            cells = "".join(f"{r.test[k]:9.4f}" for k in METRICS)
+            click.echo(f"{label:12s}{cells}  {r.best_epoch}")
+        else:
+            click.echo(f"{label:12s}  failed: {r.error}")
+    if len(result.runs) > 1 and result.summary:
+        n = result.summary["srcc"].n
+        cells = "".join(f"{result.summary[k].mean:9.4f}" for k in METRICS)
+        click.echo(f"{'mean':12s}{cells}  (n={n})")
+        if n > 1:
+            cells = "".join(f"{result.summary[k].std:9.4f}" for k in METRICS)
+            click.echo(f"{'± std':12s}{cells}  (sample std)")
+    if len(result.runs) == 1:
+        click.echo(f"run directory: {result.out}  (selected epoch {result.runs[0].best_epoch})")
+    else:
+        click.echo(f"series directory: {result.out}  (selected epochs: " + ", ".join(
+            f"{r.name} {r.best_epoch}" for r in result.finished) + ")")
 
 
 @cli.command("evaluate", context_settings=CONTEXT)
@@ -124,7 +151,10 @@ def evaluate_cmd(model_dir, dataset, root, labels, target, image_column, score_c
     if as_json:
         echo_json(result)
     else:
-        print_metrics_table({"rows": {f"{dataset}/{split}": result}, "out": model_dir})
+        print_metrics_table({"rows": {f"{dataset}/{split}": result}, "out": model_dir},
+                            label="model")
+        if out is not None:
+            click.echo(f"evaluation: {out}")
 
 
 @cli.command("import-official", context_settings=CONTEXT)

@@ -172,7 +172,6 @@ class AgiqaNet(nn.Module):
                                        cfg.swin_heads, cfg.window_size, cfg.dim_mlp, cfg.drop,
                                        cfg.score_bias_init)
         self.head = MoEHead(cfg.num_prompts, cfg.semantic_dim, cfg.grid * cfg.grid, cfg.drop)
-        self.agiqa_config: dict[str, Any] = {}
 
     @staticmethod
     def _check_inputs(pixels: torch.Tensor, semantics: torch.Tensor) -> None:
@@ -241,7 +240,6 @@ def save_model(model: AgiqaNet, out: str | os.PathLike, extra: dict[str, Any]) -
     config = {"architecture": "ma-agiqa", "model": model.config.to_dict(),
               "agiqa_version": __version__, **extra}
     write_json(out / "config.json", config)
-    model.agiqa_config = config
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> AgiqaNet:
@@ -285,5 +283,4 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> A
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{weights}: weights do not fit the config ({e})") from None
-    model.agiqa_config = config
     return model.to(device).eval()

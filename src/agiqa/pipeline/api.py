@@ -8,7 +8,7 @@ as keyword arguments::
     import agiqa
 
     report = agiqa.extract_semantics("imgs/", out="cache/", model="tiny-llava")
-    summary = agiqa.fit(dataset="csv", root="imgs/", labels="imgs/labels.csv", cache="cache/",
+    result = agiqa.fit(dataset="csv", root="imgs/", labels="imgs/labels.csv", cache="cache/",
                         out="run/", backbone="tiny", epochs=5)
     metrics = agiqa.evaluate("run/", dataset="csv", root="imgs/", labels="imgs/labels.csv",
                              cache="cache/")
@@ -29,9 +29,9 @@ from agiqa.stages.extraction.extract import extract_semantics as _extract
 from agiqa.stages.scoring.evaluate import evaluate_model, run_label_columns
 from agiqa.stages.scoring.results import ScoreReport
 from agiqa.stages.scoring.scorer import Scorer
-from agiqa.stages.training.fit import fit_repeats
+from agiqa.stages.training.fit import FitResult, fit_repeats
 
-__all__ = ["EvaluateConfig", "ExtractConfig", "FitConfig", "ScoreConfig", "evaluate",
+__all__ = ["EvaluateConfig", "ExtractConfig", "FitConfig", "FitResult", "ScoreConfig", "evaluate",
            "extract_semantics", "fit", "score_folder"]
 
 C = TypeVar("C")
@@ -71,9 +71,10 @@ def extract_semantics(images: ExtractConfig | str | os.PathLike | None = None, /
     return _extract(cfg, source)
 
 
-def fit(config: FitConfig | None = None, /, **fields: Any) -> dict[str, Any]:
-    """Stage two (``agiqa fit``): train on cached vectors; the test metrics of each run (and
-    their median and std over ``repeats`` or ``split_seeds`` runs)."""
+def fit(config: FitConfig | None = None, /, **fields: Any) -> FitResult:
+    """Stage two (``agiqa fit``): train on cached vectors; each run's test metrics and selected
+    epoch, and their mean ± sample std over ``repeats`` or ``split_seeds`` runs
+    (:class:`FitResult`; one run is a series of one)."""
     return fit_repeats(_config(FitConfig, config, None, fields))
 
 

@@ -238,19 +238,21 @@ def _prepare(out: Path, seed: int, log) -> tuple[Path, Path, Path]:
 def _fit(run: Path, images: Path, labels: Path, cache: Path, epochs: int, lr: float,
          progress: bool, log) -> None:
     """The CPU recipe (:data:`CPU_RECIPE`): frozen random tiny backbone, MoE head trained."""
+    from agiqa.stages.rundir import is_finished
     from agiqa.stages.training.fit import FitConfig, fit_repeats
 
     log(f"[3/6] fit (stage two): frozen tiny backbone, MoE head trained, {epochs} epochs")
-    if (run / "model.safetensors").is_file():
+    if is_finished(run):
         log(f"      {run} already holds a trained model; reusing it")
         return
     import shutil
 
     # An interrupted run of this demo starts over (the marker says the demo made it).
     shutil.rmtree(run, ignore_errors=True)
-    fit_repeats(FitConfig(dataset="csv", root=images, labels=labels, cache=cache, out=run,
-                          **{**CPU_RECIPE, "epochs": epochs, "lr": lr}, seed=20,
-                          loader_workers=0, progress=progress))
+    result = fit_repeats(FitConfig(dataset="csv", root=images, labels=labels, cache=cache,
+                                   out=run, **{**CPU_RECIPE, "epochs": epochs, "lr": lr},
+                                   seed=20, loader_workers=0, progress=progress))
+    log(f"      selected epoch {result.runs[0].best_epoch}")
 
 
 def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = CPU_RECIPE["lr"],
@@ -272,6 +274,7 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = CPU_
     """
     from agiqa.data.datasets import load_dataset
     from agiqa.stages.extraction.extract import ExtractConfig, ImageSource, extract_semantics
+    from agiqa.stages.rundir import CURVES_PLOT, SCATTER_PLOT
     from agiqa.stages.scoring.evaluate import evaluate_model
     from agiqa.stages.scoring.scorer import Scorer
 
@@ -308,7 +311,7 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = CPU_
     scored.write(scores_csv)
     lap("score")
     log("[6/6] done")
-    plots = [run / "scatter_test.png", run / "training_curves.png"]
+    plots = [run / SCATTER_PLOT, run / CURVES_PLOT]
     unseen = [{"path": r["path"], "score": r["score"]} for r in scored.rows]
     return DemoResult(out, {k: {m: v[m] for m in ("srcc", "plcc", "krcc", "rmse")}
                             for k, v in metrics.items()}, plots, scores_csv, unseen, lap.seconds)

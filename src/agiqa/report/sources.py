@@ -20,12 +20,13 @@ import numpy as np
 
 from agiqa.errors import ConfigError, DatasetError
 from agiqa.fileio import read_json
+from agiqa.stages.rundir import CONFIG, EVALUATION, METRICS, PREDICTIONS, read_predictions
 
 __all__ = ["THUMB_SIZE", "ImageRow", "RunData", "check_version", "encode_maps", "read_run",
            "read_score_file", "thumbnail"]
 
 THUMB_SIZE = 160  # the longer side of an embedded thumbnail, in pixels
-EVALUATION_FILE = "evaluation.json"
+EVALUATION_FILE = EVALUATION
 
 
 @dataclass
@@ -201,18 +202,18 @@ def read_run(folder: Path, root: Path | None = None, cache: Path | None = None) 
         meta = _read_json_file(folder / EVALUATION_FILE, "an evaluation")
         check_version(folder / EVALUATION_FILE, meta.get("agiqa_version"))
         model_dir = Path(meta.get("model", ""))
-        config = _read_json_file(model_dir / "config.json", "a model config") \
-            if (model_dir / "config.json").is_file() else {}
+        config = _read_json_file(model_dir / CONFIG, "a model config") \
+            if (model_dir / CONFIG).is_file() else {}
         kind, metrics, history = "evaluation", meta.get("metrics") or {}, []
         dataset = meta.get("dataset") or {}
         recorded_cache = meta.get("cache")
-    elif (folder / "config.json").is_file():
-        config = _read_json_file(folder / "config.json", "a run config")
+    elif (folder / CONFIG).is_file():
+        config = _read_json_file(folder / CONFIG, "a run config")
         if config.get("architecture") != "ma-agiqa":
-            raise ConfigError(f"{folder / 'config.json'}: not an MA-AGIQA run")
-        check_version(folder / "config.json", config.get("agiqa_version"))
+            raise ConfigError(f"{folder / CONFIG}: not an MA-AGIQA run")
+        check_version(folder / CONFIG, config.get("agiqa_version"))
         model_dir, kind = folder, "run"
-        metrics_file = folder / "metrics.json"
+        metrics_file = folder / METRICS
         m = _read_json_file(metrics_file, "run metrics") if metrics_file.is_file() else {}
         metrics, history = m.get("test") or {}, m.get("history") or []
         training = config.get("training") or {}
@@ -220,22 +221,19 @@ def read_run(folder: Path, root: Path | None = None, cache: Path | None = None) 
                    "labels": training.get("labels")}
         recorded_cache = training.get("cache")
     else:
-        raise ConfigError(f"{folder}: neither a run directory of fit (config.json) nor a folder "
+        raise ConfigError(f"{folder}: neither a run directory of fit ({CONFIG}) nor a folder "
                           f"of evaluate --out ({EVALUATION_FILE})")
-    pred = folder / "predictions.csv"
+    pred = folder / PREDICTIONS
     if not pred.is_file():
-        raise ConfigError(f"{folder}: no predictions.csv (an unfinished run? fit writes it at "
+        raise ConfigError(f"{folder}: no {PREDICTIONS} (an unfinished run? fit writes it at "
                           "the end, evaluate with --out)")
-    prompt_names = config.get("prompt_names")
-    header, body = _read_csv(pred)
-    first = ["key", "subset", "mos", "score"]
-    names = _check_header(pred, header, first, prompt_names)
-    rows = _rows(pred, header, body, "key", None)
-    subsets = [cells[1] for cells in body]
-    keep = [r for r, s in zip(rows, subsets, strict=True) if kind == "evaluation" or s == "test"]
+    p = read_predictions(pred, config.get("prompt_names"))
+    keep = [ImageRow(name=k, path=None, score=p.scores[i], gates=p.gates[i], mos=p.mos[i],
+                     zero_shot=p.zero_shot[i]) for i, k in enumerate(p.keys)
+            if kind == "evaluation" or p.subsets[i] == "test"]
     data = RunData(kind=kind, folder=folder, model_dir=model_dir, config=config,
                    dataset=dataset, metrics=metrics, history=history,
-                   prompt_names=names[:-1], rows=keep,
+                   prompt_names=p.gate_names[:-1], rows=keep,
                    cache=cache or (Path(recorded_cache) if recorded_cache else None))
     _locate_images(data, root)
     return data
@@ -250,7 +248,7 @@ def _locate_images(data: RunData, root: Path | None) -> None:
         raise ConfigError(f"{data.folder}: the image root {root} is not a folder; pass --root "
                           "DIR (the folder the data set's images are in)")
     for r in data.rows:
-        r.path = resolve_key(root, r.name, source=str(data.folder / "predictions.csv"))
+        r.path = resolve_key(root, r.name, source=str(data.folder / PREDICTIONS))
 
 
 def add_zero_shot(data: RunData) -> None:

@@ -67,14 +67,13 @@ class FitConfig:
                                                      "order, augmentation, dropout).")
     split_seed: int | None = option(None, min=0, max=SEED_MAX, help="Seed of the split's "
                                     "shuffle [default: --seed; the paper: 20].")
-    repeats: int = option(1, min=1, max=RUNS_MAX, help="Train N times on the same split, "
-                                                       "training seeds "
-                                         "SEED..SEED+N-1 (the official train_test_num); median "
-                                         "and std into summary.json.")
-    split_seeds: int = option(1, min=1, max=RUNS_MAX, help="Train on N random splits (split "
-                                                           "seeds "
-                                             "SPLIT_SEED..+N-1, not the paper's); median and std "
-                                             "into summary.json.")
+    repeats: int = option(1, min=1, max=RUNS_MAX,
+                          help="Train N times on the same split, training seeds SEED..SEED+N-1 "
+                               "(the official train_test_num); mean, sample std and n into "
+                               "summary.json.")
+    split_seeds: int = option(1, min=1, max=RUNS_MAX,
+                              help="Train on N random splits (split seeds SPLIT_SEED..+N-1, not "
+                                   "the paper's); mean, sample std and n into summary.json.")
     device: str = option("auto", help="auto, cpu, cuda or cuda:N.")
     augment: bool = option(True, help="Rotation/flip augmentation (the paper's).")
     score_norm: str = option(

@@ -6,7 +6,6 @@ In-dataset (``--split test``: the test keys of the run's own ``split.csv``) or c
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
@@ -14,11 +13,21 @@ from agiqa.cache import open_cache
 from agiqa.data.datasets import Dataset
 from agiqa.data.splits import read_split_csv
 from agiqa.errors import CacheMismatchError, ConfigError, DatasetError, MissingVectorsError
-from agiqa.fileio import atomic_path, write_json
+from agiqa.fileio import write_json
 from agiqa.metrics import evaluate
 from agiqa.models.agiqa_net import load_model
 from agiqa.runtime import resolve_device
 from agiqa.stages.predict import inputs_of, predict
+from agiqa.stages.rundir import (
+    EVALUATION,
+    PREDICTIONS,
+    SPLIT,
+    RunConfig,
+    check_evaluation_out,
+    evaluation_folder,
+    read_config,
+    write_predictions,
+)
 
 __all__ = ["check_fingerprint", "evaluate_model", "run_label_columns"]
 
@@ -50,11 +59,11 @@ def run_label_columns(model_dir: str | os.PathLike, dataset: str | None,
             if isinstance(training.get(k), str)}
 
 
-def check_fingerprint(model_config: dict, cache) -> None:
+def check_fingerprint(model_config: RunConfig, cache) -> None:
     """Refuse a cache whose vectors come from another MLLM setup than the model was trained on."""
-    expected = model_config.get("fingerprint")
+    expected = model_config.fingerprint
     if expected and expected != cache.fingerprint:
-        trained = (model_config.get("semantics") or {}).get("model", "?")
+        trained = model_config.semantics.model if model_config.semantics else "?"
         raise CacheMismatchError(str(cache.path), expected, cache.fingerprint,
                                  f"the model was trained on vectors of {trained}, the cache "
                                  f"holds vectors of {cache.spec['model']}")
@@ -69,17 +78,22 @@ def evaluate_model(model_dir: str | os.PathLike, ds: Dataset, cache_dir: str | o
     The forward runs in float32 (the official code) unless ``amp`` (bf16 autocast). With
     ``out``, the folder gets ``predictions.csv`` (each image's MOS, score, gates and zero-shot
     score) and ``evaluation.json`` (the metrics and what was evaluated), which
-    ``agiqa report`` reads.
+    ``agiqa report`` reads. ``out`` may be a new folder or one ``evaluate`` wrote, never the
+    model's own folder nor one holding such files agiqa did not write (ConfigError, before
+    any work).
     """
+    if out is not None:
+        check_evaluation_out(Path(out), Path(model_dir))
     model = load_model(model_dir)
+    config = read_config(Path(model_dir))
     cache = open_cache(cache_dir)
-    check_fingerprint(model.agiqa_config, cache)
+    check_fingerprint(config, cache)
     if split == "all":
         keys = ds.keys
     elif split in ("test", "val", "train"):
-        split_file = Path(model_dir) / "split.csv"
+        split_file = Path(model_dir) / SPLIT
         if not split_file.is_file():
-            raise ConfigError(f"{model_dir} has no split.csv; use --split all")
+            raise ConfigError(f"{model_dir} has no {SPLIT}; use --split all")
         keys = read_split_csv(split_file).subset(split)
         known = set(ds.keys)
         unknown = [k for k in keys if k not in known]
@@ -105,32 +119,25 @@ def evaluate_model(model_dir: str | os.PathLike, ds: Dataset, cache_dir: str | o
               "amp": amp, **metrics}
     if out is not None:
         zero_shot = cache.read(keys, ("zero_shot",))["zero_shot"].mean(1)
-        _write_evaluation(Path(out), model, ds, cache, keys, [mos[k] for k in keys], scores,
-                          gates, zero_shot, result)
+        _write_evaluation(Path(out), Path(model_dir), config, ds, cache, keys,
+                          [mos[k] for k in keys], scores, gates, zero_shot, result)
         result["out"] = str(out)
     return result
 
 
-def _write_evaluation(out: Path, model, ds: Dataset, cache, keys, mos, scores, gates, zero_shot,
-                      result: dict) -> None:
+def _write_evaluation(out: Path, model_dir: Path, config: RunConfig, ds: Dataset, cache, keys,
+                      mos, scores, gates, zero_shot, result: dict) -> None:
     from agiqa import __version__
 
-    names = model.agiqa_config.get("prompt_names") or \
-        [f"prompt{i + 1}" for i in range(gates.shape[1] - 1)]
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "predictions.csv") as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["key", "subset", "mos", "score", *[f"gate_{n}" for n in names],
-                        "gate_image", "zero_shot"])
-            for i, k in enumerate(keys):
-                w.writerow([k, result["split"], f"{mos[i]:.6g}", f"{float(scores[i]):.6g}",
-                            *[f"{g:.6g}" for g in gates[i].tolist()], f"{zero_shot[i]:.6g}"])
-    metrics = {k: v for k, v in result.items() if k not in ("model", "dataset", "split",
-                                                             "images", "amp")}
-    write_json(out / "evaluation.json", {
-        "agiqa_version": __version__, "model": str(Path(result["model"]).resolve()),
-        "dataset": {"name": ds.name, "target": ds.target_column, "root": str(ds.root.resolve()),
-                    "labels": str(ds.labels_path) if ds.labels_path else None},
-        "split": result["split"], "cache": str(Path(cache.path).resolve()),
-        "images": result["images"], "amp": result["amp"], "metrics": metrics})
+    with evaluation_folder(out, model_dir):
+        write_predictions(out / PREDICTIONS, keys, [result["split"]] * len(keys), mos,
+                          scores.tolist(), gates.tolist(), config.gate_names, zero_shot.tolist())
+        metrics = {k: v for k, v in result.items() if k not in ("model", "dataset", "split",
+                                                                 "images", "amp")}
+        write_json(out / EVALUATION, {
+            "agiqa_version": __version__, "model": str(Path(result["model"]).resolve()),
+            "dataset": {"name": ds.name, "target": ds.target_column,
+                        "root": str(ds.root.resolve()),
+                        "labels": str(ds.labels_path) if ds.labels_path else None},
+            "split": result["split"], "cache": str(Path(cache.path).resolve()),
+            "images": result["images"], "amp": result["amp"], "metrics": metrics})

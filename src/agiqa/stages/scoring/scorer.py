@@ -24,6 +24,7 @@ from agiqa.models.agiqa_net import load_model
 from agiqa.presets import agiqa_home
 from agiqa.runtime import resolve_device
 from agiqa.stages.predict import predict
+from agiqa.stages.rundir import RunConfig, read_config
 from agiqa.stages.scoring.results import ScoreReport, cached_items, decoded
 from agiqa.stages.scoring.vectors import CHUNK, VectorProvider
 
@@ -37,6 +38,7 @@ class Scorer:
 
     Args:
         model: the loaded model (:func:`agiqa.load_model`).
+        config: the model's ``config.json`` (:func:`agiqa.stages.rundir.read_config`).
         cache_dir: the semantic cache to use and fill (default: content-addressed, per user).
         revision: the MLLM revision to load (default: the one the model records).
         trust_remote_code: allow the MLLM repository's code (default: what the model records).
@@ -49,10 +51,14 @@ class Scorer:
     def __init__(self, model, cache_dir: str | os.PathLike | None = None, device: str = "auto",
                  batch_size: int = 8, loader_workers: int = 2, progress: bool = False,
                  amp: bool = False, revision: str | None = None,
-                 trust_remote_code: bool | None = None):
+                 trust_remote_code: bool | None = None, config: RunConfig | None = None):
+        if config is None:
+            raise ConfigError("Scorer needs the model's config.json (config=read_config(folder)); "
+                              "Scorer.from_pretrained(folder) reads both")
         self.model = model
+        self.config = config
         self.device = resolve_device(device)
-        self.vectors = VectorProvider(model.agiqa_config, cache_dir, self.device, batch_size,
+        self.vectors = VectorProvider(config, cache_dir, self.device, batch_size,
                                       loader_workers, progress, revision, trust_remote_code)
         self.model.to(self.device)
         self.batch_size, self.loader_workers = batch_size, loader_workers
@@ -63,7 +69,7 @@ class Scorer:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> Scorer:
-        return cls(load_model(path), **kwargs)
+        return cls(load_model(path), config=read_config(Path(path)), **kwargs)
 
     # -- scoring -----------------------------------------------------------------------------------
     def score_paths(self, paths: list[str | os.PathLike]) -> ScoreReport:

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
 
-from agiqa.cache import MANIFEST, SemanticCache, fingerprint_of, open_cache
+from agiqa.cache import MANIFEST, SemanticCache, SemanticSpec, fingerprint_of, open_cache
 from agiqa.cache.keyed import content_key, write_content_shard
 from agiqa.data.images import file_sha256
 from agiqa.errors import CacheMismatchError, CheckpointError, ConfigError, ModelLoadError
@@ -37,6 +36,7 @@ from agiqa.stages.extraction.extract import (
     extract_semantics,
     semantic_spec_of,
 )
+from agiqa.stages.rundir import RunConfig
 from agiqa.stages.scoring.results import ScoreReport, cached_items, decoded
 
 __all__ = ["CHUNK", "VectorProvider"]
@@ -53,27 +53,26 @@ class VectorProvider:
     vectors and scores them.
     """
 
-    def __init__(self, model_config: dict[str, Any], cache_dir: str | os.PathLike | None = None,
+    def __init__(self, model_config: RunConfig, cache_dir: str | os.PathLike | None = None,
                  device: str | torch.device = "auto", batch_size: int = 8,
                  loader_workers: int = 2, progress: bool = False, revision: str | None = None,
                  trust_remote_code: bool | None = None):
         cfg = model_config
-        if not cfg.get("semantics"):
+        if cfg.semantics is None:
             raise CheckpointError("the model records no MLLM (semantic fingerprint); import "
                                   "official checkpoints again with agiqa import-official "
                                   "(--mllm MLLM or --cache CACHE)")
         if batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-        self.spec = cfg["semantics"]
-        self.pad_square = (self.spec.get("recipe") or {}).get("pad_square")
-        self.fingerprint = cfg.get("fingerprint") or fingerprint_of(self.spec)
-        self.prompt_names = cfg.get("prompt_names") or [f"prompt{i + 1}" for i in
-                                                        range(len(self.spec["prompts"]))]
-        recorded = self.spec.get("revision")
+        self.spec: SemanticSpec = cfg.semantics
+        self.pad_square = self.spec.pad_square
+        self.fingerprint = cfg.fingerprint or self.spec.fingerprint
+        self.prompt_names = cfg.gate_names
+        recorded = self.spec.revision
         # A local folder's "revision" is a content label, not something to check out.
         self.recorded_revision = None if str(recorded or "").startswith("local-") else recorded
         self.revision = revision or self.recorded_revision
-        self.trust_remote_code = bool(cfg.get("trust_remote_code", False)) \
+        self.trust_remote_code = bool(cfg.trust_remote_code) \
             if trust_remote_code is None else trust_remote_code
         self.device = resolve_device(device) if isinstance(device, str) else device
         self._cache_dir = Path(cache_dir) if cache_dir else None
@@ -93,29 +92,29 @@ class VectorProvider:
 
     def _make_encoder(self) -> SemanticEncoder:
         s = self.spec
-        prompts = PromptSet(names=list(self.prompt_names), texts=list(s["prompts"]),
-                            answer_prefix=s["answer_prefix"], rating_words=s["rating_words"],
-                            rating_weights=s["rating_weights"])
+        prompts = PromptSet(names=list(self.prompt_names), texts=list(s.prompts),
+                            answer_prefix=s.answer_prefix, rating_words=list(s.rating_words),
+                            rating_weights=list(s.rating_weights))
         try:
-            enc = SemanticEncoder(s["model"], prompts, revision=self.revision,
-                                  device=str(self.device), dtype=s["dtype"],
+            enc = SemanticEncoder(s.model, prompts, revision=self.revision,
+                                  device=str(self.device), dtype=s.dtype,
                                   trust_remote_code=self.trust_remote_code,
                                   pad_square=self.pad_square)
         except ModelLoadError as e:
             if self.revision_overridden:
                 raise ModelLoadError(
-                    f"cannot load revision {self.revision} of MLLM {s['model']} (the model was "
+                    f"cannot load revision {self.revision} of MLLM {s.model} (the model was "
                     f"trained with revision {self.recorded_revision}): {e}") from None
             raise ModelLoadError(
-                f"cannot load MLLM {s['model']} at revision {self.revision}, the revision the "
+                f"cannot load MLLM {s.model} at revision {self.revision}, the revision the "
                 f"model was trained with ({e}); if that revision is gone, pass --revision REV "
                 "to score with vectors of another revision") from None
         found = fingerprint_of(semantic_spec_of(enc))
         if not self.revision_overridden and found != self.fingerprint:
             raise ConfigError(
-                f"the MLLM {s['model']} found now has fingerprint {found[:16]} (revision "
+                f"the MLLM {s.model} found now has fingerprint {found[:16]} (revision "
                 f"{enc.resolved_revision}), the model was trained on {self.fingerprint[:16]} "
-                f"(revision {s.get('revision')}); another revision or dtype?")
+                f"(revision {s.revision}); another revision or dtype?")
         return enc
 
     @property
@@ -144,13 +143,13 @@ class VectorProvider:
                 str(self.cache_dir), expected, cache.fingerprint,
                 f"it holds vectors of {theirs.get('model')} at revision "
                 f"{theirs.get('revision')} ({theirs.get('dtype')}), the model needs "
-                f"{ours.get('model')} at revision {self.revision or ours.get('revision')} "
-                f"({ours.get('dtype')})")
+                f"{ours.model} at revision {self.revision or ours.revision} "
+                f"({ours.dtype})")
         return cache
 
     def extract_config(self) -> ExtractConfig:
-        return ExtractConfig(out=self.cache_dir, model=self.spec["model"], revision=self.revision,
-                             dtype=self.spec["dtype"], batch_size=self.batch_size,
+        return ExtractConfig(out=self.cache_dir, model=self.spec.model, revision=self.revision,
+                             dtype=self.spec.dtype, batch_size=self.batch_size,
                              loader_workers=self.loader_workers, progress=self.progress,
                              device=str(self.device), trust_remote_code=self.trust_remote_code,
                              pad_square=self.pad_square, workers=1, worker=0)

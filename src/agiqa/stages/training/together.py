@@ -35,7 +35,7 @@ from torch.func import functional_call, vmap
 from agiqa.data.pixels import normalize
 from agiqa.errors import ConfigError
 from agiqa.models.noise import draw_masks, record_noise, replay_noise
-from agiqa.stages.training.trainer import DivergedError, Trainer, _augment, new_adam
+from agiqa.stages.training.trainer import DivergedError, Trainer, augment, new_adam
 
 __all__ = ["Concurrency", "RunInputs", "choose_concurrency", "free_memory", "run_memory",
            "train_together"]
@@ -58,8 +58,8 @@ class Concurrency:
 
     runs: int
     requested: int | None
-    per_run_bytes: int
-    free_bytes: int
+    per_run_bytes: int | None  # None: not measured (one run, or runs one at a time)
+    free_bytes: int | None
     device: str
 
     def describe(self, total: int) -> str:
@@ -279,7 +279,7 @@ class _Group:
                 else:
                     x = pixels[idx]
                     if cfg.augment:
-                        x = _augment(x, t.gen)
+                        x = augment(x, t.gen)
                     xs.append(normalize(x))
                 ss.append(inp.vectors[idx])
                 ys.append(inp.targets[idx])

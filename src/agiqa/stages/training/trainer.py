@@ -29,9 +29,10 @@ from agiqa.errors import CheckpointError, TrainingError
 from agiqa.fileio import atomic_path, remove_stale_temporaries, write_text
 from agiqa.models.noise import draw_noise
 from agiqa.stages.predict import predict, predict_keys
+from agiqa.stages.rundir import CHECKPOINT, TRAIN_LOG
 
 __all__ = ["CHECKPOINT_SECONDS", "MIN_EVAL_IMAGES", "DivergedError", "ProtocolWarning", "Trainer",
-           "caches_keys", "select_epoch", "steps_per_epoch", "validation_figures",
+           "augment", "caches_keys", "select_epoch", "steps_per_epoch", "validation_figures",
            "validation_images"]
 
 
@@ -110,7 +111,7 @@ def new_adam(groups, lr: float, weight_decay: float, device: torch.device
                             fused=device.type in ("cpu", "cuda"))
 
 
-def _augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def augment(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Per image: p=0.7 rotate by 90/180/270°, then p=0.7 flip the H axis (vertical flip)."""
     out = []
     for img in pixels:
@@ -166,11 +167,11 @@ class Trainer:
         self.epoch, self.best_epoch, self.best_value = 0, -1, 0.0
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[dict[str, Any]] = []
-        self.log = Path(cfg.out) / "train_log.jsonl"
+        self.log = Path(cfg.out) / TRAIN_LOG
 
     def restore(self) -> None:
         """Load ``checkpoint.pt``; drop temporaries of killed writers and log rows past it."""
-        path = Path(self.cfg.out) / "checkpoint.pt"
+        path = Path(self.cfg.out) / CHECKPOINT
         if self.main:
             remove_stale_temporaries(path.parent)
         try:
@@ -213,7 +214,7 @@ class Trainer:
               "torch_rng": torch.get_rng_state(),
               "best_state": self.best_state, "epoch": self.epoch, "best_epoch": self.best_epoch,
               "best_value": self.best_value, "history": json.dumps(self.history)}
-        path = Path(self.cfg.out) / "checkpoint.pt"
+        path = Path(self.cfg.out) / CHECKPOINT
         self._checkpointed = time.monotonic()
         try:
             with atomic_path(path) as tmp:
@@ -313,7 +314,7 @@ class Trainer:
         if self.keys is None:
             x = pixels[idx]
             if self.cfg.augment:
-                x = _augment(x, self.gen)
+                x = augment(x, self.gen)
             x = normalize(x[mine]).to(self.device, non_blocking=True)
             forward = self.train_model
         else:
