@@ -253,22 +253,20 @@ def write_photo_folder():
     return _write_photo_folder
 
 
-def _shared_data() -> Path:
-    """The real label files: ``shared/data`` beside the checkout or a folder above it."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / "shared" / "data").is_dir():
-            return parent / "shared" / "data"
-    return here.parents[2] / "shared" / "data"
-
-
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The folder of the real data sets' label files; the test is skipped where it is absent."""
-    folder = _shared_data()
-    if not folder.is_dir():
-        pytest.skip(f"no shared/data folder above {Path(__file__).parent}")
-    return folder
+def label_files(tmp_path_factory) -> Path:
+    """The real label files of AGIQA-3K, AIGCIQA-20K and AIGCIQA2023, committed (gzip) under
+    ``tests/data/labels`` and unpacked once per session under their own names:
+    ``agiqa-3k/data.csv``, ``aigciqa-20k/info_train.csv``, ``aigciqa2023/AIGCIQA2023.csv`` …"""
+    import gzip
+
+    src = Path(__file__).parent / "data" / "labels"
+    out = tmp_path_factory.mktemp("labels")
+    for packed in src.glob("*/*.csv.gz"):
+        (out / packed.parent.name).mkdir(exist_ok=True)
+        (out / packed.parent.name / packed.name[:-3]).write_bytes(
+            gzip.decompress(packed.read_bytes()))
+    return out
 
 
 @pytest.fixture(scope="session")
