@@ -364,6 +364,50 @@ def make_images():
     return _make_images
 
 
+def _make_run(folder: Path, root: Path, n: int = 10, dataset: str = "csv", target: str = "mos",
+              names: list[str] | None = None, seed: int = 0) -> Path:
+    import csv
+
+    import torch
+
+    from agiqa.models.agiqa_net import create_model, save_model
+
+    names = names or [f"img_{i:02d}.png" for i in range(n)]
+    _make_images(root, names, seed=seed)
+    torch.manual_seed(seed)
+    model = create_model("tiny", num_prompts=2, semantic_dim=8, pretrained=False)
+    save_model(model, folder, {
+        "prompt_names": ["semantic_content", "coherence"],
+        "dataset": {"name": dataset, "target": target, "split": "random"},
+        "training": {"root": str(root), "cache": None, "labels": None},
+    })
+    rng = np.random.default_rng(seed)
+    with open(folder / "predictions.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "subset", "mos", "score", "gate_semantic_content", "gate_coherence",
+                    "gate_image"])
+        for i, name in enumerate(names):
+            mos, err = rng.uniform(1, 5), rng.normal(0, 0.7)
+            gates = rng.normal(0.4, 0.3, 3)
+            w.writerow([name, "test" if i % 2 == 0 else "train", f"{mos:.4f}",
+                        f"{mos + err:.4f}", *[f"{g:.4f}" for g in gates]])
+    history = [{"epoch": e, "loss": 2.0 / (e + 1), "val_srcc": 0.5 + 0.05 * e,
+                "val_plcc": 0.55 + 0.04 * e} for e in range(4)]
+    (folder / "metrics.json").write_text(json.dumps({
+        "test": {"srcc": 0.61, "plcc": 0.66, "krcc": 0.45, "rmse": 0.71},
+        "best_epoch": 3, "history": history}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def make_run():
+    """``make_run(folder, root, n=10, dataset="csv", target="mos", names=None, seed=0)``: a
+    finished-looking run folder built directly (no MLLM, no training): a tiny random model,
+    ``n`` images under ``root`` (half in the test subset) and made-up predictions and metrics;
+    for the checks of what a report may read and write, where the numbers mean nothing."""
+    return _make_run
+
+
 def _synthetic_scores(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     rows = []

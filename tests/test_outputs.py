@@ -11,7 +11,6 @@ from agiqa.cli import cli
 from agiqa.errors import CheckpointError, ConfigError
 from agiqa.report.html import link_href, write_run_report, write_score_report
 from agiqa.report.sources import read_score_file
-from tests.report_fixtures import make_images, make_run, make_score_rows
 
 
 def run(*args):
@@ -28,11 +27,11 @@ def _one_line(r, *needles, code=1):
 
 
 @pytest.fixture
-def tiny(tmp_path):
+def tiny(tmp_path, make_run):
     return make_run(tmp_path / "run", tmp_path / "images", n=4)
 
 
-def _score_file(tmp_path):
+def _score_file(tmp_path, make_images, make_score_rows):
     rows = make_score_rows(4)
     make_images(tmp_path / "imgs", [r["path"] for r in rows])
     scores = tmp_path / "S.csv"
@@ -44,8 +43,9 @@ def _score_file(tmp_path):
 
 
 # -- A: outputs --------------------------------------------------------------------------------
-def test_report_never_replaces_its_score_file_or_a_model(tiny, tmp_path):
-    scores = _score_file(tmp_path)
+def test_report_never_replaces_its_score_file_or_a_model(tiny, tmp_path, make_images,
+                                                         synthetic_scores):
+    scores = _score_file(tmp_path, make_images, synthetic_scores)
     before = scores.read_bytes()
     r = run("report", scores, "--images", tmp_path / "imgs", "--out", scores)
     _one_line(r, "--out", "does not end in .html", code=64)
@@ -58,7 +58,8 @@ def test_report_never_replaces_its_score_file_or_a_model(tiny, tmp_path):
         write_run_report(tiny, tiny / "config.json", maps=False)
 
 
-def test_report_never_replaces_an_html_file_of_the_users(tiny, tmp_path):
+def test_report_never_replaces_an_html_file_of_the_users(tiny, tmp_path, make_images,
+                                                         synthetic_scores):
     mine = tmp_path / "mine.html"
     mine.write_text("<p>my notes</p>")
     r = run("report", tiny, "--out", mine, "--no-maps")
@@ -72,7 +73,7 @@ def test_report_never_replaces_an_html_file_of_the_users(tiny, tmp_path):
     # A report agiqa wrote is replaced by the next one.
     for _ in range(2):
         assert run("report", tiny, "--no-maps").exit_code == 0
-    scores = _score_file(tmp_path)
+    scores = _score_file(tmp_path, make_images, synthetic_scores)
     scores.with_suffix(".html").write_text("mine")  # the default --out of a score file
     r = run("report", scores, "--images", tmp_path / "imgs")
     _one_line(r, "not a report agiqa wrote")
@@ -146,10 +147,11 @@ def test_links_are_relative_and_cannot_carry_a_scheme(name, href):
     assert link_href(name) == href
 
 
-def test_a_score_file_named_like_a_script_link_is_no_script(tmp_path):
+def test_a_score_file_named_like_a_script_link_is_no_script(tmp_path, make_images,
+                                                             synthetic_scores):
     from agiqa.report.sources import ImageRow
 
-    rows = make_score_rows(2)
+    rows = synthetic_scores(2)
     make_images(tmp_path, [r["path"] for r in rows])
     items = [ImageRow(r["path"], tmp_path / r["path"], r["score"], [r["gate_image"]])
              for r in rows]
@@ -261,20 +263,20 @@ def test_every_json_score_file_reads_back(tmp_path):
 
 
 # -- G: nothing vanishes from a walk ------------------------------------------------------------
-def _tree(root):
+def _tree(root, make_images):
     make_images(root, ["a.png"])
     make_images(root / "locked", ["b.png"])
     make_images(root / "open", ["c.png"])
 
 
-def test_an_unreadable_subfolder_is_named_not_skipped(tmp_path, monkeypatch):
+def test_an_unreadable_subfolder_is_named_not_skipped(tmp_path, monkeypatch, make_images):
     import os
 
     from agiqa.data.images import list_images
     from agiqa.errors import DatasetError
     from agiqa.stages.extraction.extract import ImageSource
 
-    _tree(tmp_path / "imgs")
+    _tree(tmp_path / "imgs", make_images)
     locked = str(tmp_path / "imgs" / "locked")
     real = os.scandir
 
@@ -302,7 +304,7 @@ def test_an_unreadable_subfolder_is_named_not_skipped(tmp_path, monkeypatch):
     assert report.failures == errors and report.exit_code == 2
 
 
-def test_a_subtree_past_path_max_is_named_not_skipped(tmp_path):
+def test_a_subtree_past_path_max_is_named_not_skipped(tmp_path, make_images):
     """A real tree deeper than PATH_MAX (4096 bytes): made with folder descriptors."""
     import os
 

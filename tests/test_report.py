@@ -13,7 +13,6 @@ import pytest
 
 from agiqa.report.html import write_run_report, write_score_report
 from agiqa.report.sources import ImageRow
-from tests.report_fixtures import make_run
 
 
 class _Tags(HTMLParser):
@@ -212,7 +211,7 @@ def test_score_folder_report_must_be_html(agiqa_cli, tmp_path):
     assert r.exit_code == 64 and "--report: " in r.output and "does not end in .html" in r.output
 
 
-def test_the_heading_names_the_label_file_and_gate_names_are_whole(tmp_path):
+def test_the_heading_names_the_label_file_and_gate_names_are_whole(tmp_path, make_run):
     folder = make_run(tmp_path / "run", tmp_path / "images", n=4, dataset="csv")
     config = json.loads((folder / "config.json").read_text())
     config["training"]["labels"] = str(tmp_path / "jpeg-labels.csv")
