@@ -253,22 +253,20 @@ def write_photo_folder():
     return _write_photo_folder
 
 
-def _shared_data() -> Path:
-    """The real label files: ``shared/data`` beside the checkout or a folder above it."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / "shared" / "data").is_dir():
-            return parent / "shared" / "data"
-    return here.parents[2] / "shared" / "data"
-
-
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The folder of the real data sets' label files; the test is skipped where it is absent."""
-    folder = _shared_data()
-    if not folder.is_dir():
-        pytest.skip(f"no shared/data folder above {Path(__file__).parent}")
-    return folder
+def label_files(tmp_path_factory) -> Path:
+    """The real label files of AGIQA-3K, AIGCIQA-20K and AIGCIQA2023, committed (gzip) under
+    ``tests/data/labels`` and unpacked once per session under their own names:
+    ``agiqa-3k/data.csv``, ``aigciqa-20k/info_train.csv``, ``aigciqa2023/AIGCIQA2023.csv`` …"""
+    import gzip
+
+    src = Path(__file__).parent / "data" / "labels"
+    out = tmp_path_factory.mktemp("labels")
+    for packed in src.glob("*/*.csv.gz"):
+        (out / packed.parent.name).mkdir(exist_ok=True)
+        (out / packed.parent.name / packed.name[:-3]).write_bytes(
+            gzip.decompress(packed.read_bytes()))
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -364,6 +362,50 @@ def _make_images(folder: Path, names: list[str], size: tuple[int, int] = (96, 64
 def make_images():
     """``make_images(folder, names, size=(96, 64), seed=0)``: smooth random colour images."""
     return _make_images
+
+
+def _make_run(folder: Path, root: Path, n: int = 10, dataset: str = "csv", target: str = "mos",
+              names: list[str] | None = None, seed: int = 0) -> Path:
+    import csv
+
+    import torch
+
+    from agiqa.models.agiqa_net import create_model, save_model
+
+    names = names or [f"img_{i:02d}.png" for i in range(n)]
+    _make_images(root, names, seed=seed)
+    torch.manual_seed(seed)
+    model = create_model("tiny", num_prompts=2, semantic_dim=8, pretrained=False)
+    save_model(model, folder, {
+        "prompt_names": ["semantic_content", "coherence"],
+        "dataset": {"name": dataset, "target": target, "split": "random"},
+        "training": {"root": str(root), "cache": None, "labels": None},
+    })
+    rng = np.random.default_rng(seed)
+    with open(folder / "predictions.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "subset", "mos", "score", "gate_semantic_content", "gate_coherence",
+                    "gate_image"])
+        for i, name in enumerate(names):
+            mos, err = rng.uniform(1, 5), rng.normal(0, 0.7)
+            gates = rng.normal(0.4, 0.3, 3)
+            w.writerow([name, "test" if i % 2 == 0 else "train", f"{mos:.4f}",
+                        f"{mos + err:.4f}", *[f"{g:.4f}" for g in gates]])
+    history = [{"epoch": e, "loss": 2.0 / (e + 1), "val_srcc": 0.5 + 0.05 * e,
+                "val_plcc": 0.55 + 0.04 * e} for e in range(4)]
+    (folder / "metrics.json").write_text(json.dumps({
+        "test": {"srcc": 0.61, "plcc": 0.66, "krcc": 0.45, "rmse": 0.71},
+        "best_epoch": 3, "history": history}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def make_run():
+    """``make_run(folder, root, n=10, dataset="csv", target="mos", names=None, seed=0)``: a
+    finished-looking run folder built directly (no MLLM, no training): a tiny random model,
+    ``n`` images under ``root`` (half in the test subset) and made-up predictions and metrics;
+    for the checks of what a report may read and write, where the numbers mean nothing."""
+    return _make_run
 
 
 def _synthetic_scores(n: int, seed: int = 0) -> list[dict]:

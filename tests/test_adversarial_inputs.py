@@ -204,7 +204,8 @@ def test_a_hub_id_that_is_not_here_is_one_quick_line(tmp_path, monkeypatch):
     assert r.exit_code == 1, r.output
     assert r.output.strip().splitlines() == [
         "Error: MLLM 'someone/not-here' is neither in the local Hugging Face cache nor reachable "
-        "on the hub; download it on a connected machine (huggingface-cli download "
+        "on the hub (offline: HF_HUB_OFFLINE is set, or the hub did not answer); download it on "
+        "a connected machine (huggingface-cli download "
         "someone/not-here) into this machine's cache, or give a local folder holding it "
         "instead (extract-semantics --mllm FOLDER)"]
 

@@ -14,10 +14,10 @@ from agiqa.cli import cli
 
 
 @pytest.mark.slow
-def test_extract_and_fit_with_the_paper_split_on_agiqa3k_names(tmp_path, tiny_llava, shared_data):
+def test_extract_and_fit_with_the_paper_split_on_agiqa3k_names(tmp_path, tiny_llava, label_files):
     root = tmp_path / "AGIQA-3K"
     root.mkdir()
-    shutil.copy(shared_data / "agiqa-3k" / "data.csv", root / "data.csv")
+    shutil.copy(label_files / "agiqa-3k" / "data.csv", root / "data.csv")
     with open(root / "data.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     rng = np.random.default_rng(0)

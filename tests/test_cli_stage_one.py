@@ -52,15 +52,17 @@ def test_extract_exits_2_and_names_every_broken_file(tiny_llava, photo_folder, t
     good = sorted(k for k, v in kinds.items() if v == "ok")
     assert open_cache(tmp_path / "c").keys == good
     n = len(good) + 3
-    assert f"{n} images: {n} computed, 0 already cached, 3 failed" in result.output
+    # The counts add up to the images: each is computed, already cached or failed, once.
+    assert f"{n} images: {len(good)} computed, 0 already cached, 3 failed" in result.output
 
     again = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out",
                 tmp_path / "c", "--quiet", "--json")
     report = json.loads(again.output)
     # The failed images are tried again (and fail again); the others are reused.
-    assert again.exit_code == 2 and report["computed"] == 3 and report["failed"] == 3
+    assert again.exit_code == 2 and report["computed"] == 0 and report["failed"] == 3
     assert sorted(report["retried"]) == ["text_as.jpg", "truncated.jpg", "zero_bytes.png"]
     assert report["reused"] == len(good)
+    assert report["computed"] + report["reused"] + report["failed"] == report["requested"] == n
     skip = run("extract-semantics", "--model", tiny_llava, "--images", root, "--out",
                tmp_path / "c", "--quiet", "--json", "--no-retry-failed")
     report = json.loads(skip.output)
@@ -267,3 +269,25 @@ def test_truncated_weights_exit_1_and_leave_no_manifest(tiny_llava, tmp_path):
     assert r.exit_code == 1 and r.output.count("\n") == 1
     assert r.output.startswith(f"Error: {weights}: truncated safetensors file")
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "copied"])
+def test_the_counts_add_up_after_a_damaged_or_copied_shard(tiny_llava, graded, tmp_path, damage):
+    """Every image once: computed now, already cached, or failed, whatever the earlier shards
+    hold (one cut short, or one replaced by a copy of another)."""
+    root, _ = graded
+    out = tmp_path / "c"
+    args = ("extract-semantics", "--model", tiny_llava, "--dataset", "csv", "--root", root,
+            "--out", out, "--quiet", "--json", "--loader-workers", "0", "--shard-size", "10")
+    first = json.loads(run(*args).output)
+    shards = open_cache(out).shard_paths()
+    assert first["computed"] == first["requested"] == 30 and len(shards) == 3
+    if damage == "truncated":
+        shards[0].write_bytes(shards[0].read_bytes()[:-64])
+    else:
+        shutil.copyfile(shards[1], shards[0])
+    again = json.loads(run(*args).output)
+    assert again["computed"] == 10 and again["reused"] == 20 and again["failed"] == 0
+    assert again["computed"] + again["reused"] + again["failed"] == again["requested"] == 30
+    assert len(open_cache(out).keys) == 30

@@ -17,23 +17,23 @@ from agiqa.metrics import evaluate
     ("aigciqa-20k", "aigciqa-20k", 14000, "mos", ("DALLE2_0000.png", 3.6638868235)),
     ("aigciqa2023", "aigciqa2023", 2400, "quality_mos", ("0.png", 60.16417843)),
 ])
-def test_adapters_read_the_real_label_files(name, folder, n, target, first, shared_data):
-    ds = load_dataset(name, shared_data / folder)
+def test_adapters_read_the_real_label_files(name, folder, n, target, first, label_files):
+    ds = load_dataset(name, label_files / folder)
     assert len(ds) == n and ds.target_column == target
     assert (ds.samples[0].key, ds.samples[0].mos) == first
 
 
-def test_agiqa3k_alignment_target_and_crlf(tmp_path, shared_data):
-    ds = load_dataset("agiqa-3k", shared_data / "agiqa-3k", target="mos_align")
+def test_agiqa3k_alignment_target_and_crlf(tmp_path, label_files):
+    ds = load_dataset("agiqa-3k", label_files / "agiqa-3k", target="mos_align")
     assert ds.samples[0].mos == pytest.approx(0.40889324)
     crlf = tmp_path / "data.csv"
-    crlf.write_bytes((shared_data / "agiqa-3k/data.csv").read_bytes().replace(b"\n", b"\r\n"))
+    crlf.write_bytes((label_files / "agiqa-3k/data.csv").read_bytes().replace(b"\n", b"\r\n"))
     ds2 = load_dataset("agiqa-3k", tmp_path)
-    assert ds2.samples == load_dataset("agiqa-3k", shared_data / "agiqa-3k").samples
+    assert ds2.samples == load_dataset("agiqa-3k", label_files / "agiqa-3k").samples
 
 
-def test_paper_split_is_the_official_shuffle(shared_data):
-    ds = load_dataset("agiqa-3k", shared_data / "agiqa-3k")
+def test_paper_split_is_the_official_shuffle(label_files):
+    ds = load_dataset("agiqa-3k", label_files / "agiqa-3k")
     split = make_split(ds, "paper")
     index = list(range(len(ds)))
     random.seed(20)
@@ -57,8 +57,8 @@ def test_random_ratios_cut_where_int_truncates():
     assert (len(tr), len(va), len(te)) == (18, 6, 6)
 
 
-def test_split_files_of_agiqa3k(shared_data):
-    ds = load_dataset("agiqa-3k", shared_data / "agiqa-3k")
+def test_split_files_of_agiqa3k(label_files):
+    ds = load_dataset("agiqa-3k", label_files / "agiqa-3k")
     split = make_split(ds, "files")
     assert (len(split.train), len(split.val), len(split.test)) == (1789, 596, 597)
     assert not set(split.train) & set(split.test)
@@ -125,3 +125,16 @@ def test_metrics_equal_the_official_formula():
     assert m["rmse"] == pytest.approx(rmse, abs=1e-9)
     assert m["plcc_raw"] == pytest.approx(stats.pearsonr(pred, mos)[0])
     assert m["plcc"] > m["plcc_raw"]
+
+
+def test_label_columns_match_whatever_their_case_and_ambiguity_is_refused(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "labels.csv").write_text("Image,MOS\na.png,3.5\n")
+    ds = load_dataset("csv", tmp_path)
+    assert ds.keys == ["a.png"] and ds.samples[0].mos == 3.5 and ds.target_column == "MOS"
+    ds = load_dataset("csv", tmp_path, image_column="IMAGE", score_column="mos")
+    assert ds.target_column == "MOS"
+    (tmp_path / "labels.csv").write_text("image,Image,mos\na.png,b.png,3.5\n")
+    with pytest.raises(DatasetError, match="line 1: columns 'image', 'Image' differ only in "
+                                           "case; which is the image column is ambiguous"):
+        load_dataset("csv", tmp_path)

@@ -55,6 +55,24 @@ def test_demo_learns_and_says_why_the_numbers_are_no_judgement(demo_run):
     test_row = next(ln for ln in again.output.splitlines() if ln.startswith("test "))
     assert abs(float(test_row.split()[1]) - result["metrics"]["test"]["srcc"]) < 1e-4
     assert "not a quality judgement" in again.output
+    # The unseen photograph's scores are commented, whichever way they go.
+    from scipy.stats import spearmanr
+
+    grades = [int(r["path"][-5]) for r in rows]
+    rho = spearmanr(grades, [float(r["score"]) for r in rows])[0]
+    assert f"SRCC {rho:+.2f} against the blur grade" in result["unseen_note"]
+    assert result["unseen_note"] in again.output
+
+
+def test_the_unseen_note_says_which_way_the_scores_go():
+    from agiqa.pipeline.demo import unseen_note
+
+    rows = [{"path": f"flower-0-blur{g}.png", "score": s} for g, s in
+            zip(range(6), (4.0, 3.5, 3.0, 2.5, 2.0, 1.0), strict=True)]
+    assert "scores fall with the blur (SRCC -1.00" in unseen_note(rows)
+    rising = [{**r, "score": -r["score"]} for r in rows]
+    assert "scores rise with the blur (SRCC +1.00" in unseen_note(rising)
+    assert "not on a photograph held out whole" in unseen_note(rising)
 
 
 def test_demo_deletes_nothing_it_did_not_make(tmp_path):

@@ -256,3 +256,30 @@ def test_the_cpu_recipe_learns_on_blur_graded_sets_it_was_not_tuned_on(tiny_llav
         srcc.append(result.runs[0].test["srcc"])
     print("CPU recipe, test SRCC on five unseen sets:", [round(x, 3) for x in srcc])
     assert sum(x >= 0.6 for x in srcc) >= 4, srcc
+
+
+def test_evaluate_takes_the_runs_label_columns_and_hints_split_all(graded, tmp_path):
+    """The columns fit was given (--image-column/--score-column) are read back from the run
+    for its own label file; another label file without --split all is told to pass it."""
+    root, cache = graded
+    rows = (root / "labels.csv").read_text().splitlines()
+    renamed, other = tmp_path / "renamed.csv", tmp_path / "other.csv"  # not in the shared root
+    renamed.write_text("\n".join(["file,quality", *rows[1:]]) + "\n")
+    r = run("fit", *FIT, "--root", root, "--cache", cache, "--labels", renamed,
+            "--image-column", "file", "--score-column", "quality", "--out", tmp_path / "run",
+            "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    r = run("evaluate", "--model", tmp_path / "run", "--dataset", "csv", "--root", root,
+            "--labels", renamed, "--cache", cache, "-q", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["images"] >= 3
+    from agiqa import evaluate
+
+    api = evaluate(tmp_path / "run", dataset="csv", root=root, labels=renamed,
+                   cache=cache, progress=False)
+    assert api["srcc"] == pytest.approx(json.loads(r.output)["srcc"])
+    other.write_text("\n".join(["image,mos", *rows[1:4]]) + "\n")
+    r = CliRunner().invoke(cli, [str(a) for a in (
+        "evaluate", "--model", tmp_path / "run", "--dataset", "csv", "--root", root,
+        "--labels", other, "--cache", cache, "-q")])
+    assert r.exit_code == 1 and "pass --split all" in r.output

@@ -163,3 +163,21 @@ def test_presets_path_prints_the_resolved_folder(monkeypatch):
     monkeypatch.delenv("AGIQA_HOME")
     assert run("presets", "path").output.strip() == str(agiqa_home() / "presets")
     assert agiqa_home().is_absolute()
+
+
+def test_presets_path_is_the_resolved_folder_and_the_docs_use_it(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from agiqa.cli import cli
+
+    monkeypatch.delenv("AGIQA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    r = CliRunner().invoke(cli, ["presets", "path", "mllms"])
+    assert r.exit_code == 0 and r.output.strip() == str(tmp_path / ".cache/agiqa/presets/mllms")
+    r = CliRunner().invoke(cli, ["presets", "path", "nonsense"])
+    assert r.exit_code == 1 and "unknown preset kind 'nonsense'" in r.output
+    page = (Path(__file__).parents[1] / "docs" / "presets.md").read_text()
+    commands = page.split("## Your own presets")[1].split("```bash")[1].split("```")[0]
+    assert "$AGIQA_HOME" not in commands and "agiqa presets path" in commands

@@ -56,9 +56,9 @@ def official_split(label_file, seed=20):
     ("aigciqa-20k", "aigciqa-20k", "info_train.csv", (9800, 1400, 2800)),
 ])
 def test_paper_split_is_dataset_general_on_the_real_label_files(preset, folder, label_file,
-                                                                 sizes, shared_data):
-    split = make_split(load_dataset(preset, shared_data / folder), "paper", 20)
-    train, val, test = official_split(shared_data / folder / label_file)
+                                                                 sizes, label_files):
+    split = make_split(load_dataset(preset, label_files / folder), "paper", 20)
+    train, val, test = official_split(label_files / folder / label_file)
     assert (len(split.train), len(split.val), len(split.test)) == sizes
     assert (split.train, split.val, split.test) == (train, val, test)
 

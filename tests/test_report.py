@@ -110,7 +110,7 @@ def test_score_report_is_bounded_and_counts_every_score(synthetic_scores, make_i
     for i in (0, 37, 100, 200):
         assert hist["passing"][i] == int((scores >= hist["thresholds"][i]).sum())
     assert hist["passing"][0] == 1000
-    assert "the 5 lowest and the 5 highest of 1000 scores" in html and 'href="s.csv"' in html
+    assert "the 5 lowest and the 5 highest of 1000 scores" in html and 'href="./s.csv"' in html
     assert "not an image" in html and "patch maps not shown" in html
 
 
@@ -209,3 +209,14 @@ def test_score_folder_report_must_be_html(agiqa_cli, tmp_path):
     r = agiqa_cli("score-folder", tmp_path, "--model", tmp_path / "m", "--report",
                   tmp_path / "s.csv")
     assert r.exit_code == 64 and "--report: " in r.output and "does not end in .html" in r.output
+
+
+def test_the_heading_names_the_label_file_and_gate_names_are_whole(tmp_path, make_run):
+    folder = make_run(tmp_path / "run", tmp_path / "images", n=4, dataset="csv")
+    config = json.loads((folder / "config.json").read_text())
+    config["training"]["labels"] = str(tmp_path / "jpeg-labels.csv")
+    (folder / "config.json").write_text(json.dumps(config))
+    write_run_report(folder, tmp_path / "r.html", maps=False)
+    html = (tmp_path / "r.html").read_text()
+    assert "Metrics on jpeg-labels.csv</h2>" in html and "Metrics on csv" not in html
+    assert "text-overflow: ellipsis" not in html.split(".gate .label")[1].split("}")[0]

@@ -93,10 +93,21 @@ def test_score_report_in_chromium(browser, synthetic_scores, make_images, tricky
     make_images(tmp_path / "images", [r["path"] for r in ordered[:10] + ordered[-10:]])
     items, gate_names = score_rows(rows, tmp_path / "images")
     out = tmp_path / "scores.html"
+    link = "javascript:alert(document.title).csv"  # a file of that name beside the page
     write_score_report(items, {tricky_name: "not an image"}, out, gate_names, top_k=10,
-                       csv_href="scores.csv", source="images")
+                       csv_href=link, source="images")
     page = Page(browser, out, tmp_path)
     p = page.page
+    # The link is a file beside the page, never script; the page's own script runs by its
+    # hash (the controls below work), and no inline script is allowed.
+    assert p.locator("a").first.evaluate("a => a.href") == \
+        tmp_path.as_uri() + "/javascript%3Aalert%28document.title%29.csv"
+    csp = p.locator("meta[http-equiv=Content-Security-Policy]").get_attribute("content")
+    assert "'unsafe-inline'" not in csp.split("script-src")[1].split(";")[0]
+    p.evaluate("""() => { const s = document.createElement('script');
+                          s.textContent = 'window.injected = 1'; document.body.append(s); }""")
+    assert p.evaluate("() => window.injected") is None
+    page.errors.clear()  # the refused script's CSP report
     assert p.locator("img.thumb").count() == 20
     assert p.locator("#pass-count").inner_text() == "300"
     p.locator("#threshold").fill("100")

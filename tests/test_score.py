@@ -387,3 +387,43 @@ def test_a_killed_loader_in_scoring_and_evaluate_names_the_image(model_dir, grad
     with pytest.raises(BadImageError, match=f"{victim}: its loader process was killed"):
         agiqa.evaluate(model_dir, dataset="csv", root=root, cache=cache, split="all",
                        loader_workers=2, progress=False)
+
+
+def test_a_non_finite_score_fails_its_image_and_the_csv_makes_a_report(agiqa_cli, model_dir,
+                                                                        graded, tmp_path,
+                                                                        monkeypatch):
+    """A NaN or infinite prediction is that image's failure, never a score; `agiqa report`
+    reads the CSV score-folder wrote, and the same holds for the Python API."""
+    import torch
+
+    import agiqa.stages.scoring.scorer as scorer_module
+
+    root, _ = graded
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for p in sorted(root.glob("*_[03].jpg"))[:4]:
+        shutil.copy(p, folder / p.name)
+    real = scorer_module.predict
+
+    def broken(*args, **kwargs):
+        scores, gates = real(*args, **kwargs)
+        scores = scores.clone()
+        scores[0] = float("nan")
+        if len(scores) > 1:
+            scores[1] = float("inf")
+        return scores, gates
+
+    monkeypatch.setattr(scorer_module, "predict", broken)
+    out = tmp_path / "s.csv"
+    r = agiqa_cli("score-folder", folder, "--model", model_dir, "--out", out, "-q",
+            "--loader-workers", "0", "--report", tmp_path / "s.html")
+    assert r.exit_code == 2, r.output
+    assert r.output.count("non-finite score") == 2 and "failed 2" in r.output
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(float(x["score"]))) for x in rows)
+    again = agiqa_cli("report", out, "--images", folder, "--out", tmp_path / "again.html")
+    assert again.exit_code == 0, again.output
+    api = agiqa.Scorer.from_pretrained(model_dir).score([folder / p.name for p in
+                                                         sorted(folder.iterdir())])
+    assert sum(1 for x in api if x["error"] and "non-finite" in x["error"]) == 2
+    assert all(x["score"] is None for x in api if x["error"])

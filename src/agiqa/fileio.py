@@ -18,8 +18,9 @@ from typing import Any
 from agiqa.errors import ConfigError
 
 __all__ = ["LOCAL_REVISION_PREFIX", "MODEL_FILE_PATTERNS", "agiqa_home", "atomic_path",
-           "current_umask", "exclusive_lock", "folder_content_hash", "read_json", "remove_path",
-           "remove_stale_temporaries", "temporary_sibling", "write_json", "write_text"]
+           "check_safetensors", "current_umask", "exclusive_lock", "folder_content_hash",
+           "read_json", "read_regular", "remove_path", "remove_stale_temporaries",
+           "temporary_sibling", "write_json", "write_text"]
 
 _HOST = socket.gethostname().replace(".", "_")
 
@@ -32,10 +33,13 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
     systems. On an exception the temporary file or folder is removed and ``path`` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The owner is in the name, so a later run can remove what a killed one left behind.
-    prefix = f".{_short(path.name)}.{_HOST}-{os.getpid()}."
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The owner is in the name, so a later run can remove what a killed one left behind.
+        prefix = f".{_short(path.name)}.{_HOST}-{os.getpid()}."
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _naming(e, path) from None
     # mkstemp creates 0600 whatever the umask; a shared cache needs the user's usual mode.
     os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
@@ -57,12 +61,23 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
             shutil.rmtree(old, ignore_errors=True)
             return
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         if tmp_path.is_dir():
             shutil.rmtree(tmp_path, ignore_errors=True)
         else:
             tmp_path.unlink(missing_ok=True)
+        if isinstance(e, OSError) and (e.filename is None or e.filename == str(tmp_path)):
+            raise _naming(e, path) from None
         raise
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """``e`` naming ``path`` (a full disk's ``write`` names no file, a temporary's name would
+    mean nothing to the user)."""
+    if e.filename is not None and e.filename != str(path) and not str(e.filename).endswith(
+            ".tmp"):
+        return e
+    return OSError(e.errno, e.strerror or str(e), str(path))
 
 
 def current_umask() -> int:
@@ -171,20 +186,36 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 JSON_LIMIT = 64 << 20  # bytes: agiqa's own JSON files (manifests, configs) are far smaller
 
 
-def read_json(path: str | os.PathLike, limit: int = JSON_LIMIT) -> Any:
-    """A JSON file agiqa reads (a manifest, a run's config, a preset), refused with a
-    ``ValueError`` unless it is a regular file of at most ``limit`` bytes nested at most a few
-    hundred levels deep: a FIFO would block forever, a huge or deeply nested file would take
-    minutes and gigabytes before failing."""
+def read_regular(path: str | os.PathLike, limit: int, what: str = "file") -> bytes:
+    """The bytes of ``path``, refused with a ``ValueError`` unless it is a regular file (or a
+    link to one) of at most ``limit`` bytes. The open never waits (a FIFO would block forever)
+    and the read is bounded, whatever the file claims or grows to meanwhile.
+
+    Raises:
+        OSError: the file cannot be opened or read.
+        ValueError: not a regular file, or larger than ``limit`` (naming ``path``).
+    """
     path = Path(path)
     with open(path, "rb", opener=_open_nonblocking) as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"{path} is not a regular file")
         if st.st_size > limit:
-            raise ValueError(f"{path} has {st.st_size} bytes, more than the {limit} a JSON "
-                             "file of agiqa may have")
+            raise ValueError(f"{path} has {st.st_size} bytes, more than the {limit} a {what} "
+                             "of agiqa may have")
         data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} has more than the {limit} bytes a {what} of agiqa may have")
+    return data
+
+
+def read_json(path: str | os.PathLike, limit: int = JSON_LIMIT) -> Any:
+    """A JSON file agiqa reads (a manifest, a run's config, a preset), refused with a
+    ``ValueError`` unless it is a regular file of at most ``limit`` bytes nested at most a few
+    hundred levels deep: a FIFO would block forever, a huge or deeply nested file would take
+    minutes and gigabytes before failing."""
+    path = Path(path)
+    data = read_regular(path, limit, "JSON file")
     try:
         return json.loads(data.decode("utf-8"))
     except RecursionError:
@@ -246,7 +277,7 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_safetensors(path: Path, size: int) -> None:
+def check_safetensors(path: Path, size: int) -> None:
     """Refuse a safetensors file whose header promises more bytes than the file has."""
     from agiqa.errors import ModelLoadError
 
@@ -291,7 +322,7 @@ def folder_content_hash(folder: str | os.PathLike,
     for p in files:
         st = p.stat()
         if p.suffix == ".safetensors":
-            _check_safetensors(p, st.st_size)
+            check_safetensors(p, st.st_size)
         stamp = [st.st_size, st.st_mtime_ns]
         entry = index.get(str(p))
         if not (isinstance(entry, list) and entry[:2] == stamp and len(entry) == 3):

@@ -53,7 +53,20 @@ def spec_diff(a: dict[str, Any], b: dict[str, Any]) -> str:
 
 
 def create_if_absent(path: Path, obj: dict[str, Any]) -> None:
-    """Write ``obj`` as JSON to ``path`` unless it exists; atomic against concurrent writers."""
+    """Write ``obj`` as JSON to ``path`` unless it exists; atomic against concurrent writers.
+
+    Raises:
+        OSError: naming ``path`` (a full disk's write names no file of its own).
+    """
+    try:
+        _create_if_absent(path, obj)
+    except OSError as e:
+        if e.filename is None or str(e.filename).endswith(".tmp"):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
+
+
+def _create_if_absent(path: Path, obj: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, 0o666 & ~current_umask())

@@ -45,7 +45,7 @@ from agiqa.cache.checksums import (
     vector_checksum,
 )
 from agiqa.errors import CacheError
-from agiqa.fileio import current_umask, temporary_sibling
+from agiqa.fileio import JSON_LIMIT, current_umask, temporary_sibling
 
 __all__ = ["FORMATS", "ShardData", "ShardReader", "check_shard", "checksums_of", "open_shard",
            "publish_shard", "read_shard", "read_shard_index", "shard_name", "shard_suffix",
@@ -94,7 +94,7 @@ def _arrays(data: ShardData) -> list[tuple[str, np.ndarray]]:
             ("zero_shot", np.ascontiguousarray(data.zero_shot, dtype=np.float32))]
 
 
-def _write_zarr(path: Path, data: ShardData) -> None:
+def _write_zarr(path: Path, data: ShardData, name: str) -> None:
     import zarr
     from zarr.storage import ZipStore
 
@@ -102,7 +102,8 @@ def _write_zarr(path: Path, data: ShardData) -> None:
     try:
         # One write per member: the group's metadata, checksums included, comes first.
         group = zarr.create_group(store, attributes={
-            "failures": [list(f) for f in data.failures], "checksums": checksums_of(data)})
+            "failures": [list(f) for f in data.failures], "checksums": checksums_of(data),
+            "shard": name})
         for name, arr in _arrays(data):
             a = group.create_array(
                 name, shape=arr.shape, dtype=str if arr.dtype.kind == "U" else arr.dtype,
@@ -117,7 +118,7 @@ def _write_zarr(path: Path, data: ShardData) -> None:
         store.close()
 
 
-def _write_hdf5(path: Path, data: ShardData) -> None:
+def _write_hdf5(path: Path, data: ShardData, name: str) -> None:
     import h5py
 
     str_dt = h5py.string_dtype("utf-8")
@@ -128,6 +129,7 @@ def _write_hdf5(path: Path, data: ShardData) -> None:
         f.create_dataset("zero_shot", data=np.ascontiguousarray(data.zero_shot, np.float32))
         f.attrs["failures"] = json.dumps([list(x) for x in data.failures])
         f.attrs["checksums"] = json.dumps(checksums_of(data))
+        f.attrs["shard"] = name
 
 
 def write_shard(path: str | os.PathLike, data: ShardData, fmt: str) -> Path:
@@ -136,7 +138,7 @@ def write_shard(path: str | os.PathLike, data: ShardData, fmt: str) -> Path:
     path = Path(path)
     tmp = temporary_sibling(path)
     try:
-        (_write_zarr if fmt == "zarr" else _write_hdf5)(tmp, data)
+        (_write_zarr if fmt == "zarr" else _write_hdf5)(tmp, data, shard_name(path))
         os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -200,6 +202,8 @@ class ShardReader:
         self.path = path
         self.shape = shape
         self.identity: object = None
+        # The name the shard was written under (None for shards that do not record it).
+        self._recorded_name: str | None = None
         self._index: tuple[list[str], list[tuple[str, str]], dict[str, str]] | None = None
         self._n: int | None = None
 
@@ -208,6 +212,11 @@ class ShardReader:
         """Keys, failures and recorded checksums (keys and failures checked against them)."""
         if self._index is None:
             checksums, failures = self._meta()
+            if self._recorded_name is not None and self._recorded_name != shard_name(self.path):
+                raise CacheError(
+                    f"{self.path}: holds shard {self._recorded_name!r}, not its own (a copy of "
+                    "another shard?); its own images have no vectors here: rerun "
+                    "extract-semantics to rebuild it")
             keys = self._strings("keys")
             require_checksum(self.path, "keys", checksums, text_crc(keys))
             require_checksum(self.path, "failures", checksums, failures_crc(failures))
@@ -277,6 +286,16 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _recorded(path: Path, name: Any) -> str | None:
+    if name is None:
+        return None
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    if not isinstance(name, str):
+        raise CacheError(f"{path}: the shard's metadata is damaged (its name)")
+    return name
+
+
 def _checked_meta(path: Path, checksums: Any, failures: Any
                   ) -> tuple[dict[str, str], list[tuple[str, str]]]:
     if not isinstance(checksums, dict) or not isinstance(failures, list) or not all(
@@ -291,12 +310,17 @@ class _ZipShard(ShardReader):
 
     def __init__(self, path: Path, shape: tuple[int, int] | None = None):
         super().__init__(path, shape)
-        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        # O_NONBLOCK: a FIFO at the shard's name must not block the open (refused below).
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        self._file = os.fdopen(fd, "rb", buffering=0)  # noqa: SIM115 - closed by close()
         try:
-            st = os.fstat(self._file.fileno())
+            st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise CacheError(f"{path}: not a regular file")
+                raise CacheError(f"{path}: not a regular file; refused without reading it")
+            if hasattr(os, "set_blocking"):
+                os.set_blocking(fd, True)
             self.identity = _identity(st)
+            self._size = st.st_size
             self._zip = zipfile.ZipFile(self._file)
             self._members = {i.filename: i for i in self._zip.infolist()}
         except CacheError:
@@ -309,18 +333,31 @@ class _ZipShard(ShardReader):
     def close(self) -> None:
         self._file.close()
 
-    def _member(self, name: str) -> bytes:
+    def _member(self, name: str, limit: int | None = None) -> bytes:
+        """The bytes of member ``name``, read only if it is stored (agiqa compresses none, so
+        no member can inflate) and no larger than the file and ``limit``."""
         info = self._members.get(name)
         if info is None:
             raise CacheError(f"{self.path}: the shard lacks {name}")
+        bound = self._size if limit is None else min(limit, self._size)
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+            raise CacheError(f"{self.path}: {name} is compressed; agiqa writes every member "
+                             "stored, so the shard was not written by agiqa")
+        if info.file_size > bound:
+            raise CacheError(f"{self.path}: {name} claims {info.file_size} bytes, more than "
+                             f"the {bound} it may have")
         try:
-            return self._zip.read(info)  # CRC-32 checked by zipfile
+            with self._zip.open(info) as f:  # CRC-32 checked by zipfile
+                data = f.read(bound + 1)
         except Exception as e:  # noqa: BLE001
             raise _damaged(self.path, e) from None
+        if len(data) > bound:
+            raise CacheError(f"{self.path}: {name} is longer than the {bound} bytes it may have")
+        return data
 
     def _json(self, name: str) -> Any:
         try:
-            return json.loads(self._member(name))
+            return json.loads(self._member(name, JSON_LIMIT))
         except ValueError as e:
             raise CacheError(f"{self.path}: damaged {name} ({e})") from None
 
@@ -330,6 +367,7 @@ class _ZipShard(ShardReader):
                 or group.get("node_type") != "group":
             raise CacheError(f"{self.path}: not a Zarr v3 shard of agiqa")
         attrs = group.get("attributes") or {}
+        self._recorded_name = _recorded(self.path, attrs.get("shard"))
         return _checked_meta(self.path, attrs.get("checksums", {}), attrs.get("failures", []))
 
     def _array(self, name: str) -> tuple[tuple[int, ...], zipfile.ZipInfo | None]:
@@ -425,9 +463,33 @@ class _H5Shard(ShardReader):
         except Exception as e:  # noqa: BLE001
             raise _damaged(path, e) from None
         try:
+            self._check_local()
+        except BaseException:
+            self._f.close()
+            raise
+        try:
             self.identity = _identity(os.fstat(self._f.id.get_vfd_handle()))
         except Exception:  # noqa: BLE001 - a driver without a file handle
             self.identity = _identity(path.stat())
+
+    def _check_local(self) -> None:
+        """Refuse what would read another file: an external or soft link in place of an
+        array, a virtual dataset, external raw storage (agiqa writes none of them; following
+        one could read anything, or block on a FIFO)."""
+        import h5py
+
+        for name in _ZARR_TYPES:
+            link = self._read(lambda n=name: self._f.get(n, getlink=True))
+            if link is None:
+                continue  # reported as missing when it is read
+            if not isinstance(link, h5py.HardLink):
+                raise CacheError(f"{self.path}: {name} is a {type(link).__name__}, not an "
+                                 "array of the shard; agiqa does not follow it")
+            ds = self._read(lambda n=name: self._f[n])
+            if not isinstance(ds, h5py.Dataset) or self._read(lambda d=ds: d.is_virtual) \
+                    or self._read(lambda d=ds: d.external):
+                raise CacheError(f"{self.path}: {name} is a virtual dataset or stored in "
+                                 "external files; agiqa reads only arrays inside the shard")
 
     def close(self) -> None:
         self._f.close()
@@ -441,11 +503,12 @@ class _H5Shard(ShardReader):
             raise _damaged(self.path, e) from None
 
     def _meta(self) -> tuple[dict[str, str], list[tuple[str, str]]]:
-        def meta() -> tuple[Any, Any]:
+        def meta() -> tuple[Any, Any, Any]:
             return (json.loads(self._f.attrs.get("checksums", "{}")),
-                    json.loads(self._f.attrs.get("failures", "[]")))
+                    json.loads(self._f.attrs.get("failures", "[]")), self._f.attrs.get("shard"))
 
-        checksums, failures = self._read(meta)
+        checksums, failures, name = self._read(meta)
+        self._recorded_name = _recorded(self.path, name)
         return _checked_meta(self.path, checksums, failures)
 
     def _strings(self, name: str) -> list[str]:

@@ -59,17 +59,8 @@ def presets():
       agiqa presets list
       agiqa presets list --kind mllms --json
       agiqa presets list --kind recipes
+      agiqa presets path mllms
     """
-
-
-@presets.command("path", context_settings=CONTEXT)
-@handle_errors
-def presets_path():
-    """Print the folder of your own presets ($AGIQA_HOME/presets, resolved), for scripts:
-    mkdir -p "$(agiqa presets path)/mllms"."""
-    from agiqa.presets import agiqa_home
-
-    click.echo(agiqa_home() / "presets")
 
 
 @presets.command("list", context_settings=CONTEXT)
@@ -92,3 +83,23 @@ def presets_list(kinds, as_json):
             click.echo()
         _print_kind(kind, rows)
     click.echo(f"\nyour own presets: {agiqa_home() / 'presets'}/<kind>/<name>.json")
+
+
+@presets.command("path", context_settings=CONTEXT)
+@click.argument("kind", required=False)
+@handle_errors
+def presets_path(kind):
+    """Print the folder of your own presets (of KIND, if given), resolved: $AGIQA_HOME/presets,
+    or ~/.cache/agiqa/presets when AGIQA_HOME is unset. Nothing is created.
+
+    \b
+    Example:
+      mkdir -p "$(agiqa presets path mllms)"
+    """
+    from agiqa.presets import agiqa_home, list_presets
+
+    folder = agiqa_home() / "presets"
+    if kind is not None:
+        list_presets(kind)  # an unknown kind is refused, naming the kinds
+        folder = folder / kind
+    click.echo(str(folder.absolute()))

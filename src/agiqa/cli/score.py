@@ -107,6 +107,7 @@ def demo_cmd(as_json, **values):
     click.echo(f"scores of the unseen photograph -> {result.scores_csv}")
     for row in result.unseen:
         click.echo(f"  {row['score']:7.3f}  {row['path']}")
+    click.echo(result.unseen_note)
     total = sum(result.seconds.values())
     click.echo(f"finished in {total:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in
                                                  result.seconds.items()) + ")")

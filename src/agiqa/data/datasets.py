@@ -102,14 +102,31 @@ def read_label_table(path: str | os.PathLike
 
 def _pick(header: list[str], wanted: str | None, candidates: list[str], what: str,
           path: Path) -> str | None:
+    """The header's column for ``wanted`` (else the first of ``candidates`` present), matched
+    without regard to case (``Image,MOS`` as ``image,mos``).
+
+    Raises:
+        DatasetError: ``wanted`` is not there, or two columns differ only in case and either
+            could be meant.
+    """
+    def find(name: str) -> str | None:
+        matches = [h for h in header if h.casefold() == name.casefold()]
+        if len(matches) > 1:
+            raise DatasetError(
+                f"{path}, line 1: columns {', '.join(map(repr, matches))} differ only in case; "
+                f"which is the {what} column is ambiguous: rename one")
+        return matches[0] if matches else None
+
     if wanted:
-        if wanted not in header:
+        found = find(wanted)
+        if found is None:
             raise DatasetError(
                 f"{path}: no {what} column {wanted!r} (columns: {', '.join(header)})")
-        return wanted
+        return found
     for c in candidates:
-        if c in header:
-            return c
+        found = find(c)
+        if found is not None:
+            return found
     return None
 
 

@@ -51,6 +51,8 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def _to_rgb(img: Image.Image, name: str) -> Image.Image:
+    if img.width == 0 or img.height == 0:
+        raise BadImageError(name, f"has no pixels ({img.width}×{img.height})")
     if img.mode == "F" or (img.mode == "I" and img.getextrema()[1] > 65535):
         raise BadImageError(name, f"{'floating-point' if img.mode == 'F' else '32-bit'} samples: "
                             "OpenCV's imread(IMREAD_COLOR), the official decoder, cannot read "
@@ -179,7 +181,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def list_images(root: str | os.PathLike, recursive: bool = True,
-                exclude: str | os.PathLike | None = None) -> tuple[list[str], list[str]]:
+                exclude: str | os.PathLike | None = None,
+                errors: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
     """List the image files below ``root`` as sorted keys (relative paths with ``/``).
 
     Returns ``(image_keys, other_keys)``: files whose extension is an image type
@@ -190,6 +193,14 @@ def list_images(root: str | os.PathLike, recursive: bool = True,
     Linked folders are followed, each real folder once: a link back to a folder already
     walked (a loop, or a second link to one folder) is not walked again. Links to files, even
     broken ones, and FIFOs are listed: reading them reports what they are.
+
+    Nothing vanishes from the walk: a folder that cannot be listed (no permission, a path past
+    the system's limit) is put in ``errors`` (its key with a trailing ``/`` → the reason), to
+    be reported like a file that cannot be read. Without ``errors``, it raises.
+
+    Raises:
+        DatasetError: ``root`` is not a folder, or (without ``errors``) a folder below it cannot
+            be listed.
     """
     root = Path(root)
     if not root.is_dir():
@@ -198,9 +209,25 @@ def list_images(root: str | os.PathLike, recursive: bool = True,
     images: list[str] = []
     others: list[str] = []
     seen: set[tuple[int, int]] = set()
-    for folder, dirs, files in os.walk(root, followlinks=True):
+    unlisted: dict[str, str] = {}
+
+    def failed(e: OSError) -> None:
+        where = Path(e.filename) if e.filename else root
+        try:
+            key = where.relative_to(root).as_posix()
+        except ValueError:
+            key = str(where)
+        key = "./" if key == "." else key + "/"
+        unlisted[key] = f"cannot list this folder: {e.strerror or e}; its images are not scored"
+
+    for folder, dirs, files in os.walk(root, onerror=failed, followlinks=True):
         here = Path(folder)
-        st = here.stat()
+        try:
+            st = here.stat()
+        except OSError as e:
+            failed(e)
+            dirs[:] = []
+            continue
         if (st.st_dev, st.st_ino) in seen or (skip is not None and here.resolve() == skip):
             dirs[:] = []
             continue
@@ -216,6 +243,12 @@ def list_images(root: str | os.PathLike, recursive: bool = True,
                 others.append(key)
                 continue
             (images if Path(name).suffix.lower() in IMAGE_EXTENSIONS else others).append(key)
+    if unlisted and errors is None:
+        key, reason = sorted(unlisted.items())[0]
+        more = f" (and {len(unlisted) - 1} more folder(s))" if len(unlisted) > 1 else ""
+        raise DatasetError(f"{root / key}: {reason}{more}")
+    if errors is not None:
+        errors.update(unlisted)
     return sorted(images), sorted(others)
 
 

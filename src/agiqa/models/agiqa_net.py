@@ -235,13 +235,19 @@ def create_model(backbone: str = "vit_base_patch8_224", num_prompts: int = 2,
 
 def save_model(model: AgiqaNet, out: str | os.PathLike, extra: dict[str, Any]) -> None:
     """Write ``model.safetensors`` and ``config.json`` (atomically) into ``out``."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_file(state, str(tmp))
+    weights = out / "model.safetensors"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(weights) as tmp:
+            save_file(state, str(tmp))
+    except (OSError, SafetensorError) as e:  # a full disk, a read-only folder
+        reason = getattr(e, "strerror", None) or str(e)
+        raise CheckpointError(f"{weights}: cannot write the model ({reason})") from None
     from agiqa import __version__
 
     config = {"architecture": "ma-agiqa", "model": model.config.to_dict(),
@@ -268,9 +274,26 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> A
         model_cfg = ModelConfig(**config["model"])
     except (TypeError, KeyError) as e:
         raise CheckpointError(f"{cfg_file}: bad model arguments ({e})") from None
+    from safetensors import SafetensorError
+
+    from agiqa.errors import ModelLoadError
+    from agiqa.fileio import check_safetensors
+
     model = AgiqaNet(model_cfg)
     try:
-        model.load_state_dict(load_file(str(weights)), strict=True)
+        check_safetensors(weights, weights.stat().st_size)
+        state = load_file(str(weights))
+    except ModelLoadError as e:
+        raise CheckpointError(str(e)) from None
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{weights}: unreadable model weights ({e})") from None
+    broken = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        shown = ", ".join(broken[:3]) + (", ..." if len(broken) > 3 else "")
+        raise CheckpointError(f"{weights}: {len(broken)} weight tensor(s) hold NaN or infinite "
+                              f"values ({shown}); this model cannot score")
+    try:
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{weights}: weights do not fit the config ({e})") from None
     return model.to(device).eval()

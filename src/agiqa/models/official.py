@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,15 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle refusal or a damaged file
-        raise CheckpointError(f"{path}: not a loadable weights-only checkpoint ({e})") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: holds Python objects other than tensors, code that would run when the "
+            "file is loaded; agiqa reads only tensors and refuses it: ask for a checkpoint of "
+            "plain tensors") from None
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: not a loadable weights-only checkpoint ({first})") \
+            from None
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -101,6 +109,33 @@ def official_to_agiqa(sd: dict[str, torch.Tensor], last_block: int = 9) -> dict[
     return out
 
 
+def _check_out(out: Path) -> None:
+    """Refuse an ``out`` that holds anything but an earlier import: its ``config.json`` and
+    ``model.safetensors`` would be replaced, and agiqa never replaces a file it did not write
+    (a trained run's model included)."""
+    from agiqa.fileio import read_json
+
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"--out {out} is not a folder")
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return
+    try:
+        config = read_json(out / "config.json")
+        imported = isinstance(config, dict) and config.get("architecture") == "ma-agiqa" \
+            and isinstance(config.get("source"), dict) \
+            and "official_checkpoint" in config["source"]
+    except (OSError, ValueError):
+        imported = False
+    if not imported or not names <= {"config.json", "model.safetensors"}:
+        shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+        raise CheckpointError(f"--out {out} is not empty and holds no earlier import (it holds "
+                              f"{shown}); agiqa never replaces files it did not write: choose "
+                              "a new or empty folder")
+
+
 def import_official(ckpt: str | os.PathLike, out: str | os.PathLike,
                     semantics: dict[str, Any] | None = None, vit_heads: int | None = None
                     ) -> AgiqaNet:
@@ -116,6 +151,7 @@ def import_official(ckpt: str | os.PathLike, out: str | os.PathLike,
             (shapes do not tell it; default width // 64).
     """
     path = Path(ckpt)
+    _check_out(Path(out))
     sd = _read_state_dict(path)
     cfg = _infer_config(sd, path, vit_heads)
     semantics = dict(semantics or {})

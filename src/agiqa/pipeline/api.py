@@ -39,7 +39,7 @@ from agiqa.report.html import ReportResult
 from agiqa.stages.configs import EvaluateConfig, ExtractConfig, FitConfig, ReportConfig, ScoreConfig
 from agiqa.stages.extraction.extract import ExtractReport, ImageSource
 from agiqa.stages.extraction.extract import extract_semantics as _extract
-from agiqa.stages.scoring.evaluate import EvaluateResult, evaluate_model
+from agiqa.stages.scoring.evaluate import EvaluateResult, evaluate_model, run_label_columns
 from agiqa.stages.scoring.results import ScoreReport
 from agiqa.stages.scoring.scorer import Scorer
 from agiqa.stages.training.fit import FitResult, fit_repeats
@@ -122,8 +122,12 @@ def evaluate(model: EvaluateConfig | str | os.PathLike | None = None, /,
     """``agiqa evaluate``: SRCC, PLCC, KRCC and RMSE of a trained model (a run folder) on a
     split of a data set, with vectors from ``cache``."""
     cfg = _config(EvaluateConfig, model, "model", fields, "evaluate")
-    ds = load_dataset(cfg.dataset, cfg.root, cfg.labels, cfg.target, cfg.image_column,
-                      cfg.score_column)
+    columns = {"image_column": cfg.image_column, "score_column": cfg.score_column,
+               "target": cfg.target}
+    if not any(columns.values()):  # the run's own label file: the columns it was trained with
+        columns.update(run_label_columns(cfg.model, cfg.dataset, cfg.root, cfg.labels))
+    ds = load_dataset(cfg.dataset, cfg.root, cfg.labels, columns["target"],
+                      columns["image_column"], columns["score_column"])
     return evaluate_model(cfg.model, ds, cfg.cache, cfg.split, cfg.device, cfg.batch_size,
                           cfg.loader_workers, cfg.progress, cfg.amp, cfg.out)
 
@@ -134,6 +138,7 @@ def score_folder(folder: ScoreConfig | str | os.PathLike | None = None, /,
     images that cannot be scored are listed in the report's ``failures``. With ``out`` the rows
     are written to a ``.csv`` or ``.json`` file; with ``report`` an HTML page too."""
     cfg = _config(ScoreConfig, folder, "folder", fields, "score-folder")
+    _check_score_outputs(cfg)
     if cfg.engine == "ray":
         from agiqa.pipeline.ray_engine import score_on_ray
 
@@ -156,14 +161,34 @@ def score_folder(folder: ScoreConfig | str | os.PathLike | None = None, /,
     return report
 
 
+def _report_table(cfg: ScoreConfig) -> Path:
+    """The CSV a score report links: ``out`` if that is a CSV, else one beside the page."""
+    if cfg.out is not None and cfg.out.suffix.lower() == ".csv":
+        return Path(cfg.out)
+    return Path(cfg.report).with_suffix(".csv")
+
+
+def _check_score_outputs(cfg: ScoreConfig) -> None:
+    """Checked before any work (the model is not even loaded): nothing of the user's is ever
+    replaced, by the scores, the page or the CSV beside it."""
+    from agiqa.report.html import check_report_output
+    from agiqa.stages.scoring.results import check_score_output
+
+    if cfg.out is not None:
+        check_score_output(cfg.out, spell("out"))
+    if cfg.report is not None:
+        check_report_output(cfg.report, spell("report"))
+        check_score_output(_report_table(cfg),
+                           f"{spell('report')} (the CSV of every score, beside the page)")
+
+
 def _score_report(report: ScoreReport, cfg: ScoreConfig, model) -> ReportResult:
     """The HTML report of a scored folder; it links a CSV of every score (``out`` if that is
     a CSV, else one written beside the report)."""
     from agiqa.report.html import score_rows, write_score_report
 
     html = Path(cfg.report)
-    table = cfg.out if cfg.out is not None and cfg.out.suffix == ".csv" else \
-        html.with_suffix(".csv")
+    table = _report_table(cfg)
     if table != cfg.out:
         report.write(table)
     rows, gate_names = score_rows(report.rows, cfg.folder)

@@ -36,8 +36,54 @@ from agiqa.report.sources import (
 )
 from agiqa.runtime import resolve_device
 
-__all__ = ["PUBLISHED", "ReportResult", "score_rows", "write_run_report",
-           "write_score_file_report", "write_score_report"]
+__all__ = ["PUBLISHED", "REPORT_SUFFIXES", "ReportResult", "check_report_output", "link_href",
+           "score_rows", "write_run_report", "write_score_file_report", "write_score_report"]
+
+REPORT_SUFFIXES = (".html", ".htm")
+# In every page agiqa writes, within its first few hundred bytes: how a later run knows that a
+# file it would replace is one of its own reports.
+_GENERATOR = b'<meta name="generator" content="agiqa report">'
+
+
+def _is_report(path: Path) -> bool:
+    try:
+        with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NONBLOCK)) as f:
+            return os.path.isfile(path) and _GENERATOR in f.read(2048)
+    except OSError:
+        return False
+
+
+def check_report_output(out: str | os.PathLike, option: str = "--out",
+                        inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """``out`` if a report may be written there: an ``.html`` name that is none of ``inputs``,
+    new or a report agiqa wrote (never a score file, a model or any file of the user's).
+
+    Raises:
+        ConfigError: naming ``option``, the file and the reason.
+    """
+    out = Path(out)
+    if out.suffix.lower() not in REPORT_SUFFIXES:
+        raise ConfigError(f"{option} {out} does not end in .html; a report is an HTML page")
+    for other in inputs:
+        if os.path.exists(other) and os.path.exists(out) and os.path.samefile(other, out):
+            raise ConfigError(f"{option} {out} is an input of this report; choose another file")
+    if (out.exists() or out.is_symlink()) and not _is_report(out):
+        raise ConfigError(f"{option} {out} exists and is not a report agiqa wrote; agiqa never "
+                          "replaces it: choose another file, or remove it")
+    return out
+
+
+def link_href(target: str) -> str | None:
+    """A relative link to the file ``target`` beside the page that a browser can only read as
+    a file: ``./`` first and every character that could start a scheme, a query or a fragment
+    percent-encoded, so a file named ``javascript:alert(1).csv`` stays a file name. None for
+    an absolute name (no link is made)."""
+    from urllib.parse import quote
+
+    if not target or target.startswith(("/", "\\")) or "\\" in target:
+        return None
+    path = quote(target, safe="/")
+    return path if path.startswith(("./", "../")) else "./" + path
 
 # MA-AGIQA's published figures (ACM MM 2024), for the quality MOS of each data set.
 PUBLISHED: dict[str, dict[str, Any]] = {
@@ -161,18 +207,41 @@ def _histogram(scores: np.ndarray) -> dict[str, Any]:
 
 # -- rendering ---------------------------------------------------------------------------------
 def _render(context: dict[str, Any], out: Path) -> int:
+    import base64
+    import hashlib
+
     import jinja2
 
     from agiqa import __version__
 
+    templates = Path(__file__).parent / "templates"
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+        loader=jinja2.FileSystemLoader(templates),
         autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    # The page's one script runs by its hash (Content-Security-Policy): no inline script
+    # that a name or a cell might smuggle in could run.
+    script = (templates / "report.js").read_text(encoding="utf-8")
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    csv_href = context.get("csv_href")
     html = env.get_template("report.html.jinja").render(
+        script=script, script_hash=f"sha256-{digest}",
+        csv_link=link_href(csv_href) if csv_href else None,
         version=__version__, thumb_size=THUMB_SIZE,
         generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **context)
     write_text(out, html)
     return len(html.encode("utf-8"))
+
+
+def _dataset_label(dataset: dict[str, Any]) -> str | None:
+    """What the metrics were measured on: a preset's name, or for ``csv`` the label file."""
+    name = dataset.get("name")
+    if name != "csv":
+        return name
+    labels = dataset.get("labels")
+    if labels:
+        return Path(labels).name
+    root = dataset.get("root")
+    return f"labels.csv of {Path(root).name}" if root else "a CSV label file"
 
 
 def _metrics_rows(run: RunData) -> list[dict[str, Any]]:
@@ -204,8 +273,8 @@ def write_run_report(folder: Path, out: Path | None = None, root: Path | None = 
     """
     if max_images < 1:
         raise ConfigError(f"--max-images must be at least 1, got {max_images}")
+    out = check_report_output(Path(out) if out else Path(folder) / "report.html")
     run = read_run(Path(folder), root, cache)
-    out = Path(out) if out else Path(folder) / "report.html"
     add_zero_shot(run)
     rows = sorted(run.rows, key=lambda r: -abs(r.score - (r.mos or 0.0)))[:max_images]
     model = None
@@ -216,6 +285,7 @@ def write_run_report(folder: Path, out: Path | None = None, root: Path | None = 
     gate_names = [*run.prompt_names, "image"]
     paper = any(m["paper"] is not None for m in _metrics_rows(run))
     context = {
+        "dataset_label": _dataset_label(run.dataset),
         "mode": "run", "title": f"agiqa {run.kind}: {run.folder.name}", "source": str(run.folder),
         "kind": run.kind, "dataset": run.dataset, "metrics": _metrics_rows(run), "paper": paper,
         "plots": _run_plots(run), "cards": _cards(rows, gate_names, model),
@@ -250,6 +320,7 @@ def write_score_file_report(scores: Path, images: Path, out: Path | None = None,
 
     if not images.is_dir():
         raise ConfigError(f"--images {images}: not a folder (the folder that was scored)")
+    out = check_report_output(out or scores.with_suffix(".html"), inputs=(scores,))
     rows, failures, gate_names = read_score_file(scores, images)
     missing = [r.name for r in rows if not r.path.is_file()]
     if missing:
@@ -260,7 +331,6 @@ def write_score_file_report(scores: Path, images: Path, out: Path | None = None,
         from agiqa.models.agiqa_net import load_model
 
         model = load_model(model_dir, resolve_device(device))
-    out = out or scores.with_suffix(".html")
     href = os.path.relpath(scores.resolve(), out.resolve().parent)
     return write_score_report(rows, failures, out, gate_names, model, top_k,
                               csv_href=Path(href).as_posix(), source=str(images))
@@ -285,11 +355,13 @@ def write_score_report(rows: list[ImageRow], failures: dict[str, str], out: Path
     """
     if top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
+    out = check_report_output(out, "--report")
     ordered = sorted(rows, key=lambda r: r.score)
     shown = ordered if len(ordered) <= 2 * top_k else ordered[:top_k] + ordered[-top_k:]
     gate_names = gate_names or _gate_names(rows)
     fails = sorted(failures.items())
     context = {
+        "dataset_label": None,
         "mode": "scores", "title": f"agiqa scores: {source}", "source": source,
         "kind": "scores", "dataset": {}, "metrics": [], "paper": False, "plots": {},
         "cards": _cards(shown, gate_names, model), "total": len(rows),

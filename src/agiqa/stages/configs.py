@@ -32,6 +32,8 @@ SELECTIONS = ("paper", "last")
 FORMATS = ("zarr", "hdf5")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 FUSIONS = ("moe", "concat", "mean")  # agiqa.models.moe.FUSIONS, without importing torch
+SEED_MAX = 2**64 - 1  # torch.manual_seed takes 0 .. 2**64 - 1
+RUNS_MAX = 1000  # runs of one series (--repeats, --split-seeds); the paper trains 10
 
 _NOT_PAPER = "(not in the paper)"
 _DEVICE = "auto, cpu, cuda or cuda:N."
@@ -173,16 +175,17 @@ class FitConfig(DatasetFields):
                                         "official code: 50, stepped every iteration).")
     split: str = option("paper", help="paper, files (the data set's split files), "
                                       "random:0.7,0.1,0.2 or a split.csv.")
-    seed: int = option(20, help="Seed of the training (initialisation, order, augmentation, "
-                                "dropout).")
-    split_seed: int | None = option(None, help="Seed of the split's shuffle [default: --seed; "
-                                               "the paper: 20].")
-    repeats: int = option(1, min=1, help="Train N times on the same split, training seeds "
-                                         "SEED..SEED+N-1 (the official train_test_num); mean, "
-                                         "sample std and n into summary.json.")
-    split_seeds: int = option(1, min=1, help="Train on N random splits (split seeds "
-                                             "SPLIT_SEED..+N-1, not the paper's); mean, sample std "
-                                             "and n into summary.json.")
+    seed: int = option(20, min=0, max=SEED_MAX, help="Seed of the training (initialisation, "
+                                                     "order, augmentation, dropout).")
+    split_seed: int | None = option(None, min=0, max=SEED_MAX, help="Seed of the split's "
+                                    "shuffle [default: --seed; the paper: 20].")
+    repeats: int = option(1, min=1, max=RUNS_MAX,
+                          help="Train N times on the same split, training seeds SEED..SEED+N-1 "
+                               "(the official train_test_num); mean, sample std and n into "
+                               "summary.json.")
+    split_seeds: int = option(1, min=1, max=RUNS_MAX,
+                              help="Train on N random splits (split seeds SPLIT_SEED..+N-1, not "
+                                   "the paper's); mean, sample std and n into summary.json.")
     device: str = option("auto", help="auto, cpu, cuda or cuda:N.")
     augment: bool = option(True, help="Rotation/flip augmentation (the paper's).")
     score_norm: str = option(
@@ -245,6 +248,11 @@ class FitConfig(DatasetFields):
         if self.repeats > 1 and self.split_seeds > 1:
             raise ConfigError(f"{spell('repeats')} and {spell('split_seeds')} cannot be "
                               "combined; choose one")
+        for name, first in (("seed", self.seed), ("split_seed", self.split_seed)):
+            last = (first or 0) + max(self.repeats, self.split_seeds) - 1
+            if isinstance(first, int) and last > SEED_MAX:
+                raise ConfigError(f"{spell(name)} {first}: the series' last seed {last} is past "
+                                  f"{SEED_MAX}, the largest seed torch takes")
         from agiqa.models.agiqa_net import resolve_pretrained
 
         resolve_pretrained(self.backbone, self.pretrained, self.backbone_weights)
@@ -345,6 +353,9 @@ class ScoreConfig:
         if self.report is not None and self.report.suffix.lower() not in (".html", ".htm"):
             where = f"--report: {self.report}" if cli_naming() else f"report={str(self.report)!r}"
             raise UsageError(f"{where} does not end in .html")
+        if self.out is not None and self.out.suffix.lower() not in (".csv", ".json"):
+            where = f"--out: {self.out}" if cli_naming() else f"out={str(self.out)!r}"
+            raise UsageError(f"{where} does not end in .csv or .json")
 
 
 @dataclass(kw_only=True)
@@ -376,6 +387,9 @@ class ReportConfig:
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.out is not None and self.out.suffix.lower() not in (".html", ".htm"):
+            where = f"--out: {self.out}" if cli_naming() else f"out={str(self.out)!r}"
+            raise UsageError(f"{where} does not end in .html; a report is an HTML page")
         if not self.source.is_dir() and self.images is None:
             images = "--images DIR" if cli_naming() else "images="
             raise UsageError(f"{images} is required with a score file (the folder that was "

@@ -152,7 +152,8 @@ class SemanticEncoder:
     def _init_transformers(self) -> None:
         from transformers import AutoConfig, AutoProcessor
 
-        kw = {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
+        kw = {"revision": self.revision, "trust_remote_code": self.trust_remote_code,
+              **self._offline_kw()}
         try:
             self.config = AutoConfig.from_pretrained(self.model_id, **kw)
             self.processor = AutoProcessor.from_pretrained(self.model_id, **kw)
@@ -160,6 +161,11 @@ class SemanticEncoder:
             raise ModelLoadError(f"cannot load MLLM {self.model_id!r}: {e}") from None
         self.dim = int(self.config.get_text_config().hidden_size)
         self._image_token_id = None
+
+    def _offline_kw(self) -> dict[str, Any]:
+        """``local_files_only`` when the hub is out of reach: files come from the local cache
+        at once, with no request retried on the way."""
+        return {"local_files_only": True} if self.identity.offline else {}
 
     def _init_mplug_owl2(self) -> None:
         from agiqa.models.mllm.mplug_owl2 import (
@@ -225,7 +231,7 @@ class SemanticEncoder:
         if not progress:
             hf_logging.disable_progress_bar()
         kw: dict[str, Any] = {"revision": self.revision, "dtype": DTYPES[self.dtype],
-                              "trust_remote_code": self.trust_remote_code}
+                              "trust_remote_code": self.trust_remote_code, **self._offline_kw()}
         if self.attn_implementation:
             kw["attn_implementation"] = self.attn_implementation
         try:

@@ -56,6 +56,9 @@ class MllmIdentity:
     model_type: str | None
     dim: int | None
     recipe: Recipe
+    # The hub cannot be reached (HF_HUB_OFFLINE, or one probe failed): every file comes from
+    # the local Hugging Face cache, with no request (no retries) on the way.
+    offline: bool = False
 
 
 def local_revision_label(folder: Path) -> str:
@@ -70,13 +73,40 @@ def _text_width(config: dict[str, Any]) -> int | None:
     return int(width) if width else None
 
 
+_REACHABLE: bool | None = None  # the hub, probed once per process
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is out of reach: ``HF_HUB_OFFLINE`` is set, or one request
+    to it failed (no DNS, no route, a 5 s timeout). Probed once per process, without retries:
+    offline, the first failure is final."""
+    global _REACHABLE
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+    except ImportError:
+        return True
+    if constants.HF_HUB_OFFLINE:
+        return True
+    if _REACHABLE is None:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=5)
+            _REACHABLE = True
+        except Exception:  # noqa: BLE001 - any failure to connect means offline
+            _REACHABLE = False
+    return not _REACHABLE
+
+
 def _hub_config(model_id: str, revision: str | None) -> tuple[dict[str, Any], str | None] | None:
-    """The hub ``config.json`` and the commit it came from (the local hub cache first)."""
+    """The hub ``config.json`` and the commit it came from (the local hub cache first; the
+    network only when the hub is reachable)."""
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
         return None
     for local_only in (True, False):
+        if not local_only and hub_offline():
+            break
         try:
             # A short timeout: offline, one quick answer beats a minute of retries.
             path = Path(hf_hub_download(model_id, "config.json", revision=revision,
@@ -133,9 +163,12 @@ def identify_mllm(model: str, revision: str | None = None, fetch: bool = True,
     if found is None and fetch and require:
         raise ModelLoadError(
             f"MLLM {model!r}{f' (revision {revision})' if revision else ''} is neither in the "
-            "local Hugging Face cache nor reachable on the hub; download it on a connected "
-            f"machine (huggingface-cli download {model}) into this machine's cache, or give "
-            "a local folder holding it instead (extract-semantics --mllm FOLDER)")
+            "local Hugging Face cache nor reachable on the hub"
+            + (" (offline: HF_HUB_OFFLINE is set, or the hub did not answer)"
+               if hub_offline() else "")
+            + f"; download it on a connected machine (huggingface-cli download {model}) into "
+            "this machine's cache, or give a local folder holding it instead "
+            "(extract-semantics --mllm FOLDER)")
     config, commit = found if found else ({}, None)
     if commit is None and revision and _COMMIT.match(revision):
         commit = revision
@@ -144,7 +177,8 @@ def identify_mllm(model: str, revision: str | None = None, fetch: bool = True,
     if dim is None and preset:
         dim = load_mllm_preset(preset).hidden_size
     return MllmIdentity(model, preset, revision, commit, model_type, dim,
-                        recipe_for_model(model_type, preset))
+                        recipe_for_model(model_type, preset),
+                        offline=bool(fetch and found is not None and hub_offline()))
 
 
 def pad_colour(image_processor: Any) -> tuple[int, ...]:

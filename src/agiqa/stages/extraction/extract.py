@@ -41,13 +41,16 @@ class ImageSource:
     root: Path
     keys: list[str]
     skipped: list[str] = field(default_factory=list)
+    # folders below the root that could not be listed (key with a trailing "/") → reason
+    unlisted: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_folder(cls, root: str | os.PathLike, recursive: bool = True,
                     exclude: str | os.PathLike | None = None) -> ImageSource:
         """The images below ``root``; ``exclude``: a folder not to walk (the output)."""
-        keys, others = list_images(root, recursive, exclude)
-        return cls(Path(root), keys, others)
+        unlisted: dict[str, str] = {}
+        keys, others = list_images(root, recursive, exclude, unlisted)
+        return cls(Path(root), keys, others, unlisted)
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> ImageSource:
@@ -77,6 +80,8 @@ class ExtractReport:
         engine: ``local`` or ``ray``; on Ray, actors: the shards (and images) each actor wrote,
             reassigned: the shards handed out again after their actor died, engine_seconds:
             seconds to Ray joined, to every actor ready, and of the shards.
+        computed_keys: the keys this run computed (failed ones included), for counts that add
+            up.
     """
 
     cache: str
@@ -104,6 +109,8 @@ class ExtractReport:
     reassigned: list[str] = field(default_factory=list)
     # On Ray: seconds from the start to Ray joined, to every actor ready, and of the shards.
     engine_seconds: dict[str, float] = field(default_factory=dict)
+    # the keys this run computed (failed ones included), for counts that add up
+    computed_keys: set[str] = field(default_factory=set, repr=False)
 
     @property
     def images_per_second(self) -> float:
@@ -243,6 +250,7 @@ def extract_semantics(
     cache = create() if existing else None
     report = ExtractReport(str(cfg.out), len(source.keys), skipped_files=list(source.skipped),
                            worker=rank, workers=world)
+    report.failures.update(source.unlisted)
     plan = plan_resume(cache, source.keys, Path(source.root), cfg.shard_size, rank, world,
                        cfg.retry_failed)
     report.reused, report.changed, report.retried = plan.reused, plan.changed, plan.retried
@@ -259,6 +267,12 @@ def extract_semantics(
     cache.refresh()
     known = cache.failures
     report.failures.update({k: known[k] for k in source.keys if k in known})
+    # Counts that add up: each requested image is computed now, already cached, or failed
+    # (a key computed but failed counts once, as failed).
+    wanted, held = set(source.keys), set(cache.keys)
+    done = {k for k in report.computed_keys if k in wanted and k not in report.failures}
+    report.computed = len(done)
+    report.reused = len((wanted & held) - done - set(report.failures))
     report.seconds = time.perf_counter() - start
     return report
 
@@ -337,6 +351,7 @@ def compute_shards(cfg: ExtractConfig, cache: SemanticCache, encoder: SemanticEn
             cache.write_shard(job.name, merge_rows(job.kept, new, job.order))
             report.shards_written += 1
             report.computed += len(job.compute)
+            report.computed_keys.update(job.compute)
             acc = _ShardAccumulator()
             job = next(job_iter, None)
     bar.close()

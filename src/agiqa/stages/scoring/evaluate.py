@@ -33,7 +33,7 @@ from agiqa.stages.rundir import (
     write_predictions,
 )
 
-__all__ = ["EvaluateResult", "check_fingerprint", "evaluate_model"]
+__all__ = ["EvaluateResult", "check_fingerprint", "evaluate_model", "run_label_columns"]
 
 
 @dataclass
@@ -70,6 +70,33 @@ class EvaluateResult:
     def __getitem__(self, key: str) -> Any:
         """``result["srcc"]``: the keys of :meth:`to_dict` (earlier releases returned it)."""
         return self.to_dict()[key]
+
+
+def run_label_columns(model_dir: str | os.PathLike, dataset: str | None,
+                      root: str | os.PathLike | None, labels: str | os.PathLike | None
+                      ) -> dict[str, str]:
+    """The ``image_column``, ``score_column`` and ``target`` the run in ``model_dir`` was
+    trained with, when it is evaluated on the same label file (the same preset, and the same
+    file once resolved): they need not be given again. Empty for another file (a cross-set
+    evaluation names its own columns) or a model that records none."""
+    from agiqa.fileio import read_json
+    from agiqa.presets import load_dataset_preset
+
+    try:
+        config = read_json(Path(model_dir) / "config.json")
+        training = config.get("training") or {}
+        if not dataset or training.get("dataset") != dataset or root is None:
+            return {}
+        preset = load_dataset_preset(dataset)
+        mine = Path(labels) if labels else Path(root) / preset.labels
+        theirs = Path(training["labels"]) if training.get("labels") else \
+            Path(training["root"]) / preset.labels
+        if not (mine.is_file() and theirs.is_file() and os.path.samefile(mine, theirs)):
+            return {}
+    except Exception:  # noqa: BLE001 - unreadable or unknown: the loader reports what matters
+        return {}
+    return {k: training[k] for k in ("image_column", "score_column", "target")
+            if isinstance(training.get(k), str)}
 
 
 def check_fingerprint(model_config: RunConfig, cache) -> None:

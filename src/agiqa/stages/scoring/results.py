@@ -11,9 +11,50 @@ from typing import Any
 from agiqa.cache import SemanticCache
 from agiqa.data.loader import read_images
 from agiqa.data.pixel_cache import PixelCache
-from agiqa.fileio import atomic_path, write_json
+from agiqa.errors import ConfigError
+from agiqa.fileio import atomic_path, read_json, write_json
 
-__all__ = ["ScoreReport", "cached_items", "decoded"]
+__all__ = ["SCORE_SUFFIXES", "ScoreReport", "cached_items", "check_score_output", "decoded"]
+
+SCORE_SUFFIXES = (".csv", ".json")
+
+
+def _is_score_file(path: Path) -> bool:
+    """Whether ``path`` is a score file that ``score-folder`` wrote (a CSV whose header is
+    ``path,score,…``, or a JSON document of rows, failures and a summary)."""
+    try:
+        if path.suffix.lower() == ".json":
+            data = read_json(path)
+            return isinstance(data, dict) and {"rows", "failures", "summary"} <= set(data)
+        with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NONBLOCK)) as f:
+            if not os.path.isfile(path):
+                return False
+            head = f.read(4096).split(b"\n", 1)[0].rstrip(b"\r")
+        return head == b"path,score" or head.startswith(b"path,score,")
+    except (OSError, ValueError):
+        return False
+
+
+def check_score_output(path: str | os.PathLike, option: str = "--out",
+                       inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """``path`` if ``score-folder`` may write its scores there: a ``.csv`` or ``.json`` name
+    that is no input, and is new or a score file agiqa wrote (never a file of the user's).
+
+    Raises:
+        ConfigError: naming ``option``, the file and the reason.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in SCORE_SUFFIXES:
+        raise ConfigError(f"{option} {path}: the scores are written as .csv or .json; name "
+                          "the file so")
+    for other in inputs:
+        if os.path.exists(other) and os.path.exists(path) and os.path.samefile(other, path):
+            raise ConfigError(f"{option} {path} is an input of this command; choose another "
+                              "file")
+    if (path.exists() or path.is_symlink()) and not _is_score_file(path):
+        raise ConfigError(f"{option} {path} exists and is not a score file agiqa wrote; "
+                          "agiqa never replaces it: choose another file, or remove it")
+    return path
 
 
 @dataclass
@@ -34,6 +75,8 @@ class ScoreReport:
             died.
         html: the HTML report written (``agiqa.report.html.ReportResult``: ``out``,
             ``images_shown``, ``images_total``, ``bytes``), if one was asked for.
+        columns: the CSV columns when there are no rows (path, score, the gates,
+            zero_shot).
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -45,6 +88,8 @@ class ScoreReport:
     html: Any = None
     # On Ray (score-folder --engine ray): slices handed out again after their actor died.
     reassigned: int = 0
+    # the CSV columns when there are no rows (path, score, the gates, zero_shot)
+    columns: list[str] = field(default_factory=lambda: ["path", "score", "gate_image"])
 
     @property
     def exit_code(self) -> int:
@@ -66,12 +111,16 @@ class ScoreReport:
                 "skipped_files": self.skipped_files, "changed": self.changed}
 
     def write(self, out: str | os.PathLike) -> None:
-        """Write the rows atomically: ``.json`` (rows, failures, summary) or CSV otherwise."""
-        out = Path(out)
-        if out.suffix == ".json":
+        """Write the rows atomically: ``.json`` (rows, failures, summary) or ``.csv``.
+
+        Raises:
+            ConfigError: ``out`` is another kind of file, or a file agiqa did not write.
+        """
+        out = check_score_output(out)
+        if out.suffix.lower() == ".json":
             write_json(out, self.to_dict())
             return
-        columns = list(self.rows[0]) if self.rows else ["path", "score"]
+        columns = list(self.rows[0]) if self.rows else list(self.columns)
         with atomic_path(out) as tmp:
             with open(tmp, "w", newline="", encoding="utf-8") as f:
                 w = csv.DictWriter(f, fieldnames=columns)

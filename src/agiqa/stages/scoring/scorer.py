@@ -7,7 +7,9 @@ gates and the zero-shot score, in rows that name each image, and the failures wi
 
 from __future__ import annotations
 
+import math
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,8 @@ class Scorer:
         # the model's 224x224 pixels kept by image content, shared with fit and evaluate
         self.pixel_cache = PixelCache() if pixel_cache else None
         self.amp = amp  # bf16 autocast of the forward; float32 (the official code) by default
+        # The MLLM's vision-once patch and the batches live on this Scorer: one call at a time.
+        self._busy = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> Scorer:
@@ -81,13 +85,28 @@ class Scorer:
     def score_folder(self, folder: str | os.PathLike, recursive: bool = True) -> ScoreReport:
         """Score every image of a folder; paths in the report are relative to it, with ``/``."""
         folder = Path(folder)
-        keys, others = list_images(folder, recursive, exclude=self.vectors.cache_dir)
+        unlisted: dict[str, str] = {}
+        keys, others = list_images(folder, recursive, exclude=self.vectors.cache_dir,
+                                   errors=unlisted)
         report = self._score([(k, folder / k) for k in keys], folder)
         report.skipped_files = others
+        report.failures.update(unlisted)
         return report
 
+    def _one_call(self):
+        """Refuse a call while another thread is scoring with this Scorer (one line)."""
+        if not self._busy.acquire(blocking=False):
+            raise ConfigError("this Scorer is already scoring in another thread; use one Scorer "
+                              "per thread (Scorer.from_pretrained in each)")
+        return _Release(self._busy)
+
     def _score(self, items: list[tuple[str, Path]], folder: Path | None = None) -> ScoreReport:
-        report = ScoreReport()
+        with self._one_call():
+            return self._score_unlocked(items, folder)
+
+    def _score_unlocked(self, items: list[tuple[str, Path]], folder: Path | None = None
+                        ) -> ScoreReport:
+        report = ScoreReport(columns=["path", "score", *self._gate_columns(), "zero_shot"])
         root = self.vectors.key_root(items, folder)
         keys = self.vectors.keys(items, root, report)
         self.score_keyed(items, keys, root, report)
@@ -142,13 +161,20 @@ class Scorer:
                                 self.amp, with_gates=True)
         zs = data["zero_shot"][kept].mean(1)
         for j, i in enumerate(kept):
+            why = _non_finite(scores[j], gates[j])
+            if why:
+                report.failures[ready[i][0]] = why
+                continue
             report.rows.append({"path": ready[i][0], **self._columns(scores[j], gates[j], zs[j])})
+
+    def _gate_columns(self) -> list[str]:
+        return [f"gate_{n}" for n in [*self.prompt_names, "image"]]
 
     def _columns(self, score, gates, zero_shot) -> dict[str, Any]:
         row = {"score": float(score)}
         for name, g in zip([*self.prompt_names, "image"], gates.tolist(), strict=True):
             row[f"gate_{name}"] = g
-        row["zero_shot"] = float(zero_shot)
+        row["zero_shot"] = float(zero_shot) if math.isfinite(float(zero_shot)) else None
         return row
 
     def score(self, items: list[str | os.PathLike | Image.Image],
@@ -164,6 +190,17 @@ class Scorer:
         """
         if errors not in ("report", "raise"):
             raise ConfigError(f"errors must be 'report' or 'raise', got {errors!r}")
+        if isinstance(items, str | bytes | os.PathLike | Image.Image):
+            raise ConfigError(f"Scorer.score takes a list of paths or images, got one "
+                              f"{type(items).__name__}: pass [{items!r}]"
+                              if not isinstance(items, Image.Image) else
+                              "Scorer.score takes a list of paths or images, got one image: "
+                              "pass [image]")
+        with self._one_call():
+            return self._score_items(list(items), errors)
+
+    def _score_items(self, items: list[str | os.PathLike | Image.Image], errors: str
+                     ) -> list[dict[str, Any]]:
         names = [f"gate_{n}" for n in [*self.prompt_names, "image"]]
         out: list[dict[str, Any]] = [
             {"path": None if isinstance(x, Image.Image) else str(x), "score": None,
@@ -176,7 +213,7 @@ class Scorer:
 
         paths = [(i, x) for i, x in enumerate(items) if not isinstance(x, Image.Image)]
         if paths:
-            report = self.score_paths([p for _, p in paths])
+            report = self._score_unlocked([(str(p), Path(p)) for _, p in paths])
             by_path = {r["path"]: r for r in report.rows}
             for i, p in paths:
                 if str(p) in by_path:
@@ -204,6 +241,29 @@ class Scorer:
                                     self.amp, with_gates=True)
             zs = zero_shot[keep].mean(1)
             for n, j in enumerate(keep):
+                why = _non_finite(scores[n], gates[n])
+                if why:
+                    fail(batch[j][0], f"image {batch[j][0]} of the list", why)
+                    continue
                 out[batch[j][0]].update(self._columns(scores[n], gates[n], zs[n]))
         return out
+
+
+def _non_finite(score, gates) -> str | None:
+    """Why a prediction is no score: a NaN or infinite score or gate."""
+    values = [float(score), *(float(g) for g in gates.tolist())]
+    if all(math.isfinite(v) for v in values):
+        return None
+    return f"the model gives a non-finite score ({float(score)}) for this image"
+
+
+class _Release:
+    def __init__(self, lock: threading.Lock):
+        self.lock = lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
 

@@ -181,18 +181,27 @@ class Trainer:
             self.model.load_state_dict(ck["model"])
             self.optim.load_state_dict(ck["optim"])
             self.sched.load_state_dict(ck["sched"])
+            # Every field checked before any is used: a checkpoint missing one, or with a
+            # history that is not a list of epoch rows, is refused in one line.
+            gen, noise, rng = ck["gen"], ck["noise"], ck["torch_rng"]
+            history = json.loads(ck["history"])
+            if not isinstance(history, list) or not all(
+                    isinstance(r, dict) and isinstance(r.get("epoch"), int) for r in history):
+                raise ValueError("its history is not a list of epoch rows")
+            epoch, best_epoch = int(ck["epoch"]), int(ck["best_epoch"])
+            best_value, best_state = float(ck["best_value"]), ck["best_state"]
+            self.gen.set_state(gen)
+            self.noise.set_state(noise)
+            torch.set_rng_state(rng)
         except (OSError, RuntimeError, KeyError, ValueError, TypeError, EOFError,
                 pickle.UnpicklingError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise CheckpointError(f"{path}: not a checkpoint agiqa can resume from "
                                   f"({type(e).__name__}: {first})") from None
-        self.gen.set_state(ck["gen"])
-        self.noise.set_state(ck["noise"])
-        torch.set_rng_state(ck["torch_rng"])
-        self.best_state = ck["best_state"]
-        self.epoch, self.best_epoch = ck["epoch"], ck["best_epoch"]
-        self.best_value = ck["best_value"]
-        self.history = json.loads(ck["history"])
+        self.best_state = best_state
+        self.epoch, self.best_epoch = epoch, best_epoch
+        self.best_value = best_value
+        self.history = history
         if self.main:  # rows of an epoch logged after the last checkpoint come again
             write_text(self.log, "".join(json.dumps(r) + "\n" for r in self.history))
 
