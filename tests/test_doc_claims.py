@@ -26,7 +26,7 @@ def test_the_pixel_cache_size_of_agiqa_3k_is_its_formula(tmp_path):
     cache.put("ab" * 32, torch.zeros(3, 224, 224, dtype=torch.uint8))
     (entry,) = [p for p in tmp_path.rglob("*") if p.is_file()]
     size = entry.stat().st_size
-    assert size == 3 * 224 * 224 + 4  # the pixels and their CRC-32
+    assert size == 32 + 3 * 224 * 224 + 4  # the image's sha256, the pixels, their CRC-32
     mib = round(AGIQA_3K_IMAGES * size / 2**20)
     training = _text("docs/training.md")
     assert f"{size:,} B), {mib} MiB for\nAGIQA-3K's {AGIQA_3K_IMAGES:,} images" in training

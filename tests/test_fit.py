@@ -282,4 +282,4 @@ def test_evaluate_takes_the_runs_label_columns_and_hints_split_all(graded, tmp_p
     r = CliRunner().invoke(cli, [str(a) for a in (
         "evaluate", "--model", tmp_path / "run", "--dataset", "csv", "--root", root,
         "--labels", other, "--cache", cache, "-q")])
-    assert r.exit_code == 1 and "pass --split all" in r.output
+    assert r.exit_code == 1 and "with --split all" in r.output

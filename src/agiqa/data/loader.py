@@ -143,6 +143,16 @@ def _loader_pool(workers: int, task) -> ProcessPoolExecutor:
                                initargs=(task,))
 
 
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Shut a broken pool down without waiting on its other processes: their items are run
+    again one at a time, and a process forked while another thread held a lock (a Ray driver's,
+    say) may never exit by itself, nor on the SIGTERM the pool sends it."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        if proc.is_alive():
+            proc.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 def ordered_load(task: Callable, items: list, workers: int, ahead: int,
                  split: Callable[[object], list], died: Callable[[object], object]) -> Iterator:
     """``task(item)`` for each of ``items``, in order, run in ``workers`` processes with up to
@@ -171,7 +181,7 @@ def ordered_load(task: Callable, items: list, workers: int, ahead: int,
                 continue
             except BrokenProcessPool:
                 pass
-            pool.shutdown(wait=True, cancel_futures=True)
+            _stop(pool)
             suspects = [(item, future), *pending]
             pending.clear()
             for item, future in suspects:

@@ -8,7 +8,7 @@ input. The pixel cache keeps that result, so a second ``fit`` or ``evaluate`` on
   and its old pixels are never used for it.
 * **Layout**: ``$AGIQA_HOME/pixels/224/<first two hex digits>/<sha256>.u8``: the 32 bytes of the
   image's sha256, the 150,528 bytes of ``uint8 [3, 224, 224]``, then the CRC-32 of both
-  (4 bytes, little-endian): **147 KiB per image** (AGIQA-3K: 2,982 images, 439 MiB).
+  (4 bytes, little-endian): **147 KiB per image** (AGIQA-3K: 2,982 images, 428 MiB).
 * **Bound to its image**: the entry holds the sha256 of the bytes it was decoded from, so an
   entry copied or renamed over another image's name is not used for that image.
 * **Checked on read**: only a regular file is opened (a FIFO at an entry's name is never waited
