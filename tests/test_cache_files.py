@@ -54,16 +54,10 @@ def _within(seconds: float, fn, unblock: Path | None = None):
     return out[0]
 
 
-def _cli(*args):
-    from click.testing import CliRunner
-
-    from agiqa.cli import cli
-
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
-def test_a_fifo_in_place_of_a_shard_is_refused_at_once(tmp_path, fmt):
+def test_a_fifo_in_place_of_a_shard_is_refused_at_once(agiqa_cli, tmp_path, fmt):
     cache = _cache(tmp_path / "c", fmt)
     cache.write_shard("shard-a", _shard(["a.png"], 1))
     path = cache.shard_path("shard-a")
@@ -73,7 +67,8 @@ def test_a_fifo_in_place_of_a_shard_is_refused_at_once(tmp_path, fmt):
     assert kind == "error" and isinstance(err, CacheError) and "not a regular file" in str(err)
     kind, report = _within(10, lambda: verify_cache(open_cache(cache.path), tmp_path), path)
     assert kind == "ok" and "not a regular file" in report.damaged[str(path)]
-    r = _within(10, lambda: _cli("cache", "verify", "--images", tmp_path, cache.path), path)[1]
+    r = _within(10, lambda: agiqa_cli("cache", "verify", "--images", tmp_path, cache.path,
+                                      catch_exceptions=True), path)[1]
     assert r.exit_code == 2 and "not a regular file" in r.output
 
 
@@ -175,7 +170,7 @@ def test_hdf5_arrays_that_point_outside_the_shard_are_refused(tmp_path, how):
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
-def test_a_shard_copied_over_another_is_refused(tmp_path, fmt):
+def test_a_shard_copied_over_another_is_refused(agiqa_cli, tmp_path, fmt):
     """A shard replaced by a copy of another: the other's images are then held twice and this
     shard's images lost. The shard records its own name, so the copy is named damaged."""
     cache = _cache(tmp_path / "c", fmt)
@@ -187,5 +182,5 @@ def test_a_shard_copied_over_another_is_refused(tmp_path, fmt):
     assert list(report.damaged) == [bad] and "holds shard 'shard-a'" in report.damaged[bad]
     with pytest.raises(CacheError, match="not its own"):
         open_cache(cache.path).read(["b.png"])
-    r = _cli("cache", "verify", "--images", tmp_path, cache.path)
+    r = agiqa_cli("cache", "verify", "--images", tmp_path, cache.path, catch_exceptions=True)
     assert r.exit_code == 2 and "not its own" in r.output

@@ -368,12 +368,6 @@ def test_damaged_manifest_is_one_error(filled, text, reason):
 
 
 # -- 4. caches that lie -----------------------------------------------------------------------
-def _cli(*args):
-    from click.testing import CliRunner
-
-    from agiqa.cli import cli
-
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def _one_error_line(result, *needles):
@@ -384,7 +378,7 @@ def _one_error_line(result, *needles):
         assert needle in lines[0], lines[0]
 
 
-def test_a_cache_of_the_folder_layout_is_refused_in_one_line(tmp_path):
+def test_a_cache_of_the_folder_layout_is_refused_in_one_line(agiqa_cli, tmp_path):
     """A cache written by agiqa before single-file shards (shard folders behind version links;
     the fixture was written by that code) is refused, saying to re-extract."""
     from agiqa.cache import SemanticCache
@@ -398,7 +392,7 @@ def test_a_cache_of_the_folder_layout_is_refused_in_one_line(tmp_path):
     with pytest.raises(CacheError, match="re-extract"):
         SemanticCache.create(old, manifest["semantics"], manifest["prompt_names"], 4, "zarr")
     for command in (("cache", "info"), ("cache", "verify")):
-        _one_error_line(_cli(*command, old), "re-extract", str(old))
+        _one_error_line(agiqa_cli(*command, old, catch_exceptions=True), "re-extract", str(old))
 
 
 def _edit_manifest(cache_dir: Path, **fields) -> None:
@@ -415,17 +409,20 @@ def _two_prompt_cache(tmp_path, fmt="zarr"):
 
 
 @pytest.mark.parametrize("names", [["a", "b", "c"], ["a"], ["a", "a"]])
-def test_prompt_names_out_of_step_with_the_vectors_are_refused(tmp_path, names):
+def test_prompt_names_out_of_step_with_the_vectors_are_refused(agiqa_cli, tmp_path, names):
     cache = _two_prompt_cache(tmp_path)
     _edit_manifest(cache.path, prompt_names=names)
     with pytest.raises(CacheError, match="damaged manifest.*prompt"):
         open_cache(cache.path)  # so fit, evaluate and score-folder never read it
-    _one_error_line(_cli("cache", "info", cache.path), "manifest.json", "prompt")
-    _one_error_line(_cli("cache", "info", "--json", cache.path), "prompt")
+    _one_error_line(agiqa_cli("cache", "info", cache.path, catch_exceptions=True), "manifest.json",
+                    "prompt")
+    _one_error_line(agiqa_cli("cache", "info", "--json", cache.path, catch_exceptions=True),
+                    "prompt")
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
-def test_a_consistently_edited_manifest_is_checked_against_the_shard_shapes(tmp_path, fmt):
+def test_a_consistently_edited_manifest_is_checked_against_the_shard_shapes(agiqa_cli, tmp_path,
+                                                                            fmt):
     from agiqa.cache import fingerprint_of
 
     cache = _two_prompt_cache(tmp_path, fmt)
@@ -437,26 +434,28 @@ def test_a_consistently_edited_manifest_is_checked_against_the_shard_shapes(tmp_
         edited.read(["a.png", "b.png"])
     with pytest.raises(CacheError, match="shape"):
         edited.read(["a.png"], ("zero_shot",))
-    _one_error_line(_cli("cache", "info", cache.path), "shard-x", "shape")
-    assert _cli("cache", "verify", "--images", tmp_path, cache.path).exit_code == 2
+    _one_error_line(agiqa_cli("cache", "info", cache.path, catch_exceptions=True), "shard-x",
+                    "shape")
+    assert agiqa_cli("cache", "verify", "--images", tmp_path, cache.path,
+                     catch_exceptions=True).exit_code == 2
 
 
 @pytest.mark.parametrize("dim", [-1, 0, 10**12, "8", True, 8.5])
-def test_manifest_dim_out_of_range_is_one_line(tmp_path, dim):
+def test_manifest_dim_out_of_range_is_one_line(agiqa_cli, tmp_path, dim):
     cache = _two_prompt_cache(tmp_path)
     _edit_manifest(cache.path, dim=dim)
     with pytest.raises(CacheError, match="damaged manifest.*dim"):
         open_cache(cache.path)
-    _one_error_line(_cli("cache", "info", cache.path), "dim")
+    _one_error_line(agiqa_cli("cache", "info", cache.path, catch_exceptions=True), "dim")
 
 
-def test_manifest_json_bombs_are_one_line(tmp_path):
+def test_manifest_json_bombs_are_one_line(agiqa_cli, tmp_path):
     cache = _two_prompt_cache(tmp_path)
     manifest = cache.path / "manifest.json"
     manifest.write_text("[" * 200_000 + "]" * 200_000)  # depth
     with pytest.raises(CacheError, match="damaged manifest.*nested"):
         open_cache(cache.path)
-    _one_error_line(_cli("cache", "info", cache.path), "nested")
+    _one_error_line(agiqa_cli("cache", "info", cache.path, catch_exceptions=True), "nested")
     inner = '{"x": ' + "[" * 40 + "1" + "]" * 40 + "}"
     manifest.write_text(inner)  # parses, but nests deeper than any manifest
     with pytest.raises(CacheError, match="nested"):
@@ -481,7 +480,8 @@ def test_a_shard_of_all_zero_vectors_reads_fine(tmp_path, fmt):
     assert open_cache(cache.path).check_shard("shard-0") is None
 
 
-def test_verify_refuses_keys_outside_the_root_and_hashes_nothing_there(tmp_path, monkeypatch):
+def test_verify_refuses_keys_outside_the_root_and_hashes_nothing_there(agiqa_cli, tmp_path,
+                                                                       monkeypatch):
     from agiqa.cache.shards import publish_shard
     from agiqa.data import images
 
@@ -499,7 +499,7 @@ def test_verify_refuses_keys_outside_the_root_and_hashes_nothing_there(tmp_path,
     bad = str(cache.shard_path("shard-b"))
     assert list(report.damaged) == [bad] and "escapes the image root" in report.damaged[bad]
     assert hashed == [root.resolve() / "img0.png"]
-    r = _cli("cache", "verify", "--images", root, cache.path)
+    r = agiqa_cli("cache", "verify", "--images", root, cache.path, catch_exceptions=True)
     assert r.exit_code == 2 and f"damaged shard: {bad}: " in r.output
     assert "outside.png" not in "".join(str(p) for p in hashed)
     with pytest.raises(CacheError, match="escapes the image root"):

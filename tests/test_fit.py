@@ -12,17 +12,15 @@ from agiqa.cli import cli
 pytestmark = pytest.mark.slow
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 FIT = ["--dataset", "csv", "--backbone", "tiny", "--no-pretrained", "--batch-size", "6",
        "--split", "random:0.6,0.2,0.2", "--loader-workers", "0", "-q"]
 
 
-def test_fit_writes_the_run_directory_and_learns(graded, tmp_path):
+def test_fit_writes_the_run_directory_and_learns(agiqa_cli, graded, tmp_path):
     root, cache = graded
-    r = run("fit", *FIT, "--root", root, "--cache", cache, "--out", tmp_path / "run",
+    r = agiqa_cli("fit", *FIT, "--root", root, "--cache", cache, "--out", tmp_path / "run",
             "--epochs", "8", "--lr", "3e-4", "--json")
     assert r.exit_code == 0, r.output
     out = tmp_path / "run"
@@ -42,14 +40,14 @@ def test_fit_writes_the_run_directory_and_learns(graded, tmp_path):
                                            "gate_image", "zero_shot"]
     assert np.isfinite(pred["zero_shot"]).all()  # the cache's zero-shot scores, one file layout
 
-    ev = run("evaluate", "--model", out, "--dataset", "csv", "--root", root, "--cache", cache,
+    ev = agiqa_cli("evaluate", "--model", out, "--dataset", "csv", "--root", root, "--cache", cache,
              "--json", "-q")
     result = json.loads(ev.stdout)
     assert ev.exit_code == 0 and result["split"] == "test" and result["images"] == 6
     saved = json.loads((out / "metrics.json").read_text())["test"]
     assert abs(result["srcc"] - saved["srcc"]) < 1e-6
     for _ in range(2):  # an evaluation folder agiqa wrote may be written again
-        ev = run("evaluate", "--model", out, "--dataset", "csv", "--root", root, "--cache",
+        ev = agiqa_cli("evaluate", "--model", out, "--dataset", "csv", "--root", root, "--cache",
                  cache, "-q", "--out", tmp_path / "eval")
         assert ev.exit_code == 0, ev.output
         assert f"model: {out}" in ev.output and f"evaluation: {tmp_path / 'eval'}" in ev.output
@@ -58,10 +56,10 @@ def test_fit_writes_the_run_directory_and_learns(graded, tmp_path):
         "gate_image,zero_shot")
 
 
-def test_resume_continues_an_interrupted_run(graded, tmp_path, monkeypatch):
+def test_resume_continues_an_interrupted_run(agiqa_cli, graded, tmp_path, monkeypatch):
     root, cache = graded
     args = [*FIT, "--root", root, "--cache", cache, "--lr", "3e-4", "--epochs", "3", "--json"]
-    full = json.loads(run("fit", *args, "--out", tmp_path / "full").stdout)
+    full = json.loads(agiqa_cli("fit", *args, "--out", tmp_path / "full").stdout)
     from agiqa.stages.training import fit as fit_module
 
     original = fit_module.Trainer._train_epoch
@@ -72,15 +70,15 @@ def test_resume_continues_an_interrupted_run(graded, tmp_path, monkeypatch):
         return original(self, *a)
 
     monkeypatch.setattr(fit_module.Trainer, "_train_epoch", interrupted)
-    stopped = run("fit", *args, "--out", tmp_path / "part")
+    stopped = agiqa_cli("fit", *args, "--out", tmp_path / "part")
     assert stopped.exit_code == 1 and "Aborted" in stopped.output
     assert (tmp_path / "part" / "checkpoint.pt").is_file()
     assert not (tmp_path / "part" / "model.safetensors").exists()
     monkeypatch.setattr(fit_module.Trainer, "_train_epoch", original)
-    again = run("fit", *args, "--out", tmp_path / "part")
+    again = agiqa_cli("fit", *args, "--out", tmp_path / "part")
     assert again.exit_code == 1
     assert "holds an interrupted run (checkpoint.pt); pass --resume" in again.output
-    resumed = json.loads(run("fit", *args, "--out", tmp_path / "part", "--resume").stdout)
+    resumed = json.loads(agiqa_cli("fit", *args, "--out", tmp_path / "part", "--resume").stdout)
     assert resumed["runs"][0]["best_epoch"] == full["runs"][0]["best_epoch"]
     for k in ("srcc", "plcc", "rmse"):
         assert resumed["runs"][0]["test"][k] == pytest.approx(full["runs"][0]["test"][k],
@@ -89,37 +87,38 @@ def test_resume_continues_an_interrupted_run(graded, tmp_path, monkeypatch):
     assert [json.loads(x)["epoch"] for x in log] == [0, 1, 2]
 
 
-def test_nan_loss_names_epoch_and_step(graded, tmp_path):
+def test_nan_loss_names_epoch_and_step(agiqa_cli, graded, tmp_path):
     root, cache = graded
-    r = run("fit", *FIT, "--root", root, "--cache", cache, "--out", tmp_path / "r",
+    r = agiqa_cli("fit", *FIT, "--root", root, "--cache", cache, "--out", tmp_path / "r",
             "--epochs", "2", "--lr", "1e30")
     assert r.exit_code == 1
     assert "Error: the loss became nan at epoch 0, step" in r.output or "inf at epoch" in r.output
 
 
-def test_missing_vectors_are_counted_and_named(graded, tmp_path):
+def test_missing_vectors_are_counted_and_named(agiqa_cli, graded, tmp_path):
     root, cache = graded
     labels = tmp_path / "more.csv"
     labels.write_text((root / "labels.csv").read_text() + "new_a.jpg,1\nnew_b.jpg,2\n")
-    r = run("fit", *FIT, "--root", root, "--labels", labels, "--cache", cache,
+    r = agiqa_cli("fit", *FIT, "--root", root, "--labels", labels, "--cache", cache,
             "--out", tmp_path / "r", "--epochs", "1")
     assert r.exit_code == 1
     assert "Error: 2 image(s) have no semantic vectors in cache" in r.output
     assert "new_a.jpg, new_b.jpg" in r.output
 
 
-def test_evaluate_refuses_a_cache_of_another_fingerprint(graded, tiny_qwen, tmp_path):
+def test_evaluate_refuses_a_cache_of_another_fingerprint(agiqa_cli, graded, tiny_qwen, tmp_path):
     root, cache = graded
-    run("fit", *FIT, "--root", root, "--cache", cache, "--out", tmp_path / "run", "--epochs", "1")
+    agiqa_cli("fit", *FIT, "--root", root, "--cache", cache, "--out", tmp_path / "run", "--epochs",
+              "1")
     other = tmp_path / "qwen-cache"
-    run("extract-semantics", "--model", tiny_qwen, "--dataset", "csv", "--root", root,
+    agiqa_cli("extract-semantics", "--model", tiny_qwen, "--dataset", "csv", "--root", root,
         "--out", other, "-q")
-    r = run("evaluate", "--model", tmp_path / "run", "--dataset", "csv", "--root", root,
+    r = agiqa_cli("evaluate", "--model", tmp_path / "run", "--dataset", "csv", "--root", root,
             "--cache", other)
     assert r.exit_code == 1 and "fingerprint" in r.output
 
 
-def test_two_process_torchrun_fit_matches_one_process(graded, tmp_path):
+def test_two_process_torchrun_fit_matches_one_process(agiqa_cli, graded, tmp_path):
     """DDP on CPU (gloo): two processes share each global batch and land where one process does.
 
     Same initialisation, data order and global batches; ``--dropout 0`` removes the only random
@@ -133,7 +132,7 @@ def test_two_process_torchrun_fit_matches_one_process(graded, tmp_path):
     root, cache = graded
     args = [*FIT, "--root", root, "--cache", cache, "--epochs", "2", "--lr", "3e-4",
             "--no-augment", "--dropout", "0", "--json"]
-    one = json.loads(run("fit", *args, "--out", tmp_path / "one").stdout)
+    one = json.loads(agiqa_cli("fit", *args, "--out", tmp_path / "one").stdout)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "agiqa", "fit", *map(str, args), "--out", str(tmp_path / "two")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
@@ -184,14 +183,14 @@ def test_score_and_semantic_normalisation_fold_into_the_model():
     assert abs(norm["mean"] - float(mos.mean())) < 1e-6 and norm["std"] > 0
 
 
-def test_backbone_lr_zero_trains_the_head_only(graded, tmp_path):
+def test_backbone_lr_zero_trains_the_head_only(agiqa_cli, graded, tmp_path):
     import torch
     from safetensors.torch import load_file
 
     from agiqa.models.agiqa_net import create_model
 
     root, cache = graded
-    r = run("fit", *FIT, "--root", root, "--cache", cache, "--out", tmp_path / "run",
+    r = agiqa_cli("fit", *FIT, "--root", root, "--cache", cache, "--out", tmp_path / "run",
             "--epochs", "2", "--lr", "1e-3", "--backbone-lr", "0", "--json")
     assert r.exit_code == 0, r.output
     saved = load_file(str(tmp_path / "run" / "model.safetensors"))
@@ -205,7 +204,7 @@ def test_backbone_lr_zero_trains_the_head_only(graded, tmp_path):
     assert config["training"]["backbone_lr"] == 0
 
 
-def test_compile_trains_through_torch_compile(graded, tmp_path, monkeypatch):
+def test_compile_trains_through_torch_compile(agiqa_cli, graded, tmp_path, monkeypatch):
     """``--compile`` trains through a dynamo-traced model (eager backend here: the inductor
     compiler takes minutes on a small CPU; the tracing is what this checks)."""
     import torch
@@ -219,7 +218,7 @@ def test_compile_trains_through_torch_compile(graded, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", spy)
     root, cache = graded
-    r = run("fit", *FIT, "--root", root, "--cache", cache, "--out", tmp_path / "run",
+    r = agiqa_cli("fit", *FIT, "--root", root, "--cache", cache, "--out", tmp_path / "run",
             "--epochs", "1", "--compile", "--json")
     assert r.exit_code == 0, r.output
     assert calls == ["AgiqaNet"]
@@ -258,18 +257,18 @@ def test_the_cpu_recipe_learns_on_blur_graded_sets_it_was_not_tuned_on(tiny_llav
     assert sum(x >= 0.6 for x in srcc) >= 4, srcc
 
 
-def test_evaluate_takes_the_runs_label_columns_and_hints_split_all(graded, tmp_path):
+def test_evaluate_takes_the_runs_label_columns_and_hints_split_all(agiqa_cli, graded, tmp_path):
     """The columns fit was given (--image-column/--score-column) are read back from the run
     for its own label file; another label file without --split all is told to pass it."""
     root, cache = graded
     rows = (root / "labels.csv").read_text().splitlines()
     renamed, other = tmp_path / "renamed.csv", tmp_path / "other.csv"  # not in the shared root
     renamed.write_text("\n".join(["file,quality", *rows[1:]]) + "\n")
-    r = run("fit", *FIT, "--root", root, "--cache", cache, "--labels", renamed,
+    r = agiqa_cli("fit", *FIT, "--root", root, "--cache", cache, "--labels", renamed,
             "--image-column", "file", "--score-column", "quality", "--out", tmp_path / "run",
             "--epochs", "1")
     assert r.exit_code == 0, r.output
-    r = run("evaluate", "--model", tmp_path / "run", "--dataset", "csv", "--root", root,
+    r = agiqa_cli("evaluate", "--model", tmp_path / "run", "--dataset", "csv", "--root", root,
             "--labels", renamed, "--cache", cache, "-q", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["images"] >= 3

@@ -5,12 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 from agiqa.cache import open_cache
 from agiqa.cache.imports import official_tensor_name
-from agiqa.cli import cli
 from agiqa.stages.extraction.official import official_semantics
 
 DIM = 4096  # mPLUG-Owl2's width, as the official tensors have it
@@ -23,8 +21,6 @@ class Opaque:
         self.vector = [0.0] * 4
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def _save(path, obj):
@@ -79,10 +75,11 @@ def test_official_tensor_names_follow_getfeature():
 
 
 @pytest.mark.slow
-def test_import_names_every_broken_file_and_fit_reads_the_cache(official, tmp_path):
+def test_import_names_every_broken_file_and_fit_reads_the_cache(agiqa_cli, official, tmp_path):
     root, tensors, good, broken = official
     cache_dir = tmp_path / "cache"
-    r = run("cache", "import-pt", tensors, "--dataset", "csv", "--root", root, "--out", cache_dir,
+    r = agiqa_cli("cache", "import-pt", tensors, "--dataset", "csv", "--root", root, "--out",
+                  cache_dir,
             "--shard-size", "5")
     assert r.exit_code == 2, r.output
     for name, reason in broken.items():
@@ -102,21 +99,21 @@ def test_import_names_every_broken_file_and_fit_reads_the_cache(official, tmp_pa
         np.testing.assert_array_equal(data["vectors"][i].astype(np.float32), good[key])
     assert np.isnan(data["zero_shot"]).all()
 
-    verify = run("cache", "verify", cache_dir, "--json")
+    verify = agiqa_cli("cache", "verify", cache_dir, "--json")
     report = json.loads(verify.stdout)
     assert report["checked"] == len(good) and not report["missing"] and not report["changed"]
     original = (root / "p3.png").read_bytes()
     Image.new("RGB", (8, 8)).save(root.parent / "changed.png")
     (root / "p3.png").write_bytes((root.parent / "changed.png").read_bytes())
-    report = json.loads(run("cache", "verify", cache_dir, "--json").stdout)
+    report = json.loads(agiqa_cli("cache", "verify", cache_dir, "--json").stdout)
     assert report["changed"] == ["p3.png"]
     (root / "p3.png").write_bytes(original)  # fit refuses vectors of a changed image
 
-    again = run("cache", "import-pt", tensors, "--dataset", "csv", "--root", root, "--out",
+    again = agiqa_cli("cache", "import-pt", tensors, "--dataset", "csv", "--root", root, "--out",
                 cache_dir, "--shard-size", "5")
     assert f"0 imported, {len(good) + len(broken)} already in the cache" in again.stdout
 
-    fit = run("fit", "--dataset", "csv", "--root", root, "--labels", root / "labels_good.csv",
+    fit = agiqa_cli("fit", "--dataset", "csv", "--root", root, "--labels", root / "labels_good.csv",
               "--cache", cache_dir, "--out", tmp_path / "run", "--backbone", "tiny",
               "--no-pretrained", "--batch-size", "4", "--split", "random:0.4,0.3,0.3",
               "--epochs", "1", "--loader-workers", "0", "-q", "--json")
@@ -126,13 +123,14 @@ def test_import_names_every_broken_file_and_fit_reads_the_cache(official, tmp_pa
     assert config["model"]["semantic_dim"] == DIM
 
 
-def test_import_refuses_a_non_owl2_model_and_another_cache(official, tiny_llava, tmp_path):
+def test_import_refuses_a_non_owl2_model_and_another_cache(agiqa_cli, official, tiny_llava,
+                                                           tmp_path):
     root, tensors, _, _ = official
-    r = run("cache", "import-pt", tensors, "--dataset", "csv", "--root", root, "--out",
+    r = agiqa_cli("cache", "import-pt", tensors, "--dataset", "csv", "--root", root, "--out",
             tmp_path / "c", "--mllm", tiny_llava)
     assert r.exit_code == 1 and "is not an mPLUG-Owl2 model (model_type 'llava')" in r.output
     other = tmp_path / "other"
-    run("extract-semantics", "--model", tiny_llava, "--images", root / "sub", "--out", other,
+    agiqa_cli("extract-semantics", "--model", tiny_llava, "--images", root / "sub", "--out", other,
         "-q", "--loader-workers", "0")
-    r = run("cache", "import-pt", tensors, "--dataset", "csv", "--root", root, "--out", other)
+    r = agiqa_cli("cache", "import-pt", tensors, "--dataset", "csv", "--root", root, "--out", other)
     assert r.exit_code == 1 and "use another --out/--cache folder" in r.output

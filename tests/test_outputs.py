@@ -5,16 +5,10 @@ import json
 import threading
 
 import pytest
-from click.testing import CliRunner
 
-from agiqa.cli import cli
 from agiqa.errors import CheckpointError, ConfigError
 from agiqa.report.html import link_href, write_run_report, write_score_report
 from agiqa.report.sources import read_score_file
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def _one_line(r, *needles, code=1):
@@ -43,72 +37,75 @@ def _score_file(tmp_path, make_images, make_score_rows):
 
 
 # -- A: outputs --------------------------------------------------------------------------------
-def test_report_never_replaces_its_score_file_or_a_model(tiny, tmp_path, make_images,
+def test_report_never_replaces_its_score_file_or_a_model(agiqa_cli, tiny, tmp_path, make_images,
                                                          synthetic_scores):
     scores = _score_file(tmp_path, make_images, synthetic_scores)
     before = scores.read_bytes()
-    r = run("report", scores, "--images", tmp_path / "imgs", "--out", scores)
+    r = agiqa_cli("report", scores, "--images", tmp_path / "imgs", "--out", scores,
+                  catch_exceptions=True)
     _one_line(r, "--out", "does not end in .html", code=64)
     assert scores.read_bytes() == before
     model = (tiny / "model.safetensors").read_bytes()
-    r = run("report", tiny, "--out", tiny / "model.safetensors", "--no-maps")
+    r = agiqa_cli("report", tiny, "--out", tiny / "model.safetensors", "--no-maps",
+                  catch_exceptions=True)
     _one_line(r, "does not end in .html", code=64)
     assert (tiny / "model.safetensors").read_bytes() == model
     with pytest.raises(ConfigError, match="does not end in .html"):  # the library as well
         write_run_report(tiny, tiny / "config.json", maps=False)
 
 
-def test_report_never_replaces_an_html_file_of_the_users(tiny, tmp_path, make_images,
+def test_report_never_replaces_an_html_file_of_the_users(agiqa_cli, tiny, tmp_path, make_images,
                                                          synthetic_scores):
     mine = tmp_path / "mine.html"
     mine.write_text("<p>my notes</p>")
-    r = run("report", tiny, "--out", mine, "--no-maps")
+    r = agiqa_cli("report", tiny, "--out", mine, "--no-maps", catch_exceptions=True)
     _one_line(r, str(mine), "not a report agiqa wrote")
     assert mine.read_text() == "<p>my notes</p>"
     (tiny / "report.html").write_text("<p>mine too</p>")  # the default --out
-    r = run("report", tiny, "--no-maps")
+    r = agiqa_cli("report", tiny, "--no-maps", catch_exceptions=True)
     _one_line(r, "not a report agiqa wrote")
     assert (tiny / "report.html").read_text() == "<p>mine too</p>"
     (tiny / "report.html").unlink()
     # A report agiqa wrote is replaced by the next one.
     for _ in range(2):
-        assert run("report", tiny, "--no-maps").exit_code == 0
+        assert agiqa_cli("report", tiny, "--no-maps", catch_exceptions=True).exit_code == 0
     scores = _score_file(tmp_path, make_images, synthetic_scores)
     scores.with_suffix(".html").write_text("mine")  # the default --out of a score file
-    r = run("report", scores, "--images", tmp_path / "imgs")
+    r = agiqa_cli("report", scores, "--images", tmp_path / "imgs", catch_exceptions=True)
     _one_line(r, "not a report agiqa wrote")
 
 
-def test_score_folder_never_replaces_a_csv_beside_the_report(tmp_path):
+def test_score_folder_never_replaces_a_csv_beside_the_report(agiqa_cli, tmp_path):
     """Refused before the model is even loaded: nothing is scored, nothing written."""
     (tmp_path / "unseen").mkdir()
     mine = tmp_path / "mine.csv"
     mine.write_text("my,data\n")
-    r = run("score-folder", tmp_path / "unseen", "--model", tmp_path / "no-model", "--out",
-            tmp_path / "x.json", "--report", tmp_path / "mine.html")
+    r = agiqa_cli("score-folder", tmp_path / "unseen", "--model", tmp_path / "no-model", "--out",
+            tmp_path / "x.json", "--report", tmp_path / "mine.html", catch_exceptions=True)
     _one_line(r, str(mine), "not a score file agiqa wrote")
     assert mine.read_text() == "my,data\n" and not (tmp_path / "mine.html").exists()
-    r = run("score-folder", tmp_path / "unseen", "--model", tmp_path / "no-model", "--out", mine)
+    r = agiqa_cli("score-folder", tmp_path / "unseen", "--model", tmp_path / "no-model", "--out",
+                  mine, catch_exceptions=True)
     _one_line(r, str(mine), "not a score file agiqa wrote")
     (tmp_path / "notes.json").write_text('{"mine": 1}')
-    r = run("score-folder", tmp_path / "unseen", "--model", tmp_path / "no-model", "--out",
-            tmp_path / "notes.json")
+    r = agiqa_cli("score-folder", tmp_path / "unseen", "--model", tmp_path / "no-model", "--out",
+            tmp_path / "notes.json", catch_exceptions=True)
     _one_line(r, "not a score file agiqa wrote")
     mine_html = tmp_path / "page.html"
     mine_html.write_text("<p>mine</p>")
-    r = run("score-folder", tmp_path / "unseen", "--model", tmp_path / "no-model", "--report",
-            mine_html)
+    r = agiqa_cli("score-folder", tmp_path / "unseen", "--model", tmp_path / "no-model", "--report",
+            mine_html, catch_exceptions=True)
     _one_line(r, "not a report agiqa wrote")
 
 
-def test_score_folder_out_and_report_cannot_be_one_file(tmp_path):
+def test_score_folder_out_and_report_cannot_be_one_file(agiqa_cli, tmp_path):
     (tmp_path / "unseen").mkdir()
     same = tmp_path / "same.html"
-    r = run("score-folder", tmp_path / "unseen", "--model", tmp_path / "m", "--out", same,
-            "--report", same)
+    r = agiqa_cli("score-folder", tmp_path / "unseen", "--model", tmp_path / "m", "--out", same,
+            "--report", same, catch_exceptions=True)
     _one_line(r, "--out", "does not end in .csv or .json", code=64)
-    r = run("score-folder", tmp_path / "unseen", "--model", tmp_path / "m", "--out",
-            tmp_path / "scores.txt")
+    r = agiqa_cli("score-folder", tmp_path / "unseen", "--model", tmp_path / "m", "--out",
+            tmp_path / "scores.txt", catch_exceptions=True)
     _one_line(r, "does not end in .csv or .json", code=64)
 
 
@@ -167,7 +164,7 @@ def test_a_score_file_named_like_a_script_link_is_no_script(tmp_path, make_image
 
 
 # -- F: values are what they say -----------------------------------------------------------------
-def test_a_model_with_nan_weights_is_refused_once(tiny, tmp_path):
+def test_a_model_with_nan_weights_is_refused_once(agiqa_cli, tiny, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -180,19 +177,20 @@ def test_a_model_with_nan_weights_is_refused_once(tiny, tmp_path):
     with pytest.raises(CheckpointError, match="NaN or infinite values"):
         load_model(tiny)
     (tmp_path / "unseen").mkdir()
-    r = run("score-folder", tmp_path / "unseen", "--model", tiny, "--out", tmp_path / "s.csv")
+    r = agiqa_cli("score-folder", tmp_path / "unseen", "--model", tiny, "--out",
+                  tmp_path / "s.csv", catch_exceptions=True)
     _one_line(r, "model.safetensors", "NaN or infinite")
     assert not (tmp_path / "s.csv").exists()
 
 
-def test_a_truncated_model_is_one_line(tiny, tmp_path):
+def test_a_truncated_model_is_one_line(agiqa_cli, tiny, tmp_path):
     from agiqa.models.agiqa_net import load_model
 
     weights = tiny / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="truncated safetensors"):
         load_model(tiny)
-    r = run("report", tiny, "--out", tmp_path / "r.html")
+    r = agiqa_cli("report", tiny, "--out", tmp_path / "r.html", catch_exceptions=True)
     _one_line(r, str(weights), "truncated")
 
 
@@ -366,9 +364,9 @@ def test_a_checkpoint_missing_a_field_or_with_a_bad_history_is_one_line(tmp_path
     (["--repeats", "1000000000"], "'--repeats': 1000000000 is not in the range 1<=x<=1000"),
     (["--split-seeds", "1000000000"], "'--split-seeds'"),
 ])
-def test_seeds_and_series_out_of_range_are_usage_errors(tmp_path, args, message):
-    r = run("fit", "--dataset", "csv", "--root", tmp_path, "--cache", tmp_path, "--out",
-            tmp_path / "o", *args)
+def test_seeds_and_series_out_of_range_are_usage_errors(agiqa_cli, tmp_path, args, message):
+    r = agiqa_cli("fit", "--dataset", "csv", "--root", tmp_path, "--cache", tmp_path, "--out",
+            tmp_path / "o", *args, catch_exceptions=True)
     _one_line(r, message, code=64)
 
 
@@ -460,7 +458,7 @@ class _Payload:
     """Stands for pickled code: an object that is no tensor."""
 
 
-def test_a_pth_holding_code_is_refused_without_suggesting_to_run_it(tmp_path):
+def test_a_pth_holding_code_is_refused_without_suggesting_to_run_it(agiqa_cli, tmp_path):
     import torch
 
     from agiqa.models.official import import_official
@@ -471,5 +469,6 @@ def test_a_pth_holding_code_is_refused_without_suggesting_to_run_it(tmp_path):
     message = str(err.value)
     assert "\n" not in message and "holds Python objects other than tensors" in message
     assert "weights_only" not in message and not (tmp_path / "out").exists()
-    r = run("import-official", tmp_path / "evil.pth", "--out", tmp_path / "out")
+    r = agiqa_cli("import-official", tmp_path / "evil.pth", "--out", tmp_path / "out",
+                  catch_exceptions=True)
     _one_line(r, "evil.pth", "refuses it")

@@ -20,10 +20,6 @@ from agiqa.presets import (
 )
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
 def test_every_builtin_preset_loads_as_its_dataclass():
     from importlib import resources
 
@@ -65,24 +61,24 @@ def test_a_user_backbone_preset_trains_through_fit(tmp_path, monkeypatch):
         FitConfig(dataset="csv", root=".", cache=".", out=".", backbone="mne")
 
 
-def test_presets_list_prints_hub_ids_widths_and_score_ranges():
-    r = run("presets", "list")
+def test_presets_list_prints_hub_ids_widths_and_score_ranges(agiqa_cli):
+    r = agiqa_cli("presets", "list")
     assert r.exit_code == 0, r.output
     assert "llava-hf/llava-1.5-7b-hf" in r.output and "4096" in r.output
     line = next(ln for ln in r.output.splitlines() if ln.strip().startswith("aigciqa2023"))
     assert "0 to 100" in line
-    data = json.loads(run("presets", "list", "--json").stdout)
+    data = json.loads(agiqa_cli("presets", "list", "--json").stdout)
     assert set(data) == set(KINDS)
     mllm = {p["name"]: p for p in data["mllms"]}["qwen2.5-vl-7b"]
     assert mllm["model"] == "Qwen/Qwen2.5-VL-7B-Instruct" and mllm["width"] == 3584
-    only = json.loads(run("presets", "list", "--kind", "backbones", "--json").stdout)
+    only = json.loads(agiqa_cli("presets", "list", "--kind", "backbones", "--json").stdout)
     assert list(only) == ["backbones"]
-    recipes = run("presets", "list", "--kind", "recipes").output
+    recipes = agiqa_cli("presets", "list", "--kind", "recipes").output
     assert "fit --recipe cpu" in recipes and "extract-semantics: mplug-owl2" in recipes
 
 
-def test_a_mistyped_mllm_gets_did_you_mean_and_no_hub_call(tmp_path):
-    r = run("extract-semantics", "--model", "llava-1.5-7", "--images", tmp_path,
+def test_a_mistyped_mllm_gets_did_you_mean_and_no_hub_call(agiqa_cli, tmp_path):
+    r = agiqa_cli("extract-semantics", "--model", "llava-1.5-7", "--images", tmp_path,
             "--out", tmp_path / "c")
     assert r.exit_code == 1
     assert "did you mean llava-1.5-7b" in r.output
@@ -96,7 +92,7 @@ def test_a_mistyped_mllm_gets_did_you_mean_and_no_hub_call(tmp_path):
         load_dataset_preset("agiqa3k")
 
 
-def test_user_presets_add_and_override(tmp_path):
+def test_user_presets_add_and_override(agiqa_cli, tmp_path):
     assert agiqa_home() == tmp_path / "agiqa-home"  # the autouse fixture
     folder = agiqa_home() / "presets" / "mllms"
     folder.mkdir(parents=True)
@@ -110,13 +106,14 @@ def test_user_presets_add_and_override(tmp_path):
     prompts.mkdir(parents=True)
     (prompts / "one.json").write_text(json.dumps({"prompts": [{"name": "q", "text": "Rate."}]}))
     assert load_prompts("one").texts == ["Rate."]
-    listed = {p["name"]: p for p in json.loads(run("presets", "list", "--json").stdout)["mllms"]}
+    listed = {p["name"]: p for p in json.loads(agiqa_cli("presets", "list",
+                                                         "--json").stdout)["mllms"]}
     assert listed["my-vlm"]["source"] == str(folder / "my-vlm.json")
     assert listed["llava-1.5-7b"]["revision"] == "pinned"
-    assert "my-vlm (user)" in run("presets", "list", "--kind", "mllms").output
+    assert "my-vlm (user)" in agiqa_cli("presets", "list", "--kind", "mllms").output
 
 
-def test_unknown_and_missing_keys_are_config_errors(tmp_path):
+def test_unknown_and_missing_keys_are_config_errors(agiqa_cli, tmp_path):
     folder = agiqa_home() / "presets"
     (folder / "mllms").mkdir(parents=True)
     (folder / "mllms" / "typo.json").write_text(json.dumps({"model": "a/b", "hiden_size": 8}))
@@ -130,7 +127,7 @@ def test_unknown_and_missing_keys_are_config_errors(tmp_path):
     (folder / "backbones" / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_backbone_preset("bad")
-    r = run("presets", "list")
+    r = agiqa_cli("presets", "list")
     assert r.exit_code == 1 and "Error: " in r.output
 
 
@@ -157,20 +154,18 @@ def test_custom_prompt_files_json_and_txt(tmp_path):
         load_prompts(tmp_path / "missing.txt")
 
 
-def test_presets_path_prints_the_resolved_folder(monkeypatch):
-    r = run("presets", "path")
+def test_presets_path_prints_the_resolved_folder(agiqa_cli, monkeypatch):
+    r = agiqa_cli("presets", "path")
     assert r.exit_code == 0 and r.output == f"{agiqa_home() / 'presets'}\n"
     monkeypatch.delenv("AGIQA_HOME")
-    assert run("presets", "path").output.strip() == str(agiqa_home() / "presets")
+    assert agiqa_cli("presets", "path").output.strip() == str(agiqa_home() / "presets")
     assert agiqa_home().is_absolute()
 
 
 def test_presets_path_is_the_resolved_folder_and_the_docs_use_it(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from click.testing import CliRunner
 
-    from agiqa.cli import cli
 
     monkeypatch.delenv("AGIQA_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))

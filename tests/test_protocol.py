@@ -17,12 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from scipy import stats
 
 from agiqa.cache import SemanticCache, ShardData, semantic_spec
-from agiqa.cli import cli
 from agiqa.data import load_dataset, make_split
 from agiqa.errors import CheckpointError, ConfigError, ModelLoadError
 from agiqa.metrics import fit_logistic
@@ -33,10 +31,6 @@ from agiqa.stages.training.trainer import (
     validation_figures,
     validation_images,
 )
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def official_split(label_file, seed=20):
@@ -180,11 +174,11 @@ def fit_args(small_set, out, *extra):
 
 
 @pytest.mark.slow
-def test_a_fit_logs_steps_images_and_the_figures_the_selection_used(small_set, tmp_path):
+def test_a_fit_logs_steps_images_and_the_figures_the_selection_used(agiqa_cli, small_set, tmp_path):
     """Defaults of the official protocol on 50 images: split 35/5/10, batch 4 → 8 steps of 32
     images; validation 4 of 5 (last partial batch dropped); float32; tiny without weights."""
     out = tmp_path / "run"
-    r = run(*fit_args(small_set, out, "--epochs", "2", "--batch-size", "4", "--lr", "3e-4",
+    r = agiqa_cli(*fit_args(small_set, out, "--epochs", "2", "--batch-size", "4", "--lr", "3e-4",
                       "--json"))
     assert r.exit_code == 0, r.output
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
@@ -207,10 +201,11 @@ def test_a_fit_logs_steps_images_and_the_figures_the_selection_used(small_set, t
 
 
 @pytest.mark.slow
-def test_evaluate_runs_float32_by_default_and_bf16_with_amp(small_set, tmp_path, monkeypatch):
+def test_evaluate_runs_float32_by_default_and_bf16_with_amp(agiqa_cli, small_set, tmp_path,
+                                                            monkeypatch):
     root, cache = small_set
     out = tmp_path / "run"
-    assert run(*fit_args(small_set, out, "--epochs", "1", "--batch-size", "5")).exit_code == 0
+    assert agiqa_cli(*fit_args(small_set, out, "--epochs", "1", "--batch-size", "5")).exit_code == 0
     from agiqa.models import agiqa_net
     from agiqa.stages.scoring import evaluate as evaluate_module
 
@@ -232,7 +227,7 @@ def test_evaluate_runs_float32_by_default_and_bf16_with_amp(small_set, tmp_path,
     seen.clear()
     evaluate_module.evaluate_model(out, ds, cache, "all", "cpu", 64, 0, False, amp=True)
     assert set(seen) == {(torch.bfloat16, True)}
-    r = run("evaluate", "--model", out, "--dataset", "csv", "--root", root, "--cache", cache,
+    r = agiqa_cli("evaluate", "--model", out, "--dataset", "csv", "--root", root, "--cache", cache,
             "--split", "all", "--json", "-q")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["images"] == N_IMAGES
@@ -243,7 +238,7 @@ def _split_of(out):
 
 
 @pytest.mark.slow
-def test_repeats_keep_the_split_and_split_seeds_change_it(small_set, tmp_path):
+def test_repeats_keep_the_split_and_split_seeds_change_it(agiqa_cli, small_set, tmp_path):
     from agiqa.stages.training.fit import FitConfig, _runs
 
     cfg = FitConfig(dataset="csv", root=tmp_path, cache=tmp_path, out=tmp_path / "r")
@@ -257,7 +252,7 @@ def test_repeats_keep_the_split_and_split_seeds_change_it(small_set, tmp_path):
         replace(cfg, repeats=2, split_seeds=2)
 
     a = tmp_path / "repeats"
-    r = run(*fit_args(small_set, a, "--epochs", "1", "--repeats", "2", "--json"))
+    r = agiqa_cli(*fit_args(small_set, a, "--epochs", "1", "--repeats", "2", "--json"))
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert _split_of(a / "seed-20") == _split_of(a / "seed-21")
@@ -272,7 +267,7 @@ def test_repeats_keep_the_split_and_split_seeds_change_it(small_set, tmp_path):
     assert saved["summary"] == summary["summary"] and saved["runs"] == summary["runs"]
 
     b = tmp_path / "splits"
-    r = run(*fit_args(small_set, b, "--epochs", "1", "--split-seeds", "2", "--json"))
+    r = agiqa_cli(*fit_args(small_set, b, "--epochs", "1", "--split-seeds", "2", "--json"))
     assert r.exit_code == 0, r.output
     assert _split_of(b / "split-20") != _split_of(b / "split-21")
     result = json.loads(r.stdout)
@@ -282,7 +277,7 @@ def test_repeats_keep_the_split_and_split_seeds_change_it(small_set, tmp_path):
 
 # -- faults ----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_out_is_checked_before_any_heavy_work(small_set, tmp_path, monkeypatch):
+def test_out_is_checked_before_any_heavy_work(agiqa_cli, small_set, tmp_path, monkeypatch):
     from agiqa.stages.training import fit as fit_module
 
     def heavy(*a, **k):
@@ -293,7 +288,7 @@ def test_out_is_checked_before_any_heavy_work(small_set, tmp_path, monkeypatch):
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "holiday.jpg").write_bytes(b"x")
-    r = run(*fit_args(small_set, foreign, "--epochs", "1"))
+    r = agiqa_cli(*fit_args(small_set, foreign, "--epochs", "1"))
     assert r.exit_code == 1
     assert r.output.strip() == (f"Error: --out {foreign} is not empty and agiqa did not make it "
                                 "(it holds holiday.jpg; no .agiqa-run file); choose a new or "
@@ -304,13 +299,14 @@ def test_out_is_checked_before_any_heavy_work(small_set, tmp_path, monkeypatch):
     (finished / ".agiqa-run").write_text("")  # a run folder agiqa made
     (finished / "model.safetensors").write_bytes(b"x")
     for extra in ([], ["--resume"]):
-        r = run(*fit_args(small_set, finished, "--epochs", "1", *extra))
+        r = agiqa_cli(*fit_args(small_set, finished, "--epochs", "1", *extra))
         assert r.exit_code == 1 and "holds a finished run" in r.output
         assert "pass --resume" not in r.output
 
 
 @pytest.mark.slow
-def test_nothing_is_written_into_out_before_the_model_loads(small_set, tmp_path, monkeypatch):
+def test_nothing_is_written_into_out_before_the_model_loads(agiqa_cli, small_set, tmp_path,
+                                                            monkeypatch):
     from agiqa.stages.training import fit as fit_module
 
     def offline(*a, **k):
@@ -318,14 +314,14 @@ def test_nothing_is_written_into_out_before_the_model_loads(small_set, tmp_path,
 
     monkeypatch.setattr(fit_module, "create_model", offline)
     out = tmp_path / "new"
-    r = run(*fit_args(small_set, out, "--epochs", "1"))
+    r = agiqa_cli(*fit_args(small_set, out, "--epochs", "1"))
     assert r.exit_code == 1 and "offline" in r.output
     assert not out.exists()
 
 
 @pytest.mark.slow
-def test_small_splits_are_refused_before_training_with_the_counts(small_set, tmp_path):
-    r = run(*fit_args(small_set, tmp_path / "r", "--split", "random:0.9,0.06,0.04"))
+def test_small_splits_are_refused_before_training_with_the_counts(agiqa_cli, small_set, tmp_path):
+    r = agiqa_cli(*fit_args(small_set, tmp_path / "r", "--split", "random:0.9,0.06,0.04"))
     assert r.exit_code == 1
     assert "the val split has 3 image(s) (random(seed=20) of 50 images: train 45, val 3, test 2)" \
         in r.output
@@ -333,8 +329,9 @@ def test_small_splits_are_refused_before_training_with_the_counts(small_set, tmp
 
 
 @pytest.mark.slow
-def test_too_small_for_the_official_batches_falls_back_with_a_warning(small_set, tmp_path):
-    r = run(*fit_args(small_set, tmp_path / "r", "--epochs", "1", "--batch-size", "40",
+def test_too_small_for_the_official_batches_falls_back_with_a_warning(agiqa_cli, small_set,
+                                                                      tmp_path):
+    r = agiqa_cli(*fit_args(small_set, tmp_path / "r", "--epochs", "1", "--batch-size", "40",
                       "--split", "random:0.7,0.1,0.2"))
     assert r.exit_code == 0, r.output
     assert ("Warning: the official training loader drops the last partial batch of "
@@ -351,15 +348,15 @@ def test_too_small_for_the_official_batches_falls_back_with_a_warning(small_set,
     ("--backbone-lr", "inf", "must be a finite number ≥ 0, got inf"),
 ])
 @pytest.mark.slow
-def test_bad_numbers_are_usage_errors(small_set, tmp_path, option, value, why):
-    r = run(*fit_args(small_set, tmp_path / "r", option, value))
+def test_bad_numbers_are_usage_errors(agiqa_cli, small_set, tmp_path, option, value, why):
+    r = agiqa_cli(*fit_args(small_set, tmp_path / "r", option, value))
     assert r.exit_code == 64  # EX_USAGE: never mistaken for "finished, some images failed"
     assert f"Invalid value for '{option}': {why}" in r.output
     assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.slow
-def test_killed_checkpoint_write_leaves_nothing_that_breaks_resume(small_set, tmp_path,
+def test_killed_checkpoint_write_leaves_nothing_that_breaks_resume(agiqa_cli, small_set, tmp_path,
                                                                     monkeypatch):
     """A SIGKILL while ``checkpoint.pt`` is written leaves its temporary, and a log row of an
     epoch the checkpoint does not hold; resuming cleans both."""
@@ -376,7 +373,7 @@ def test_killed_checkpoint_write_leaves_nothing_that_breaks_resume(small_set, tm
 
     monkeypatch.setattr(Trainer, "_train_epoch", stop_in_epoch_1)
     args = fit_args(small_set, out, "--epochs", "2", "--batch-size", "5")
-    assert run(*args).exit_code == 1
+    assert agiqa_cli(*args).exit_code == 1
     monkeypatch.setattr(Trainer, "_train_epoch", original)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
@@ -386,14 +383,14 @@ def test_killed_checkpoint_write_leaves_nothing_that_breaks_resume(small_set, tm
     row = json.loads(log.read_text().splitlines()[0])
     with open(log, "a", encoding="utf-8") as f:  # epoch 1 logged, then killed in the write
         f.write(json.dumps({**row, "epoch": 1}) + "\n")
-    r = run(*args, "--resume")
+    r = agiqa_cli(*args, "--resume")
     assert r.exit_code == 0, r.output
     assert not stale.exists()
     assert [json.loads(x)["epoch"] for x in log.read_text().splitlines()] == [0, 1]
 
 
 @pytest.mark.slow
-def test_disk_full_while_training_is_one_error_line(small_set, tmp_path, monkeypatch):
+def test_disk_full_while_training_is_one_error_line(agiqa_cli, small_set, tmp_path, monkeypatch):
     import errno
 
     out = tmp_path / "run"
@@ -402,14 +399,14 @@ def test_disk_full_while_training_is_one_error_line(small_set, tmp_path, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device", str(f))
 
     monkeypatch.setattr(torch, "save", full)
-    r = run(*fit_args(small_set, out, "--epochs", "1", "--batch-size", "5"))
+    r = agiqa_cli(*fit_args(small_set, out, "--epochs", "1", "--batch-size", "5"))
     assert r.exit_code == 1
     assert r.output.strip() == (f"Error: {out / 'checkpoint.pt'}: cannot write the run "
                                 "(No space left on device)")
 
 
 @pytest.mark.slow
-def test_a_broken_run_config_is_one_error_line(small_set, tmp_path):
+def test_a_broken_run_config_is_one_error_line(agiqa_cli, small_set, tmp_path):
     from agiqa.models.agiqa_net import create_model, load_model, save_model
 
     root, cache = small_set
@@ -418,7 +415,7 @@ def test_a_broken_run_config_is_one_error_line(small_set, tmp_path):
     (out / "config.json").write_text('{"architecture": "ma-agiqa", "model": {')
     with pytest.raises(CheckpointError, match="config.json: not readable JSON"):
         load_model(out)
-    r = run("evaluate", "--model", out, "--dataset", "csv", "--root", root, "--cache", cache)
+    r = agiqa_cli("evaluate", "--model", out, "--dataset", "csv", "--root", root, "--cache", cache)
     assert r.exit_code == 1
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: {out / 'config.json'}: not readable")
@@ -481,23 +478,24 @@ def _interrupt_in_epoch(monkeypatch, epoch, seed=None):
 
 
 @pytest.mark.slow
-def test_a_resume_that_would_change_the_run_is_refused_naming_the_options(small_set, tmp_path,
+def test_a_resume_that_would_change_the_run_is_refused_naming_the_options(agiqa_cli, small_set,
+                                                                          tmp_path,
                                                                            monkeypatch):
     out = tmp_path / "run"
     args = fit_args(small_set, out, "--epochs", "2", "--batch-size", "5")
     restore = _interrupt_in_epoch(monkeypatch, 1)
-    assert run(*args).exit_code == 1
+    assert agiqa_cli(*args).exit_code == 1
     restore()
     split_before = _split_of(out)
     for change, named in ((["--lr", "3e-4"], "lr 1e-05 -> 0.0003"),
                           (["--split-seed", "21"], "split_seed None -> 21"),
                           (["--epochs", "1"], "epochs 2 -> 1")):
-        r = run(*args, *change, "--resume")
+        r = agiqa_cli(*args, *change, "--resume")
         assert r.exit_code == 1, r.output
         assert "--resume:" in r.output and named in r.output and "same run" in r.output
         assert len(r.output.strip().splitlines()) == 1
     assert _split_of(out) == split_before and (out / "checkpoint.pt").is_file()
-    r = run(*args[:-4], "--epochs", "3", "--batch-size", "5", "--resume", "--json")  # more
+    r = agiqa_cli(*args[:-4], "--epochs", "3", "--batch-size", "5", "--resume", "--json")  # more
     assert r.exit_code == 0, r.output
     assert [row["epoch"] for row in json.loads((out / "metrics.json").read_text())["history"]] \
         == [0, 1, 2]
@@ -505,7 +503,8 @@ def test_a_resume_that_would_change_the_run_is_refused_naming_the_options(small_
 
 
 @pytest.mark.slow
-def test_a_series_killed_after_a_model_was_written_resumes(small_set, tmp_path, monkeypatch):
+def test_a_series_killed_after_a_model_was_written_resumes(agiqa_cli, small_set, tmp_path,
+                                                           monkeypatch):
     """Finished is the marker written last: a run whose model.safetensors is written but not
     its metrics.json or plots is continued from its checkpoint, for a series as for one run."""
     from agiqa.stages import rundir
@@ -521,11 +520,11 @@ def test_a_series_killed_after_a_model_was_written_resumes(small_set, tmp_path, 
         return original(folder, *a, **k)
 
     monkeypatch.setattr(rundir, "write_metrics", killed)
-    assert run(*args).exit_code == 1
+    assert agiqa_cli(*args).exit_code == 1
     assert (out / "seed-20" / "model.safetensors").is_file()
     assert not (out / "seed-20" / "metrics.json").exists()
     monkeypatch.setattr(rundir, "write_metrics", original)
-    r = run(*args, "--resume", "--json")
+    r = agiqa_cli(*args, "--resume", "--json")
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert [x["name"] for x in result["runs"] if x["error"] is None] == ["seed 20", "seed 21"]
@@ -535,10 +534,10 @@ def test_a_series_killed_after_a_model_was_written_resumes(small_set, tmp_path, 
     assert (out / ".agiqa-finished").is_file() and (out / "summary.json").is_file()
 
 
-def test_split_seeds_with_a_split_file_is_a_usage_error(small_set, tmp_path):
+def test_split_seeds_with_a_split_file_is_a_usage_error(agiqa_cli, small_set, tmp_path):
     split = tmp_path / "split.csv"
     split.write_text("key,subset\nimg_00.png,train\n")
-    r = run(*fit_args(small_set, tmp_path / "run", "--split", split, "--split-seeds", "2"))
+    r = agiqa_cli(*fit_args(small_set, tmp_path / "run", "--split", split, "--split-seeds", "2"))
     assert r.exit_code == 1
     assert "--split-seeds 2 draws random splits" in r.output and "--repeats N" in r.output
     assert not (tmp_path / "run").exists()
