@@ -184,3 +184,31 @@ def test_a_shard_copied_over_another_is_refused(agiqa_cli, tmp_path, fmt):
         open_cache(cache.path).read(["b.png"])
     r = agiqa_cli("cache", "verify", "--images", tmp_path, cache.path, catch_exceptions=True)
     assert r.exit_code == 2 and "not its own" in r.output
+
+
+def test_a_cache_moved_with_its_images_finds_them(agiqa_cli, tmp_path):
+    """The image root is recorded absolute and relative to the cache: a project folder moved
+    whole (the old one gone) keeps its cache working, and verify hashes the moved images."""
+    from agiqa.cache import SemanticCache, semantic_spec
+    from agiqa.data.images import file_sha256
+
+    project = tmp_path / "project"
+    (project / "images").mkdir(parents=True)
+    (project / "images" / "a.png").write_bytes(b"not really a png")
+    spec = semantic_spec("m", "r", "float32", ["a", "b"], "x", ["good"])
+    cache = SemanticCache.create(project / "cache", spec, ["a", "b"], 8, "zarr",
+                                 root=project / "images")
+    data = _shard(["a.png"], 1)
+    data.sha256[0] = file_sha256(project / "images" / "a.png")
+    cache.write_shard("shard-a", data)
+    moved = tmp_path / "elsewhere" / "project"
+    moved.parent.mkdir()
+    project.rename(moved)
+    reopened = open_cache(moved / "cache")
+    assert reopened.root == (moved / "images").resolve()
+    assert verify_cache(reopened).checked == 1 and verify_cache(reopened).ok
+    r = agiqa_cli("cache", "verify", moved / "cache")
+    assert r.exit_code == 0 and str((moved / "images").resolve()) in r.output
+    # While the recorded folder exists, it wins: the relative path is only the fallback.
+    (project / "images").mkdir(parents=True)
+    assert open_cache(moved / "cache").root == (project / "images").resolve()

@@ -102,6 +102,7 @@ class SemanticCache:
                 "prompt_names": list(prompt_names),
                 "dim": int(dim),
                 "root": str(Path(root).resolve()) if root else None,
+                "root_relative": _relative_root(path, root) if root else None,
                 "created": now,
                 "shards": {},
             }
@@ -154,7 +155,18 @@ class SemanticCache:
 
     @property
     def root(self) -> Path | None:
-        return Path(self.manifest["root"]) if self.manifest.get("root") else None
+        """The image folder the keys are relative to: the recorded absolute path, or, when
+        that folder is gone and the cache was moved together with its images, the same
+        folder relative to the cache (recorded at creation as ``root_relative``)."""
+        if not self.manifest.get("root"):
+            return None
+        recorded = Path(self.manifest["root"])
+        relative = self.manifest.get("root_relative")
+        if relative and not recorded.is_dir():
+            moved = (self.path / relative).resolve()
+            if moved.is_dir():
+                return moved
+        return recorded
 
     # -- shards -----------------------------------------------------------------------------
     @property
@@ -417,3 +429,12 @@ def open_cache(path: str | os.PathLike) -> SemanticCache:
     """Open an existing semantic cache for reading."""
     path = Path(path)
     return SemanticCache(path, read_manifest(path))
+
+
+def _relative_root(cache: Path, root: str | os.PathLike) -> str | None:
+    """The image root relative to the cache folder (None where no relative path exists, as
+    across Windows drives)."""
+    try:
+        return Path(os.path.relpath(Path(root).resolve(), cache.resolve())).as_posix()
+    except ValueError:
+        return None

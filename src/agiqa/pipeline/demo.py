@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from agiqa.errors import ConfigError
-from agiqa.fileio import atomic_path
+from agiqa.fileio import atomic_path, write_json
 
 __all__ = ["CAVEAT", "CPU_RECIPE", "DEMO_EPOCHS", "DISTORTIONS", "DemoResult", "demo_photos",
            "make_graded_set", "run_demo", "unseen_note"]
@@ -226,12 +226,36 @@ def _prepare(out: Path, seed: int, log) -> tuple[Path, Path, Path]:
     if not (mllm / "config.json").is_file():
         build_tiny_mllm("llava", mllm)
     images = out / "images"
-    labels = make_graded_set(images, photos=names, distortions=("blur",), grades=6, crops=4,
-                             seed=seed)
-    make_graded_set(out / "unseen", photos=[HELD_OUT], distortions=("blur",), grades=6,
-                    seed=seed + 1)
-    (out / "unseen" / "labels.csv").unlink()
+    labels = images / "labels.csv"
+    made = _made_sets(out)
+    wanted = {"seed": seed, "photos": names}
+    # An earlier demo's sets of the same seed are reused while every file is there: a rerun
+    # writes no image (the sets are a function of the seed).
+    if made.get("seed") != seed or made.get("photos") != names or not all(
+            (out / f).is_file() for f in made.get("files", [])) or not labels.is_file():
+        make_graded_set(images, photos=names, distortions=("blur",), grades=6, crops=4,
+                        seed=seed)
+        unseen = out / "unseen"
+        make_graded_set(unseen, photos=[HELD_OUT], distortions=("blur",), grades=6,
+                        seed=seed + 1)
+        (unseen / "labels.csv").unlink()
+        with open(labels, newline="", encoding="utf-8") as f:
+            files = [f"images/{r['image']}" for r in csv.DictReader(f)]
+        files += sorted(f"unseen/{p.name}" for p in unseen.iterdir() if p.suffix == ".png")
+        write_json(out / SETS, {**wanted, "files": ["images/labels.csv", *files]})
     return mllm, images, labels
+
+
+SETS = ".agiqa-demo-sets.json"  # the seed, photographs and files of the sets the demo wrote
+
+
+def _made_sets(out: Path) -> dict[str, Any]:
+    """What an earlier demo recorded of its sets ({} when nothing, or nothing readable)."""
+    try:
+        made = json.loads((out / SETS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return made if isinstance(made, dict) and isinstance(made.get("files"), list) else {}
 
 
 def _fit(run: Path, images: Path, labels: Path, cache: Path, epochs: int, lr: float,
