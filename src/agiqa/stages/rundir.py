@@ -29,10 +29,10 @@ __all__ = [
     "CHECKPOINT", "CONFIG", "CURVES_PLOT", "EVALUATION", "EVALUATION_MARKER", "FINISHED", "LOCK",
     "MARKER", "METRICS", "MODEL", "PREDICTIONS", "RUN_FILES", "SCATTER_PLOT", "SPLIT", "SUMMARY",
     "TRAINING", "TRAIN_LOG", "Predictions", "RunConfig", "check_evaluation_out", "check_out",
-    "check_resume", "check_split_unchanged", "evaluation_folder", "is_finished", "mark_finished",
-    "read_config", "read_metrics", "read_predictions", "read_training", "run_folder",
-    "selection_text", "training_dict", "write_metrics", "write_outputs", "write_predictions",
-    "write_training",
+    "check_resume", "check_split_unchanged", "evaluation_folder", "finite_number", "gate_columns",
+    "is_finished", "mark_finished", "read_config", "read_csv_table", "read_metrics",
+    "read_predictions", "read_training", "run_folder", "selection_text", "training_dict",
+    "write_metrics", "write_outputs", "write_predictions", "write_training",
 ]
 
 # -- file names --------------------------------------------------------------------------------
@@ -360,7 +360,10 @@ def write_predictions(path: Path, keys: Sequence[str], subsets: Sequence[str], m
                             *[f"{float(g):.6g}" for g in gates[i]], z])
 
 
-def _number(text: str, where: str, column: str, allow_empty: bool = False) -> float | None:
+def finite_number(text: str, where: str, column: str, allow_empty: bool = False
+                  ) -> float | None:
+    """A cell of a table agiqa wrote: a finite number (or None for an empty ``allow_empty``
+    cell); anything else is a :class:`DatasetError` naming ``where`` and ``column``."""
     if allow_empty and text == "":
         return None
     try:
@@ -372,13 +375,8 @@ def _number(text: str, where: str, column: str, allow_empty: bool = False) -> fl
     return value
 
 
-def read_predictions(path: Path, prompt_names: Sequence[str] | None = None) -> Predictions:
-    """Read a ``predictions.csv`` of ``fit`` or ``evaluate --out``, this version's or 0.1's
-    (without the ``zero_shot`` column).
-
-    Raises:
-        DatasetError: any other layout, a bad number or a repeated key (one line: where, why).
-    """
+def read_csv_table(path: Path) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of a CSV file agiqa wrote; one line naming the file otherwise."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
@@ -386,17 +384,35 @@ def read_predictions(path: Path, prompt_names: Sequence[str] | None = None) -> P
         raise DatasetError(f"{path}: cannot read it as CSV ({e})") from None
     if not rows:
         raise DatasetError(f"{path}: empty file (no header)")
-    header, body = rows[0], rows[1:]
-    first = ["key", "subset", "mos", "score"]
+    return rows[0], rows[1:]
+
+
+def gate_columns(path: Path, header: list[str], first: list[str],
+                 prompt_names: Sequence[str] | None) -> list[str]:
+    """The gate names of a header ``first + gate_* (image last) + [zero_shot]``, as
+    ``predictions.csv`` and ``score-folder``'s files have it; any other header is refused."""
     gates = [c for c in header if c.startswith("gate_")]
-    names = [g.removeprefix("gate_") for g in gates]
     expected = [*first, *gates] + (["zero_shot"] if "zero_shot" in header else [])
+    names = [g.removeprefix("gate_") for g in gates]
     if header != expected or not gates or names[-1] != "image" or \
             (prompt_names is not None and names != [*prompt_names, "image"]):
         want = ", ".join([*first, *(f"gate_{n}" for n in (prompt_names or ["..."])),
                           "gate_image"])
         raise DatasetError(f"{path}: unexpected columns {', '.join(header)} (expected {want}"
                            "[, zero_shot]); edited by hand or written by another version?")
+    return names
+
+
+def read_predictions(path: Path, prompt_names: Sequence[str] | None = None) -> Predictions:
+    """Read a ``predictions.csv`` of ``fit`` or ``evaluate --out``, this version's or 0.1's
+    (without the ``zero_shot`` column).
+
+    Raises:
+        DatasetError: any other layout, a bad number or a repeated key (one line: where, why).
+    """
+    header, body = read_csv_table(path)
+    names = gate_columns(path, header, ["key", "subset", "mos", "score"], prompt_names)
+    gates = [f"gate_{n}" for n in names]
     has_zero_shot = "zero_shot" in header
     p = Predictions([], [], [], [], [], names, [])
     seen: set[str] = set()
@@ -412,11 +428,11 @@ def read_predictions(path: Path, prompt_names: Sequence[str] | None = None) -> P
         seen.add(key)
         p.keys.append(key)
         p.subsets.append(cells[1])
-        p.mos.append(_number(cells[2], where, "mos"))
-        p.scores.append(_number(cells[3], where, "score"))
-        p.gates.append([_number(c, where, g) for c, g in zip(cells[4:4 + len(gates)], gates,
-                                                             strict=True)])
-        p.zero_shot.append(_number(cells[-1], where, "zero_shot", allow_empty=True)
+        p.mos.append(finite_number(cells[2], where, "mos"))
+        p.scores.append(finite_number(cells[3], where, "score"))
+        p.gates.append([finite_number(c, where, g)
+                        for c, g in zip(cells[4:4 + len(gates)], gates, strict=True)])
+        p.zero_shot.append(finite_number(cells[-1], where, "zero_shot", allow_empty=True)
                            if has_zero_shot else None)
     return p
 
