@@ -153,6 +153,17 @@ def test_extraction_on_two_nodes_equals_a_local_run(cluster, tiny_llava, images,
     v = run("cache", "verify", out)
     assert v.exit_code == 0, v.output
     assert not list(out.glob(".agiqa-probe-*"))
+    # The counts add up as a local run's: a broken file is failed, not also computed.
+    more = tmp_path / "more"
+    shutil.copytree(images, more)
+    (more / "zz_broken.png").write_bytes(b"not an image")
+    r = run("extract-semantics", "--model", tiny_llava, "--images", more, "--out",
+            tmp_path / "more-cache", "--shard-size", "2", "--loader-workers", "0", "-q",
+            "--engine", "ray", "--json")
+    assert r.exit_code == 2, r.output
+    counts = json.loads(r.stdout)
+    assert (counts["computed"], counts["reused"], list(counts["failures"])) == \
+        (12, 0, ["zz_broken.png"])
     # A model that does not load on the actors: its own line, and no cache folder left behind.
     bad = tmp_path / "bad-cache"
     r = run("extract-semantics", "--model", tmp_path / "no-model", "--images", images, "--out",
