@@ -41,7 +41,7 @@ from typing import Any
 
 from agiqa.errors import AgiqaError, ConfigError, UsageError
 from agiqa.fileio import atomic_path, read_json, write_json, write_text
-from agiqa.options import check_known, spell
+from agiqa.options import check_known, cli_naming, spell
 from agiqa.stages.configs import ExperimentConfig, FitConfig, model_experts
 from agiqa.tomlio import parse_toml, toml_value
 
@@ -182,7 +182,8 @@ def _set(table: dict[str, Any], dotted: str, value: Any, source: str) -> None:
     for k in keys[:-1]:
         nxt = table.setdefault(k, {})
         if not isinstance(nxt, dict):
-            raise PlanError(f"{source}: --set {dotted}: {k} is not a table")
+            raise PlanError(f"{source}: {_flag('--set', 'overrides=')} {dotted!r}: {k} is not a "
+                            "table")
         table = nxt
     table[keys[-1]] = value
 
@@ -226,10 +227,15 @@ def load_plan(plan: str | os.PathLike, overrides: list[str] | dict[str, Any] | N
     return _check_plan(d, name, source, {k: Path(v) for k, v in (roots or {}).items()})
 
 
+def _flag(flag: str, keyword: str) -> str:
+    """An option as the caller writes it: its flag on the command line, its keyword in Python."""
+    return flag if cli_naming() else keyword
+
+
 def _split_override(text: str, source: str) -> tuple[str, Any]:
     key, eq, value = text.partition("=")
     if not eq or not key.strip():
-        raise PlanError(f"{source}: --set {text!r}: give KEY=VALUE")
+        raise PlanError(f"{source}: {_flag('--set', 'overrides=')} {text!r}: give KEY=VALUE")
     return key.strip(), toml_value(value.strip())
 
 
@@ -283,13 +289,14 @@ def _check_plan(d: dict[str, Any], name: str, src: str, roots: dict[str, Path]) 
         _check_preset(spec, src)
         if spec.root is None and spec.generate is None:
             raise PlanError(f"{src}: datasets.{ds_name}.root: missing; give the image folder "
-                            f"with --root {ds_name}=DIR")
+                            f"with {_flag(f'--root {ds_name}=DIR', f'roots={{{ds_name!r}: DIR}}')}")
         datasets[ds_name] = spec
     if not datasets:
         raise PlanError(f"{src}: datasets: the plan names no data set")
     unknown_roots = sorted(set(roots) - set(datasets))
     if unknown_roots:
-        raise PlanError(f"{src}: --root {unknown_roots[0]}: the plan has no such data set "
+        raise PlanError(f"{src}: {_flag('--root', 'roots=')} {unknown_roots[0]!r}: the plan has no "
+                        "such data set "
                         f"(it has {', '.join(datasets)})")
     # caches
     caches: dict[str, CacheSpec] = {}
