@@ -427,3 +427,35 @@ def test_a_non_finite_score_fails_its_image_and_the_csv_makes_a_report(agiqa_cli
                                                          sorted(folder.iterdir())])
     assert sum(1 for x in api if x["error"] and "non-finite" in x["error"]) == 2
     assert all(x["score"] is None for x in api if x["error"])
+
+
+def _unseen(graded, folder):
+    root, _ = graded
+    folder.mkdir()
+    for p in sorted(root.glob("*_[03].jpg"))[:2]:
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
+def test_a_csv_of_the_users_beside_the_report_is_never_replaced(agiqa_cli, model_dir, graded,
+                                                                 tmp_path):
+    """With a model that scores: ``--out x.json --report mine.html`` would put the table in
+    ``mine.csv``, the user's file; refused, nothing written."""
+    mine = tmp_path / "mine.csv"
+    mine.write_text("my,data\n")
+    r = agiqa_cli("score-folder", _unseen(graded, tmp_path / "unseen"), "--model", model_dir,
+                  "-q", "--loader-workers", "0", "--out", tmp_path / "x.json", "--report",
+                  tmp_path / "mine.html", catch_exceptions=True)
+    assert r.exit_code == 1 and "not a score file agiqa wrote" in r.output, r.output
+    assert mine.read_text() == "my,data\n" and not (tmp_path / "mine.html").exists()
+
+
+def test_out_and_report_of_one_name_are_refused(agiqa_cli, model_dir, graded, tmp_path):
+    """With a model that scores: ``--out same.html --report same.html`` is a usage error, not
+    scores written to ``same.csv`` under the line ``-> same.html``."""
+    same = tmp_path / "same.html"
+    r = agiqa_cli("score-folder", _unseen(graded, tmp_path / "unseen"), "--model", model_dir,
+                  "-q", "--loader-workers", "0", "--out", same, "--report", same,
+                  catch_exceptions=True)
+    assert r.exit_code == 64 and "does not end in .csv or .json" in r.output, r.output
+    assert not same.exists() and not same.with_suffix(".csv").exists()
