@@ -69,3 +69,11 @@ def test_the_cli_reference_shows_defaults_and_example_blocks():
     assert "Examples:\n\n```text\nagiqa score-folder ./generated --model runs/3k --out " \
            "scores.csv\n" in page
     assert "\b" not in page
+
+
+def test_the_folders_the_readme_writes_are_ignored_by_git():
+    """Running the README's Python block in a clone leaves no untracked folder behind."""
+    outs = set(re.findall(r'\bout="([^"/]+)"', _text("README.md")))
+    assert {"my-run", "unseen-cache"} <= outs
+    ignored = set(_text(".gitignore").split())
+    assert [o for o in sorted(outs) if f"/{o}/" not in ignored] == []
