@@ -487,7 +487,14 @@ def test_a_resume_that_would_change_the_run_is_refused_naming_the_options(agiqa_
     assert agiqa_cli(*args).exit_code == 1
     restore()
     split_before = _split_of(out)
-    for change, named in ((["--lr", "3e-4"], "lr 1e-05 -> 0.0003"),
+    root, _ = small_set
+    rows = (root / "labels.csv").read_text().splitlines()
+    other = tmp_path / "other.csv"  # the same images, their MOS reversed
+    other.write_text("\n".join([rows[0], *(f"{a.split(',')[0]},{b.split(',')[1]}"
+                                           for a, b in zip(rows[1:], rows[:0:-1], strict=True)),
+                                ""]))
+    for change, named in ((["--labels", other], f"labels None -> '{other}'"),
+                          (["--lr", "3e-4"], "lr 1e-05 -> 0.0003"),
                           (["--split-seed", "21"], "split_seed None -> 21"),
                           (["--epochs", "1"], "epochs 2 -> 1")):
         r = agiqa_cli(*args, *change, "--resume")
