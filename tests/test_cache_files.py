@@ -209,6 +209,13 @@ def test_a_cache_moved_with_its_images_finds_them(agiqa_cli, tmp_path):
     assert verify_cache(reopened).checked == 1 and verify_cache(reopened).ok
     r = agiqa_cli("cache", "verify", moved / "cache")
     assert r.exit_code == 0 and str((moved / "images").resolve()) in r.output
-    # While the recorded folder exists, it wins: the relative path is only the fallback.
-    (project / "images").mkdir(parents=True)
-    assert open_cache(moved / "cache").root == (project / "images").resolve()
+    # A copy, the original still there: the recorded folder is the root, except for files
+    # that lie under the copy's own images only (scoring the copy with the copy's cache).
+    moved.rename(project)
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy)
+    copied = open_cache(copy / "cache")
+    assert copied.root == (project / "images").resolve()
+    assert copied.root_for([copy / "images" / "a.png"]) == (copy / "images").resolve()
+    assert copied.root_for([project / "images" / "a.png"]) == (project / "images").resolve()
+    assert copied.root_for([tmp_path / "elsewhere.png"]) == (project / "images").resolve()

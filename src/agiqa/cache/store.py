@@ -161,12 +161,32 @@ class SemanticCache:
         if not self.manifest.get("root"):
             return None
         recorded = Path(self.manifest["root"])
-        relative = self.manifest.get("root_relative")
-        if relative and not recorded.is_dir():
-            moved = (self.path / relative).resolve()
-            if moved.is_dir():
-                return moved
+        moved = self._relative_root()
+        if moved is not None and not recorded.is_dir():
+            return moved
         return recorded
+
+    def _relative_root(self) -> Path | None:
+        relative = self.manifest.get("root_relative")
+        if not relative:
+            return None
+        moved = (self.path / relative).resolve()
+        return moved if moved.is_dir() else None
+
+    def root_for(self, files: list[Path]) -> Path | None:
+        """The image root for ``files``: :attr:`root`, unless every file lies under the
+        folder relative to the cache and not under the recorded one (a cache copied with its
+        images, the original still there). Each file's bytes are still checked against the
+        sha256 the cache holds for it."""
+        root = self.root
+        moved = self._relative_root()
+        if root is None or moved is None or moved == root or not files:
+            return root
+
+        def holds(folder: Path) -> bool:
+            return all(f.resolve().is_relative_to(folder) for f in files)
+
+        return moved if holds(moved) and not holds(root) else root
 
     # -- shards -----------------------------------------------------------------------------
     @property
