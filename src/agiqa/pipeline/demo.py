@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from agiqa.errors import AgiqaError, ConfigError
-from agiqa.fileio import atomic_path, write_json
+from agiqa.fileio import atomic_path, read_json, write_json
 
 __all__ = ["CAVEAT", "CPU_RECIPE", "DEMO_EPOCHS", "DISTORTIONS", "DemoResult", "demo_photos",
            "make_graded_set", "run_demo", "unseen_note"]
@@ -250,7 +250,6 @@ def _prepare(out: Path, seed: int, log) -> tuple[Path, Path, Path, bool]:
 
 def _saved_metrics(folder: Path) -> dict[str, float] | None:
     """The metrics of an evaluation folder the demo wrote (None when there is none whole)."""
-    from agiqa.fileio import read_json
     from agiqa.stages.rundir import EVALUATION
 
     try:
@@ -270,7 +269,7 @@ SETS = ".agiqa-demo-sets.json"  # the seed, photographs and files of the sets th
 def _made_sets(out: Path) -> dict[str, Any]:
     """What an earlier demo recorded of its sets ({} when nothing, or nothing readable)."""
     try:
-        made = json.loads((out / SETS).read_text(encoding="utf-8"))
+        made = read_json(out / SETS)  # a regular file, read within bounds
     except (OSError, ValueError):
         return {}
     return made if isinstance(made, dict) and isinstance(made.get("files"), list) else {}
