@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -23,7 +24,14 @@ from typing import Any
 from agiqa.cache.fingerprint import SemanticSpec
 from agiqa.data.splits import Split, read_split_csv
 from agiqa.errors import CheckpointError, ConfigError, DatasetError
-from agiqa.fileio import atomic_path, exclusive_lock, read_json, write_json, write_text
+from agiqa.fileio import (
+    atomic_path,
+    exclusive_lock,
+    read_json,
+    read_text,
+    write_json,
+    write_text,
+)
 
 __all__ = [
     "CHECKPOINT", "CONFIG", "CURVES_PLOT", "EVALUATION", "EVALUATION_MARKER", "FINISHED", "LOCK",
@@ -360,6 +368,9 @@ def write_predictions(path: Path, keys: Sequence[str], subsets: Sequence[str], m
                             *[f"{float(g):.6g}" for g in gates[i]], z])
 
 
+TABLE_LIMIT = 4 << 30  # bytes: a CSV table of agiqa (predictions, scores of millions of files)
+
+
 def finite_number(text: str, where: str, column: str, allow_empty: bool = False
                   ) -> float | None:
     """A cell of a table agiqa wrote: a finite number (or None for an empty ``allow_empty``
@@ -377,10 +388,10 @@ def finite_number(text: str, where: str, column: str, allow_empty: bool = False
 
 def read_csv_table(path: Path) -> tuple[list[str], list[list[str]]]:
     """The header and rows of a CSV file agiqa wrote; one line naming the file otherwise."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    try:  # a regular file within bounds: a FIFO never blocks the read
+        rows = list(csv.reader(io.StringIO(read_text(path, TABLE_LIMIT, "CSV table"),
+                                           newline="")))
+    except (OSError, ValueError, csv.Error) as e:
         raise DatasetError(f"{path}: cannot read it as CSV ({e})") from None
     if not rows:
         raise DatasetError(f"{path}: empty file (no header)")
