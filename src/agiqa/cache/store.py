@@ -34,6 +34,7 @@ from agiqa.cache.shards import (
 )
 from agiqa.errors import CacheError, CacheMismatchError, ConfigError, MissingVectorsError
 from agiqa.fileio import remove_path, remove_stale_temporaries, write_json
+from agiqa.options import spell
 
 __all__ = ["MANIFEST", "SemanticCache", "open_cache", "plan_shards"]
 
@@ -113,7 +114,8 @@ class SemanticCache:
                 str(path), fingerprint, cache.fingerprint, spec_diff(spec, cache.spec)
             )
         if fmt and fmt != cache.format:
-            raise ConfigError(f"cache {path} holds {cache.format} shards; --format {fmt} given")
+            raise ConfigError(f"cache {path} holds {cache.format} shards; {spell('format', fmt)} "
+                              "given")
         if not _writable(path):
             raise CacheError(f"{path}: cannot write the cache (permission denied)")
         remove_stale_temporaries(path)

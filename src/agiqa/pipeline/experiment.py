@@ -391,9 +391,9 @@ def _check_variant(plan: Plan, v: Variant) -> None:
         raise PlanError(f"{plan.source}: caches.{cache.name}.prompts: {e}") from None
     try:
         model_experts(cfg.experts, cfg.fusion, names, f"cache {cache.name} (prompts "
-                      f"{cache.prompts})")
+                      f"{cache.prompts})", label=f"{where}.experts")
     except ConfigError as e:
-        raise PlanError(f"{where}.experts: {e}") from None
+        raise PlanError(str(e)) from None
 
 
 def _score_range(ds: DatasetSpec) -> tuple[float, float] | None:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from agiqa.errors import ConfigError, ModelLoadError
 from agiqa.fileio import LOCAL_REVISION_PREFIX, folder_content_hash, read_json
+from agiqa.options import spell
 from agiqa.presets import (
     Recipe,
     list_presets,
@@ -184,7 +185,8 @@ def pad_colour(image_processor: Any) -> tuple[int, ...]:
     """``getFeature.py``'s background: the processor's mean, ``int(x * 255)`` per channel."""
     mean = getattr(image_processor, "image_mean", None)
     if mean is None:
-        raise ConfigError("--pad-square needs the image processor's image_mean, and "
+        raise ConfigError(f"{spell('pad_square', True)} needs the image processor's image_mean, "
+                          "and "
                           f"{type(image_processor).__name__} has none")
     if isinstance(mean, (int, float)):
         mean = [mean] * 3
