@@ -225,7 +225,8 @@ class DemoRun:
 def demo_run(tmp_path_factory) -> DemoRun:
     """One demo per session (about a minute on two cores), shared by the demo's tests and by the
     documentation pages that run ``agiqa demo``: its folder holds ``tiny-llava/``, ``images/``
-    (with ``labels.csv``), ``unseen/``, ``cache/``, ``run/`` and ``scores.csv``."""
+    (with ``labels.csv``), ``unseen/``, ``cache/``, ``run/``, ``evaluation-val/``,
+    ``evaluation-test/`` and ``scores.csv``."""
     from click.testing import CliRunner
 
     from agiqa.cli import cli

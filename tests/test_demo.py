@@ -41,6 +41,7 @@ def test_demo_learns_and_says_why_the_numbers_are_no_judgement(demo_run):
     assert "not a quality judgement" in result["caveat"]
     for name in ("run/model.safetensors", "run/split.csv", "run/scatter_test.png",
                  "run/training_curves.png", "cache/manifest.json", "images/labels.csv",
+                 "evaluation-val/evaluation.json", "evaluation-test/predictions.csv",
                  "scores.csv"):
         assert (out / name).is_file(), name
     with open(out / "scores.csv", newline="", encoding="utf-8") as f:
@@ -62,8 +63,10 @@ def test_demo_learns_and_says_why_the_numbers_are_no_judgement(demo_run):
     finally:
         away.rename(out)
     assert again.exit_code == 0, again.output
-    # The sets were reused, not written again.
+    # The sets were reused, not written again, and so were the evaluations of the unchanged
+    # model on its unchanged vectors.
     assert {p: p.stat().st_mtime_ns for p in (moved / "images").iterdir()} == written
+    assert f"reusing {moved / 'evaluation-test'}" in again.output
     with open(moved / "scores.csv", newline="", encoding="utf-8") as f:
         assert [r["path"] for r in csv.DictReader(f)] == [r["path"] for r in rows]
     assert "already holds a trained model; reusing it" in again.output

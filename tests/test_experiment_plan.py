@@ -80,7 +80,7 @@ def test_a_cross_pair_of_different_scales_needs_score_norm(tmp_path):
 
 def test_a_variant_the_caches_prompts_cannot_run(tmp_path):
     f = _plan(tmp_path, "[variants.x]\nexperts = \"image,colour\"\n")
-    _refused(f, "variants.x.experts: --experts: 'colour' is not an expert of cache owl")
+    _refused(f, "variants.x.experts: 'colour' is not an expert of cache owl")
 
 
 def test_a_plan_that_does_not_parse(tmp_path):

@@ -244,6 +244,25 @@ def test_the_python_api_checks_types_and_names_unknown_options():
         assert ExtractConfig(out="c", model="tiny").mllm == "tiny"
 
 
+def test_the_python_api_names_keywords_in_its_refusals(tmp_path):
+    """Refusals raised deep in a run name the keyword in Python (``out='…'``) and the flag on
+    the command line (``--out …``)."""
+    import agiqa
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=f"^out={re.escape(repr(str(mine)))} is not empty and "
+                                          "agiqa did not make it"):
+        agiqa.fit(dataset="csv", root=tmp_path, labels=tmp_path / "l.csv", cache=tmp_path,
+                  out=mine)
+    r = CliRunner().invoke(cli, ["fit", "--dataset", "csv", "--root", str(tmp_path), "--labels",
+                                 str(tmp_path / "l.csv"), "--cache", str(tmp_path), "--out",
+                                 str(mine)])
+    assert r.exit_code == 1 and f"Error: --out {mine} is not empty and agiqa did not make it" \
+        in r.output
+
+
 def test_the_experiment_api_checks_its_options_before_any_work(tmp_path):
     """``experiment()`` takes its options from the same config as ``agiqa experiment``: a
     string where a boolean belongs never turns a run into a dry run (or the reverse)."""

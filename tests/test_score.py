@@ -208,6 +208,20 @@ def test_a_new_cache_is_rooted_at_the_folder_and_batch_size_is_honoured(agiqa_cl
     info = json.loads(agiqa_cli("cache", "info", cache, "--json").stdout)
     assert info["root"] == str(root.resolve()) and info["images"] == len(good)
     assert agiqa_cli("cache", "verify", cache).exit_code == 2  # only the broken files: failed
+    # A project folder copied whole (the original still there): its cache scores its own
+    # images, found relative to the cache, and computes nothing again.
+    project = tmp_path / "project"
+    shutil.copytree(root, project / "images")
+    agiqa_cli("score-folder", project / "images", "--model", model_dir, "--cache",
+              project / "cache", "-q", "--loader-workers", "0")  # rooted at project/images
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy)
+    mllm_forwards.clear()
+    s = agiqa_cli("score-folder", copy / "images", "--model", model_dir, "--cache",
+                  copy / "cache", "-q", "--json", "--loader-workers", "0")
+    scored = json.loads(s.stdout)
+    assert sorted(r["path"] for r in scored["rows"]) == good, scored["failures"]
+    assert scored["summary"]["computed"] == 0 and mllm_forwards == []
     # PIL images are batched by batch_size too.
     mllm_forwards.clear()
     scorer = agiqa.Scorer.from_pretrained(model_dir, batch_size=2)

@@ -34,6 +34,7 @@ from agiqa.cache.shards import (
 )
 from agiqa.errors import CacheError, CacheMismatchError, ConfigError, MissingVectorsError
 from agiqa.fileio import remove_path, remove_stale_temporaries, write_json
+from agiqa.options import spell
 
 __all__ = ["MANIFEST", "SemanticCache", "open_cache", "plan_shards"]
 
@@ -113,7 +114,8 @@ class SemanticCache:
                 str(path), fingerprint, cache.fingerprint, spec_diff(spec, cache.spec)
             )
         if fmt and fmt != cache.format:
-            raise ConfigError(f"cache {path} holds {cache.format} shards; --format {fmt} given")
+            raise ConfigError(f"cache {path} holds {cache.format} shards; {spell('format', fmt)} "
+                              "given")
         if not _writable(path):
             raise CacheError(f"{path}: cannot write the cache (permission denied)")
         remove_stale_temporaries(path)
@@ -161,12 +163,32 @@ class SemanticCache:
         if not self.manifest.get("root"):
             return None
         recorded = Path(self.manifest["root"])
-        relative = self.manifest.get("root_relative")
-        if relative and not recorded.is_dir():
-            moved = (self.path / relative).resolve()
-            if moved.is_dir():
-                return moved
+        moved = self._relative_root()
+        if moved is not None and not recorded.is_dir():
+            return moved
         return recorded
+
+    def _relative_root(self) -> Path | None:
+        relative = self.manifest.get("root_relative")
+        if not relative:
+            return None
+        moved = (self.path / relative).resolve()
+        return moved if moved.is_dir() else None
+
+    def root_for(self, files: list[Path]) -> Path | None:
+        """The image root for ``files``: :attr:`root`, unless every file lies under the
+        folder relative to the cache and not under the recorded one (a cache copied with its
+        images, the original still there). Each file's bytes are still checked against the
+        sha256 the cache holds for it."""
+        root = self.root
+        moved = self._relative_root()
+        if root is None or moved is None or moved == root or not files:
+            return root
+
+        def holds(folder: Path) -> bool:
+            return all(f.resolve().is_relative_to(folder) for f in files)
+
+        return moved if holds(moved) and not holds(root) else root
 
     # -- shards -----------------------------------------------------------------------------
     @property

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from agiqa.errors import AgiqaError, ConfigError, UsageError
-from agiqa.fileio import atomic_path, read_json, write_json, write_text
+from agiqa.fileio import atomic_path, read_json, read_text, write_json, write_text
 from agiqa.options import check_known, cli_naming, spell
 from agiqa.stages.configs import ExperimentConfig, FitConfig, model_experts
 from agiqa.tomlio import parse_toml, toml_value
@@ -210,8 +210,8 @@ def load_plan(plan: str | os.PathLike, overrides: list[str] | dict[str, Any] | N
             raise PlanError(f"{path}: plan file not found")
         source, name = str(path), path.stem
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
+            text = read_text(path, 1 << 20, "plan file")
+        except (OSError, ValueError) as e:
             raise PlanError(f"{path}: not readable ({e})") from None
     else:
         preset = load_plan_preset(str(plan))
@@ -391,9 +391,9 @@ def _check_variant(plan: Plan, v: Variant) -> None:
         raise PlanError(f"{plan.source}: caches.{cache.name}.prompts: {e}") from None
     try:
         model_experts(cfg.experts, cfg.fusion, names, f"cache {cache.name} (prompts "
-                      f"{cache.prompts})")
+                      f"{cache.prompts})", label=f"{where}.experts")
     except ConfigError as e:
-        raise PlanError(f"{where}.experts: {e}") from None
+        raise PlanError(str(e)) from None
 
 
 def _score_range(ds: DatasetSpec) -> tuple[float, float] | None:

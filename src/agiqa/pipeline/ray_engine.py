@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from agiqa.errors import AgiqaError, ConfigError
+from agiqa.options import spell
 
 __all__ = ["ENGINES", "ClusterError", "check_ray", "extract_on_ray", "groups_on_ray", "import_ray",
            "ray_session", "score_on_ray"]
@@ -54,7 +55,8 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise ConfigError(f"--engine ray needs Ray, which is not installed: {INSTALL}") from None
+        raise ConfigError(f"{spell('engine', 'ray')} needs Ray, which is not installed: "
+                          f"{INSTALL}") from None
     return ray
 
 
@@ -326,8 +328,9 @@ def extract_on_ray(cfg, source, on_shard: Callable[[str, str], None] | None = No
     from agiqa.stages.extraction.resume import discard_damaged, plan_resume
 
     if cfg.worker is not None:
-        raise ConfigError("--worker is the static split's; with --engine ray the driver hands "
-                          "the shards out (--workers: the number of actors)")
+        raise ConfigError(f"{spell('worker')} is the static split's; with "
+                          f"{spell('engine', 'ray')} the driver hands the shards out "
+                          f"({spell('workers')}: the number of actors)")
     start = time.perf_counter()
     out, root = Path(cfg.out).resolve(), Path(source.root).resolve()
     report = ExtractReport(str(cfg.out), len(source.keys), skipped_files=list(source.skipped),

@@ -18,6 +18,7 @@ import numpy as np
 
 from agiqa.errors import ConfigError, DatasetError
 from agiqa.fileio import read_json
+from agiqa.options import spell
 from agiqa.stages.rundir import (
     CONFIG,
     EVALUATION,
@@ -214,8 +215,8 @@ def _locate_images(data: RunData, root: Path | None) -> None:
 
     root = root or (Path(data.dataset["root"]) if data.dataset.get("root") else None)
     if root is None or not root.is_dir():
-        raise ConfigError(f"{data.folder}: the image root {root} is not a folder; pass --root "
-                          "DIR (the folder the data set's images are in)")
+        raise ConfigError(f"{data.folder}: the image root {root} is not a folder; pass "
+                          f"{spell('root')} DIR (the folder the data set's images are in)")
     for r in data.rows:
         r.path = resolve_key(root, r.name, source=str(data.folder / PREDICTIONS))
 

@@ -261,9 +261,10 @@ class FitConfig(DatasetFields):
 
 
 def model_experts(experts: str | None, fusion: str, prompt_names: list[str],
-                  where: str = "the cache") -> dict[str, object]:
+                  where: str = "the cache", label: str | None = None) -> dict[str, object]:
     """The model arguments of ``--experts`` and ``--fusion`` for vectors of ``prompt_names``:
-    ``semantic_experts`` (prompt indices, None: all), ``image_expert``, ``fusion``.
+    ``semantic_experts`` (prompt indices, None: all), ``image_expert``, ``fusion``. ``label``
+    names the value in a refusal (default: the option, as the caller spells it).
 
     Raises:
         ConfigError: a name that is neither ``image`` nor one of the prompts of ``where``.
@@ -278,8 +279,8 @@ def model_experts(experts: str | None, fusion: str, prompt_names: list[str],
 
         close = difflib.get_close_matches(unknown[0], known, n=2)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        raise ConfigError(f"--experts: {unknown[0]!r} is not an expert of {where} (choose from "
-                          f"{', '.join(known)}){hint}")
+        raise ConfigError(f"{label or spell('experts')}: {unknown[0]!r} is not an expert of "
+                          f"{where} (choose from {', '.join(known)}){hint}")
     index = [prompt_names.index(n) for n in prompt_names if n in names]  # the cache's order
     every = len(index) == len(prompt_names)
     return {"semantic_experts": None if every else index, "image_expert": "image" in names,

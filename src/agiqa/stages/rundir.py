@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -23,7 +24,15 @@ from typing import Any
 from agiqa.cache.fingerprint import SemanticSpec
 from agiqa.data.splits import Split, read_split_csv
 from agiqa.errors import CheckpointError, ConfigError, DatasetError
-from agiqa.fileio import atomic_path, exclusive_lock, read_json, write_json, write_text
+from agiqa.fileio import (
+    atomic_path,
+    exclusive_lock,
+    read_json,
+    read_text,
+    write_json,
+    write_text,
+)
+from agiqa.options import spell
 
 __all__ = [
     "CHECKPOINT", "CONFIG", "CURVES_PLOT", "EVALUATION", "EVALUATION_MARKER", "FINISHED", "LOCK",
@@ -103,38 +112,41 @@ def check_out(out: Path, resume: bool, series: bool = False) -> None:
     by one).
     """
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder")
+        raise ConfigError(f"{spell('out', str(out))} is a file, not a folder")
     entries = sorted(out.iterdir()) if out.is_dir() else []
     if entries and not (out / MARKER).is_file():
         shown = ", ".join(p.name for p in entries[:3]) + (", ..." if len(entries) > 3 else "")
-        raise ConfigError(f"--out {out} is not empty and agiqa did not make it (it holds "
-                          f"{shown}; no {MARKER} file); choose a new or empty folder")
+        raise ConfigError(f"{spell('out', str(out))} is not empty and agiqa did not make it "
+                          f"(it holds {shown}; no {MARKER} file); choose a new or empty folder")
     foreign = [p.name for p in entries if not _is_run_entry(p)]
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise ConfigError(f"--out {out} is not empty and is not an agiqa run (it holds {shown}); "
-                          "choose a new or empty folder")
+        raise ConfigError(f"{spell('out', str(out))} is not empty and is not an agiqa run (it "
+                          f"holds {shown}); choose a new or empty folder")
     if series:
         if (out / MODEL).is_file() or (out / CHECKPOINT).is_file():
-            raise ConfigError(f"--out {out} holds a single run; a series (--repeats, "
-                              "--split-seeds) needs another --out")
+            raise ConfigError(f"{spell('out', str(out))} holds a single run; a series "
+                              f"({spell('repeats')}, {spell('split_seeds')}) needs another "
+                              f"{spell('out')}")
         if is_finished(out) and not resume:
             raise ConfigError(f"{out} holds a finished series ({SUMMARY}); choose another "
-                              "--out for a new one")
+                              f"{spell('out')} for a new one")
         return
     if any(p.is_dir() and p.name.partition("-")[0] in ("seed", "split") for p in entries):
-        raise ConfigError(f"--out {out} holds a series (--repeats, --split-seeds); a single run "
-                          "needs another --out")
+        raise ConfigError(f"{spell('out', str(out))} holds a series ({spell('repeats')}, "
+                          f"{spell('split_seeds')}); a single run needs another {spell('out')}")
     if is_finished(out):
         raise ConfigError(f"{out} holds a finished run ({MODEL}); nothing to resume, "
-                          "choose another --out for a new run")
+                          f"choose another {spell('out')} for a new run")
     if (out / CHECKPOINT).is_file():
         if not resume:
-            raise ConfigError(f"{out} holds an interrupted run ({CHECKPOINT}); pass --resume "
-                              "to continue it, or choose another --out")
+            raise ConfigError(f"{out} holds an interrupted run ({CHECKPOINT}); pass "
+                              f"{spell('resume', True)} to continue it, or choose another "
+                              f"{spell('out')}")
         return
     if resume:
-        raise ConfigError(f"--resume: {out / CHECKPOINT} not found (nothing to resume)")
+        raise ConfigError(f"{spell('resume', True)}: {out / CHECKPOINT} not found (nothing to "
+                          "resume)")
 
 
 @contextlib.contextmanager
@@ -156,7 +168,7 @@ def run_folder(out: Path, resume: bool, main: bool = True, series: bool = False
     if not (out / MARKER).is_file():  # out is new or empty (check_out): agiqa makes it a run
         write_text(out / MARKER, "an agiqa run folder: agiqa writes here\n")
     try:
-        with exclusive_lock(out / LOCK, f"--out {out}"):
+        with exclusive_lock(out / LOCK, spell("out", str(out))):
             check_out(out, resume, series)  # again, under the lock: another process came first?
             yield
     except BaseException:
@@ -227,9 +239,10 @@ def check_resume(out: Path, training: dict[str, Any]) -> None:
             continue
         changed.append(f"{k} {old.get(k)!r} -> {new.get(k)!r}")
     if changed:
-        raise ConfigError(f"--resume: {out} was started with other options ({'; '.join(changed)})"
-                          f"; a resume continues the same run: give the recorded options "
-                          f"({out / TRAINING}), or choose another --out for a new run")
+        raise ConfigError(f"{spell('resume', True)}: {out} was started with other options "
+                          f"({'; '.join(changed)}); a resume continues the same run: give the "
+                          f"recorded options ({out / TRAINING}), or choose another "
+                          f"{spell('out')} for a new run")
 
 
 def check_split_unchanged(out: Path, split: Split) -> None:
@@ -239,9 +252,9 @@ def check_split_unchanged(out: Path, split: Split) -> None:
         return
     recorded = read_split_csv(path)
     if any(recorded.subset(s) != split.subset(s) for s in ("train", "val", "test")):
-        raise ConfigError(f"--resume: {path} holds another split than these options make "
-                          "(another --split, --split-seed, --seed or labels file?); a resume "
-                          "continues the same run")
+        raise ConfigError(f"{spell('resume', True)}: {path} holds another split than these "
+                          f"options make (another {spell('split')}, {spell('split_seed')}, "
+                          f"{spell('seed')} or labels file?); a resume continues the same run")
 
 
 # -- config.json -------------------------------------------------------------------------------
@@ -360,6 +373,9 @@ def write_predictions(path: Path, keys: Sequence[str], subsets: Sequence[str], m
                             *[f"{float(g):.6g}" for g in gates[i]], z])
 
 
+TABLE_LIMIT = 4 << 30  # bytes: a CSV table of agiqa (predictions, scores of millions of files)
+
+
 def finite_number(text: str, where: str, column: str, allow_empty: bool = False
                   ) -> float | None:
     """A cell of a table agiqa wrote: a finite number (or None for an empty ``allow_empty``
@@ -377,10 +393,10 @@ def finite_number(text: str, where: str, column: str, allow_empty: bool = False
 
 def read_csv_table(path: Path) -> tuple[list[str], list[list[str]]]:
     """The header and rows of a CSV file agiqa wrote; one line naming the file otherwise."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    try:  # a regular file within bounds: a FIFO never blocks the read
+        rows = list(csv.reader(io.StringIO(read_text(path, TABLE_LIMIT, "CSV table"),
+                                           newline="")))
+    except (OSError, ValueError, csv.Error) as e:
         raise DatasetError(f"{path}: cannot read it as CSV ({e})") from None
     if not rows:
         raise DatasetError(f"{path}: empty file (no header)")
@@ -505,20 +521,22 @@ def check_evaluation_out(out: Path, model_dir: Path) -> None:
     """
     out, model_dir = Path(out), Path(model_dir)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder")
+        raise ConfigError(f"{spell('out', str(out))} is a file, not a folder")
     if not out.is_dir():
         return
     with contextlib.suppress(OSError):
         if out.resolve() == model_dir.resolve():
-            raise ConfigError(f"--out {out} is the model's own folder; evaluate writes "
-                              f"{PREDICTIONS} and {EVALUATION}, which would replace the run's: "
-                              "choose another folder")
+            raise ConfigError(f"{spell('out', str(out))} is the model's own folder; evaluate "
+                              f"writes {PREDICTIONS} and {EVALUATION}, which would replace the "
+                              "run's: choose another folder")
     if (out / MARKER).is_file() or (out / CONFIG).is_file() or (out / MODEL).is_file():
-        raise ConfigError(f"--out {out} is a run or model folder; choose another folder for "
+        raise ConfigError(f"{spell('out', str(out))} is a run or model folder; choose another "
+                          "folder for "
                           "the evaluation")
     ours = [n for n in (PREDICTIONS, EVALUATION) if (out / n).exists()]
     if ours and not _agiqa_evaluation(out):
-        raise ConfigError(f"--out {out} holds {' and '.join(ours)} that agiqa evaluate did not "
+        raise ConfigError(f"{spell('out', str(out))} holds {' and '.join(ours)} that agiqa "
+                          "evaluate did not "
                           "write; choose another folder")
 
 
