@@ -390,19 +390,29 @@ def test_killed_checkpoint_write_leaves_nothing_that_breaks_resume(agiqa_cli, sm
 
 
 @pytest.mark.slow
-def test_disk_full_while_training_is_one_error_line(agiqa_cli, small_set, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["oserror", "torch"])
+def test_disk_full_while_training_is_one_error_line(agiqa_cli, small_set, tmp_path, monkeypatch,
+                                                    how):
+    """A full disk under the checkpoint: the OS's ENOSPC, or torch's zip writer failing with
+    its multi-line "[enforce fail …] unexpected pos" text, is one line naming the file."""
     import errno
 
     out = tmp_path / "run"
 
     def full(obj, f, *a, **k):
+        if how == "torch":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 "
+                               "vs 470\nException raised from write_record at ...\nframe #0")
         raise OSError(errno.ENOSPC, "No space left on device", str(f))
 
     monkeypatch.setattr(torch, "save", full)
     r = agiqa_cli(*fit_args(small_set, out, "--epochs", "1", "--batch-size", "5"))
     assert r.exit_code == 1
-    assert r.output.strip() == (f"Error: {out / 'checkpoint.pt'}: cannot write the run "
-                                "(No space left on device)")
+    why = "No space left on device" if how == "oserror" else (
+        "the file was cut short, is the disk full? (torch: [enforce fail at "
+        "inline_container.cc:672] . unexpected pos 576 vs 470)")
+    assert r.output.strip() == f"Error: {out / 'checkpoint.pt'}: cannot write the run ({why})"
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*tmp*"))
 
 
 @pytest.mark.slow

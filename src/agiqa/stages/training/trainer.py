@@ -219,9 +219,13 @@ class Trainer:
         try:
             with atomic_path(path) as tmp:
                 torch.save(ck, tmp)
-        except (OSError, RuntimeError) as e:  # torch wraps a failed write (disk full) at times
-            code, why = getattr(e, "errno", None), getattr(e, "strerror", None)
-            raise OSError(code or errno.EIO, why or f"cannot write ({e})", str(path)) from None
+        except OSError as e:
+            raise OSError(e.errno or errno.EIO, e.strerror or f"cannot write ({e})",
+                          str(path)) from None
+        except RuntimeError as e:  # torch's zip writer on a full disk: "[enforce fail …]"
+            first = (str(e).strip().splitlines() or ["no reason given"])[0]
+            raise OSError(errno.EIO, f"the file was cut short, is the disk full? (torch: "
+                                     f"{first})", str(path)) from None
 
     @property
     def done(self) -> bool:
