@@ -225,7 +225,8 @@ class DemoRun:
 def demo_run(tmp_path_factory) -> DemoRun:
     """One demo per session (about a minute on two cores), shared by the demo's tests and by the
     documentation pages that run ``agiqa demo``: its folder holds ``tiny-llava/``, ``images/``
-    (with ``labels.csv``), ``unseen/``, ``cache/``, ``run/`` and ``scores.csv``."""
+    (with ``labels.csv``), ``unseen/``, ``cache/``, ``run/``, ``evaluation-val/``,
+    ``evaluation-test/`` and ``scores.csv``."""
     from click.testing import CliRunner
 
     from agiqa.cli import cli
@@ -633,7 +634,7 @@ def official_ma_agiqa(tmp_path_factory) -> OfficialMaAgiqa:
 def ray_cluster():
     """Ray's multi-node test cluster, once per test process: a head without CPUs (the driver's)
     and two nodes of one CPU each; a dead node is noticed within about a second. The tests of
-    ``--engine ray`` and the pages that run it share it (``xdist_group("ray")``)."""
+    ``--engine ray`` and the pages that run it share it (``xdist_group("demo-and-ray")``)."""
     ray = pytest.importorskip("ray", reason="Ray is installed by the test extra")
     from ray.cluster_utils import Cluster
 

@@ -184,3 +184,62 @@ def test_a_shard_copied_over_another_is_refused(agiqa_cli, tmp_path, fmt):
         open_cache(cache.path).read(["b.png"])
     r = agiqa_cli("cache", "verify", "--images", tmp_path, cache.path, catch_exceptions=True)
     assert r.exit_code == 2 and "not its own" in r.output
+
+
+def test_a_cache_moved_with_its_images_finds_them(agiqa_cli, tmp_path):
+    """The image root is recorded absolute and relative to the cache: a project folder moved
+    whole (the old one gone) keeps its cache working, and verify hashes the moved images."""
+    from agiqa.cache import SemanticCache, semantic_spec
+    from agiqa.data.images import file_sha256
+
+    project = tmp_path / "project"
+    (project / "images").mkdir(parents=True)
+    (project / "images" / "a.png").write_bytes(b"not really a png")
+    spec = semantic_spec("m", "r", "float32", ["a", "b"], "x", ["good"])
+    cache = SemanticCache.create(project / "cache", spec, ["a", "b"], 8, "zarr",
+                                 root=project / "images")
+    data = _shard(["a.png"], 1)
+    data.sha256[0] = file_sha256(project / "images" / "a.png")
+    cache.write_shard("shard-a", data)
+    moved = tmp_path / "elsewhere" / "project"
+    moved.parent.mkdir()
+    project.rename(moved)
+    reopened = open_cache(moved / "cache")
+    assert reopened.root == (moved / "images").resolve()
+    assert verify_cache(reopened).checked == 1 and verify_cache(reopened).ok
+    r = agiqa_cli("cache", "verify", moved / "cache")
+    assert r.exit_code == 0 and str((moved / "images").resolve()) in r.output
+    # A copy, the original still there: the recorded folder is the root, except for files
+    # that lie under the copy's own images only (scoring the copy with the copy's cache).
+    moved.rename(project)
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy)
+    copied = open_cache(copy / "cache")
+    assert copied.root == (project / "images").resolve()
+    assert copied.root_for([copy / "images" / "a.png"]) == (copy / "images").resolve()
+    assert copied.root_for([project / "images" / "a.png"]) == (project / "images").resolve()
+    assert copied.root_for([tmp_path / "elsewhere.png"]) == (project / "images").resolve()
+
+
+def test_a_fifo_in_place_of_a_table_or_text_file_is_refused_at_once(tmp_path):
+    """The CSV tables agiqa writes (predictions.csv) and the text files it reads (plans,
+    prompts, JSON) are opened without waiting and read within bounds."""
+    from agiqa.errors import DatasetError
+    from agiqa.fileio import read_text
+    from agiqa.stages.rundir import read_predictions
+
+    fifo = tmp_path / "predictions.csv"
+    os.mkfifo(fifo)
+    kind, err = _within(10, lambda: read_predictions(fifo), fifo)
+    assert kind == "error" and isinstance(err, DatasetError)
+    assert str(err) == f"{fifo}: cannot read it as CSV ({fifo} is not a regular file)"
+    kind, err = _within(10, lambda: read_text(fifo, 100, "plan file"), fifo)
+    assert kind == "error" and isinstance(err, ValueError) and "not a regular file" in str(err)
+    big = tmp_path / "big.toml"
+    big.write_text("x" * 101)
+    with pytest.raises(ValueError, match="more than the 100 a plan file of agiqa may have"):
+        read_text(big, 100, "plan file")
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        read_text(latin, 100)

@@ -1,6 +1,7 @@
 """``agiqa demo``: the whole pipeline offline, through the functions behind the commands."""
 
 import csv
+import shutil
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def test_graded_set_labels_follow_the_damage(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("demo")  # one worker builds the session's demo for all its users
+@pytest.mark.xdist_group("demo-and-ray")  # one worker builds the session's demo for its users
 def test_demo_learns_and_says_why_the_numbers_are_no_judgement(demo_run):
     out, result, seconds = demo_run.out, demo_run.report, demo_run.seconds
     print(f"demo: {seconds:.0f} s, test SRCC {result['metrics']['test']['srcc']:.3f}, "
@@ -40,6 +41,7 @@ def test_demo_learns_and_says_why_the_numbers_are_no_judgement(demo_run):
     assert "not a quality judgement" in result["caveat"]
     for name in ("run/model.safetensors", "run/split.csv", "run/scatter_test.png",
                  "run/training_curves.png", "cache/manifest.json", "images/labels.csv",
+                 "evaluation-val/evaluation.json", "evaluation-test/predictions.csv",
                  "scores.csv"):
         assert (out / name).is_file(), name
     with open(out / "scores.csv", newline="", encoding="utf-8") as f:
@@ -48,9 +50,25 @@ def test_demo_learns_and_says_why_the_numbers_are_no_judgement(demo_run):
                                                ("blur1", "blur2", "blur3", "blur4", "blur5",
                                                 "none0")]
     assert {"gate_semantic_content", "gate_coherence", "gate_image", "zero_shot"} <= set(rows[0])
-    # A second run reuses the cache and the trained model and prints the table and the caveat.
-    again = CliRunner().invoke(cli, ["demo", "--out", str(out), "-q"], catch_exceptions=False)
+    # A second run, in the demo folder moved elsewhere (the old one gone), reuses the cache and
+    # the trained model, scores the unseen photograph from its moved cache and prints the table
+    # and the caveat.
+    moved, away = out.parent / "moved-demo", out.parent / "demo-away"
+    shutil.copytree(out, moved, symlinks=True)
+    written = {p: p.stat().st_mtime_ns for p in (moved / "images").iterdir()}
+    out.rename(away)
+    try:
+        again = CliRunner().invoke(cli, ["demo", "--out", str(moved), "-q"],
+                                   catch_exceptions=False)
+    finally:
+        away.rename(out)
     assert again.exit_code == 0, again.output
+    # The sets were reused, not written again, and so were the evaluations of the unchanged
+    # model on its unchanged vectors.
+    assert {p: p.stat().st_mtime_ns for p in (moved / "images").iterdir()} == written
+    assert f"reusing {moved / 'evaluation-test'}" in again.output
+    with open(moved / "scores.csv", newline="", encoding="utf-8") as f:
+        assert [r["path"] for r in csv.DictReader(f)] == [r["path"] for r in rows]
     assert "already holds a trained model; reusing it" in again.output
     test_row = next(ln for ln in again.output.splitlines() if ln.startswith("test "))
     assert abs(float(test_row.split()[1]) - result["metrics"]["test"]["srcc"]) < 1e-4

@@ -69,3 +69,19 @@ def test_the_cli_reference_shows_defaults_and_example_blocks():
     assert "Examples:\n\n```text\nagiqa score-folder ./generated --model runs/3k --out " \
            "scores.csv\n" in page
     assert "\b" not in page
+
+
+def test_the_folders_the_readme_writes_are_ignored_by_git():
+    """Running the README's Python block in a clone leaves no untracked folder behind."""
+    outs = set(re.findall(r'\bout="([^"/]+)"', _text("README.md")))
+    assert {"my-run", "unseen-cache"} <= outs
+    ignored = set(_text(".gitignore").split())
+    assert [o for o in sorted(outs) if f"/{o}/" not in ignored] == []
+
+
+def test_the_api_pages_model_example_runs_without_autograd():
+    """Its ``float(scores[0])`` would print torch's requires_grad warning under autograd."""
+    block = _text("docs/api.md").split("## The model itself")[1].split("```python")[1]
+    block = block.split("```")[0]
+    assert "model(pixels, vectors" in block
+    assert re.search(r"with torch\.no_grad\(\):[^\n]*\n    scores, gates = model\(", block)

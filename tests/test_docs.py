@@ -101,10 +101,9 @@ def _page_param(page: Path):
     demo = bool(demo_outputs(text))
     ray = RAY in text
     marks = [pytest.mark.slow] if SLOW in text or demo or ray else []
-    if demo:  # `pytest -n 2 --dist loadgroup`: the demo's users share one worker and one demo
-        marks.append(pytest.mark.xdist_group("demo"))
-    elif ray:  # and the users of the Ray cluster one cluster
-        marks.append(pytest.mark.xdist_group("ray"))
+    if demo or ray:  # `pytest -n 2 --dist loadgroup`: the users of the session's demo and of
+        # its two-node Ray cluster share one worker, so each is built once (a page may use both)
+        marks.append(pytest.mark.xdist_group("demo-and-ray"))
     return pytest.param(page, id=page.relative_to(REPO).as_posix(), marks=marks)
 
 

@@ -111,7 +111,7 @@ def test_paper_main_end_to_end_then_a_rerun_retrains_nothing(tmp_path, sets):
     line = next(x for x in md.splitlines() if x.startswith("| ma-agiqa | agiqa-3k |"))
     assert "0.8939 / 0.9273" in line and "Wang et al., ACM MM 2024" in line
     html = (out / "report.html").read_text()
-    assert 'href="reports/ma-agiqa/agiqa-3k/seed-20.html"' in html
+    assert 'href="./reports/ma-agiqa/agiqa-3k/seed-20.html"' in html
     assert (out / "reports" / "ma-agiqa" / "agiqa-3k" / "seed-20.html").is_file()
     before = _snapshot(out / "runs")
 

@@ -57,9 +57,16 @@ def test_an_unknown_variant_option_names_the_file_the_field_and_the_close_one(tm
 
 def test_a_dataset_without_root(tmp_path):
     f = _plan(tmp_path, "[datasets.b]\npreset = \"agiqa-3k\"\n")
-    _refused(f, "datasets.b.root: missing; give the image folder with --root b=DIR")
+    _refused(f, "datasets.b.root: missing; give the image folder with roots={'b': DIR}")
     plan = load_plan(f, roots={"b": tmp_path})
     assert plan.datasets["b"].root == tmp_path
+    # The command line names its flags.
+    r = CliRunner().invoke(cli, ["experiment", str(f), "--out", str(tmp_path / "x"),
+                                 "--dry-run"])
+    assert r.exit_code == 1 and "give the image folder with --root b=DIR" in r.output
+    r = CliRunner().invoke(cli, ["experiment", str(f), "--out", str(tmp_path / "x"),
+                                 "--root", "b=/x", "--root", "c=/y", "--dry-run"])
+    assert r.exit_code == 1 and "--root 'c': the plan has no such data set" in r.output
 
 
 def test_a_cross_pair_of_different_scales_needs_score_norm(tmp_path):
@@ -73,7 +80,7 @@ def test_a_cross_pair_of_different_scales_needs_score_norm(tmp_path):
 
 def test_a_variant_the_caches_prompts_cannot_run(tmp_path):
     f = _plan(tmp_path, "[variants.x]\nexperts = \"image,colour\"\n")
-    _refused(f, "variants.x.experts: --experts: 'colour' is not an expert of cache owl")
+    _refused(f, "variants.x.experts: 'colour' is not an expert of cache owl")
 
 
 def test_a_plan_that_does_not_parse(tmp_path):
@@ -88,7 +95,7 @@ def test_unknown_keys_and_values_are_refused_with_their_field(tmp_path):
     _refused(_plan(tmp_path, "[variants.x]\nseed = 3\n"), "variants.x.seed: set by the plan")
     _refused(_plan(tmp_path, "[variants.x]\nsemantics = \"llava\"\n"),
              "variants.x.semantics: no cache 'llava'")
-    _refused(_plan(tmp_path), "--set 'oops': give KEY=VALUE", overrides=["oops"])
+    _refused(_plan(tmp_path), "overrides= 'oops': give KEY=VALUE", overrides=["oops"])
     with pytest.raises(PlanError, match="plan file not found"):
         load_plan(tmp_path / "missing.toml")
 

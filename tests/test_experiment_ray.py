@@ -103,7 +103,7 @@ def test_engine_ray_without_ray_is_one_line_before_any_work(tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ray")
+@pytest.mark.xdist_group("demo-and-ray")
 def test_a_plan_on_two_nodes_equals_a_local_run(ray_cluster, local_run, graded, tiny_llava,
                                                 tmp_path):
     out = tmp_path / "exp"
@@ -115,7 +115,7 @@ def test_a_plan_on_two_nodes_equals_a_local_run(ray_cluster, local_run, graded, 
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ray")
+@pytest.mark.xdist_group("demo-and-ray")
 def test_a_node_dying_mid_training_reruns_its_group_from_the_checkpoint(
         ray_cluster, local_run, graded, tiny_llava, tmp_path, monkeypatch):
     from agiqa.pipeline import ray_engine

@@ -29,10 +29,11 @@ class NotTensors:
 def test_forward_backward_every_backbone(backbone):
     torch.manual_seed(0)
     model = create_model(backbone, num_prompts=3, semantic_dim=24).train()
-    x = torch.randn(2, 3, 224, 224)
-    s = torch.randn(2, 3, 24)
+    n = 2 if backbone == "tiny" else 1  # a ViT-B/8 backward pass per image costs ~10 s on a CPU
+    x = torch.randn(n, 3, 224, 224)
+    s = torch.randn(n, 3, 24)
     scores, gates = model(x, s, return_gates=True)
-    assert scores.shape == (2,) and gates.shape == (2, 4)
+    assert scores.shape == (n,) and gates.shape == (n, 4)
     scores.sum().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -20,6 +20,7 @@ from agiqa.stages.configs import (
     CacheVerifyConfig,
     DemoConfig,
     EvaluateConfig,
+    ExperimentConfig,
     ExtractConfig,
     FitConfig,
     ImportOfficialConfig,
@@ -101,12 +102,11 @@ COMMANDS = {
     ("score-folder",): ScoreConfig, ("report",): ReportConfig, ("demo",): DemoConfig,
     ("import-official",): ImportOfficialConfig, ("cache", "info"): CacheInfoConfig,
     ("cache", "verify"): CacheVerifyConfig, ("cache", "import-pt"): ImportPtConfig,
+    ("experiment",): ExperimentConfig,
 }
 # Commands without a config, and why.
 NO_CONFIG = {("presets", "list"): "lists presets: --kind and --json only, no run to configure",
-             ("presets", "path"): "prints a folder, takes no option",
-             ("experiment",): "runs an experiment plan (pipeline/experiment.py); its flags are "
-                              "not yet the fields of a config"}
+             ("presets", "path"): "prints a folder, takes no option"}
 
 
 def _walk(group, path=()):
@@ -242,6 +242,50 @@ def test_the_python_api_checks_types_and_names_unknown_options():
         agiqa.fit(dataset="csv", root=".", cache=".", out=".", key_norm="zscore")
     with pytest.warns(DeprecationWarning, match="use mllm="):
         assert ExtractConfig(out="c", model="tiny").mllm == "tiny"
+
+
+def test_the_python_api_names_keywords_in_its_refusals(tmp_path):
+    """Refusals raised deep in a run name the keyword in Python (``out='…'``) and the flag on
+    the command line (``--out …``)."""
+    import agiqa
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=f"^out={re.escape(repr(str(mine)))} is not empty and "
+                                          "agiqa did not make it"):
+        agiqa.fit(dataset="csv", root=tmp_path, labels=tmp_path / "l.csv", cache=tmp_path,
+                  out=mine)
+    r = CliRunner().invoke(cli, ["fit", "--dataset", "csv", "--root", str(tmp_path), "--labels",
+                                 str(tmp_path / "l.csv"), "--cache", str(tmp_path), "--out",
+                                 str(mine)])
+    assert r.exit_code == 1 and f"Error: --out {mine} is not empty and agiqa did not make it" \
+        in r.output
+
+
+def test_the_experiment_api_checks_its_options_before_any_work(tmp_path):
+    """``experiment()`` takes its options from the same config as ``agiqa experiment``: a
+    string where a boolean belongs never turns a run into a dry run (or the reverse)."""
+    import agiqa
+
+    out = tmp_path / "exp"
+    with pytest.raises(ConfigError, match="^dry_run= must be True or False, got 'no'$"):
+        agiqa.experiment("cpu-demo", out=out, dry_run="no")
+    with pytest.raises(ConfigError, match="^concurrent_runs= must be ≥ 1, got 0$"):
+        agiqa.experiment("cpu-demo", out=out, concurrent_runs=0)
+    with pytest.raises(ConfigError, match="^engine= must be one of local, ray, got 'slurm'$"):
+        agiqa.experiment("cpu-demo", out=out, engine="slurm")
+    with pytest.raises(ConfigError, match="did you mean 'overrides'"):
+        agiqa.experiment("cpu-demo", out=out, override=["repeats=2"])
+    with pytest.raises(ConfigError, match="^roots=: 'agiqa-3k' is not NAME=DIR$"):
+        agiqa.experiment("cpu-demo", out=out, roots=["agiqa-3k"])
+    assert not out.exists()
+    config = ExperimentConfig(plan="cpu-demo", out=out, roots={"demo": tmp_path},
+                              overrides=["repeats=2"])
+    assert config.roots == {"demo": tmp_path} and config.overrides == ["repeats=2"]
+    r = CliRunner().invoke(cli, ["experiment", "cpu-demo", "--out", str(out), "--root",
+                                 "nameless"])
+    assert r.exit_code == 64 and "--root: 'nameless' is not NAME=DIR" in r.output
 
 
 def test_the_command_line_names_flags_where_python_names_keywords(tmp_path):

@@ -284,13 +284,13 @@ def test_an_unreadable_subfolder_is_named_not_skipped(tmp_path, monkeypatch, mak
         return real(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DatasetError, match="imgs/locked: cannot list this folder"):
+        list_images(tmp_path / "imgs")  # never a silent listing of the other folders
     errors: dict[str, str] = {}
     keys, _ = list_images(tmp_path / "imgs", errors=errors)
     assert keys == ["a.png", "open/c.png"]
     assert errors == {"locked/": "cannot list this folder: Permission denied; its images are "
                                  "not scored"}
-    with pytest.raises(DatasetError, match="imgs/locked: cannot list this folder"):
-        list_images(tmp_path / "imgs")
     assert ImageSource.from_folder(tmp_path / "imgs").unlisted == errors
 
     from agiqa.stages.scoring.results import ScoreReport
@@ -307,6 +307,7 @@ def test_a_subtree_past_path_max_is_named_not_skipped(tmp_path, make_images):
     import os
 
     from agiqa.data.images import list_images
+    from agiqa.errors import DatasetError
 
     root = tmp_path / "deep"
     make_images(root, ["top.png"])
@@ -322,6 +323,8 @@ def test_a_subtree_past_path_max_is_named_not_skipped(tmp_path, make_images):
             f.write((root / "top.png").read_bytes())
     finally:
         os.close(fd)
+    with pytest.raises(DatasetError, match="cannot list this folder"):
+        list_images(root)  # never a silent listing of top.png alone
     errors: dict[str, str] = {}
     keys, _ = list_images(root, errors=errors)
     assert "top.png" in keys

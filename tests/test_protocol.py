@@ -487,7 +487,14 @@ def test_a_resume_that_would_change_the_run_is_refused_naming_the_options(agiqa_
     assert agiqa_cli(*args).exit_code == 1
     restore()
     split_before = _split_of(out)
-    for change, named in ((["--lr", "3e-4"], "lr 1e-05 -> 0.0003"),
+    root, _ = small_set
+    rows = (root / "labels.csv").read_text().splitlines()
+    other = tmp_path / "other.csv"  # the same images, their MOS reversed
+    other.write_text("\n".join([rows[0], *(f"{a.split(',')[0]},{b.split(',')[1]}"
+                                           for a, b in zip(rows[1:], rows[:0:-1], strict=True)),
+                                ""]))
+    for change, named in ((["--labels", other], f"labels None -> '{other}'"),
+                          (["--lr", "3e-4"], "lr 1e-05 -> 0.0003"),
                           (["--split-seed", "21"], "split_seed None -> 21"),
                           (["--epochs", "1"], "epochs 2 -> 1")):
         r = agiqa_cli(*args, *change, "--resume")
@@ -507,23 +514,23 @@ def test_a_series_killed_after_a_model_was_written_resumes(agiqa_cli, small_set,
                                                            monkeypatch):
     """Finished is the marker written last: a run whose model.safetensors is written but not
     its metrics.json or plots is continued from its checkpoint, for a series as for one run."""
-    from agiqa.stages import rundir
+    from agiqa.stages.training import fit as fit_module
 
     out = tmp_path / "series"
     args = fit_args(small_set, out, "--epochs", "1", "--batch-size", "5", "--repeats", "2",
                     "--concurrent-runs", "1")
-    original = rundir.write_metrics
+    original = fit_module.save_model
 
-    def killed(folder, *a, **k):
-        if folder.name == "seed-20":
-            raise KeyboardInterrupt  # just after seed-20/model.safetensors
-        return original(folder, *a, **k)
+    def killed(model, folder, *a, **k):
+        original(model, folder, *a, **k)
+        if Path(folder).name == "seed-20":
+            raise KeyboardInterrupt  # just after seed-20/model.safetensors is written
 
-    monkeypatch.setattr(rundir, "write_metrics", killed)
+    monkeypatch.setattr(fit_module, "save_model", killed)
     assert agiqa_cli(*args).exit_code == 1
     assert (out / "seed-20" / "model.safetensors").is_file()
     assert not (out / "seed-20" / "metrics.json").exists()
-    monkeypatch.setattr(rundir, "write_metrics", original)
+    monkeypatch.setattr(fit_module, "save_model", original)
     r = agiqa_cli(*args, "--resume", "--json")
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
@@ -535,9 +542,62 @@ def test_a_series_killed_after_a_model_was_written_resumes(agiqa_cli, small_set,
 
 
 def test_split_seeds_with_a_split_file_is_a_usage_error(agiqa_cli, small_set, tmp_path):
-    split = tmp_path / "split.csv"
-    split.write_text("key,subset\nimg_00.png,train\n")
-    r = agiqa_cli(*fit_args(small_set, tmp_path / "run", "--split", split, "--split-seeds", "2"))
+    split = tmp_path / "split.csv"  # a split fit would train on: 35 train, 5 val, 10 test
+    subsets = ["train"] * 35 + ["val"] * 5 + ["test"] * 10
+    split.write_text("key,subset\n" + "".join(f"img_{i:02d}.png,{s}\n"
+                                              for i, s in enumerate(subsets)))
+    r = agiqa_cli(*fit_args(small_set, tmp_path / "run", "--split", split, "--split-seeds", "2",
+                            "--epochs", "1", "--batch-size", "5"))
     assert r.exit_code == 1
     assert "--split-seeds 2 draws random splits" in r.output and "--repeats N" in r.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag", ["--seed", "--split-seed"])
+def test_a_seed_past_torchs_range_is_a_usage_error_before_any_work(agiqa_cli, small_set, tmp_path,
+                                                                   flag):
+    """On a data set fit could train on: refused up front, not a traceback once training starts."""
+    out = tmp_path / "run"
+    r = agiqa_cli(*fit_args(small_set, out, "--epochs", "1", "--batch-size", "5", flag, 2**64),
+                  catch_exceptions=True)
+    assert r.exit_code == 64, r.output
+    assert f"'{flag}': 18446744073709551616 is not in the range" in r.output
+    assert not out.exists()
+
+
+def test_the_python_api_refuses_a_value_of_the_wrong_type_before_any_work(small_set, tmp_path):
+    """``augment="no"`` is not taken as true, nor ``epochs=1.5`` as 1: a data set fit could train
+    on, and nothing trained or written."""
+    import agiqa
+
+    root, cache = small_set
+    out = tmp_path / "run"
+    common = {"dataset": "csv", "root": root, "cache": cache, "out": out, "backbone": "tiny",
+              "loader_workers": 0, "epochs": 1, "batch_size": 5, "progress": False}
+    for bad, message in (({"augment": "no"}, "^augment= must be True or False, got 'no'$"),
+                         ({"epochs": 1.5}, "^epochs= must be an integer, got 1.5$"),
+                         ({"seed": "x"}, "^seed= must be an integer, got 'x'$")):
+        with pytest.raises(ConfigError, match=message):
+            agiqa.fit(**{**common, **bad})
+        assert not out.exists()
+
+
+@pytest.mark.slow
+def test_evaluate_out_never_replaces_the_run_or_a_users_files(agiqa_cli, small_set, tmp_path):
+    """``evaluate --out`` on the model's own folder or on a folder of the user's is refused;
+    the run's predictions and the user's file are untouched."""
+    root, cache = small_set
+    run = tmp_path / "run"
+    assert agiqa_cli(*fit_args(small_set, run, "--epochs", "1", "--batch-size", "5")).exit_code \
+        == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "predictions.csv").write_text("my,data\n")
+    for out in (run, mine):
+        r = agiqa_cli("evaluate", "--model", run, "--dataset", "csv", "--root", root, "--cache",
+                      cache, "--split", "all", "-q", "--out", out, catch_exceptions=True)
+        assert r.exit_code == 1 and r.output.startswith("Error: "), r.output
+        assert len(r.output.strip().splitlines()) == 1, r.output
+    assert (mine / "predictions.csv").read_text() == "my,data\n"
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before

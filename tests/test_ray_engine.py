@@ -5,7 +5,7 @@ imports Ray.
 The cluster is Ray's own multi-node test cluster (``ray.cluster_utils.Cluster``, the
 ``ray_cluster`` fixture): a head without CPUs and two nodes of one CPU each, started once and
 shared with the documentation's pages; ``pytest -n 2 --dist loadgroup`` keeps them on one worker
-(``xdist_group("ray")``).
+(``xdist_group("demo-and-ray")``).
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def test_unreachable_ray_address_is_one_line_within_30_s(tmp_path):
 
 # -- on the two-node cluster -----------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.xdist_group("ray")
+@pytest.mark.xdist_group("demo-and-ray")
 def test_extraction_on_two_nodes_equals_a_local_run(cluster, tiny_llava, images, local_cache,
                                                      tmp_path):
     out = tmp_path / "cache"
@@ -153,6 +153,17 @@ def test_extraction_on_two_nodes_equals_a_local_run(cluster, tiny_llava, images,
     v = run("cache", "verify", out)
     assert v.exit_code == 0, v.output
     assert not list(out.glob(".agiqa-probe-*"))
+    # The counts add up as a local run's: a broken file is failed, not also computed.
+    more = tmp_path / "more"
+    shutil.copytree(images, more)
+    (more / "zz_broken.png").write_bytes(b"not an image")
+    r = run("extract-semantics", "--model", tiny_llava, "--images", more, "--out",
+            tmp_path / "more-cache", "--shard-size", "2", "--loader-workers", "0", "-q",
+            "--engine", "ray", "--json")
+    assert r.exit_code == 2, r.output
+    counts = json.loads(r.stdout)
+    assert (counts["computed"], counts["reused"], list(counts["failures"])) == \
+        (12, 0, ["zz_broken.png"])
     # A model that does not load on the actors: its own line, and no cache folder left behind.
     bad = tmp_path / "bad-cache"
     r = run("extract-semantics", "--model", tmp_path / "no-model", "--images", images, "--out",
@@ -164,7 +175,7 @@ def test_extraction_on_two_nodes_equals_a_local_run(cluster, tiny_llava, images,
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ray")
+@pytest.mark.xdist_group("demo-and-ray")
 def test_a_node_dying_mid_extraction_loses_nothing(cluster, tiny_llava, images, local_cache,
                                                    tmp_path):
     from agiqa.pipeline.ray_engine import extract_on_ray
@@ -214,7 +225,7 @@ def model_dir(graded, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ray")
+@pytest.mark.xdist_group("demo-and-ray")
 def test_scoring_with_a_node_dying_equals_a_local_run(cluster, graded, model_dir, tmp_path):
     from agiqa.pipeline.ray_engine import score_on_ray
     from agiqa.stages.configs import ScoreConfig
@@ -251,7 +262,7 @@ def test_scoring_with_a_node_dying_equals_a_local_run(cluster, graded, model_dir
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ray")
+@pytest.mark.xdist_group("demo-and-ray")
 def test_a_node_that_does_not_share_the_path_is_refused(cluster, tiny_llava, images, tmp_path):
     """A third node in a mount namespace of its own, where the cache folder is an empty tmpfs:
     the same path, another filesystem."""

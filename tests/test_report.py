@@ -220,3 +220,13 @@ def test_the_heading_names_the_label_file_and_gate_names_are_whole(tmp_path, mak
     html = (tmp_path / "r.html").read_text()
     assert "Metrics on jpeg-labels.csv</h2>" in html and "Metrics on csv" not in html
     assert "text-overflow: ellipsis" not in html.split(".gate .label")[1].split("}")[0]
+
+
+def test_the_experiment_page_links_are_paths_whatever_the_names(tmp_path):
+    """A run folder named like a URL scheme stays a path in the experiment's page (rule H)."""
+    from agiqa.report.experiment import _href
+
+    page = tmp_path / "report.html"
+    assert _href(tmp_path / "javascript:alert(1)" / "seed-20", page) == \
+        "./javascript%3Aalert%281%29/seed-20"
+    assert _href(tmp_path / "reports" / "a b#c.html", page) == "./reports/a%20b%23c.html"

@@ -208,6 +208,20 @@ def test_a_new_cache_is_rooted_at_the_folder_and_batch_size_is_honoured(agiqa_cl
     info = json.loads(agiqa_cli("cache", "info", cache, "--json").stdout)
     assert info["root"] == str(root.resolve()) and info["images"] == len(good)
     assert agiqa_cli("cache", "verify", cache).exit_code == 2  # only the broken files: failed
+    # A project folder copied whole (the original still there): its cache scores its own
+    # images, found relative to the cache, and computes nothing again.
+    project = tmp_path / "project"
+    shutil.copytree(root, project / "images")
+    agiqa_cli("score-folder", project / "images", "--model", model_dir, "--cache",
+              project / "cache", "-q", "--loader-workers", "0")  # rooted at project/images
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy)
+    mllm_forwards.clear()
+    s = agiqa_cli("score-folder", copy / "images", "--model", model_dir, "--cache",
+                  copy / "cache", "-q", "--json", "--loader-workers", "0")
+    scored = json.loads(s.stdout)
+    assert sorted(r["path"] for r in scored["rows"]) == good, scored["failures"]
+    assert scored["summary"]["computed"] == 0 and mllm_forwards == []
     # PIL images are batched by batch_size too.
     mllm_forwards.clear()
     scorer = agiqa.Scorer.from_pretrained(model_dir, batch_size=2)
@@ -427,3 +441,35 @@ def test_a_non_finite_score_fails_its_image_and_the_csv_makes_a_report(agiqa_cli
                                                          sorted(folder.iterdir())])
     assert sum(1 for x in api if x["error"] and "non-finite" in x["error"]) == 2
     assert all(x["score"] is None for x in api if x["error"])
+
+
+def _unseen(graded, folder):
+    root, _ = graded
+    folder.mkdir()
+    for p in sorted(root.glob("*_[03].jpg"))[:2]:
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
+def test_a_csv_of_the_users_beside_the_report_is_never_replaced(agiqa_cli, model_dir, graded,
+                                                                 tmp_path):
+    """With a model that scores: ``--out x.json --report mine.html`` would put the table in
+    ``mine.csv``, the user's file; refused, nothing written."""
+    mine = tmp_path / "mine.csv"
+    mine.write_text("my,data\n")
+    r = agiqa_cli("score-folder", _unseen(graded, tmp_path / "unseen"), "--model", model_dir,
+                  "-q", "--loader-workers", "0", "--out", tmp_path / "x.json", "--report",
+                  tmp_path / "mine.html", catch_exceptions=True)
+    assert r.exit_code == 1 and "not a score file agiqa wrote" in r.output, r.output
+    assert mine.read_text() == "my,data\n" and not (tmp_path / "mine.html").exists()
+
+
+def test_out_and_report_of_one_name_are_refused(agiqa_cli, model_dir, graded, tmp_path):
+    """With a model that scores: ``--out same.html --report same.html`` is a usage error, not
+    scores written to ``same.csv`` under the line ``-> same.html``."""
+    same = tmp_path / "same.html"
+    r = agiqa_cli("score-folder", _unseen(graded, tmp_path / "unseen"), "--model", model_dir,
+                  "-q", "--loader-workers", "0", "--out", same, "--report", same,
+                  catch_exceptions=True)
+    assert r.exit_code == 64 and "does not end in .csv or .json" in r.output, r.output
+    assert not same.exists() and not same.with_suffix(".csv").exists()

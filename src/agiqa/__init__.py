@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from agiqa.pipeline.api import (
         EvaluateConfig,
         EvaluateResult,
+        ExperimentConfig,
         ExperimentTable,
         ExtractConfig,
         FitConfig,
@@ -53,6 +54,7 @@ _WHERE = {
     "extract_semantics": "agiqa.pipeline.api", "fit": "agiqa.pipeline.api",
     "evaluate": "agiqa.pipeline.api", "score_folder": "agiqa.pipeline.api",
     "experiment": "agiqa.pipeline.api", "ExperimentTable": "agiqa.pipeline.api",
+    "ExperimentConfig": "agiqa.pipeline.api",
     "ExtractConfig": "agiqa.pipeline.api", "FitConfig": "agiqa.pipeline.api",
     "EvaluateConfig": "agiqa.pipeline.api", "ScoreConfig": "agiqa.pipeline.api",
     "ReportConfig": "agiqa.pipeline.api", "EvaluateResult": "agiqa.pipeline.api",
@@ -66,7 +68,8 @@ _WHERE = {
     "load_model": "agiqa.models.agiqa_net", "AgiqaNet": "agiqa.models.agiqa_net",
 }
 
-__all__ = ["AgiqaNet", "Dataset", "EvaluateConfig", "EvaluateResult", "ExperimentTable",
+__all__ = ["AgiqaNet", "Dataset", "EvaluateConfig", "EvaluateResult", "ExperimentConfig",
+           "ExperimentTable",
            "ExtractConfig", "ExtractReport", "FitConfig", "FitResult", "ReportConfig",
            "ScoreConfig", "ScoreReport", "Scorer", "SemanticCache", "__version__", "evaluate",
            "experiment", "extract_semantics", "fit", "list_presets", "load_dataset", "load_model",

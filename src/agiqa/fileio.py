@@ -19,7 +19,7 @@ from agiqa.errors import ConfigError
 
 __all__ = ["LOCAL_REVISION_PREFIX", "MODEL_FILE_PATTERNS", "agiqa_home", "atomic_path",
            "check_safetensors", "current_umask", "exclusive_lock", "folder_content_hash",
-           "read_json", "read_regular", "remove_path", "remove_stale_temporaries",
+           "read_json", "read_regular", "read_text", "remove_path", "remove_stale_temporaries",
            "temporary_sibling", "write_json", "write_text"]
 
 _HOST = socket.gethostname().replace(".", "_")
@@ -207,6 +207,21 @@ def read_regular(path: str | os.PathLike, limit: int, what: str = "file") -> byt
     if len(data) > limit:
         raise ValueError(f"{path} has more than the {limit} bytes a {what} of agiqa may have")
     return data
+
+
+def read_text(path: str | os.PathLike, limit: int = JSON_LIMIT, what: str = "text file") -> str:
+    """The UTF-8 text of ``path`` (a leading byte-order mark dropped), read as
+    :func:`read_regular` reads: a regular file within ``limit`` bytes, never a FIFO.
+
+    Raises:
+        OSError: the file cannot be opened or read.
+        ValueError: not a regular file, too large, or not UTF-8 (naming ``path``).
+    """
+    data = read_regular(path, limit, what)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def read_json(path: str | os.PathLike, limit: int = JSON_LIMIT) -> Any:

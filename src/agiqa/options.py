@@ -55,7 +55,8 @@ class Option:
     ``deprecated``: older flags still accepted, hidden from the help;
     ``required``: the command line must give it (fields without a default always are, and so
     are those named in the config class's ``REQUIRED``); ``exists``, ``file_okay``,
-    ``dir_okay``: what a path must be on the command line.
+    ``dir_okay``: what a path must be on the command line; ``multiple``: a repeatable option
+    whose values come as a tuple of strings (the config's ``__post_init__`` reads them).
     """
 
     help: str = ""
@@ -77,6 +78,7 @@ class Option:
     file_okay: bool = True
     dir_okay: bool = True
     metavar: str | None = None
+    multiple: bool = False
 
     def __post_init__(self) -> None:
         if not self.cli and not self.cli_reason:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from agiqa.errors import ConfigError
+from agiqa.options import spell
 
 __all__ = ["DTYPES", "all_reduce_sum", "barrier", "is_main", "process_group", "rank",
            "resolve_device", "resolve_dtype", "world_size"]
@@ -28,7 +29,8 @@ def resolve_device(device: str = "auto") -> torch.device:
             return torch.device(f"cuda:{local % torch.cuda.device_count()}")
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asked for, but no CUDA device is available")
+        raise ConfigError(f"{spell('device', device)} asked for, but no CUDA device is "
+                          "available")
     try:
         return torch.device(device)
     except RuntimeError:

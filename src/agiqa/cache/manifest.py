@@ -172,6 +172,9 @@ def _check_fields(manifest_path: Path, manifest: dict[str, Any]) -> None:
     root = manifest.get("root")
     if root is not None and not isinstance(root, str):
         raise bad("root must be a path")
+    relative = manifest.get("root_relative")
+    if relative is not None and not isinstance(relative, str):
+        raise bad("root_relative must be a path")
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from agiqa.cache.shards import (
 )
 from agiqa.errors import CacheError, CacheMismatchError, ConfigError, MissingVectorsError
 from agiqa.fileio import remove_path, remove_stale_temporaries, write_json
+from agiqa.options import spell
 
 __all__ = ["MANIFEST", "SemanticCache", "open_cache", "plan_shards"]
 
@@ -102,6 +103,7 @@ class SemanticCache:
                 "prompt_names": list(prompt_names),
                 "dim": int(dim),
                 "root": str(Path(root).resolve()) if root else None,
+                "root_relative": _relative_root(path, root) if root else None,
                 "created": now,
                 "shards": {},
             }
@@ -112,7 +114,8 @@ class SemanticCache:
                 str(path), fingerprint, cache.fingerprint, spec_diff(spec, cache.spec)
             )
         if fmt and fmt != cache.format:
-            raise ConfigError(f"cache {path} holds {cache.format} shards; --format {fmt} given")
+            raise ConfigError(f"cache {path} holds {cache.format} shards; {spell('format', fmt)} "
+                              "given")
         if not _writable(path):
             raise CacheError(f"{path}: cannot write the cache (permission denied)")
         remove_stale_temporaries(path)
@@ -154,7 +157,38 @@ class SemanticCache:
 
     @property
     def root(self) -> Path | None:
-        return Path(self.manifest["root"]) if self.manifest.get("root") else None
+        """The image folder the keys are relative to: the recorded absolute path, or, when
+        that folder is gone and the cache was moved together with its images, the same
+        folder relative to the cache (recorded at creation as ``root_relative``)."""
+        if not self.manifest.get("root"):
+            return None
+        recorded = Path(self.manifest["root"])
+        moved = self._relative_root()
+        if moved is not None and not recorded.is_dir():
+            return moved
+        return recorded
+
+    def _relative_root(self) -> Path | None:
+        relative = self.manifest.get("root_relative")
+        if not relative:
+            return None
+        moved = (self.path / relative).resolve()
+        return moved if moved.is_dir() else None
+
+    def root_for(self, files: list[Path]) -> Path | None:
+        """The image root for ``files``: :attr:`root`, unless every file lies under the
+        folder relative to the cache and not under the recorded one (a cache copied with its
+        images, the original still there). Each file's bytes are still checked against the
+        sha256 the cache holds for it."""
+        root = self.root
+        moved = self._relative_root()
+        if root is None or moved is None or moved == root or not files:
+            return root
+
+        def holds(folder: Path) -> bool:
+            return all(f.resolve().is_relative_to(folder) for f in files)
+
+        return moved if holds(moved) and not holds(root) else root
 
     # -- shards -----------------------------------------------------------------------------
     @property
@@ -417,3 +451,12 @@ def open_cache(path: str | os.PathLike) -> SemanticCache:
     """Open an existing semantic cache for reading."""
     path = Path(path)
     return SemanticCache(path, read_manifest(path))
+
+
+def _relative_root(cache: Path, root: str | os.PathLike) -> str | None:
+    """The image root relative to the cache folder (None where no relative path exists, as
+    across Windows drives)."""
+    try:
+        return Path(os.path.relpath(Path(root).resolve(), cache.resolve())).as_posix()
+    except ValueError:
+        return None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from agiqa.cache.store import SemanticCache
 from agiqa.errors import CacheError, DatasetError, StaleVectorsError
+from agiqa.options import spell
 
 __all__ = ["VerifyReport", "changed_images", "check_fresh", "verify_cache"]
 
@@ -55,7 +56,7 @@ def verify_cache(cache: SemanticCache, root: str | os.PathLike | None = None) ->
     the root is reported damaged, and none of its files is hashed."""
     root = Path(root) if root else cache.root
     if root is None:
-        raise CacheError(f"{cache.path}: no image root recorded; pass --images ROOT")
+        raise CacheError(f"{cache.path}: no image root recorded; pass {spell('images')} ROOT")
     from agiqa.data.images import file_sha256
 
     report = VerifyReport(root=str(root))

@@ -2,55 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from agiqa.cli.common import CONTEXT, EXIT_IMAGES_FAILED, cli, echo_json, handle_errors
-
-
-def _roots(values: tuple[str, ...]) -> dict[str, str]:
-    roots = {}
-    for v in values:
-        name, eq, path = v.partition("=")
-        if not eq or not name or not path:
-            raise click.BadParameter(f"{v!r}: give NAME=DIR (a data set of the plan and its "
-                                     "image folder)", param_hint="--root")
-        roots[name] = path
-    return roots
+from agiqa.cli.options import config_from, config_options, json_option
+from agiqa.stages.configs import ExperimentConfig
 
 
 @cli.command("experiment", context_settings=CONTEXT)
-@click.argument("plan", required=False)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="The experiment's folder (results.csv, table.md, table.csv, report.html, "
-                   "the runs).")
-@click.option("--root", "roots", multiple=True, metavar="NAME=DIR",
-              help="The image folder of the plan's data set NAME (repeatable).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Change the plan: repeats=2, fit.epochs=5, caches.mplug-owl2.model=DIR "
-                   "(dotted keys, TOML values; repeatable).")
-@click.option("--resume", is_flag=True, help="Finish interrupted runs (their checkpoint.pt).")
-@click.option("--dry-run", is_flag=True, help="Print the runs, the extractions and the "
-                                                "estimated time, and stop.")
-@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [default: the plan's "
-                                               "or auto].")
-@click.option("--concurrent-runs", type=click.IntRange(min=1), default=None,
-              help="Runs of one data set and variant trained at once [default: fit's: on a "
-                   "GPU as many as fit, on a CPU 1].")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
-              show_default=True, help="local: this process, one group after another; ray: "
-              "each group (data set × variant) one task on a Ray cluster, one GPU or CPU slot "
-              "each  [pip install \"agiqa[ray]\"]")
-@click.option("--ray-address", default=None,
-              help="With --engine ray: auto (this machine's cluster), HOST:PORT, or none: "
-                   "$RAY_ADDRESS if set, else Ray started for the run and stopped after it.")
+@config_options(ExperimentConfig)
 @click.option("--list", "list_plans", is_flag=True, help="List the built-in and your plans.")
-@click.option("--quiet", "-q", is_flag=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@json_option("Print the table as JSON.")
+@click.pass_context
 @handle_errors
-def experiment_cmd(plan, out, roots, overrides, resume, dry_run, device, concurrent_runs,
-                   engine, ray_address, list_plans, quiet, as_json):
+def experiment_cmd(ctx, list_plans, as_json, **values):
     """Run a plan of experiments: data sets × variants × seeds, and cross pairs.
 
     PLAN is a TOML file or a built-in plan (--list). Each run goes through fit (and evaluate
@@ -79,15 +44,13 @@ def experiment_cmd(plan, out, roots, overrides, resume, dry_run, device, concurr
         for name, description in found.items():
             click.echo(f"  {name.ljust(width)}  {description}")
         return
-    if plan is None:
+    if values["plan"] is None:
         raise click.UsageError("give a PLAN (a .toml file or a built-in plan: --list)")
-    if out is None:
+    if values["out"] is None:
         raise click.UsageError("--out DIR is required")
-    log = (lambda line: None) if quiet or as_json else None
-    table = exp.experiment(plan, out, roots=_roots(roots), overrides=list(overrides),
-                       resume=resume, dry_run=dry_run, device=device,
-                       concurrent_runs=concurrent_runs, progress=not (quiet or as_json),
-                       log=log, engine=engine, ray_address=ray_address)
+    cfg = config_from(ExperimentConfig, {**values, "as_json": as_json}, ctx,
+                      command="experiment")
+    table = exp.experiment(cfg, log=None if cfg.progress else (lambda line: None))
     if table is None:
         return
     if as_json:
@@ -98,6 +61,7 @@ def experiment_cmd(plan, out, roots, overrides, resume, dry_run, device, concurr
                    "failed": [dataclasses.asdict(r) for r in table.failed]})
     else:
         click.echo(table.to_markdown(), nl=False)
+        out = cfg.out
         click.echo(f"{out / 'results.csv'}, {out / 'table.csv'}, {out / 'report.html'}")
     if table.failed:
         raise SystemExit(EXIT_IMAGES_FAILED)

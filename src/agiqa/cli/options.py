@@ -40,6 +40,8 @@ CLI_ONLY = {
                "result itself",
     "recipe": "builds the config: a recipe preset's values, under the flags given; the Python "
               "API takes recipe= the same way",
+    "list_plans": "prints the experiment plans instead of running one; in Python "
+                  "agiqa.pipeline.experiment.list_plans()",
 }
 _ALIAS = "__alias_"
 
@@ -97,6 +99,9 @@ def _click_params(cls, f: dataclasses.Field, opt: Option, hint: Any) -> list[Any
         kw["metavar"] = opt.metavar
     hidden = [click.option(flag, f"{f.name}{_ALIAS}{flag.lstrip('-')}", hidden=True,
                            default=None, type=_type(opt, base)) for flag in opt.deprecated]
+    if opt.multiple:
+        return [click.option(flag_of(f, opt), *opt.flags, f.name, multiple=True, type=str,
+                             default=default, help=opt.help, metavar=opt.metavar), *hidden]
     if base is bool and opt.negate:
         return [click.option(opt.negate, *opt.flags, f.name, is_flag=True, flag_value=False,
                              default=True, help=opt.help), *hidden]

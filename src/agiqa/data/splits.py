@@ -11,6 +11,7 @@ from pathlib import Path
 from agiqa.data.datasets import Dataset, parse_number, read_label_table
 from agiqa.errors import ConfigError, DatasetError
 from agiqa.fileio import atomic_path
+from agiqa.options import spell
 
 __all__ = ["SUBSETS", "Split", "make_split", "paper_split", "parse_ratios", "read_split_csv"]
 
@@ -80,7 +81,8 @@ def parse_ratios(text: str) -> tuple[float, float, float]:
 def _file_split(ds: Dataset) -> Split:
     preset = ds.preset
     if preset is None or not preset.split_files:
-        raise ConfigError(f"data set {ds.name} ships no split files; use --split paper or random")
+        raise ConfigError(f"data set {ds.name} ships no split files; use "
+                          f"{spell('split', 'paper')} or random")
     base = ds.labels_path.parent if ds.labels_path else ds.root
     column = next((c for c in preset.image_columns), "name")
     parts = {}

@@ -22,6 +22,7 @@ from agiqa.errors import CheckpointError, ConfigError, ModelLoadError
 from agiqa.fileio import atomic_path, read_json, write_json
 from agiqa.models.maniqa import IMAGE_KEYS, ManiqaBackbone
 from agiqa.models.moe import MoEHead
+from agiqa.options import spell
 from agiqa.presets import load_backbone_preset
 
 __all__ = ["AgiqaNet", "ModelConfig", "ScoreMaps", "backbone_architecture", "create_model",
@@ -95,7 +96,8 @@ def resolve_pretrained(backbone: str, pretrained: bool | None,
                               "from random weights); drop --pretrained and --backbone-weights")
         return False
     if weights_file and pretrained is False:
-        raise ConfigError("--no-pretrained and --backbone-weights contradict each other")
+        raise ConfigError(f"{spell('pretrained', False)} and {spell('backbone_weights')} "
+                          "contradict each other")
     return True if pretrained is None or weights_file else pretrained
 
 
@@ -113,7 +115,7 @@ def _create_vit(cfg: ModelConfig, pretrained: bool, weights_file: str | None) ->
     kwargs: dict[str, Any] = dict(cfg.vit_args)
     if weights_file:
         if not Path(weights_file).is_file():
-            raise ModelLoadError(f"{weights_file}: --backbone-weights file not found")
+            raise ModelLoadError(f"{weights_file}: {spell('backbone_weights')} file not found")
         # timm reads the original AugReg .npz with its own loader, any other file as a state dict.
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file),
                                             "custom_load": str(weights_file).endswith(".npz")}

@@ -18,6 +18,7 @@ import torch
 
 from agiqa.errors import CheckpointError
 from agiqa.models.agiqa_net import AgiqaNet, ModelConfig, save_model
+from agiqa.options import spell
 
 __all__ = ["UNUSED_MODULES", "import_official", "official_to_agiqa"]
 
@@ -118,7 +119,7 @@ def _check_out(out: Path) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise CheckpointError(f"--out {out} is not a folder")
+        raise CheckpointError(f"{spell('out', str(out))} is not a folder")
     names = {p.name for p in out.iterdir()}
     if not names:
         return
@@ -131,8 +132,9 @@ def _check_out(out: Path) -> None:
         imported = False
     if not imported or not names <= {"config.json", "model.safetensors"}:
         shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
-        raise CheckpointError(f"--out {out} is not empty and holds no earlier import (it holds "
-                              f"{shown}); agiqa never replaces files it did not write: choose "
+        raise CheckpointError(f"{spell('out', str(out))} is not empty and holds no earlier import "
+                              f"(it holds {shown}); agiqa never replaces files it did not "
+                              "write: choose "
                               "a new or empty folder")
 
 

@@ -20,8 +20,8 @@ A keyword that is not an option raises :class:`~agiqa.errors.ConfigError` with t
 (``fit(epoch=3)``: ``did you mean 'epochs'?``); values are checked against the same types,
 choices and bounds as on the command line.
 
-``agiqa.experiment(plan, out=...)`` (``agiqa experiment``) runs a plan of such runs and returns
-the table (:class:`ExperimentTable`).
+``agiqa.experiment(plan, out=...)`` (``agiqa experiment``, :class:`ExperimentConfig`) runs a
+plan of such runs and returns the table (:class:`ExperimentTable`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,14 @@ from agiqa.options import check_known, cli_naming, spell
 from agiqa.pipeline.experiment import ExperimentTable, experiment
 from agiqa.presets import load_options_recipe
 from agiqa.report.html import ReportResult
-from agiqa.stages.configs import EvaluateConfig, ExtractConfig, FitConfig, ReportConfig, ScoreConfig
+from agiqa.stages.configs import (
+    EvaluateConfig,
+    ExperimentConfig,
+    ExtractConfig,
+    FitConfig,
+    ReportConfig,
+    ScoreConfig,
+)
 from agiqa.stages.extraction.extract import ExtractReport, ImageSource
 from agiqa.stages.extraction.extract import extract_semantics as _extract
 from agiqa.stages.scoring.evaluate import EvaluateResult, evaluate_model, run_label_columns
@@ -44,7 +51,8 @@ from agiqa.stages.scoring.results import ScoreReport
 from agiqa.stages.scoring.scorer import Scorer
 from agiqa.stages.training.fit import FitResult, fit_repeats
 
-__all__ = ["EvaluateConfig", "EvaluateResult", "ExperimentTable", "ExtractConfig", "FitConfig",
+__all__ = ["EvaluateConfig", "EvaluateResult", "ExperimentConfig", "ExperimentTable",
+           "ExtractConfig", "FitConfig",
            "FitResult", "ReportConfig", "ScoreConfig", "evaluate", "experiment",
            "extract_semantics", "fit", "image_source", "score_folder", "write_report"]
 

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from agiqa.errors import ConfigError
-from agiqa.fileio import atomic_path
+from agiqa.errors import AgiqaError, ConfigError
+from agiqa.fileio import atomic_path, read_json, write_json
 
 __all__ = ["CAVEAT", "CPU_RECIPE", "DEMO_EPOCHS", "DISTORTIONS", "DemoResult", "demo_photos",
            "make_graded_set", "run_demo", "unseen_note"]
@@ -217,8 +217,9 @@ class _Laps:
         self._t = now
 
 
-def _prepare(out: Path, seed: int, log) -> tuple[Path, Path, Path]:
-    """The tiny MLLM, the blur-graded set and the unseen photograph."""
+def _prepare(out: Path, seed: int, log) -> tuple[Path, Path, Path, bool]:
+    """The tiny MLLM, the blur-graded set and the unseen photograph; and whether the sets are
+    an earlier demo's, reused."""
     from agiqa.models.mllm.tiny import build_tiny_mllm
 
     names = list(DEMO_SET)
@@ -227,24 +228,65 @@ def _prepare(out: Path, seed: int, log) -> tuple[Path, Path, Path]:
     if not (mllm / "config.json").is_file():
         build_tiny_mllm("llava", mllm)
     images = out / "images"
-    labels = make_graded_set(images, photos=names, distortions=("blur",), grades=6, crops=4,
-                             seed=seed)
-    make_graded_set(out / "unseen", photos=[HELD_OUT], distortions=("blur",), grades=6,
-                    seed=seed + 1)
-    (out / "unseen" / "labels.csv").unlink()
-    return mllm, images, labels
+    labels = images / "labels.csv"
+    made = _made_sets(out)
+    wanted = {"seed": seed, "photos": names}
+    # An earlier demo's sets of the same seed are reused while every file is there: a rerun
+    # writes no image (the sets are a function of the seed).
+    reused = made.get("seed") == seed and made.get("photos") == names and all(
+        (out / f).is_file() for f in made.get("files", [])) and labels.is_file()
+    if not reused:
+        make_graded_set(images, photos=names, distortions=("blur",), grades=6, crops=4,
+                        seed=seed)
+        unseen = out / "unseen"
+        make_graded_set(unseen, photos=[HELD_OUT], distortions=("blur",), grades=6,
+                        seed=seed + 1)
+        (unseen / "labels.csv").unlink()
+        with open(labels, newline="", encoding="utf-8") as f:
+            files = [f"images/{r['image']}" for r in csv.DictReader(f)]
+        files += sorted(f"unseen/{p.name}" for p in unseen.iterdir() if p.suffix == ".png")
+        write_json(out / SETS, {**wanted, "files": ["images/labels.csv", *files]})
+    return mllm, images, labels, reused
+
+
+def _saved_metrics(folder: Path) -> dict[str, float] | None:
+    """The metrics of an evaluation folder the demo wrote (None when there is none whole)."""
+    from agiqa.stages.rundir import EVALUATION
+
+    try:
+        metrics = read_json(folder / EVALUATION)["metrics"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    keys = ("srcc", "plcc", "krcc", "rmse")
+    if not isinstance(metrics, dict) or not all(isinstance(metrics.get(k), float)
+                                                for k in keys):
+        return None
+    return metrics
+
+
+SETS = ".agiqa-demo-sets.json"  # the seed, photographs and files of the sets the demo wrote
+
+
+def _made_sets(out: Path) -> dict[str, Any]:
+    """What an earlier demo recorded of its sets ({} when nothing, or nothing readable)."""
+    try:
+        made = read_json(out / SETS)  # a regular file, read within bounds
+    except (OSError, ValueError):
+        return {}
+    return made if isinstance(made, dict) and isinstance(made.get("files"), list) else {}
 
 
 def _fit(run: Path, images: Path, labels: Path, cache: Path, epochs: int, lr: float,
-         progress: bool, log) -> None:
-    """The CPU recipe (:data:`CPU_RECIPE`): frozen random tiny backbone, MoE head trained."""
+         progress: bool, log) -> bool:
+    """The CPU recipe (:data:`CPU_RECIPE`): frozen random tiny backbone, MoE head trained.
+    Returns whether an earlier demo's trained model was reused."""
     from agiqa.pipeline.api import fit
     from agiqa.stages.rundir import is_finished
 
     log(f"[3/6] fit (stage two): frozen tiny backbone, MoE head trained, {epochs} epochs")
     if is_finished(run):
         log(f"      {run} already holds a trained model; reusing it")
-        return
+        return True
     import shutil
 
     # An interrupted run of this demo starts over (the marker says the demo made it).
@@ -252,6 +294,7 @@ def _fit(run: Path, images: Path, labels: Path, cache: Path, epochs: int, lr: fl
     result = fit(recipe="cpu", dataset="csv", root=images, labels=labels, cache=cache, out=run,
                  epochs=epochs, lr=lr, seed=20, loader_workers=0, progress=progress)
     log(f"      selected epoch {result.runs[0].best_epoch}")
+    return False
 
 
 def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = CPU_RECIPE["lr"],
@@ -264,11 +307,13 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = CPU_
     3. ``extract-semantics`` → ``out/cache``; ``fit`` → ``out/run`` with the CPU recipe
        (:data:`CPU_RECIPE`: the random ``tiny`` backbone frozen, its pooled ViT keys computed
        once and standardised, the MoE head trained on z-scored MOS and vectors at batch 32 and
-       lr 3e-4 for 200 epochs, the last kept); ``evaluate`` on the validation and test splits;
-       ``score-folder`` on the unseen photo → ``out/scores.csv``.
+       lr 3e-4 for 200 epochs, the last kept); ``evaluate`` on the validation and test splits →
+       ``out/evaluation-val``, ``out/evaluation-test``; ``score-folder`` on the unseen photo →
+       ``out/scores.csv``.
 
     ``out`` must be new, empty or an earlier demo's folder (it holds a marker file); an earlier
-    demo's cache and trained model are reused. The tiny models are random, so the numbers show
+    demo's sets, cache and trained model are reused, and its evaluations too while the model,
+    the images and their vectors are unchanged. The tiny models are random, so the numbers show
     the pipeline learning from image damage, not the quality judgement of a real MLLM.
     """
     from agiqa.pipeline.api import evaluate, extract_semantics, score_folder
@@ -277,7 +322,7 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = CPU_
     out = Path(out)
     _claim(out)
     lap = _Laps()
-    mllm, images, labels = _prepare(out, seed, log)
+    mllm, images, labels, sets_reused = _prepare(out, seed, log)
     lap("prepare")
 
     log("[2/6] extract-semantics (stage one)")
@@ -290,18 +335,33 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = CPU_
     lap("extract")
 
     run = out / "run"
-    _fit(run, images, labels, cache, epochs, lr, progress, log)
+    fit_reused = _fit(run, images, labels, cache, epochs, lr, progress, log)
     lap("fit")
 
     log("[4/6] evaluate")
-    metrics = {name: evaluate(run, **data, cache=cache, split=name, loader_workers=0,
-                              progress=False).metrics for name in ("val", "test")}
+    # An evaluation is a function of the model, the images and their vectors: when none of
+    # them changed since an earlier demo evaluated them, its evaluation folders are read back.
+    unchanged = sets_reused and fit_reused and report.computed == 0 and not report.changed
+    metrics = {}
+    for name in ("val", "test"):
+        folder = out / f"evaluation-{name}"
+        metrics[name] = _saved_metrics(folder) if unchanged else None
+        if metrics[name] is None:
+            metrics[name] = evaluate(run, **data, cache=cache, split=name, loader_workers=0,
+                                     progress=False, out=folder).metrics
+        else:
+            log(f"      {name}: the model, its images and their vectors are unchanged; "
+                f"reusing {folder}")
     lap("evaluate")
 
     log("[5/6] score-folder on a photograph the model never saw")
     scores_csv = out / "scores.csv"
     scored = score_folder(out / "unseen", model=run, cache=out / "score-cache", loader_workers=0,
                           progress=progress, out=scores_csv)
+    if scored.failures or not scored.rows:  # the demo's own files: any failure is a fault
+        name, why = next(iter(scored.failures.items()), ("", "no image found"))
+        raise AgiqaError(f"{out / 'unseen'}: {len(scored.failures)} of the unseen photograph's "
+                         f"files could not be scored ({name}: {why})")
     lap("score")
     log("[6/6] done")
     plots = [run / SCATTER_PLOT, run / CURVES_PLOT]

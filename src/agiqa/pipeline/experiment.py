@@ -39,9 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agiqa.errors import AgiqaError, ConfigError
-from agiqa.fileio import atomic_path, read_json, write_json, write_text
-from agiqa.stages.configs import FitConfig, model_experts
+from agiqa.errors import AgiqaError, ConfigError, UsageError
+from agiqa.fileio import atomic_path, read_json, read_text, write_json, write_text
+from agiqa.options import check_known, cli_naming, spell
+from agiqa.stages.configs import ExperimentConfig, FitConfig, model_experts
 from agiqa.tomlio import parse_toml, toml_value
 
 __all__ = ["RESULT_COLUMNS", "TABLE_COLUMNS", "ExperimentTable", "Group", "Plan", "PlanError",
@@ -181,7 +182,8 @@ def _set(table: dict[str, Any], dotted: str, value: Any, source: str) -> None:
     for k in keys[:-1]:
         nxt = table.setdefault(k, {})
         if not isinstance(nxt, dict):
-            raise PlanError(f"{source}: --set {dotted}: {k} is not a table")
+            raise PlanError(f"{source}: {_flag('--set', 'overrides=')} {dotted!r}: {k} is not a "
+                            "table")
         table = nxt
     table[keys[-1]] = value
 
@@ -208,8 +210,8 @@ def load_plan(plan: str | os.PathLike, overrides: list[str] | dict[str, Any] | N
             raise PlanError(f"{path}: plan file not found")
         source, name = str(path), path.stem
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
+            text = read_text(path, 1 << 20, "plan file")
+        except (OSError, ValueError) as e:
             raise PlanError(f"{path}: not readable ({e})") from None
     else:
         preset = load_plan_preset(str(plan))
@@ -225,10 +227,15 @@ def load_plan(plan: str | os.PathLike, overrides: list[str] | dict[str, Any] | N
     return _check_plan(d, name, source, {k: Path(v) for k, v in (roots or {}).items()})
 
 
+def _flag(flag: str, keyword: str) -> str:
+    """An option as the caller writes it: its flag on the command line, its keyword in Python."""
+    return flag if cli_naming() else keyword
+
+
 def _split_override(text: str, source: str) -> tuple[str, Any]:
     key, eq, value = text.partition("=")
     if not eq or not key.strip():
-        raise PlanError(f"{source}: --set {text!r}: give KEY=VALUE")
+        raise PlanError(f"{source}: {_flag('--set', 'overrides=')} {text!r}: give KEY=VALUE")
     return key.strip(), toml_value(value.strip())
 
 
@@ -282,13 +289,14 @@ def _check_plan(d: dict[str, Any], name: str, src: str, roots: dict[str, Path]) 
         _check_preset(spec, src)
         if spec.root is None and spec.generate is None:
             raise PlanError(f"{src}: datasets.{ds_name}.root: missing; give the image folder "
-                            f"with --root {ds_name}=DIR")
+                            f"with {_flag(f'--root {ds_name}=DIR', f'roots={{{ds_name!r}: DIR}}')}")
         datasets[ds_name] = spec
     if not datasets:
         raise PlanError(f"{src}: datasets: the plan names no data set")
     unknown_roots = sorted(set(roots) - set(datasets))
     if unknown_roots:
-        raise PlanError(f"{src}: --root {unknown_roots[0]}: the plan has no such data set "
+        raise PlanError(f"{src}: {_flag('--root', 'roots=')} {unknown_roots[0]!r}: the plan has no "
+                        "such data set "
                         f"(it has {', '.join(datasets)})")
     # caches
     caches: dict[str, CacheSpec] = {}
@@ -383,9 +391,9 @@ def _check_variant(plan: Plan, v: Variant) -> None:
         raise PlanError(f"{plan.source}: caches.{cache.name}.prompts: {e}") from None
     try:
         model_experts(cfg.experts, cfg.fusion, names, f"cache {cache.name} (prompts "
-                      f"{cache.prompts})")
+                      f"{cache.prompts})", label=f"{where}.experts")
     except ConfigError as e:
-        raise PlanError(f"{where}.experts: {e}") from None
+        raise PlanError(str(e)) from None
 
 
 def _score_range(ds: DatasetSpec) -> tuple[float, float] | None:
@@ -891,15 +899,16 @@ def _cost(plan: Plan, out: Path, groups: list[Group], extractions, sizes: dict[s
 
 
 # -- the command -------------------------------------------------------------------------------
-def experiment(plan: str | os.PathLike | Plan, out: str | os.PathLike, *,
-               roots: dict[str, str | os.PathLike] | None = None,
-               overrides: list[str] | dict[str, Any] | None = None, resume: bool = False,
-               dry_run: bool = False, device: str | None = None,
-               concurrent_runs: int | None = None, reports: bool = True,
-               progress: bool = True, log: Callable[[str], None] | None = None,
-               engine: str = "local", ray_address: str | None = None
+def experiment(plan: str | os.PathLike | Plan | ExperimentConfig, out: str | os.PathLike |
+               None = None, *, log: Callable[[str], None] | None = None, **options: Any
                ) -> ExperimentTable | None:
     """Run a plan into ``out`` (``agiqa experiment PLAN --out DIR``); returns the table.
+
+    ``plan`` is a TOML file, a built-in plan's name or a loaded :class:`Plan`, and the options
+    are the fields of :class:`~agiqa.stages.configs.ExperimentConfig` (``roots``,
+    ``overrides``, ``resume``, ``dry_run``, ``device``, ``concurrent_runs``, ``engine``,
+    ``ray_address``, ``reports``, ``progress``), checked as the command line checks its flags;
+    or ``plan`` is that config whole. ``log`` takes the progress lines (default: stderr).
 
     Finished runs are read back (their folders untouched), interrupted ones finished with
     ``resume``; a run that fails is a row with its error and the others go on. A plan that
@@ -913,8 +922,18 @@ def experiment(plan: str | os.PathLike | Plan, out: str | os.PathLike, *,
     """
     from tqdm.auto import tqdm
 
-    if engine not in ("local", "ray"):
-        raise ConfigError(f"--engine: local or ray, got {engine!r}")
+    if isinstance(plan, ExperimentConfig):
+        if out is not None or options:
+            raise ConfigError("give an ExperimentConfig or its fields as keywords, not both")
+        cfg = plan
+    else:
+        check_known(ExperimentConfig, options, "experiment")
+        cfg = ExperimentConfig(plan=plan, out=out, **options)
+    if cfg.plan is None or cfg.out is None:
+        raise UsageError(f"{spell('plan')} and {spell('out')} are required")
+    plan, out = cfg.plan, Path(cfg.out)
+    resume, dry_run, reports, progress = cfg.resume, cfg.dry_run, cfg.reports, cfg.progress
+    engine, ray_address = cfg.engine, cfg.ray_address
     if engine == "ray" and not dry_run:  # before any work: Ray installed, the address answers
         from agiqa.pipeline.ray_engine import check_ray
 
@@ -922,14 +941,13 @@ def experiment(plan: str | os.PathLike | Plan, out: str | os.PathLike, *,
 
     say = log or (lambda line: tqdm.write(line, file=sys.stderr))
     if not isinstance(plan, Plan):
-        plan = load_plan(plan, overrides, roots)
-    out = Path(out)
+        plan = load_plan(plan, cfg.overrides, cfg.roots)
     if out.exists() and not out.is_dir():
-        raise PlanError(f"{plan.source}: --out {out} is a file")
+        raise PlanError(f"{plan.source}: {spell('out')} {out} is a file")
     if out.is_dir() and any(out.iterdir()) and not (out / "plan.json").is_file():
-        raise PlanError(f"{plan.source}: --out {out} is not empty and holds no experiment "
+        raise PlanError(f"{plan.source}: {spell('out')} {out} is not empty and holds no experiment "
                         "(plan.json); choose a new or empty folder")
-    groups = plan_groups(plan, out, device, concurrent_runs)
+    groups = plan_groups(plan, out, cfg.device, cfg.concurrent_runs)
     ids: dict[str, str] = {}
     for g in groups:
         ids.update(_identity(plan, g))

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from agiqa.errors import AgiqaError, ConfigError
+from agiqa.options import spell
 
 __all__ = ["ENGINES", "ClusterError", "check_ray", "extract_on_ray", "groups_on_ray", "import_ray",
            "ray_session", "score_on_ray"]
@@ -54,7 +55,8 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise ConfigError(f"--engine ray needs Ray, which is not installed: {INSTALL}") from None
+        raise ConfigError(f"{spell('engine', 'ray')} needs Ray, which is not installed: "
+                          f"{INSTALL}") from None
     return ray
 
 
@@ -296,7 +298,8 @@ class _ExtractActor(_Worker):
                                               self.cfg.format, root=self.root)
         report = ExtractReport(str(self.cfg.out), 0, loader_workers=self.loader_workers)
         compute_shards(self.cfg, self.cache, self.encoder, self.root, [job], report)
-        return {"computed": report.computed, "shards": report.shards_written,
+        return {"computed": report.computed, "computed_keys": sorted(report.computed_keys),
+                "shards": report.shards_written,
                 "forward_passes": report.forward_passes, "model_calls": report.model_calls,
                 "tokens": report.tokens, "padding_tokens": report.padding_tokens}
 
@@ -321,12 +324,13 @@ def extract_on_ray(cfg, source, on_shard: Callable[[str, str], None] | None = No
     from tqdm.auto import tqdm
 
     from agiqa.cache import SemanticCache
-    from agiqa.stages.extraction.extract import ExtractReport
+    from agiqa.stages.extraction.extract import ExtractReport, settle_counts
     from agiqa.stages.extraction.resume import discard_damaged, plan_resume
 
     if cfg.worker is not None:
-        raise ConfigError("--worker is the static split's; with --engine ray the driver hands "
-                          "the shards out (--workers: the number of actors)")
+        raise ConfigError(f"{spell('worker')} is the static split's; with "
+                          f"{spell('engine', 'ray')} the driver hands the shards out "
+                          f"({spell('workers')}: the number of actors)")
     start = time.perf_counter()
     out, root = Path(cfg.out).resolve(), Path(source.root).resolve()
     report = ExtractReport(str(cfg.out), len(source.keys), skipped_files=list(source.skipped),
@@ -369,8 +373,7 @@ def extract_on_ray(cfg, source, on_shard: Callable[[str, str], None] | None = No
                 ray.kill(a, no_restart=True)
     cache.refresh()
     cache._rewrite_manifest()  # the summary of every shard, whatever order the actors wrote
-    known = cache.failures
-    report.failures.update({k: known[k] for k in source.keys if k in known})
+    settle_counts(report, cache, source.keys)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -403,6 +406,7 @@ def _run_extraction(ray, actors, probed, cache, jobs, report, progress, on_shard
 
     def done(a: int, job, result: dict[str, Any]) -> None:
         report.computed += result["computed"]
+        report.computed_keys.update(result.get("computed_keys", job.compute))
         report.shards_written += result["shards"]
         for k in ("forward_passes", "model_calls", "tokens", "padding_tokens"):
             setattr(report, k, getattr(report, k) + result.get(k, 0))

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from agiqa.errors import ConfigError
-from agiqa.fileio import agiqa_home, read_json
+from agiqa.fileio import agiqa_home, read_json, read_text
 
 __all__ = [
     "DEFAULT_MLLM",
@@ -208,7 +208,10 @@ def load_prompts(spec: str | os.PathLike = DEFAULT_PROMPTS) -> PromptSet:
     if path.suffix in (".json", ".txt") or path.is_file():
         if not path.is_file():
             raise ConfigError(f"{path}: prompt file not found")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = read_text(path, 1 << 20, "prompt file")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: not readable ({e})") from None
         if path.suffix == ".json":
             try:
                 return PromptSet.from_dict(json.loads(text), str(path))
@@ -367,8 +370,9 @@ def load_plan_preset(name: str) -> PlanPreset:
                           "or give a .toml file)" + _did_you_mean(name, names))
     path = files[name][0]
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        text = read_text(path, 1 << 20, "plan file") if isinstance(path, Path) else \
+            path.read_text(encoding="utf-8")  # a built-in plan, inside the package
+    except (OSError, ValueError) as e:
         raise ConfigError(f"experiment plan {path}: not readable ({e})") from None
     return PlanPreset(name, str(path), text)
 

@@ -37,8 +37,15 @@ def strip_svg(values: list[float], lo: float, hi: float, mean: float | None = No
             f"{tick}{dots}</svg>")
 
 
-def _href(target: Path, page: Path) -> str:
-    return Path(os.path.relpath(target, page.parent)).as_posix()
+def _href(target: Path, page: Path) -> str | None:
+    """A ``./``-relative, percent-encoded link (:func:`~agiqa.report.html.link_href`): a run
+    folder named like a URL scheme stays a path."""
+    from agiqa.report.html import link_href
+
+    try:
+        return link_href(Path(os.path.relpath(target, page.parent)).as_posix())
+    except ValueError:  # no relative path (another drive)
+        return None
 
 
 def write_experiment_report(table: Any, out: Path, metric: str = "srcc") -> int:

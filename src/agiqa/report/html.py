@@ -25,6 +25,7 @@ import numpy as np
 
 from agiqa.errors import ConfigError
 from agiqa.fileio import write_text
+from agiqa.options import spell
 from agiqa.report.sources import (
     THUMB_SIZE,
     ImageRow,
@@ -284,7 +285,7 @@ def write_run_report(folder: Path, out: Path | None = None, root: Path | None = 
         device: where the maps are computed.
     """
     if max_images < 1:
-        raise ConfigError(f"--max-images must be at least 1, got {max_images}")
+        raise ConfigError(f"{spell('max_images')} must be at least 1, got {max_images}")
     out = check_report_output(Path(out) if out else Path(folder) / "report.html")
     run = read_run(Path(folder), root, cache)
     add_zero_shot(run)
@@ -332,13 +333,15 @@ def write_score_file_report(scores: Path, images: Path, out: Path | None = None,
     from agiqa.report.sources import read_score_file
 
     if not images.is_dir():
-        raise ConfigError(f"--images {images}: not a folder (the folder that was scored)")
+        raise ConfigError(f"{spell('images', str(images))}: not a folder (the folder that was "
+                          "scored)")
     out = check_report_output(out or scores.with_suffix(".html"), inputs=(scores,))
     rows, failures, gate_names = read_score_file(scores, images)
     missing = [r.name for r in rows if not r.path.is_file()]
     if missing:
-        raise DatasetError(f"{scores}: {len(missing)} scored image(s) not under --images "
-                           f"{images}: {', '.join(repr(m) for m in missing[:3])}")
+        raise DatasetError(f"{scores}: {len(missing)} scored image(s) not under "
+                           f"{spell('images', str(images))}: "
+                           f"{', '.join(repr(m) for m in missing[:3])}")
     model = None
     if model_dir is not None:
         from agiqa.models.agiqa_net import load_model
@@ -367,7 +370,7 @@ def write_score_report(rows: list[ImageRow], failures: dict[str, str], out: Path
         notes: lines shown under the title.
     """
     if top_k < 1:
-        raise ConfigError(f"--top-k must be at least 1, got {top_k}")
+        raise ConfigError(f"{spell('top_k')} must be at least 1, got {top_k}")
     out = check_report_output(out, "--report")
     ordered = sorted(rows, key=lambda r: r.score)
     shown = ordered if len(ordered) <= 2 * top_k else ordered[:top_k] + ordered[-top_k:]

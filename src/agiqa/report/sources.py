@@ -9,9 +9,7 @@ at report time, for the images the page shows only (a bounded number).
 from __future__ import annotations
 
 import base64
-import csv
 import io
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,17 @@ import numpy as np
 
 from agiqa.errors import ConfigError, DatasetError
 from agiqa.fileio import read_json
-from agiqa.stages.rundir import CONFIG, EVALUATION, METRICS, PREDICTIONS, read_predictions
+from agiqa.options import spell
+from agiqa.stages.rundir import (
+    CONFIG,
+    EVALUATION,
+    METRICS,
+    PREDICTIONS,
+    finite_number,
+    gate_columns,
+    read_csv_table,
+    read_predictions,
+)
 
 __all__ = ["THUMB_SIZE", "ImageRow", "RunData", "check_version", "encode_maps", "read_run",
            "read_score_file", "thumbnail"]
@@ -80,44 +88,6 @@ def check_version(where: Path, written_by: Any) -> None:
                           "model again with evaluate --out")
 
 
-def _number(text: str, where: str, column: str, allow_empty: bool = False) -> float | None:
-    if allow_empty and text == "":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise DatasetError(f"{where}: {column} {text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise DatasetError(f"{where}: {column} is {text}, not a finite number")
-    return value
-
-
-def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DatasetError(f"{path}: cannot read it as CSV ({e})") from None
-    if not rows:
-        raise DatasetError(f"{path}: empty file (no header)")
-    return rows[0], rows[1:]
-
-
-def _check_header(path: Path, header: list[str], first: list[str], prompt_names: list[str] | None
-                  ) -> list[str]:
-    """The gate names of a header ``first + gate_* + [zero_shot]``; refuses any other header."""
-    gates = [c for c in header if c.startswith("gate_")]
-    expected = [*first, *gates] + (["zero_shot"] if "zero_shot" in header else [])
-    names = [g.removeprefix("gate_") for g in gates]
-    if header != expected or not gates or names[-1] != "image" or \
-            (prompt_names is not None and names != [*prompt_names, "image"]):
-        want = ", ".join([*first, *(f"gate_{n}" for n in (prompt_names or ["..."])),
-                          "gate_image"])
-        raise DatasetError(f"{path}: unexpected columns {', '.join(header)} (expected {want}"
-                           "[, zero_shot]); edited by hand or written by another version?")
-    return names
-
-
 def _rows(path: Path, header: list[str], body: list[list[str]], name_col: str,
           root: Path | None) -> list[ImageRow]:
     from agiqa.data.images import resolve_key
@@ -138,10 +108,10 @@ def _rows(path: Path, header: list[str], body: list[list[str]], name_col: str,
         seen.add(name)
         out.append(ImageRow(
             name=name, path=None if root is None else resolve_key(root, name, source=where),
-            score=_number(cells[col["score"]], where, "score"),
-            gates=[_number(cells[col[g]], where, g) for g in gate_cols],
-            mos=_number(cells[col["mos"]], where, "mos") if "mos" in col else None,
-            zero_shot=_number(cells[col["zero_shot"]], where, "zero_shot", allow_empty=True)
+            score=finite_number(cells[col["score"]], where, "score"),
+            gates=[finite_number(cells[col[g]], where, g) for g in gate_cols],
+            mos=finite_number(cells[col["mos"]], where, "mos") if "mos" in col else None,
+            zero_shot=finite_number(cells[col["zero_shot"]], where, "zero_shot", allow_empty=True)
             if "zero_shot" in col else None))
     return out
 
@@ -168,8 +138,8 @@ def read_score_file(path: Path, images: Path | None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise DatasetError(f"{path}: not a score-folder JSON file ({e})") from None
     else:
-        header, body = _read_csv(path)
-    names = _check_header(path, header, ["path", "score"], None)
+        header, body = read_csv_table(path)
+    names = gate_columns(path, header, ["path", "score"], None)
     return _rows(path, header, body, "path", images), failures, names
 
 
@@ -245,8 +215,8 @@ def _locate_images(data: RunData, root: Path | None) -> None:
 
     root = root or (Path(data.dataset["root"]) if data.dataset.get("root") else None)
     if root is None or not root.is_dir():
-        raise ConfigError(f"{data.folder}: the image root {root} is not a folder; pass --root "
-                          "DIR (the folder the data set's images are in)")
+        raise ConfigError(f"{data.folder}: the image root {root} is not a folder; pass "
+                          f"{spell('root')} DIR (the folder the data set's images are in)")
     for r in data.rows:
         r.path = resolve_key(root, r.name, source=str(data.folder / PREDICTIONS))
 

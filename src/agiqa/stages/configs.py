@@ -12,9 +12,10 @@ without loading a model library.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from agiqa.errors import ConfigError, UsageError
 from agiqa.options import check_options, cli_naming, option, spell
@@ -22,8 +23,9 @@ from agiqa.presets import DEFAULT_MLLM, DEFAULT_PROMPTS
 
 __all__ = ["DTYPES", "FORMATS", "FUSIONS", "IMAGE_KEYS", "KEY_NORMS", "SCORE_NORMS", "SELECTIONS",
            "SEMANTIC_NORMS", "CacheInfoConfig", "CacheVerifyConfig", "DatasetFields",
-           "DemoConfig", "EvaluateConfig", "ExtractConfig", "FitConfig", "ImportOfficialConfig",
-           "ImportPtConfig", "ReportConfig", "ScoreConfig", "model_experts"]
+           "DemoConfig", "EvaluateConfig", "ExperimentConfig", "ExtractConfig", "FitConfig",
+           "ImportOfficialConfig", "ImportPtConfig", "ReportConfig", "ScoreConfig",
+           "model_experts"]
 
 SCORE_NORMS = ("none", "zscore")
 SEMANTIC_NORMS = ("none", "zscore")
@@ -266,9 +268,10 @@ class FitConfig(DatasetFields):
 
 
 def model_experts(experts: str | None, fusion: str, prompt_names: list[str],
-                  where: str = "the cache") -> dict[str, object]:
+                  where: str = "the cache", label: str | None = None) -> dict[str, object]:
     """The model arguments of ``--experts`` and ``--fusion`` for vectors of ``prompt_names``:
-    ``semantic_experts`` (prompt indices, None: all), ``image_expert``, ``fusion``.
+    ``semantic_experts`` (prompt indices, None: all), ``image_expert``, ``fusion``. ``label``
+    names the value in a refusal (default: the option, as the caller spells it).
 
     Raises:
         ConfigError: a name that is neither ``image`` nor one of the prompts of ``where``.
@@ -283,8 +286,8 @@ def model_experts(experts: str | None, fusion: str, prompt_names: list[str],
 
         close = difflib.get_close_matches(unknown[0], known, n=2)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        raise ConfigError(f"--experts: {unknown[0]!r} is not an expert of {where} (choose from "
-                          f"{', '.join(known)}){hint}")
+        raise ConfigError(f"{label or spell('experts')}: {unknown[0]!r} is not an expert of "
+                          f"{where} (choose from {', '.join(known)}){hint}")
     index = [prompt_names.index(n) for n in prompt_names if n in names]  # the cache's order
     every = len(index) == len(prompt_names)
     return {"semantic_experts": None if every else index, "image_expert": "image" in names,
@@ -479,3 +482,73 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         check_options(self)
+
+
+def _entries(value: Any, name: str, what: str) -> tuple[str, ...] | dict[str, Any]:
+    """A mapping as it is, or ``KEY=VALUE`` strings as a tuple; anything else refused."""
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        if not all(isinstance(k, str) and k for k in value):
+            raise ConfigError(f"{name} must map names to values, got {value!r}")
+        return dict(value)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ConfigError(f"{name} must be a mapping or a list of {what} strings, got "
+                          f"{value!r}")
+    bad = [v for v in value if not isinstance(v, str) or not v.partition("=")[0]
+           or not v.partition("=")[2]]
+    if bad:
+        raise UsageError(f"{name}: {bad[0]!r} is not {what}")
+    return tuple(value)
+
+
+@dataclass(kw_only=True)
+class ExperimentConfig:
+    """Options of ``agiqa experiment``: a plan of runs (data sets × variants × seeds, cross
+    pairs) into one folder, one table at the end."""
+
+    plan: Any = option(None, positional=True,
+                       help="A TOML file or a built-in plan (agiqa experiment --list); in "
+                            "Python also a loaded Plan.")
+    out: Path | None = option(None, file_okay=False,
+                              help="The experiment's folder (results.csv, table.md, table.csv, "
+                                   "report.html, the runs).")
+    roots: Any = option((), flag="--root", multiple=True, metavar="NAME=DIR",
+                        help="The image folder of the plan's data set NAME (repeatable); in "
+                             "Python a mapping {NAME: DIR} or NAME=DIR strings.")
+    overrides: Any = option((), flag="--set", multiple=True, metavar="KEY=VALUE",
+                            help="Change the plan: repeats=2, fit.epochs=5, "
+                                 "caches.mplug-owl2.model=DIR (dotted keys, TOML values; "
+                                 "repeatable); in Python also a mapping {KEY: value}.")
+    resume: bool = option(False, switch=True,
+                          help="Finish interrupted runs (their checkpoint.pt).")
+    dry_run: bool = option(False, switch=True, help="Print the runs, the extractions and the "
+                                                    "estimated time, and stop.")
+    device: str | None = option(None, help="auto, cpu, cuda or cuda:N [default: the plan's or "
+                                           "auto].")
+    concurrent_runs: int | None = option(None, min=1,
+                                         help="Runs of one data set and variant trained at "
+                                              "once [default: fit's: on a GPU as many as fit, "
+                                              "on a CPU 1].")
+    engine: str = option("local", choices=("local", "ray"),
+                         help="local: this process, one group after another; ray: each group "
+                              "(data set × variant) one task on a Ray cluster, one GPU or CPU "
+                              "slot each  [pip install \"agiqa[ray]\"]")
+    ray_address: str | None = option(None,
+                                     help="With --engine ray: auto (this machine's cluster), "
+                                          "HOST:PORT, or none: $RAY_ADDRESS if set, else Ray "
+                                          "started for the run and stopped after it.")
+    reports: bool = option(True, cli=False,
+                           cli_reason="the command line always writes each run's report.html; "
+                                      "Python may skip them")
+    progress: bool = option(True, negate="--quiet", flags=("-q",), help=_PROGRESS)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        self.roots = _entries(self.roots, "--root" if cli_naming() else "roots=", "NAME=DIR")
+        if isinstance(self.roots, tuple):  # NAME=DIR: a data set of the plan, its images
+            self.roots = {name: path for name, _, path in (r.partition("=") for r in self.roots)}
+        self.overrides = _entries(self.overrides, "--set" if cli_naming() else "overrides=",
+                                  "KEY=VALUE")
+        if isinstance(self.overrides, tuple):
+            self.overrides = list(self.overrides)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -23,16 +24,24 @@ from typing import Any
 from agiqa.cache.fingerprint import SemanticSpec
 from agiqa.data.splits import Split, read_split_csv
 from agiqa.errors import CheckpointError, ConfigError, DatasetError
-from agiqa.fileio import atomic_path, exclusive_lock, read_json, write_json, write_text
+from agiqa.fileio import (
+    atomic_path,
+    exclusive_lock,
+    read_json,
+    read_text,
+    write_json,
+    write_text,
+)
+from agiqa.options import spell
 
 __all__ = [
     "CHECKPOINT", "CONFIG", "CURVES_PLOT", "EVALUATION", "EVALUATION_MARKER", "FINISHED", "LOCK",
     "MARKER", "METRICS", "MODEL", "PREDICTIONS", "RUN_FILES", "SCATTER_PLOT", "SPLIT", "SUMMARY",
     "TRAINING", "TRAIN_LOG", "Predictions", "RunConfig", "check_evaluation_out", "check_out",
-    "check_resume", "check_split_unchanged", "evaluation_folder", "is_finished", "mark_finished",
-    "read_config", "read_metrics", "read_predictions", "read_training", "run_folder",
-    "selection_text", "training_dict", "write_metrics", "write_outputs", "write_predictions",
-    "write_training",
+    "check_resume", "check_split_unchanged", "evaluation_folder", "finite_number", "gate_columns",
+    "is_finished", "mark_finished", "read_config", "read_csv_table", "read_metrics",
+    "read_predictions", "read_training", "run_folder", "selection_text", "training_dict",
+    "write_metrics", "write_outputs", "write_predictions", "write_training",
 ]
 
 # -- file names --------------------------------------------------------------------------------
@@ -103,38 +112,41 @@ def check_out(out: Path, resume: bool, series: bool = False) -> None:
     by one).
     """
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder")
+        raise ConfigError(f"{spell('out', str(out))} is a file, not a folder")
     entries = sorted(out.iterdir()) if out.is_dir() else []
     if entries and not (out / MARKER).is_file():
         shown = ", ".join(p.name for p in entries[:3]) + (", ..." if len(entries) > 3 else "")
-        raise ConfigError(f"--out {out} is not empty and agiqa did not make it (it holds "
-                          f"{shown}; no {MARKER} file); choose a new or empty folder")
+        raise ConfigError(f"{spell('out', str(out))} is not empty and agiqa did not make it "
+                          f"(it holds {shown}; no {MARKER} file); choose a new or empty folder")
     foreign = [p.name for p in entries if not _is_run_entry(p)]
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise ConfigError(f"--out {out} is not empty and is not an agiqa run (it holds {shown}); "
-                          "choose a new or empty folder")
+        raise ConfigError(f"{spell('out', str(out))} is not empty and is not an agiqa run (it "
+                          f"holds {shown}); choose a new or empty folder")
     if series:
         if (out / MODEL).is_file() or (out / CHECKPOINT).is_file():
-            raise ConfigError(f"--out {out} holds a single run; a series (--repeats, "
-                              "--split-seeds) needs another --out")
+            raise ConfigError(f"{spell('out', str(out))} holds a single run; a series "
+                              f"({spell('repeats')}, {spell('split_seeds')}) needs another "
+                              f"{spell('out')}")
         if is_finished(out) and not resume:
             raise ConfigError(f"{out} holds a finished series ({SUMMARY}); choose another "
-                              "--out for a new one")
+                              f"{spell('out')} for a new one")
         return
     if any(p.is_dir() and p.name.partition("-")[0] in ("seed", "split") for p in entries):
-        raise ConfigError(f"--out {out} holds a series (--repeats, --split-seeds); a single run "
-                          "needs another --out")
+        raise ConfigError(f"{spell('out', str(out))} holds a series ({spell('repeats')}, "
+                          f"{spell('split_seeds')}); a single run needs another {spell('out')}")
     if is_finished(out):
         raise ConfigError(f"{out} holds a finished run ({MODEL}); nothing to resume, "
-                          "choose another --out for a new run")
+                          f"choose another {spell('out')} for a new run")
     if (out / CHECKPOINT).is_file():
         if not resume:
-            raise ConfigError(f"{out} holds an interrupted run ({CHECKPOINT}); pass --resume "
-                              "to continue it, or choose another --out")
+            raise ConfigError(f"{out} holds an interrupted run ({CHECKPOINT}); pass "
+                              f"{spell('resume', True)} to continue it, or choose another "
+                              f"{spell('out')}")
         return
     if resume:
-        raise ConfigError(f"--resume: {out / CHECKPOINT} not found (nothing to resume)")
+        raise ConfigError(f"{spell('resume', True)}: {out / CHECKPOINT} not found (nothing to "
+                          "resume)")
 
 
 @contextlib.contextmanager
@@ -156,7 +168,7 @@ def run_folder(out: Path, resume: bool, main: bool = True, series: bool = False
     if not (out / MARKER).is_file():  # out is new or empty (check_out): agiqa makes it a run
         write_text(out / MARKER, "an agiqa run folder: agiqa writes here\n")
     try:
-        with exclusive_lock(out / LOCK, f"--out {out}"):
+        with exclusive_lock(out / LOCK, spell("out", str(out))):
             check_out(out, resume, series)  # again, under the lock: another process came first?
             yield
     except BaseException:
@@ -227,9 +239,10 @@ def check_resume(out: Path, training: dict[str, Any]) -> None:
             continue
         changed.append(f"{k} {old.get(k)!r} -> {new.get(k)!r}")
     if changed:
-        raise ConfigError(f"--resume: {out} was started with other options ({'; '.join(changed)})"
-                          f"; a resume continues the same run: give the recorded options "
-                          f"({out / TRAINING}), or choose another --out for a new run")
+        raise ConfigError(f"{spell('resume', True)}: {out} was started with other options "
+                          f"({'; '.join(changed)}); a resume continues the same run: give the "
+                          f"recorded options ({out / TRAINING}), or choose another "
+                          f"{spell('out')} for a new run")
 
 
 def check_split_unchanged(out: Path, split: Split) -> None:
@@ -239,9 +252,9 @@ def check_split_unchanged(out: Path, split: Split) -> None:
         return
     recorded = read_split_csv(path)
     if any(recorded.subset(s) != split.subset(s) for s in ("train", "val", "test")):
-        raise ConfigError(f"--resume: {path} holds another split than these options make "
-                          "(another --split, --split-seed, --seed or labels file?); a resume "
-                          "continues the same run")
+        raise ConfigError(f"{spell('resume', True)}: {path} holds another split than these "
+                          f"options make (another {spell('split')}, {spell('split_seed')}, "
+                          f"{spell('seed')} or labels file?); a resume continues the same run")
 
 
 # -- config.json -------------------------------------------------------------------------------
@@ -360,7 +373,13 @@ def write_predictions(path: Path, keys: Sequence[str], subsets: Sequence[str], m
                             *[f"{float(g):.6g}" for g in gates[i]], z])
 
 
-def _number(text: str, where: str, column: str, allow_empty: bool = False) -> float | None:
+TABLE_LIMIT = 4 << 30  # bytes: a CSV table of agiqa (predictions, scores of millions of files)
+
+
+def finite_number(text: str, where: str, column: str, allow_empty: bool = False
+                  ) -> float | None:
+    """A cell of a table agiqa wrote: a finite number (or None for an empty ``allow_empty``
+    cell); anything else is a :class:`DatasetError` naming ``where`` and ``column``."""
     if allow_empty and text == "":
         return None
     try:
@@ -372,6 +391,34 @@ def _number(text: str, where: str, column: str, allow_empty: bool = False) -> fl
     return value
 
 
+def read_csv_table(path: Path) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of a CSV file agiqa wrote; one line naming the file otherwise."""
+    try:  # a regular file within bounds: a FIFO never blocks the read
+        rows = list(csv.reader(io.StringIO(read_text(path, TABLE_LIMIT, "CSV table"),
+                                           newline="")))
+    except (OSError, ValueError, csv.Error) as e:
+        raise DatasetError(f"{path}: cannot read it as CSV ({e})") from None
+    if not rows:
+        raise DatasetError(f"{path}: empty file (no header)")
+    return rows[0], rows[1:]
+
+
+def gate_columns(path: Path, header: list[str], first: list[str],
+                 prompt_names: Sequence[str] | None) -> list[str]:
+    """The gate names of a header ``first + gate_* (image last) + [zero_shot]``, as
+    ``predictions.csv`` and ``score-folder``'s files have it; any other header is refused."""
+    gates = [c for c in header if c.startswith("gate_")]
+    expected = [*first, *gates] + (["zero_shot"] if "zero_shot" in header else [])
+    names = [g.removeprefix("gate_") for g in gates]
+    if header != expected or not gates or names[-1] != "image" or \
+            (prompt_names is not None and names != [*prompt_names, "image"]):
+        want = ", ".join([*first, *(f"gate_{n}" for n in (prompt_names or ["..."])),
+                          "gate_image"])
+        raise DatasetError(f"{path}: unexpected columns {', '.join(header)} (expected {want}"
+                           "[, zero_shot]); edited by hand or written by another version?")
+    return names
+
+
 def read_predictions(path: Path, prompt_names: Sequence[str] | None = None) -> Predictions:
     """Read a ``predictions.csv`` of ``fit`` or ``evaluate --out``, this version's or 0.1's
     (without the ``zero_shot`` column).
@@ -379,24 +426,9 @@ def read_predictions(path: Path, prompt_names: Sequence[str] | None = None) -> P
     Raises:
         DatasetError: any other layout, a bad number or a repeated key (one line: where, why).
     """
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DatasetError(f"{path}: cannot read it as CSV ({e})") from None
-    if not rows:
-        raise DatasetError(f"{path}: empty file (no header)")
-    header, body = rows[0], rows[1:]
-    first = ["key", "subset", "mos", "score"]
-    gates = [c for c in header if c.startswith("gate_")]
-    names = [g.removeprefix("gate_") for g in gates]
-    expected = [*first, *gates] + (["zero_shot"] if "zero_shot" in header else [])
-    if header != expected or not gates or names[-1] != "image" or \
-            (prompt_names is not None and names != [*prompt_names, "image"]):
-        want = ", ".join([*first, *(f"gate_{n}" for n in (prompt_names or ["..."])),
-                          "gate_image"])
-        raise DatasetError(f"{path}: unexpected columns {', '.join(header)} (expected {want}"
-                           "[, zero_shot]); edited by hand or written by another version?")
+    header, body = read_csv_table(path)
+    names = gate_columns(path, header, ["key", "subset", "mos", "score"], prompt_names)
+    gates = [f"gate_{n}" for n in names]
     has_zero_shot = "zero_shot" in header
     p = Predictions([], [], [], [], [], names, [])
     seen: set[str] = set()
@@ -412,11 +444,11 @@ def read_predictions(path: Path, prompt_names: Sequence[str] | None = None) -> P
         seen.add(key)
         p.keys.append(key)
         p.subsets.append(cells[1])
-        p.mos.append(_number(cells[2], where, "mos"))
-        p.scores.append(_number(cells[3], where, "score"))
-        p.gates.append([_number(c, where, g) for c, g in zip(cells[4:4 + len(gates)], gates,
-                                                             strict=True)])
-        p.zero_shot.append(_number(cells[-1], where, "zero_shot", allow_empty=True)
+        p.mos.append(finite_number(cells[2], where, "mos"))
+        p.scores.append(finite_number(cells[3], where, "score"))
+        p.gates.append([finite_number(c, where, g)
+                        for c, g in zip(cells[4:4 + len(gates)], gates, strict=True)])
+        p.zero_shot.append(finite_number(cells[-1], where, "zero_shot", allow_empty=True)
                            if has_zero_shot else None)
     return p
 
@@ -489,20 +521,22 @@ def check_evaluation_out(out: Path, model_dir: Path) -> None:
     """
     out, model_dir = Path(out), Path(model_dir)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder")
+        raise ConfigError(f"{spell('out', str(out))} is a file, not a folder")
     if not out.is_dir():
         return
     with contextlib.suppress(OSError):
         if out.resolve() == model_dir.resolve():
-            raise ConfigError(f"--out {out} is the model's own folder; evaluate writes "
-                              f"{PREDICTIONS} and {EVALUATION}, which would replace the run's: "
-                              "choose another folder")
+            raise ConfigError(f"{spell('out', str(out))} is the model's own folder; evaluate "
+                              f"writes {PREDICTIONS} and {EVALUATION}, which would replace the "
+                              "run's: choose another folder")
     if (out / MARKER).is_file() or (out / CONFIG).is_file() or (out / MODEL).is_file():
-        raise ConfigError(f"--out {out} is a run or model folder; choose another folder for "
+        raise ConfigError(f"{spell('out', str(out))} is a run or model folder; choose another "
+                          "folder for "
                           "the evaluation")
     ours = [n for n in (PREDICTIONS, EVALUATION) if (out / n).exists()]
     if ours and not _agiqa_evaluation(out):
-        raise ConfigError(f"--out {out} holds {' and '.join(ours)} that agiqa evaluate did not "
+        raise ConfigError(f"{spell('out', str(out))} holds {' and '.join(ours)} that agiqa "
+                          "evaluate did not "
                           "write; choose another folder")
 
 

@@ -38,7 +38,6 @@ branch the same rows in the same order, so their outputs are bit-identical.
 
 from __future__ import annotations
 
-import json
 from dataclasses import fields
 from typing import Any
 
@@ -57,6 +56,7 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.utils import cached_file
 
+from agiqa.fileio import read_json
 from agiqa.models.mllm.mplug_owl2_processing import (
     IMAGE_TOKEN,
     IMAGE_TOKEN_INDEX,
@@ -473,8 +473,7 @@ def _read_config(model_id_or_folder: str, revision: str | None) -> dict[str, Any
                        _raise_exceptions_for_missing_entries=False)
     if path is None:
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path)  # a regular file, within bounds
 
 
 def is_mplug_owl2(model_id_or_folder: str, revision: str | None = None) -> bool:

@@ -9,9 +9,7 @@ the shortest edge, center crop, rescale in float64 then float32, normalise in fl
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +18,7 @@ from PIL import Image
 from transformers import BatchEncoding, BatchFeature
 from transformers.utils import cached_file
 
+from agiqa.fileio import read_json
 from agiqa.models.mllm.recipe import expand2square
 
 __all__ = [
@@ -81,7 +80,7 @@ class MplugOwl2Tokenizer:
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             path = _hub_file(source, name, revision, required=False)
             if path is not None:
-                options.update(json.loads(Path(path).read_text(encoding="utf-8")))
+                options.update(read_json(path))  # a regular file, within bounds
         known = {"bos_token", "eos_token", "unk_token", "pad_token", "add_bos_token",
                  "add_eos_token"}
         args = {k: _token_text(v) if k.endswith("_token") else v
@@ -218,7 +217,7 @@ class MplugOwl2ImageProcessor:
         """Read `preprocessor_config.json`; without one (LoRA-merged Q-Align folders lack it),
         the mPLUG-Owl2 hub settings apply."""
         path = _hub_file(source, "preprocessor_config.json", revision, required=False)
-        config = json.loads(Path(path).read_text(encoding="utf-8")) if path else {}
+        config = read_json(path) if path else {}
         keys = ("image_mean", "image_std", "resample", "rescale_factor")
         args: dict[str, Any] = {k: config[k] for k in keys if config.get(k) is not None}
         for key in ("size", "crop_size"):

@@ -10,7 +10,6 @@ processed token ids of every family.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,8 @@ from typing import Any
 from PIL import Image
 
 from agiqa.errors import ConfigError, ModelLoadError
-from agiqa.fileio import LOCAL_REVISION_PREFIX, folder_content_hash
+from agiqa.fileio import LOCAL_REVISION_PREFIX, folder_content_hash, read_json
+from agiqa.options import spell
 from agiqa.presets import (
     Recipe,
     list_presets,
@@ -115,8 +115,8 @@ def _hub_config(model_id: str, revision: str | None) -> tuple[dict[str, Any], st
             continue
         commit = path.parent.name if _COMMIT.match(path.parent.name) else None
         try:
-            return json.loads(path.read_text(encoding="utf-8")), commit
-        except ValueError:
+            return read_json(path), commit
+        except (OSError, ValueError):
             return None
     return None
 
@@ -150,8 +150,8 @@ def identify_mllm(model: str, revision: str | None = None, fetch: bool = True,
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"cannot load MLLM {model!r}: the folder has no config.json")
         try:
-            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        except ValueError as e:
+            config = read_json(folder / "config.json")
+        except (OSError, ValueError) as e:
             raise ModelLoadError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
         model_type = config.get("model_type")
         # The absolute path is a label (the same run works from any folder); the content hash
@@ -185,7 +185,8 @@ def pad_colour(image_processor: Any) -> tuple[int, ...]:
     """``getFeature.py``'s background: the processor's mean, ``int(x * 255)`` per channel."""
     mean = getattr(image_processor, "image_mean", None)
     if mean is None:
-        raise ConfigError("--pad-square needs the image processor's image_mean, and "
+        raise ConfigError(f"{spell('pad_square', True)} needs the image processor's image_mean, "
+                          "and "
                           f"{type(image_processor).__name__} has none")
     if isinstance(mean, (int, float)):
         mean = [mean] * 3

@@ -265,16 +265,21 @@ def extract_semantics(
     if plan.jobs:
         compute_shards(cfg, cache, encoder, source.root, plan.jobs, report)
     cache.refresh()
+    settle_counts(report, cache, source.keys)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def settle_counts(report: ExtractReport, cache: SemanticCache, keys: list[str]) -> None:
+    """The failures the cache records for ``keys``, and counts that add up: each requested
+    image is computed now, already cached, or failed (a key computed but failed counts once,
+    as failed), whichever engine computed them."""
     known = cache.failures
-    report.failures.update({k: known[k] for k in source.keys if k in known})
-    # Counts that add up: each requested image is computed now, already cached, or failed
-    # (a key computed but failed counts once, as failed).
-    wanted, held = set(source.keys), set(cache.keys)
+    report.failures.update({k: known[k] for k in keys if k in known})
+    wanted, held = set(keys), set(cache.keys)
     done = {k for k in report.computed_keys if k in wanted and k not in report.failures}
     report.computed = len(done)
     report.reused = len((wanted & held) - done - set(report.failures))
-    report.seconds = time.perf_counter() - start
-    return report
 
 
 def _largest_first(root: Path, keys: list[str]) -> list[str]:

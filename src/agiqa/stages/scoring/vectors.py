@@ -237,7 +237,7 @@ class VectorProvider:
             return None  # the default cache is content-addressed
         cache = self.existing_cache()
         if cache is not None:
-            return cache.root
+            return cache.root_for([p for _, p in items])
         if not items:
             return None
         # A new --cache is rooted at the scored folder (or the files' common folder).

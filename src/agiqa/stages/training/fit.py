@@ -38,6 +38,7 @@ from agiqa.models.agiqa_net import (
     resolve_pretrained,
     save_model,
 )
+from agiqa.options import spell
 from agiqa.runtime import resolve_device
 from agiqa.stages.configs import FitConfig, model_experts
 from agiqa.stages.predict import backbone_keys, inputs_of, predict, predict_keys
@@ -291,9 +292,10 @@ def _param_groups(model: AgiqaNet, cfg: FitConfig) -> list[dict[str, Any]]:
 def _check_options(cfg: FitConfig) -> None:
     """Refuse option combinations that cannot mean what they say, before any work."""
     if cfg.split_seeds > 1 and not (cfg.split == "paper" or cfg.split.startswith("random")):
-        raise ConfigError(f"--split-seeds {cfg.split_seeds} draws random splits, but --split "
-                          f"{cfg.split} is the same split every time; use --split paper or "
-                          "random:TRAIN,VAL,TEST, or --repeats N to train one split N times")
+        raise ConfigError(f"{spell('split_seeds', cfg.split_seeds)} draws random splits, but "
+                          f"{spell('split', cfg.split)} is the same split every time; use "
+                          f"{spell('split', 'paper')} or random:TRAIN,VAL,TEST, or "
+                          f"{spell('repeats')} N to train one split N times")
     if cfg.key_norm != "none" and not caches_keys(cfg):  # before the run folder is made
         raise ConfigError(f"--key-norm {cfg.key_norm} needs each image's backbone key computed "
                           "once: not under torchrun nor with --compile")

@@ -15,6 +15,7 @@ import torch
 
 from agiqa.errors import DatasetError
 from agiqa.models.agiqa_net import AgiqaNet
+from agiqa.options import spell
 from agiqa.stages.configs import KEY_NORMS, SCORE_NORMS, SEMANTIC_NORMS
 
 __all__ = ["KEY_NORMS", "SCORE_NORMS", "SEMANTIC_NORMS", "fold_key_norm", "fold_score_norm",
@@ -28,7 +29,8 @@ def score_norm(kind: str, train_targets: torch.Tensor) -> dict[str, Any] | None:
         return None
     std = float(train_targets.std()) if len(train_targets) > 1 else 0.0
     if not math.isfinite(std) or std == 0.0:
-        raise DatasetError("--score-norm zscore: the training scores have no spread (std 0)")
+        raise DatasetError(f"{spell('score_norm', 'zscore')}: the training scores have no "
+                           "spread (std 0)")
     return {"kind": kind, "mean": float(train_targets.mean()), "std": std,
             "folded_into": "head.output"}
 
