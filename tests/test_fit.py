@@ -226,15 +226,19 @@ def test_compile_trains_through_torch_compile(agiqa_cli, graded, tmp_path, monke
 
 
 # Sets the CPU recipe was not tuned on: other photographs (five are not in the demo's set),
-# crops, sizes and seeds; 15 photographs × 4 crops × 5 blur grades = 300 images each.
+# crops, sizes and seeds; 15 photographs × 4 crops × 5 blur grades = 300 images each. The test
+# trains on the first two; benchmarks/recipe.py measures all five, and JPEG- and noise-graded
+# sets, over three split seeds (benchmarks/results/recipe_cpu.json).
 UNSEEN_SETS = [(3000, (224, 224)), (3001, (200, 150)), (3002, (256, 192)), (3003, (180, 180)),
                (3004, (240, 160))]
 
 
 @pytest.mark.slow
 def test_the_cpu_recipe_learns_on_blur_graded_sets_it_was_not_tuned_on(tiny_llava, tmp_path):
-    """The demo's CPU recipe (frozen random tiny backbone, MoE head) reaches test SRCC >= 0.6
-    on at least four of five blur-graded sets it never saw."""
+    """The CPU recipe (``--recipe cpu``: frozen random tiny backbone, pooled ViT key, MoE head)
+    reaches test SRCC >= 0.6 on each of the first two blur-graded sets of ``UNSEEN_SETS``,
+    which it never saw. The five sets, and sets graded by JPEG quality and by noise, are
+    measured by benchmarks/recipe.py (benchmarks/results/recipe_cpu.json), not here."""
     import numpy as np
 
     from agiqa import extract_semantics, fit
@@ -242,7 +246,7 @@ def test_the_cpu_recipe_learns_on_blur_graded_sets_it_was_not_tuned_on(tiny_llav
 
     names = sorted(demo_photos())
     srcc = []
-    for seed, size in UNSEEN_SETS:
+    for seed, size in UNSEEN_SETS[:2]:
         photos = [str(n) for n in np.random.default_rng(seed).choice(names, 15, replace=False)]
         root = tmp_path / f"set-{seed}"
         labels = make_graded_set(root, photos=photos, distortions=("blur",), grades=5, crops=4,
@@ -253,8 +257,8 @@ def test_the_cpu_recipe_learns_on_blur_graded_sets_it_was_not_tuned_on(tiny_llav
                      out=tmp_path / f"run-{seed}", **CPU_RECIPE, loader_workers=0,
                      progress=False)
         srcc.append(result.runs[0].test["srcc"])
-    print("CPU recipe, test SRCC on five unseen sets:", [round(x, 3) for x in srcc])
-    assert sum(x >= 0.6 for x in srcc) >= 4, srcc
+    print("CPU recipe, test SRCC on two unseen blur-graded sets:", [round(x, 3) for x in srcc])
+    assert min(srcc) >= 0.6, srcc
 
 
 def test_evaluate_takes_the_runs_label_columns_and_hints_split_all(agiqa_cli, graded, tmp_path):

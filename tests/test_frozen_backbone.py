@@ -118,3 +118,63 @@ def test_last_epoch_selection_and_runs_on_keys_trained_together(graded, tmp_path
     rows = (tmp_path / "solo" / "train_log.jsonl").read_text().splitlines()
     log = [json.loads(x) for x in rows]
     assert [row["selected"] for row in log] == [False, False, True]
+
+
+def test_the_vit_stats_image_key_reads_pooled_vit_features(tmp_path):
+    """--image-key vit-stats: the image expert reads each ViT channel's mean and std over the
+    patches (2·C·k values); the paper's default still reads MANIQA's per-patch key; the model
+    saves and loads with its key, and has no patch maps."""
+    from agiqa.models.agiqa_net import ModelConfig, load_model, save_model
+
+    assert ModelConfig().image_key == "maniqa"
+    torch.manual_seed(0)
+    paper = create_model("tiny", 2, 16).eval()
+    assert paper.head.image_expert.in_features == paper.backbone.num_tokens == 784
+    torch.manual_seed(0)
+    model = create_model("tiny", 2, 16, image_key="vit-stats").eval()
+    vit = model.backbone.vit
+    width = 2 * vit.embed_dim * len(model.config.feature_blocks)
+    assert model.backbone.key_width == model.head.image_expert.in_features == width
+    x, sem = torch.rand(3, 3, 224, 224) * 2 - 1, torch.randn(3, 2, 16)
+    with torch.no_grad():
+        feats = model.backbone.forward_vit(x)
+        key = model.backbone(x)
+        assert torch.allclose(key, torch.cat([feats.mean(2), feats.std(2)], 1))
+        # noisier pixels: a larger spread of the features over the patches
+        noisy = (x + 0.5 * torch.randn_like(x)).clamp(-1, 1)
+        assert model.backbone(noisy)[:, width // 2:].mean() > key[:, width // 2:].mean()
+        score = model(x, sem)
+    with pytest.raises(ValueError, match="no patch maps"):
+        model.forward_maps(x, sem)
+    save_model(model, tmp_path / "m", {})
+    loaded = load_model(tmp_path / "m")
+    assert loaded.config.image_key == "vit-stats"
+    with torch.no_grad():
+        assert torch.allclose(loaded(x, sem), score, atol=1e-5)
+    with pytest.raises(ConfigError, match="image key"):
+        create_model("tiny", 2, 16, image_key="nonsense")
+
+
+@pytest.mark.slow
+def test_a_run_on_the_vit_stats_key_scores_its_images_as_trained(graded, tmp_path):
+    """fit --image-key vit-stats with --key-norm zscore trains on keys computed once; the saved
+    model, the norm folded in, scores the images themselves as the run predicted them, and
+    its report shows no patch maps."""
+    root, cache = graded
+    run = tmp_path / "run"
+    r = CliRunner().invoke(cli, [str(a) for a in [
+        "fit", *FROZEN, "--root", root, "--cache", cache, "--key-norm", "zscore",
+        "--image-key", "vit-stats", "--out", run]])
+    assert r.exit_code == 0, r.output
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["image_key"] == "vit-stats"
+    r = CliRunner().invoke(cli, [str(a) for a in [
+        "evaluate", "--model", run, "--dataset", "csv", "--root", root, "--cache", cache,
+        "--split", "all", "--loader-workers", "0", "-q", "--out", tmp_path / "eval"]])
+    assert r.exit_code == 0, r.output
+    a, b = _predictions(run), _predictions(tmp_path / "eval")
+    assert a.keys() == b.keys()
+    assert max(abs(a[k] - b[k]) for k in a) < 1e-4
+    r = CliRunner().invoke(cli, ["report", str(run), "--out", str(tmp_path / "r.html")])
+    assert r.exit_code == 0, r.output
+    assert "image key is vit-stats" in (tmp_path / "r.html").read_text()

@@ -20,7 +20,7 @@ from torch import nn
 
 from agiqa.errors import CheckpointError, ConfigError, ModelLoadError
 from agiqa.fileio import atomic_path, read_json, write_json
-from agiqa.models.maniqa import ManiqaBackbone
+from agiqa.models.maniqa import IMAGE_KEYS, ManiqaBackbone
 from agiqa.models.moe import MoEHead
 from agiqa.options import spell
 from agiqa.presets import load_backbone_preset
@@ -68,6 +68,8 @@ class ModelConfig:
     semantic_experts: list[int] | None = None
     image_expert: bool = True
     fusion: str = "moe"
+    # What the image expert reads (not in the paper unless ``maniqa``): see ``IMAGE_KEYS``.
+    image_key: str = "maniqa"
 
     @classmethod
     def for_backbone(cls, backbone: str, num_prompts: int, semantic_dim: int,
@@ -177,8 +179,8 @@ class AgiqaNet(nn.Module):
         vit = _create_vit(cfg, pretrained, backbone_weights)
         self.backbone = ManiqaBackbone(vit, cfg.feature_blocks, cfg.maniqa_dim, cfg.grid,
                                        cfg.swin_heads, cfg.window_size, cfg.dim_mlp, cfg.drop,
-                                       cfg.score_bias_init)
-        self.head = MoEHead(cfg.num_prompts, cfg.semantic_dim, cfg.grid * cfg.grid, cfg.drop,
+                                       cfg.score_bias_init, cfg.image_key)
+        self.head = MoEHead(cfg.num_prompts, cfg.semantic_dim, self.backbone.key_width, cfg.drop,
                             cfg.semantic_experts, cfg.image_expert, cfg.fusion)
 
     @staticmethod
@@ -199,6 +201,9 @@ class AgiqaNet(nn.Module):
         """The score with where it comes from: MANIQA's patch maps, the gates, and each patch's
         share of the score (:class:`ScoreMaps`). Same inputs and score as :meth:`forward`."""
         self._check_inputs(pixels, semantics)
+        if self.config.image_key != "maniqa":
+            raise ValueError(f"a model whose image key is {self.config.image_key!r} has no "
+                             "patch maps (its image expert reads no per-patch values)")
         f, w = self.backbone.forward_patches(pixels)
         scores, gates = self.head(f * w, semantics)
         contribution = self.head.patch_contributions(f * w, gates)
@@ -214,7 +219,7 @@ def create_model(backbone: str = "vit_base_patch8_224", num_prompts: int = 2,
                  semantic_dim: int = 4096, pretrained: bool | None = False,
                  backbone_weights: str | None = None, drop: float | None = None,
                  semantic_experts: list[int] | None = None, image_expert: bool = True,
-                 fusion: str = "moe") -> AgiqaNet:
+                 fusion: str = "moe", image_key: str = "maniqa") -> AgiqaNet:
     """A new MA-AGIQA network.
 
     Args:
@@ -227,11 +232,15 @@ def create_model(backbone: str = "vit_base_patch8_224", num_prompts: int = 2,
         semantic_experts: the prompts (indices) whose semantic experts are used (None: all).
         image_expert: use the image expert (the MANIQA key).
         fusion: ``moe`` (the paper's gate), ``concat`` or ``mean`` (:class:`MoEHead`).
+        image_key: what the image expert reads, ``maniqa`` (the paper's per-patch key) or
+            ``vit-stats`` (:data:`agiqa.models.maniqa.IMAGE_KEYS`).
     """
+    if image_key not in IMAGE_KEYS:
+        raise ConfigError(f"image key must be one of {', '.join(IMAGE_KEYS)}, not {image_key!r}")
     pretrained = resolve_pretrained(backbone, pretrained, backbone_weights)
     cfg = ModelConfig.for_backbone(backbone, num_prompts, semantic_dim, drop,
                                    semantic_experts=semantic_experts, image_expert=image_expert,
-                                   fusion=fusion)
+                                   fusion=fusion, image_key=image_key)
     return AgiqaNet(cfg, pretrained=pretrained, backbone_weights=backbone_weights)
 
 

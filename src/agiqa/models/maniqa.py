@@ -19,7 +19,12 @@ from torch import nn
 
 from agiqa.models.noise import Dropout, DropPath
 
-__all__ = ["ManiqaBackbone", "SwinStage", "TABlock"]
+__all__ = ["IMAGE_KEYS", "ManiqaBackbone", "SwinStage", "TABlock"]
+
+# What the image expert reads. ``maniqa`` (the paper): MANIQA's per-patch ``f·w``, one value per
+# patch. ``vit-stats`` (not in the paper): the mean and the standard deviation over the patches
+# of each channel of the ViT blocks' outputs, 2·C·k values; the MANIQA layers are then unused.
+IMAGE_KEYS = ("maniqa", "vit-stats")
 
 
 class TABlock(nn.Module):
@@ -193,8 +198,11 @@ class ManiqaBackbone(nn.Module):
     def __init__(self, vit: nn.Module, feature_blocks=(6, 7, 8, 9), embed_dim: int = 768,
                  grid: int = 28, swin_heads: int = 4, window_size: int = 4,
                  dim_mlp: int | None = None, drop: float = 0.1,
-                 score_bias_init: float | None = None):
+                 score_bias_init: float | None = None, key: str = "maniqa"):
         super().__init__()
+        if key not in IMAGE_KEYS:
+            raise ValueError(f"image key must be one of {', '.join(IMAGE_KEYS)}, not {key!r}")
+        self.key = key
         self.vit = vit
         self.feature_blocks = tuple(int(i) for i in feature_blocks)
         self.grid = grid
@@ -223,6 +231,13 @@ class ManiqaBackbone(nn.Module):
     def num_tokens(self) -> int:
         return self.grid * self.grid
 
+    @property
+    def key_width(self) -> int:
+        """Values per image of the key :meth:`forward` returns."""
+        if self.key == "vit-stats":
+            return 2 * self.vit.embed_dim * len(self.feature_blocks)
+        return self.num_tokens
+
     def forward_vit(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenated ViT block outputs without the class token → (B, C·k, N)."""
         feats = self.vit.forward_intermediates(
@@ -250,6 +265,10 @@ class ManiqaBackbone(nn.Module):
         return self.fc_score(x).squeeze(-1), self.fc_weight(x).squeeze(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The key [B, N]: patch quality times patch weight, one value per patch."""
+        """The key [B, N]: patch quality times patch weight, one value per patch; with
+        ``key="vit-stats"`` the ViT features' mean and std over the patches [B, 2·C·k]."""
+        if self.key == "vit-stats":
+            feats = self.forward_vit(x)  # (B, C·k, N)
+            return torch.cat([feats.mean(2), feats.std(2)], dim=1)
         f, w = self.forward_patches(x)
         return f * w

@@ -29,10 +29,11 @@ __all__ = ["CAVEAT", "CPU_RECIPE", "DEMO_EPOCHS", "DISTORTIONS", "DemoResult", "
 
 DISTORTIONS = ("blur", "jpeg", "noise", "shuffle")
 # The CPU recipe, the built-in recipe preset `cpu` (`agiqa fit --recipe cpu`, not the paper's
-# protocol): the random tiny backbone frozen, each image's key computed once and standardised per
-# patch; the MoE head trained at batch 32 and lr 3e-4 on standardised MOS and vectors for 200
-# epochs, the last one kept (validation splits of a few dozen images are too small to choose an
-# epoch with). It needs a few hundred images: the demo's set has 384.
+# protocol): the random tiny backbone frozen, each image's key (the mean and std over the
+# patches of each ViT channel, ``image_key="vit-stats"``) computed once and standardised; the
+# MoE head trained at batch 32 and lr 3e-4 on standardised MOS and vectors for 200 epochs, the
+# last one kept (validation splits of a few dozen images are too small to choose an epoch
+# with). It needs a few hundred images: the demo's set has 384.
 CPU_RECIPE: dict[str, Any] = json.loads(
     (resources.files("agiqa.presets") / "recipes" / "cpu.json").read_text(encoding="utf-8")
 )["options"]
@@ -304,9 +305,9 @@ def run_demo(out: str | os.PathLike, epochs: int = DEMO_EPOCHS, lr: float = CPU_
     2. writes a blur-graded set of real photographs (``out/images``, ``labels.csv``: four
        crops of each of 16, six grades), holding one photograph out (``out/unseen``);
     3. ``extract-semantics`` → ``out/cache``; ``fit`` → ``out/run`` with the CPU recipe
-       (:data:`CPU_RECIPE`: the random ``tiny`` backbone frozen, its keys computed once and
-       standardised, the MoE head trained on z-scored MOS and vectors at batch 32 and lr 3e-4
-       for 200 epochs, the last kept); ``evaluate`` on the validation and test splits →
+       (:data:`CPU_RECIPE`: the random ``tiny`` backbone frozen, its pooled ViT keys computed
+       once and standardised, the MoE head trained on z-scored MOS and vectors at batch 32 and
+       lr 3e-4 for 200 epochs, the last kept); ``evaluate`` on the validation and test splits →
        ``out/evaluation-val``, ``out/evaluation-test``; ``score-folder`` on the unseen photo →
        ``out/scores.csv``.
 

@@ -145,7 +145,19 @@ def _maps(model, pixels, gates: list[list[float]]) -> list[dict[str, str]]:
     return out
 
 
+def _maps_note(model) -> list[str]:
+    """Why a page shows no patch maps, if it shows none."""
+    if model is None:
+        return ["patch maps not shown (no model given)"]
+    if model.config.image_key != "maniqa":
+        return [f"patch maps not shown (the model's image key is {model.config.image_key}, "
+                "not per patch)"]
+    return []
+
+
 def _cards(rows: list[ImageRow], gate_names: list[str], model) -> list[dict[str, Any]]:
+    if model is not None and model.config.image_key != "maniqa":
+        model = None  # its image expert reads no per-patch values: no patch maps
     decoded = list(_decode(rows, model is not None))
     maps = _maps(model, [p for _, p in decoded], [r.gates for r in rows]) \
         if model is not None else [None] * len(rows)
@@ -290,7 +302,8 @@ def write_run_report(folder: Path, out: Path | None = None, root: Path | None = 
         "mode": "run", "title": f"agiqa {run.kind}: {run.folder.name}", "source": str(run.folder),
         "kind": run.kind, "dataset": run.dataset, "metrics": _metrics_rows(run), "paper": paper,
         "plots": _run_plots(run), "cards": _cards(rows, gate_names, model),
-        "total": len(run.rows), "notes": run.notes, "gate_names": gate_names,
+        "total": len(run.rows), "gate_names": gate_names,
+        "notes": run.notes + (_maps_note(model) if model is not None else []),
         "histogram": None, "failures": [], "failures_total": 0, "csv_href": None,
         "limit_note": None if len(rows) == len(run.rows) else
         f"the {len(rows)} of {len(run.rows)} images with the largest absolute error",
@@ -368,8 +381,7 @@ def write_score_report(rows: list[ImageRow], failures: dict[str, str], out: Path
         "mode": "scores", "title": f"agiqa scores: {source}", "source": source,
         "kind": "scores", "dataset": {}, "metrics": [], "paper": False, "plots": {},
         "cards": _cards(shown, gate_names, model), "total": len(rows),
-        "notes": list(notes or []) + ([] if model is not None else
-                                      ["patch maps not shown (no model given)"]),
+        "notes": list(notes or []) + _maps_note(model),
         "gate_names": gate_names,
         "histogram": _histogram(np.array([r.score for r in rows], dtype=float)),
         "failures": [{"name": k, "reason": v} for k, v in fails[:_FAILURES_SHOWN]],

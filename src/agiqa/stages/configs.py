@@ -21,7 +21,7 @@ from agiqa.errors import ConfigError, UsageError
 from agiqa.options import check_options, cli_naming, option, spell
 from agiqa.presets import DEFAULT_MLLM, DEFAULT_PROMPTS
 
-__all__ = ["DTYPES", "FORMATS", "FUSIONS", "KEY_NORMS", "SCORE_NORMS", "SELECTIONS",
+__all__ = ["DTYPES", "FORMATS", "FUSIONS", "IMAGE_KEYS", "KEY_NORMS", "SCORE_NORMS", "SELECTIONS",
            "SEMANTIC_NORMS", "CacheInfoConfig", "CacheVerifyConfig", "DatasetFields",
            "DemoConfig", "EvaluateConfig", "ExperimentConfig", "ExtractConfig", "FitConfig",
            "ImportOfficialConfig", "ImportPtConfig", "ReportConfig", "ScoreConfig",
@@ -30,6 +30,7 @@ __all__ = ["DTYPES", "FORMATS", "FUSIONS", "KEY_NORMS", "SCORE_NORMS", "SELECTIO
 SCORE_NORMS = ("none", "zscore")
 SEMANTIC_NORMS = ("none", "zscore")
 KEY_NORMS = ("none", "zscore")
+IMAGE_KEYS = ("maniqa", "vit-stats")  # agiqa.models.maniqa.IMAGE_KEYS
 SELECTIONS = ("paper", "last")
 FORMATS = ("zarr", "hdf5")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -204,9 +205,15 @@ class FitConfig(DatasetFields):
              f"epoch {_NOT_PAPER}, for validation splits too small to choose with.")
     key_norm: str = option(
         "none", choices=KEY_NORMS,
-        help=f"zscore: standardise each patch of the backbone's key during training "
+        help=f"zscore: standardise each value of the backbone's key during training "
              f"{_NOT_PAPER}; needs a frozen backbone (--backbone-lr 0) and --no-augment. "
              "Folded into the image expert: the saved model takes images as before.")
+    image_key: str = option(
+        "maniqa", choices=IMAGE_KEYS,
+        help=f"What the image expert reads. maniqa: MANIQA's per-patch key (the paper's). "
+             f"vit-stats: the mean and standard deviation over the patches of each channel of "
+             f"the ViT blocks' outputs, the MANIQA layers unused {_NOT_PAPER}; with a frozen "
+             "random backbone it sees noise and JPEG damage that the per-patch key loses.")
     dropout: float | None = option(
         None, min=0, max=1, max_open=True,
         help=f"Dropout of the MANIQA and MoE layers {_NOT_PAPER} [default: 0.1, the paper's].")

@@ -96,7 +96,7 @@ def backbone_keys(model: AgiqaNet, pixels: torch.Tensor, device: torch.device,
                 keys.append(model.backbone(x).float().cpu())
     finally:
         model.backbone.train(was)
-    return torch.cat(keys) if keys else torch.empty(0, model.backbone.num_tokens)
+    return torch.cat(keys) if keys else torch.empty(0, model.backbone.key_width)
 
 
 @torch.no_grad()

@@ -544,7 +544,8 @@ def _new_model(cfg: FitConfig, cache: SemanticCache, device: torch.device) -> Ag
     random.seed(cfg.seed)
     ablation = model_experts(cfg.experts, cfg.fusion, cache.prompt_names, f"cache {cache.path}")
     return create_model(cfg.backbone, len(cache.prompts), cache.dim, cfg.pretrained,
-                        cfg.backbone_weights, cfg.dropout, **ablation).to(device)
+                        cfg.backbone_weights, cfg.dropout, image_key=cfg.image_key,
+                        **ablation).to(device)
 
 
 class RunFailedWarning(UserWarning):
