@@ -161,3 +161,13 @@ def test_fit_prints_the_selected_epoch(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "seed 20 7" in out and "seed 21 5" in out and "(n=2)" in out
     assert "0.6000" in out and "0.1414" in out  # the mean and sample std of SRCC
+
+
+def test_a_run_recorded_before_an_option_existed_resumes_under_that_options_old_value(tmp_path):
+    """training.json of a run that predates --image-key: a resume with the value it trained
+    with (the paper's key) continues it; another value is refused, naming the option."""
+    recorded = {"epochs": 2, "lr": 1e-5, "seed": 20}
+    rundir.write_training(tmp_path, recorded)
+    rundir.check_resume(tmp_path, {**recorded, "image_key": "maniqa"})
+    with pytest.raises(ConfigError, match="image_key 'maniqa' -> 'vit-stats'"):
+        rundir.check_resume(tmp_path, {**recorded, "image_key": "vit-stats"})

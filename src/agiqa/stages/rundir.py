@@ -189,6 +189,9 @@ def run_folder(out: Path, resume: bool, main: bool = True, series: bool = False
 RESUMABLE = frozenset({"resume", "progress", "loader_workers", "pixel_cache", "device",
                        "eval_batch_size", "concurrent_runs", "out", "repeats", "split_seeds"})
 _PATHS = ("root", "labels", "cache", "backbone_weights")
+# Options added after runs were first recorded, with the value a run that lacks them trained
+# with: such a run resumes under that value, and is refused under another.
+ADDED = {"image_key": "maniqa"}
 
 
 def _comparable(training: dict[str, Any]) -> dict[str, Any]:
@@ -229,7 +232,7 @@ def check_resume(out: Path, training: dict[str, Any]) -> None:
     if recorded is None:
         return  # a run of agiqa 0.1: its split is still compared (check_split_unchanged)
     new = _comparable({k: str(v) if isinstance(v, Path) else v for k, v in training.items()})
-    old = _comparable(recorded)
+    old = _comparable({**ADDED, **recorded})
     changed = []
     for k in sorted(set(old) | set(new)):
         if k in RESUMABLE or old.get(k) == new.get(k):
