@@ -68,9 +68,12 @@ def kill_loader_on(monkeypatch):
 
     def arm(marker: str = "kill_me") -> None:
         real = loader.read_image_bytes
+        test_process = os.getpid()
 
         def read(path, name=None):
             if marker in str(path):
+                # never the test's own process: that would end the test session, not a loader
+                assert os.getpid() != test_process, f"{path} was read in the test's process"
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(path, name)
 

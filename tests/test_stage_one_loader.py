@@ -4,7 +4,9 @@ loader-process default; bad files and killed loader processes fail alone, by nam
 import io
 import os
 import shutil
+import signal
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -188,6 +190,28 @@ def test_ordered_load_keeps_order_and_runs_in_process_without_workers():
 
 def _square(i):
     return i * i
+
+
+def _terminated_on_3(i):
+    if i == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal's handler has returned: the item goes on as if nothing were
+    return i
+
+
+def test_a_loader_ends_on_sigterm_without_running_its_parents_handler(tmp_path):
+    """The pool ends its loaders with SIGTERM when one dies. A loader runs none of its parent's
+    SIGTERM handler (Ray's, in a process that started a Ray node, shuts the node and its driver
+    down): it ends, and its item fails by name."""
+    ran = tmp_path / "parent-handler-ran"
+    old = signal.signal(signal.SIGTERM, lambda *_: ran.write_text(str(os.getpid())))
+    try:
+        got = list(ordered_load(_terminated_on_3, list(range(6)), 2, 4, lambda i: [i],
+                                lambda i: f"{i} died"))
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert got == [0, 1, 2, "3 died", 4, 5]
+    assert not ran.exists()
 
 
 def test_compile_option_compiles_each_repeated_block_once(owl2):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import os
+import signal
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -130,6 +131,10 @@ def _start_loader(task) -> None:
     global _TASK
     _TASK = task
     torch.set_num_threads(1)
+    # A forked loader inherits its parent's SIGTERM handler. The pool ends its loaders with
+    # SIGTERM when one dies, and a parent's handler must not run in them: Ray's, in a process
+    # that started a Ray node, shuts that node down (and the parent with it).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run_task(item):
