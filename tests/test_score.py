@@ -473,3 +473,51 @@ def test_out_and_report_of_one_name_are_refused(agiqa_cli, model_dir, graded, tm
                   catch_exceptions=True)
     assert r.exit_code == 64 and "does not end in .csv or .json" in r.output, r.output
     assert not same.exists() and not same.with_suffix(".csv").exists()
+
+
+def test_a_second_thread_scoring_with_one_scorer_is_refused_and_the_first_finishes(
+        model_dir, graded, monkeypatch):
+    """Two threads on one Scorer: while the first scores (held inside the model's forward),
+    the second is refused in one line, and the first's scores are whole."""
+    import threading
+
+    import agiqa.stages.scoring.scorer as scorer_module
+    from agiqa.errors import ConfigError
+
+    root, cache = graded
+    paths = sorted(root.glob("*.jpg"))[:3]
+    scorer = agiqa.Scorer.from_pretrained(model_dir, cache_dir=cache, loader_workers=0)
+    expected = [row["score"] for row in scorer.score(paths)]
+    inside, go_on = threading.Event(), threading.Event()
+    real = scorer_module.predict
+
+    def held(*args, **kwargs):
+        inside.set()
+        go_on.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scorer_module, "predict", held)
+    first: list = []
+    a = threading.Thread(target=lambda: first.extend(scorer.score(paths)))
+    a.start()
+    assert inside.wait(60)
+    second: list = []
+
+    def again():
+        try:
+            scorer.score(paths[:1])
+        except Exception as e:  # noqa: BLE001 - what the second thread met is the finding
+            second.append(e)
+        else:
+            second.append(None)
+
+    b = threading.Thread(target=again)
+    b.start()
+    b.join(10)
+    refused = not b.is_alive() and second and second[0]
+    go_on.set()
+    a.join(60)
+    b.join(60)
+    assert isinstance(refused, ConfigError), second
+    assert len(str(refused).splitlines()) == 1 and "another thread" in str(refused)
+    assert [row["score"] for row in first] == expected
