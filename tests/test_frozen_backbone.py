@@ -155,6 +155,28 @@ def test_the_vit_stats_image_key_reads_pooled_vit_features(tmp_path):
         create_model("tiny", 2, 16, image_key="nonsense")
 
 
+def test_a_vit_stats_model_trains_its_backbone_under_distributed_data_parallel(tmp_path):
+    """With the pooled key the MANIQA layers are unused: they are frozen, so that a trainable
+    backbone trains under torchrun's DistributedDataParallel, which refuses parameters that
+    never get a gradient; the ViT's get theirs."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = create_model("tiny", 2, 16, image_key="vit-stats")
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith(("backbone.vit.", "head.")) for n in trained)
+    assert any(n.startswith("backbone.vit.") for n in trained)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        for _ in range(2):  # the second step is where DDP finds a parameter without gradient
+            ddp(torch.rand(2, 3, 224, 224), torch.randn(2, 2, 16)).sum().backward()
+    finally:
+        dist.destroy_process_group()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n in trained)
+
+
 @pytest.mark.slow
 def test_a_run_on_the_vit_stats_key_scores_its_images_as_trained(graded, tmp_path):
     """fit --image-key vit-stats with --key-norm zscore trains on keys computed once; the saved

@@ -226,6 +226,13 @@ class ManiqaBackbone(nn.Module):
             # The patch score ends in a ReLU: a narrow head can start with it dead on every
             # patch (no gradient ever reaches the backbone). A positive bias starts it alive.
             nn.init.constant_(self.fc_score[3].bias, score_bias_init)
+        if key == "vit-stats":
+            # The MANIQA layers are unused: frozen, so that no optimiser nor DistributedDataParallel
+            # (under torchrun) waits for a gradient they never get. Their weights stay in the
+            # state dict, as a model of the paper's key has them.
+            for name, module in self.named_children():
+                if name != "vit":
+                    module.requires_grad_(False)
 
     @property
     def num_tokens(self) -> int:
