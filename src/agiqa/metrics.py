@@ -10,8 +10,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from scipy import stats
-from scipy.optimize import OptimizeWarning, curve_fit
 
 from agiqa.errors import AgiqaError
 
@@ -33,6 +31,8 @@ def logistic(x, b1, b2, b3, b4):
 
 def fit_logistic(pred, mos) -> tuple[np.ndarray, np.ndarray]:
     """Fit the logistic mapping from predictions to MOS. Returns (mapped predictions, β)."""
+    from scipy.optimize import OptimizeWarning, curve_fit  # SciPy loads when metrics are asked
+
     pred, mos = np.asarray(pred, np.float64), np.asarray(mos, np.float64)
     beta0 = [np.max(mos), np.min(mos), np.mean(pred), 0.5]
     with warnings.catch_warnings():
@@ -52,6 +52,8 @@ def fit_logistic(pred, mos) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate(pred, mos) -> dict[str, float]:
     """SRCC, PLCC (after the logistic fit), KRCC, RMSE (after the fit) and raw PLCC."""
+    from scipy import stats
+
     pred, mos = np.asarray(pred, np.float64).ravel(), np.asarray(mos, np.float64).ravel()
     if pred.shape != mos.shape:
         raise MetricsError(f"{pred.size} predictions for {mos.size} scores")

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 from tqdm.auto import tqdm
 
 from agiqa import runtime as dist
@@ -83,6 +82,8 @@ def validation_images(n_val: int, batch_size: int) -> int:
 
 def validation_figures(pred, mos) -> dict[str, float]:
     """What ``eval_epoch`` computes: SRCC and Pearson PLCC of the raw predictions."""
+    from scipy import stats
+
     pred, mos = np.asarray(pred, np.float64).ravel(), np.asarray(mos, np.float64).ravel()
     with warnings.catch_warnings():  # constant predictions: NaN, never selected
         warnings.simplefilter("ignore")
