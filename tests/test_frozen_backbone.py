@@ -200,3 +200,13 @@ def test_a_run_on_the_vit_stats_key_scores_its_images_as_trained(graded, tmp_pat
     r = CliRunner().invoke(cli, ["report", str(run), "--out", str(tmp_path / "r.html")])
     assert r.exit_code == 0, r.output
     assert "image key is vit-stats" in (tmp_path / "r.html").read_text()
+
+
+def test_the_configs_choices_are_the_models():
+    """configs.py repeats the models' choices so that reading options loads no torch: the
+    copies must not drift."""
+    from agiqa.models import maniqa, moe
+    from agiqa.stages import configs
+
+    assert configs.IMAGE_KEYS == maniqa.IMAGE_KEYS
+    assert configs.FUSIONS == moe.FUSIONS

@@ -163,10 +163,7 @@ class SemanticCache:
         if not self.manifest.get("root"):
             return None
         recorded = Path(self.manifest["root"])
-        moved = self._relative_root()
-        if moved is not None and not recorded.is_dir():
-            return moved
-        return recorded
+        return recorded if recorded.is_dir() else self._relative_root() or recorded
 
     def _relative_root(self) -> Path | None:
         relative = self.manifest.get("root_relative")

@@ -134,8 +134,7 @@ def _check_out(out: Path) -> None:
         shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
         raise CheckpointError(f"{spell('out', str(out))} is not empty and holds no earlier import "
                               f"(it holds {shown}); agiqa never replaces files it did not "
-                              "write: choose "
-                              "a new or empty folder")
+                              "write: choose a new or empty folder")
 
 
 def import_official(ckpt: str | os.PathLike, out: str | os.PathLike,

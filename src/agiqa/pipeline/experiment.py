@@ -296,8 +296,7 @@ def _check_plan(d: dict[str, Any], name: str, src: str, roots: dict[str, Path]) 
     unknown_roots = sorted(set(roots) - set(datasets))
     if unknown_roots:
         raise PlanError(f"{src}: {_flag('--root', 'roots=')} {unknown_roots[0]!r}: the plan has no "
-                        "such data set "
-                        f"(it has {', '.join(datasets)})")
+                        f"such data set (it has {', '.join(datasets)})")
     # caches
     caches: dict[str, CacheSpec] = {}
     for c_name, t in _table(d.get("caches", {}), "caches", src).items():

@@ -405,8 +405,7 @@ def _run_extraction(ray, actors, probed, cache, jobs, report, progress, on_shard
         return actor.run.remote(job)
 
     def done(a: int, job, result: dict[str, Any]) -> None:
-        report.computed += result["computed"]
-        report.computed_keys.update(result.get("computed_keys", job.compute))
+        report.computed_keys.update(result["computed_keys"])  # counted by settle_counts
         report.shards_written += result["shards"]
         for k in ("forward_passes", "model_calls", "tokens", "padding_tokens"):
             setattr(report, k, getattr(report, k) + result.get(k, 0))

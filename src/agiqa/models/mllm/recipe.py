@@ -186,8 +186,7 @@ def pad_colour(image_processor: Any) -> tuple[int, ...]:
     mean = getattr(image_processor, "image_mean", None)
     if mean is None:
         raise ConfigError(f"{spell('pad_square', True)} needs the image processor's image_mean, "
-                          "and "
-                          f"{type(image_processor).__name__} has none")
+                          f"and {type(image_processor).__name__} has none")
     if isinstance(mean, (int, float)):
         mean = [mean] * 3
     return tuple(int(x * 255) for x in mean)
